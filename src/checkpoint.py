@@ -1,0 +1,71 @@
+"""Checkpoints that survive crashes and never execute code when read.
+
+Writes go to a temp file in the same folder, are fsynced, then ``os.replace``d
+over the target: a crash (even SIGKILL) mid-save leaves the previous file
+intact. Reads use ``torch.load(weights_only=True)``, which refuses pickled
+objects instead of running them; that is why checkpoints hold only tensors,
+plain containers and numbers (``vars(args)``, never the Namespace).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import Any, Dict
+
+import torch
+from torch import nn
+
+from src.cli import UserError
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The bare model under DDP / torch.compile wrappers (their state dicts carry prefixes)."""
+    model = getattr(model, "module", model)
+    return getattr(model, "_orig_mod", model)
+
+
+def save_checkpoint(payload: Dict[str, Any], path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            torch.save(payload, handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_checkpoint(path: Path) -> Dict[str, Any]:
+    """Load a checkpoint or a plain state dict safely; bad files become one-line errors."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"checkpoint {path} not found")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "pickled objects"
+        raise UserError(f"refused to load {path}: it holds objects weights_only=True does not allow ({first[:160]})") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:160]})") from None
+    if not isinstance(payload, dict):
+        raise UserError(f"{path} is not a checkpoint: it holds a {type(payload).__name__}, not a dict")
+    return payload
+
+
+def state_and_arch(payload: Dict[str, Any], path: Path):
+    """(state_dict, arch or None) of a project checkpoint or a plain zoo state dict."""
+    if "state_dict" in payload:
+        state, arch = payload["state_dict"], payload.get("arch")
+    else:
+        state, arch = payload, None
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise UserError(f"{path} holds no model weights (expected a 'state_dict' of tensors)")
+    return state, arch

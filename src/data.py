@@ -1,0 +1,88 @@
+"""Datasets for training and eval: prepared PNG crops, or raw COCO with on-the-fly crops.
+
+``--use_prepared true``: ``--coco_dir`` is the output of ``scripts.coco_prepare``
+and holds ``train/`` and ``val/``. ``--use_prepared false``: ``--coco_dir`` is
+the COCO root with ``train2017/`` and ``val2017/``; train images get a random
+crop (from torch's RNG, which the DataLoader seeds per worker), val images a
+center crop. Sorted file names fix the val order, which is the recon index.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Tuple
+
+import torch
+from torch.utils.data import Dataset
+from torchvision.io import ImageReadMode, decode_image
+from torchvision.transforms.functional import pil_to_tensor
+
+from src.cli import UserError
+from src.images import center_crop_box, list_images, load_rgb, upscale_to_fit
+
+
+def image_files(folder: Path, what: str) -> List[Path]:
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise UserError(f"{what} folder {folder} not found")
+    files = list_images(folder)
+    if not files:
+        raise UserError(f"{what} folder {folder} holds no images")
+    return files
+
+
+class PreparedCrops(Dataset):
+    """Fixed-size PNG crops written by ``scripts.coco_prepare``, as float tensors in [0, 1]."""
+
+    def __init__(self, folder: Path):
+        self.files = image_files(folder, "prepared")
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        data = torch.frombuffer(bytearray(self.files[index].read_bytes()), dtype=torch.uint8)
+        return decode_image(data, mode=ImageReadMode.RGB).float().div_(255.0)
+
+
+class RawCocoCrops(Dataset):
+    """COCO JPEGs cropped on the fly: random crops for training, center crops otherwise."""
+
+    def __init__(self, folder: Path, crop_size: int, random_crop: bool):
+        self.files = image_files(folder, "COCO")
+        self.crop_size, self.random_crop = crop_size, random_crop
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        img = load_rgb(self.files[index])
+        if min(img.size) < self.crop_size:
+            img = upscale_to_fit(img, self.crop_size)
+        width, height = img.size
+        if self.random_crop:
+            left = int(torch.randint(0, width - self.crop_size + 1, ()).item())
+            top = int(torch.randint(0, height - self.crop_size + 1, ()).item())
+            box = (left, top, left + self.crop_size, top + self.crop_size)
+        else:
+            box = center_crop_box(width, height, self.crop_size)
+        return pil_to_tensor(img.crop(box)).float().div_(255.0)
+
+
+def build_datasets(coco_dir: Path, use_prepared: bool, crop_size: int) -> Tuple[Dataset, Dataset]:
+    """(train, val) datasets; a missing folder or one without images is a UserError."""
+    coco_dir = Path(coco_dir)
+    if not coco_dir.is_dir():
+        raise UserError(f"--coco_dir {coco_dir} not found")
+    if use_prepared:
+        if not (coco_dir / "train").is_dir():
+            raise UserError(f"{coco_dir}/train not found: --use_prepared true expects the --out_dir of "
+                            "scripts.coco_prepare (or pass --use_prepared false for raw COCO)")
+        return PreparedCrops(coco_dir / "train"), PreparedCrops(coco_dir / "val")
+    return (RawCocoCrops(coco_dir / "train2017", crop_size, random_crop=True),
+            RawCocoCrops(coco_dir / "val2017", crop_size, random_crop=False))
+
+
+def crop_side(dataset: Dataset) -> int:
+    """Side of the (square) crops a dataset yields, read from its first item."""
+    return int(min(dataset[0].shape[-2:]))

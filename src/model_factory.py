@@ -1,0 +1,137 @@
+"""One place that turns an architecture description into a model.
+
+The description is a plain dict (it is stored in every checkpoint, and
+``torch.load(weights_only=True)`` reads plain dicts)::
+
+    {"base_model": "bmshj2018-factorized", "quality": 3, "metric": "mse",
+     "replace": "none" | "relu" | "npu", "replace_parts": "encoder" | "decoder" | "all" | "none",
+     "enc_kwargs": {...}, "dec_kwargs": {...}}
+
+Training, eval, export and resume all rebuild the exact network from it.
+"""
+
+from __future__ import annotations
+
+import urllib.error
+from typing import Any, Dict, Mapping, Optional
+
+import torch
+from compressai.zoo import image_models
+from compressai.zoo import load_state_dict as rename_zoo_keys
+from torch import nn
+
+from src.cli import UserError
+from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
+from src.replace_gdn_npu import replace_gdn_with_npu
+
+QUALITIES = range(1, 9)
+# Zoo models built from g_a / g_s transforms, where GDN replacement applies.
+BASE_MODELS = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "mbt2018")
+REPLACE_KINDS = ("none", "relu", "npu")
+# Buffers CompressAI resizes itself when loading (their shape depends on update()).
+_ENTROPY_TABLE_SUFFIXES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+def make_arch(base_model: str = "bmshj2018-factorized", quality: int = 3, metric: str = "mse",
+              replace: str = "relu", replace_parts: str = "all", enc_kwargs: Optional[Dict[str, Any]] = None,
+              dec_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Validate and normalise an architecture description."""
+    if base_model not in BASE_MODELS:
+        raise ValueError(f"base_model must be one of {BASE_MODELS}, got {base_model!r}")
+    if quality not in QUALITIES:
+        raise ValueError(f"quality must be in 1..8 (CompressAI's quality index), got {quality!r}")
+    if replace not in REPLACE_KINDS:
+        raise ValueError(f"replace must be one of {REPLACE_KINDS}, got {replace!r}")
+    if replace_parts not in REPLACE_MODES:
+        raise ValueError(f"replace_parts must be one of {sorted(REPLACE_MODES)}, got {replace_parts!r}")
+    if replace == "none" or replace_parts == "none":
+        replace, replace_parts = "none", "none"
+    return {
+        "base_model": base_model, "quality": int(quality), "metric": metric,
+        "replace": replace, "replace_parts": replace_parts,
+        "enc_kwargs": dict(enc_kwargs or {}) if replace == "npu" else {},
+        "dec_kwargs": dict(dec_kwargs or {}) if replace == "npu" else {},
+    }
+
+
+def base_network(arch: Mapping[str, Any]) -> nn.Module:
+    """The unmodified (GDN) CompressAI network of ``arch``, randomly initialised."""
+    return image_models[arch["base_model"]](quality=arch["quality"], metric=arch["metric"], pretrained=False)
+
+
+def apply_replacement(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
+    if arch["replace"] == "relu":
+        return replace_gdn_with_relu(model, arch["replace_parts"])
+    if arch["replace"] == "npu":
+        return replace_gdn_with_npu(model, arch["replace_parts"], arch["enc_kwargs"], arch["dec_kwargs"])
+    return model
+
+
+def build_model(arch: Mapping[str, Any]) -> nn.Module:
+    """The network that ``arch`` describes, with random weights (load them next)."""
+    arch = make_arch(**arch)
+    return apply_replacement(base_network(arch), arch)
+
+
+def download_pretrained_state(arch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
+    """CompressAI's published weights of the GDN base of ``arch`` (cached by torch.hub)."""
+    try:
+        model = image_models[arch["base_model"]](quality=arch["quality"], metric=arch["metric"], pretrained=True)
+    except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        raise UserError(
+            f"could not download CompressAI's pretrained {arch['base_model']} q={arch['quality']} weights "
+            f"({reason}); pass --base_checkpoint PATH (a copy of the zoo .pth.tar) or --pretrained false"
+        ) from None
+    except RuntimeError as err:
+        raise UserError(f"CompressAI has no pretrained {arch['base_model']} q={arch['quality']} "
+                        f"metric={arch['metric']}: {err}") from None
+    return model.state_dict()
+
+
+def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> None:
+    """Raise a UserError listing every key that does not fit ``model`` (no silent partial load)."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    wrong_shape = sorted(
+        k for k in set(own) & set(state_dict)
+        if not k.endswith(_ENTROPY_TABLE_SUFFIXES) and tuple(own[k].shape) != tuple(state_dict[k].shape)
+    )
+    problems = []
+    for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", wrong_shape)):
+        if keys:
+            shown = ", ".join(keys[:6]) + (f", ... ({len(keys)} in all)" if len(keys) > 6 else "")
+            problems.append(f"{label}: {shown}")
+    if problems:
+        raise UserError(f"weights in {source} do not fit the architecture ({'; '.join(problems)})")
+
+
+def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
+    """Strictly load ``state_dict`` (CompressAI resizes the entropy-coder tables itself)."""
+    check_state_dict(model, state_dict, source)
+    model.load_state_dict(dict(state_dict))
+    return model
+
+
+def model_from_base_weights(arch: Mapping[str, Any], base_state: Optional[Mapping[str, torch.Tensor]],
+                            base_arch: Optional[Mapping[str, Any]], source: str) -> nn.Module:
+    """Build ``arch`` starting from weights of either its GDN base or ``arch`` itself.
+
+    ``base_arch`` is the description stored with the weights (None for a plain
+    zoo state dict, which is a GDN base). GDN weights are loaded before the
+    swap, so every untouched layer keeps them; weights of the very same
+    architecture are loaded after it (e.g. continuing a ReLU fine-tune).
+    """
+    arch = make_arch(**arch)
+    if base_state is None:
+        return build_model(arch)
+    base_arch = make_arch(**base_arch) if base_arch is not None else None
+    if base_arch is None or base_arch["replace"] == "none":
+        base = base_network(arch)
+        base = load_weights(base, base_state if base_arch else rename_zoo_keys(dict(base_state)), source)
+        return apply_replacement(base, arch)
+    if base_arch == arch:
+        return load_weights(build_model(arch), base_state, source)
+    raise UserError(f"{source} holds a {base_arch['replace']}/{base_arch['replace_parts']} model; it can start "
+                    f"a run of that same architecture or a GDN base, not {arch['replace']}/{arch['replace_parts']}")
