@@ -1,0 +1,179 @@
+"""Evaluate checkpoints: PSNR / MS-SSIM, estimated and real bitstream bpp, coding time.
+
+    python -m src.eval --coco_dir /data/coco224 --use_prepared true --checkpoint ./checkpoints/best_msssim.pt
+    python -m src.eval --image_dir kodak/ --checkpoint gdn.pt relu.pt npu.pt --json rd.json --plot rd.png
+
+The architecture is rebuilt from each checkpoint. Images of any size are
+padded to a multiple of 64 (CompressAI's own eval does the same), coded with
+the real entropy coder (``compress``/``decompress``), cropped back, and
+measured on the original area. Metrics follow CompressAI 1.2.8's
+``eval_model``: the reconstruction is clamped to [0, 1] and quantised to 8 bits
+(as a saved PNG would be), PSNR and MS-SSIM are computed per image, then averaged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from compressai.ops import compute_padding
+from pytorch_msssim import ms_ssim
+from torchvision.transforms.functional import pil_to_tensor
+from tqdm import tqdm
+
+from src.checkpoint import read_checkpoint, state_and_arch
+from src.cli import UserError, run_cli, str2bool
+from src.data import image_files
+from src.images import load_rgb
+from src.losses import bpp_from_likelihoods, msssim_window
+from src.model_factory import load_weights, build_model, make_arch
+
+METRIC_KEYS = ("psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s")
+PAD_MULTIPLE = 2 ** 6
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="PSNR / MS-SSIM / bpp (estimated and real) of checkpoints.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoints (first = reference)")
+    p.add_argument("--coco_dir", default=None, help="prepared crops root (val/) or COCO root (val2017/)")
+    p.add_argument("--use_prepared", type=str2bool, default=True)
+    p.add_argument("--image_dir", default=None, help="any folder of images of any size (e.g. Kodak)")
+    p.add_argument("--max_images", type=int, default=0, help="first N images (0 = all)")
+    p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    p.add_argument("--json", default=None, help="write per-image and mean results here")
+    p.add_argument("--plot", default=None, help="write an RD plot (bpp vs PSNR and MS-SSIM) here")
+    return p
+
+
+def eval_folder(args: argparse.Namespace) -> Path:
+    if args.image_dir:
+        return Path(args.image_dir)
+    if not args.coco_dir:
+        raise UserError("give --image_dir DIR or --coco_dir DIR")
+    return Path(args.coco_dir) / ("val" if args.use_prepared else "val2017")
+
+
+def load_model(path: Path, device: torch.device):
+    """(model, arch, entropy_tables_present) rebuilt from the checkpoint alone."""
+    state, arch = state_and_arch(read_checkpoint(path), path)
+    if arch is None:
+        raise UserError(f"{path} has no architecture description: not a checkpoint of this project")
+    try:
+        arch = make_arch(**arch)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{path}: unusable architecture description ({err})") from None
+    tables = [k for k in state if k.endswith("_quantized_cdf")]
+    updated = bool(tables) and all(state[k].numel() > 0 for k in tables)
+    model = load_weights(build_model(arch), state, str(path))
+    if not updated:
+        print(f"warning: {path} was saved without model.update(): its entropy coder tables are empty; "
+              "they are rebuilt here, so real bpp reflects the current quantiles")
+    model.update(force=not updated)
+    return model.to(device).eval(), arch, updated
+
+
+def quantised_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:
+    """PSNR and MS-SSIM on 8-bit values, as CompressAI's eval_model computes them."""
+    org = (x * 255).clamp(0, 255).round()
+    rec = (x_hat.clamp(0, 1) * 255).clamp(0, 255).round()
+    psnr = 20 * math.log10(255) - 10 * torch.log10((org - rec).pow(2).mean().clamp_min(1e-10)).item()
+    win = msssim_window(int(min(x.shape[-2:])))
+    return {"psnr": psnr, "ms_ssim": ms_ssim(org, rec, data_range=255, win_size=win).item()}
+
+
+@torch.no_grad()
+def code_image(model, x: torch.Tensor) -> Dict[str, float]:
+    """Real bitstream round trip and the likelihood estimate, for one image (1, 3, H, W)."""
+    h, w = x.shape[-2:]
+    pad, unpad = compute_padding(h, w, min_div=PAD_MULTIPLE)
+    x_padded = F.pad(x, pad, mode="constant", value=0)
+    bpp_est = bpp_from_likelihoods(model(x_padded)["likelihoods"], h * w).item()
+    start = time.perf_counter()
+    enc = model.compress(x_padded)
+    enc_s = time.perf_counter() - start
+    start = time.perf_counter()
+    dec = model.decompress(enc["strings"], enc["shape"])
+    dec_s = time.perf_counter() - start
+    x_hat = F.pad(dec["x_hat"], unpad)
+    bits = sum(len(s) for strings in enc["strings"] for s in strings) * 8
+    return {**quantised_metrics(x, x_hat), "bpp_est": bpp_est, "bpp_real": bits / (h * w),
+            "enc_s": enc_s, "dec_s": dec_s}
+
+
+def evaluate_checkpoint(path: Path, files: List[Path], device: torch.device) -> Dict[str, Any]:
+    model, arch, updated = load_model(path, device)
+    images = []
+    for file in tqdm(files, desc=path.name, leave=False):
+        x = pil_to_tensor(load_rgb(file)).float().div(255).unsqueeze(0).to(device)
+        images.append({"name": file.name, **code_image(model, x)})
+    mean = {k: sum(img[k] for img in images) / len(images) for k in METRIC_KEYS}
+    return {"checkpoint": str(path), "arch": arch, "entropy_updated_in_checkpoint": updated,
+            "mean": mean, "images": images}
+
+
+def results_table(results: List[Dict[str, Any]]) -> str:
+    """One row per checkpoint; deltas against the first."""
+    head = f"{'checkpoint':<34}{'PSNR':>8}{'MS-SSIM':>9}{'bpp est':>9}{'bpp real':>9}{'real/est':>9}" \
+           f"{'enc ms':>8}{'dec ms':>8}{'dPSNR':>8}{'dMS-SSIM':>10}{'dbpp':>8}"
+    ref = results[0]["mean"]
+    lines = [head]
+    for r in results:
+        m = r["mean"]
+        gap = 100 * (m["bpp_real"] / m["bpp_est"] - 1) if m["bpp_est"] > 0 else float("nan")
+        name = Path(r["checkpoint"]).name if len(r["checkpoint"]) > 33 else r["checkpoint"]
+        lines.append(f"{name[:33]:<34}{m['psnr']:>8.3f}{m['ms_ssim']:>9.4f}{m['bpp_est']:>9.4f}"
+                     f"{m['bpp_real']:>9.4f}{gap:>+8.2f}%{1000 * m['enc_s']:>8.1f}{1000 * m['dec_s']:>8.1f}"
+                     f"{m['psnr'] - ref['psnr']:>+8.3f}{m['ms_ssim'] - ref['ms_ssim']:>+10.4f}"
+                     f"{m['bpp_real'] - ref['bpp_real']:>+8.4f}")
+    return "\n".join(lines)
+
+
+def plot_rd(results: List[Dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for r in results:
+        m, label = r["mean"], Path(r["checkpoint"]).stem
+        axes[0].plot(m["bpp_real"], m["psnr"], "o", label=label)
+        axes[1].plot(m["bpp_real"], m["ms_ssim"], "o", label=label)
+    for ax, ylabel in zip(axes, ("PSNR [dB]", "MS-SSIM")):
+        ax.set_xlabel("bpp (real bitstream)")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+    args = get_args_parser().parse_args(argv)
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available")
+    files = image_files(eval_folder(args), "eval image")
+    if args.max_images > 0:
+        files = files[: args.max_images]
+    device = torch.device(args.device)
+    results = [evaluate_checkpoint(Path(c), files, device) for c in args.checkpoint]
+    print(f"{len(files)} images from {eval_folder(args)}")
+    print(results_table(results))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps({"results": results}, indent=1))
+    if args.plot:
+        plot_rd(results, Path(args.plot))
+    return results
+
+
+if __name__ == "__main__":
+    run_cli(main)
