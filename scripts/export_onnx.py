@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -117,8 +118,11 @@ def export_graph(model: nn.Module, part: str, example: torch.Tensor, out: Path, 
     outputs = {"encoder": ["y"], "decoder": ["x_hat"], "full": ["y", "x_hat", "likelihoods"]}[part]
     axes = {name: {2: "height", 3: "width"} for name in inputs + outputs} if dynamic else None
     out.parent.mkdir(parents=True, exist_ok=True)
-    torch.onnx.export(module, (example,), str(out), input_names=inputs, output_names=outputs,
-                      opset_version=opset, dynamic_axes=axes, dynamo=False)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but is the one that targets opset 13 without onnxscript.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        torch.onnx.export(module, (example,), str(out), input_names=inputs, output_names=outputs,
+                          opset_version=opset, dynamic_axes=axes, dynamo=False)
     return module, outputs
 
 

@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The project's two commands (see README):
+#   ./run.sh demo   create .venv if missing, install, run the whole recipe on real photos
+#   ./run.sh test   create/update .venv and run the test suite
+set -euo pipefail
+cd "$(dirname "$0")"
+
+python_bin="${PYTHON:-}"
+if [ -z "$python_bin" ]; then
+  for candidate in python3.11 python3; do
+    if command -v "$candidate" >/dev/null 2>&1; then python_bin="$candidate"; break; fi
+  done
+fi
+[ -n "$python_bin" ] || { echo "error: no python3 found (Python 3.11 is needed)" >&2; exit 2; }
+
+if [ ! -x .venv/bin/python ]; then
+  echo "creating .venv with $("$python_bin" --version)"
+  "$python_bin" -m venv .venv
+fi
+echo "installing requirements into .venv (first time: a few minutes)"
+.venv/bin/python -m pip install --disable-pip-version-check -q -r requirements-test.txt
+
+case "${1:-}" in
+  demo) shift; exec .venv/bin/python -m scripts.demo "$@" ;;
+  test) shift; exec .venv/bin/python -m pytest -q tests "$@" ;;
+  *) echo "usage: ./run.sh demo|test" >&2; exit 2 ;;
+esac

@@ -1,0 +1,84 @@
+import io
+
+import onnx
+import pytest
+import torch
+
+from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
+from scripts.export_onnx import NPU_FORBIDDEN_OPS
+
+
+@pytest.mark.parametrize("act", ["relu6", "hardswish"])
+@pytest.mark.parametrize("residual", [True, False])
+@pytest.mark.parametrize("eca", [True, False])
+def test_encoder_block_is_identity_at_init(act, residual, eca):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11) * 10
+    block = GDNishLiteEnc(12, act_type=act, residual=residual, use_eca=eca).eval()
+    torch.testing.assert_close(block(x), x, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("act", ["relu6", "hardswish"])
+@pytest.mark.parametrize("residual", [True, False])
+def test_decoder_block_is_identity_at_init(act, residual):
+    torch.manual_seed(0)
+    x = torch.randn(2, 12, 9, 11) * 10
+    block = GDNishLiteDec(12, act_type=act, residual=residual, g_min=0.25, g_max=3.0).eval()
+    torch.testing.assert_close(block(x), x, atol=1e-5, rtol=1e-5)
+
+
+def test_blocks_without_identity_init_change_the_input_and_learn():
+    torch.manual_seed(0)
+    x = torch.randn(1, 8, 6, 6)
+    assert not torch.allclose(GDNishLiteEnc(8, init_identity=False)(x), x)
+    assert not torch.allclose(GDNishLiteDec(8, init_identity=False)(x), x)
+    block = GDNishLiteEnc(8)
+    optimizer = torch.optim.SGD(block.parameters(), lr=0.1)
+    for _ in range(2):  # the zero-initialised projection learns first, then the layers before it
+        optimizer.zero_grad()
+        block(x).sin().sum().backward()
+        optimizer.step()
+    assert block.project.weight.grad.abs().sum() > 0 and block.eca.conv.weight.grad.abs().sum() > 0
+    assert block.expand.weight.grad.abs().sum() > 0
+    dec = GDNishLiteDec(8)
+    dec(x).pow(2).sum().backward()
+    assert dec.dw.weight.grad.abs().sum() > 0
+
+
+def test_decoder_gain_stays_in_bounds():
+    torch.manual_seed(0)
+    block = GDNishLiteDec(8, g_min=0.5, g_max=2.0, init_identity=False)
+    gain = block.gain(torch.randn(4, 8, 5, 5) * 100)
+    assert gain.min() >= 0.5 and gain.max() <= 2.0
+
+
+def test_expansion_is_rounded_to_channels():
+    assert GDNishLiteEnc(10, t=1.55).hidden == 16
+
+
+@pytest.mark.parametrize("make, name", [
+    (lambda: GDNishLiteEnc(8, t=0), "t"),
+    (lambda: GDNishLiteEnc(8, t=-1.0), "t"),
+    (lambda: GDNishLiteEnc(8, k_dw=4), "k_dw"),
+    (lambda: GDNishLiteEnc(8, eca_kernel=2), "eca_kernel"),
+    (lambda: GDNishLiteEnc(8, act_type="gelu"), "act_type"),
+    (lambda: GDNishLiteEnc(0), "channels"),
+    (lambda: GDNishLiteEnc(8, t=1.0, residual=False), "t"),
+    (lambda: GDNishLiteDec(8, k=2), "k"),
+    (lambda: GDNishLiteDec(8, g_min=2.0, g_max=1.0), "g_min"),
+    (lambda: GDNishLiteDec(8, g_min=1.0, g_max=1.0), "g_min"),
+    (lambda: GDNishLiteDec(8, act_type="swish"), "act_type"),
+])
+def test_invalid_arguments_name_the_argument(make, name):
+    with pytest.raises(ValueError, match=name):
+        make()
+
+
+@pytest.mark.parametrize("act", ["relu6", "hardswish"])
+def test_exported_blocks_use_only_npu_ops(act):
+    for block in (GDNishLiteEnc(8, act_type=act, init_identity=False), GDNishLiteDec(8, act_type=act)):
+        buffer = io.BytesIO()
+        torch.onnx.export(block.eval(), (torch.randn(1, 8, 16, 16),), buffer, opset_version=13, dynamo=False)
+        ops = {node.op_type for node in onnx.load_from_string(buffer.getvalue()).graph.node}
+        assert ops.isdisjoint(NPU_FORBIDDEN_OPS), ops & set(NPU_FORBIDDEN_OPS)
+        assert "Conv" in ops
