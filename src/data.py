@@ -13,8 +13,8 @@ from pathlib import Path
 from typing import List, Tuple
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
-from torchvision.io import ImageReadMode, decode_image
 from torchvision.transforms.functional import pil_to_tensor
 
 from src.cli import UserError
@@ -41,8 +41,8 @@ class PreparedCrops(Dataset):
         return len(self.files)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        data = torch.frombuffer(bytearray(self.files[index].read_bytes()), dtype=torch.uint8)
-        return decode_image(data, mode=ImageReadMode.RGB).float().div_(255.0)
+        with Image.open(self.files[index]) as img:
+            return pil_to_tensor(img.convert("RGB")).float().div_(255.0)
 
 
 class RawCocoCrops(Dataset):

@@ -1,0 +1,105 @@
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import train_finetune_npu
+from scripts import export_onnx
+from src import eval as recipe_eval
+from src import train_finetune_relu
+from src.cli import UserError
+from src.images import load_rgb
+from tests.conftest import photo_paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def train(module, data, out, *extra):
+    module.main(["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "1",
+                 "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0", "--save_dir", str(out),
+                 "--recon_dir", str(out / "recon"), "--recon_count", "1", *extra])
+    return out / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def checkpoints(prepared64, tmp_path_factory):
+    root = tmp_path_factory.mktemp("ckpts")
+    return {
+        "gdn": train(train_finetune_relu, prepared64, root / "gdn", "--replace_parts", "none", "--train_scope", "all"),
+        "relu": train(train_finetune_relu, prepared64, root / "relu"),
+        "npu": train(train_finetune_npu, prepared64, root / "npu"),
+    }
+
+
+@pytest.fixture(scope="module")
+def photos(tmp_path_factory):
+    """Two real photos of odd sizes (not multiples of 64), one portrait."""
+    folder = tmp_path_factory.mktemp("photos")
+    paths = photo_paths()
+    load_rgb(paths[0]).resize((250, 180)).save(folder / "a.png")
+    load_rgb(paths[1]).resize((170, 230)).save(folder / "b.png")
+    return folder
+
+
+def test_eval_agrees_with_compressai_eval_model(checkpoints, photos, tmp_path):
+    ours = recipe_eval.main(["--image_dir", str(photos), "--checkpoint", str(checkpoints["gdn"]),
+                             "--json", str(tmp_path / "r.json")])[0]["mean"]
+    result = subprocess.run([sys.executable, "-m", "compressai.utils.eval_model", "checkpoint", str(photos),
+                             "-a", "bmshj2018-factorized", "-p", str(checkpoints["gdn"])],
+                            capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-1500:]
+    theirs = json.loads(result.stdout[result.stdout.index("{"):])["results"]
+    assert abs(ours["psnr"] - theirs["psnr-rgb"][0]) < 0.01
+    assert abs(ours["bpp_real"] / theirs["bpp"][0] - 1) < 0.005
+    assert abs(ours["ms_ssim"] - theirs["ms-ssim-rgb"][0]) < 1e-3
+
+
+def test_eval_side_by_side_json_and_plot(checkpoints, photos, tmp_path, capsys):
+    recipe_eval.main(["--image_dir", str(photos), "--checkpoint", str(checkpoints["gdn"]), str(checkpoints["relu"]),
+                      str(checkpoints["npu"]), "--json", str(tmp_path / "r.json"), "--plot", str(tmp_path / "rd.png")])
+    report = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [r["arch"]["replace"] for r in report] == ["none", "relu", "npu"]
+    for r in report:
+        assert set(r["mean"]) == {"psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s"}
+        assert [img["name"] for img in r["images"]] == ["a.png", "b.png"]
+        assert abs(r["mean"]["bpp_real"] / r["mean"]["bpp_est"] - 1) < 0.05
+    assert (tmp_path / "rd.png").stat().st_size > 1000
+    assert "dPSNR" in capsys.readouterr().out
+
+
+def test_eval_bad_inputs(checkpoints, photos, tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
+    torch.save({"weights": [1, 2, 3]}, tmp_path / "foreign.pt")
+    cases = [
+        (["--image_dir", str(tmp_path / "empty"), "--checkpoint", str(checkpoints["gdn"])], "holds no images"),
+        (["--image_dir", str(photos), "--checkpoint", str(tmp_path / "missing.pt")], "not found"),
+        (["--image_dir", str(photos), "--checkpoint", str(tmp_path / "other.pt")], "not a readable"),
+        (["--image_dir", str(photos), "--checkpoint", str(tmp_path / "foreign.pt")], "no model weights"),
+    ]
+    for argv, needle in cases:
+        with pytest.raises(UserError, match=needle):
+            recipe_eval.main(argv)
+
+
+def test_export_npu_encoder_decoder_pass_npu_audit(checkpoints, tmp_path):
+    for part in ("encoder", "decoder"):
+        report = export_onnx.main(["--ckpt", str(checkpoints["npu"]), "--part", part, "--out",
+                                   str(tmp_path / f"{part}.onnx"), "--input_size", "64", "--dynamic"])
+        assert len(report["errors"]) == 2 and all(max(e.values()) < 1e-3 for e in report["errors"].values())
+        assert not set(report["ops"]) & set(export_onnx.NPU_FORBIDDEN_OPS)
+
+
+def test_export_full_and_replace_parts_rules(checkpoints, tmp_path):
+    report = export_onnx.main(["--ckpt", str(checkpoints["gdn"]), "--part", "full", "--out",
+                               str(tmp_path / "full.onnx"), "--input_size", "64"])
+    assert "Sqrt" in report["ops"] or "Pow" in report["ops"]  # GDN is still there
+    relu = export_onnx.main(["--ckpt", str(checkpoints["gdn"]), "--part", "encoder", "--out",
+                             str(tmp_path / "enc.onnx"), "--input_size", "64", "--replace_parts", "encoder"])
+    assert "Relu" in relu["ops"] and "Sqrt" not in relu["ops"]
+    with pytest.raises(UserError, match="contradicts"):
+        export_onnx.main(["--ckpt", str(checkpoints["relu"]), "--part", "encoder", "--out",
+                          str(tmp_path / "x.onnx"), "--replace_parts", "all"])

@@ -1,0 +1,290 @@
+import json
+import math
+import subprocess
+import sys
+import urllib.error
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+from torchvision.transforms.functional import pil_to_tensor
+
+import train_finetune_npu
+from src import engine, train_finetune_relu
+from src.checkpoint import read_checkpoint, save_checkpoint
+from src.cli import UserError
+from src.data import PreparedCrops
+from src.images import load_rgb
+from src.losses import RecipeLoss, msssim_window
+from src.model_factory import build_model, make_arch
+from src.precision import apply_local_fp32
+from src.schedule import build_schedule
+
+from tests.conftest import photo_paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def common_args(data, tmp_path, *extra):
+    return ["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "2",
+            "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0",
+            "--save_dir", str(tmp_path / "ckpt"), "--recon_dir", str(tmp_path / "recon"),
+            "--recon_count", "2", "--log_every", "1", *extra]
+
+
+def assert_run_outputs(tmp_path, replace):
+    for name in ("last.pt", "best_msssim.pt"):
+        ckpt = torch.load(tmp_path / "ckpt" / name, map_location="cpu", weights_only=True)
+        assert ckpt["arch"]["replace"] == replace
+        assert {"state_dict", "optimizer", "scheduler", "scaler", "epoch", "step", "best_msssim", "args",
+                "rng"} <= set(ckpt)
+        assert isinstance(ckpt["args"], dict) and ckpt["args"]["quality"] == 1
+        assert ckpt["state_dict"]["entropy_bottleneck._quantized_cdf"].numel() > 0, "update() must run before save"
+    assert torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["epoch"] == 2
+    for tag in ("origin", "epoch_001", "epoch_002"):
+        files = sorted(p.name for p in (tmp_path / "recon" / tag).glob("*.png"))
+        assert files == ["00000.png", "00001.png"], tag
+
+
+def test_relu_script_end_to_end(prepared64, tmp_path, capsys):
+    summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--wandb", "true"))
+    assert_run_outputs(tmp_path, "relu")
+    out = capsys.readouterr().out
+    for word in ("RD", "L1", "1-MSSSIM", "BPP", "λ", "MSSSIM", "PSNR"):
+        assert word in out
+    assert "replaced: g_a.1, g_a.3, g_a.5" in out
+    assert summary["steps"] == 4
+    val0 = PreparedCrops(prepared64 / "val")[0]  # origin PNGs are the first val crops, index for index
+    png = pil_to_tensor(Image.open(tmp_path / "recon" / "origin" / "00000.png"))
+    assert torch.equal(png, (val0 * 255).round().byte())
+    runs = list((tmp_path / "ckpt" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert runs, "W&B offline run should be written"
+    data = runs[0].read_bytes()
+    for key in (b"train/rd/bpp", b"train/rd/1-msssim", b"val/ms_ssim", b"recon/epoch_002", b"lr"):
+        assert key in data
+
+
+def test_npu_script_end_to_end(prepared64, tmp_path):
+    train_finetune_npu.main(common_args(prepared64, tmp_path, "--enc_t", "1.5", "--dec_gmax", "3.0",
+                                        "--amp_dtype", "fp16"))
+    assert_run_outputs(tmp_path, "npu")
+    arch = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["arch"]
+    assert arch["replace_parts"] == "all" and arch["enc_kwargs"]["t"] == 1.5 and arch["dec_kwargs"]["g_max"] == 3.0
+
+
+def test_npu_script_defaults():
+    args = train_finetune_npu.get_npu_args_parser().parse_args(["--coco_dir", "x"])
+    assert (args.replace_parts, args.save_dir, args.recon_dir) == ("all", "./checkpoints_npu", "./recon_npu")
+    assert (args.enc_t, args.enc_kdw, args.enc_eca, args.dec_gmin, args.dec_gmax) == (2.0, 3, True, 0.5, 2.0)
+    relu = engine.get_args_parser("x").parse_args(["--coco_dir", "x"])
+    assert (relu.alpha_l1, relu.amp, relu.amp_dtype, relu.max_grad_norm, relu.lambda_bpp, relu.wandb) == \
+        (0.4, True, "bf16", 1.0, 0.01, False)
+
+
+def test_raw_coco_mode(coco_root, tmp_path):
+    train_finetune_relu.main(common_args(coco_root, tmp_path, "--use_prepared", "false", "--crop_size", "64",
+                                         "--epochs", "1"))
+    assert (tmp_path / "ckpt" / "last.pt").exists()
+
+
+def test_fixed_batch_overfits():
+    torch.manual_seed(0)
+    model = build_model(make_arch(quality=1, replace="relu", replace_parts="all"))
+    x = torch.rand(2, 3, 64, 64)
+    criterion = RecipeLoss(0.4, "rd", 0.01)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(40):
+        parts = criterion(model(x), x)
+        optimizer.zero_grad()
+        parts["total"].backward()
+        optimizer.step()
+        losses.append(parts["total"].item())
+    assert losses[-1] < 0.7 * losses[0]
+
+
+def test_loss_is_fp32_and_matches_formula():
+    torch.manual_seed(0)
+    x = torch.rand(2, 3, 64, 64)
+    x_hat = (x + 0.05 * torch.randn_like(x)).bfloat16()
+    likelihoods = {"y": torch.rand(2, 8, 4, 4).clamp_min(1e-3).bfloat16()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        parts = RecipeLoss(0.3, "rd", 0.5)({"x_hat": x_hat, "likelihoods": likelihoods}, x)
+    assert all(v.dtype == torch.float32 for v in parts.values())
+    bpp = -torch.log2(likelihoods["y"].float()).sum() / (2 * 64 * 64)
+    torch.testing.assert_close(parts["bpp"], bpp)
+    recon = 0.3 * parts["l1"] + 0.7 * parts["1-msssim"]
+    torch.testing.assert_close(parts["total"], recon + 0.5 * bpp)
+
+
+def test_small_crops_adapt_msssim_window_once(capsys):
+    msssim_window.cache_clear()
+    assert msssim_window(64) == 3 and msssim_window(64) == 3 and msssim_window(224) == 11
+    assert capsys.readouterr().out.count("note:") == 1
+
+
+def test_local_fp32_entropy_gives_fp32_bpp_under_bf16():
+    torch.manual_seed(0)
+    model = build_model(make_arch(quality=1, replace="relu")).eval()
+    with torch.no_grad():
+        y = model.g_a(torch.rand(1, 3, 64, 64))
+        _, fp32 = model.entropy_bottleneck(y)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, plain_bf16 = model.entropy_bottleneck(y)
+        assert apply_local_fp32(model, "entropy") == ["entropy_bottleneck"]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            _, local = model.entropy_bottleneck(y)
+    assert not torch.equal(plain_bf16.float(), fp32), "bf16 must change the likelihoods, or the test proves nothing"
+    assert local.dtype == torch.float32 and torch.equal(local, fp32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.rand(1, 3, 64, 64))
+    assert out["likelihoods"]["y"].dtype == torch.float32
+
+
+def test_local_fp32_policies_choose_modules():
+    model = build_model(make_arch(quality=1, replace="npu", replace_parts="encoder"))
+    assert apply_local_fp32(model, "entropy+decoder") == ["entropy_bottleneck", "g_s"]
+    model = build_model(make_arch(quality=1, replace="npu", replace_parts="encoder"))
+    assert apply_local_fp32(model, "all_normexp") == ["entropy_bottleneck", "g_s"]
+    model = build_model(make_arch(quality=1, replace="relu", replace_parts="decoder"))
+    assert apply_local_fp32(model, "all_normexp") == ["entropy_bottleneck", "g_a.1", "g_a.3", "g_a.5", "g_s"]
+    model = build_model(make_arch(quality=1, replace="npu", replace_parts="all"))
+    assert apply_local_fp32(model, "custom", ["GDNishLiteDec"]) == ["g_s.1", "g_s.3", "g_s.5"]
+
+
+def lr_curve(kind, epochs=3, steps=5, warmup=0, lr=1.0):
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = build_schedule(optimizer, kind, epochs, steps, lr, warmup, 0.3)
+    curve, step = [], 0
+    for _ in range(epochs):
+        for _ in range(steps):
+            curve.append(optimizer.param_groups[0]["lr"])
+            optimizer.step()
+            schedule.after_step(step)
+            step += 1
+        schedule.after_epoch(val_loss=1.0)
+    return curve
+
+
+def test_lr_curve_cosine_with_warmup():
+    curve = lr_curve("cosine", warmup=4)
+    cosine = [(1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
+    expected = [min(1.0, (s + 1) / 4) * cosine[s // 5] for s in range(15)]
+    assert curve == pytest.approx(expected, rel=1e-6)
+
+
+def test_lr_curve_onecycle_steps_per_step_and_plateau_per_epoch():
+    curve = lr_curve("onecycle")
+    assert len(set(curve)) == len(curve), "onecycle changes the LR every step"
+    assert curve[0] == pytest.approx(1.0 / 25) and max(curve) > 0.95 and curve[-1] < 1e-3
+    assert 3 <= curve.index(max(curve)) <= 5  # pct_start 0.3 of 15 steps
+    plateau = lr_curve("plateau", epochs=6, steps=2)
+    assert plateau[:8] == [1.0] * 8 and plateau[-1] == 0.5  # patience 2: halves after the 4th flat epoch
+    assert lr_curve("none") == [1.0] * 15
+    with pytest.raises(ValueError, match="onecycle"):
+        lr_curve("onecycle", warmup=3)
+
+
+def test_gradient_clipping_is_applied_and_can_be_disabled(prepared64, tmp_path, monkeypatch):
+    seen = []
+    real_clip = torch.nn.utils.clip_grad_norm_
+
+    def recording_clip(params, max_norm, *a, **k):
+        params = list(params)
+        real_clip(params, max_norm, *a, **k)
+        seen.append((max_norm, torch.norm(torch.stack([p.grad.norm() for p in params if p.grad is not None]))))
+
+    monkeypatch.setattr(torch.nn.utils, "clip_grad_norm_", recording_clip)
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_grad_norm", "1e-3"))
+    assert len(seen) == 2 and all(m == 1e-3 and norm <= 1e-3 * 1.01 for m, norm in seen)
+    seen.clear()
+    train_finetune_relu.main(common_args(prepared64, tmp_path / "b", "--epochs", "1", "--max_grad_norm", "0"))
+    assert seen == []
+
+
+def test_overflow_check_names_module_and_keeps_last_checkpoint(prepared64, tmp_path):
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
+    good = (tmp_path / "ckpt" / "last.pt").read_bytes()
+    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    ckpt["state_dict"]["g_s.2.weight"] *= 1e30  # a decoder layer that blows up
+    save_checkpoint(ckpt, tmp_path / "bad.pt")
+    with pytest.raises(engine.TrainingStopped, match=r"step 0: first bad output in module 'g_s\.2'"):
+        train_finetune_relu.main(common_args(prepared64, tmp_path, "--base_checkpoint", str(tmp_path / "bad.pt"),
+                                             "--overflow_check", "true", "--train_scope", "all"))
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == good
+
+
+def test_gdn_control_checkpoint_is_read_by_compressai_eval_model(prepared64, tmp_path):
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--replace_parts", "none", "--train_scope", "all",
+                                         "--epochs", "1"))
+    photos = tmp_path / "photos"  # CompressAI's eval needs images over 160 px (MS-SSIM)
+    photos.mkdir()
+    load_rgb(photo_paths()[0]).resize((256, 192)).save(photos / "astronaut.png")
+    result = subprocess.run([sys.executable, "-m", "compressai.utils.eval_model", "checkpoint",
+                             str(photos), "-a", "bmshj2018-factorized", "-p",
+                             str(tmp_path / "ckpt" / "last.pt")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-2000:]
+    metrics = json.loads(result.stdout[result.stdout.index("{"):])["results"]
+    assert metrics["bpp"][0] > 0 and metrics["psnr-rgb"][0] > 0
+
+
+def test_pickled_checkpoint_is_refused_not_executed(tmp_path):
+    marker = tmp_path / "executed"
+    payload = {"state_dict": {}, "evil": subprocess.Popen}  # anything outside weights_only's allow-list
+    torch.save(payload, tmp_path / "evil.pt")
+    with pytest.raises(UserError, match="refused to load"):
+        read_checkpoint(tmp_path / "evil.pt")
+    assert not marker.exists()
+
+
+def test_offline_pretrained_is_one_clear_line(prepared64, tmp_path, monkeypatch):
+    import compressai.zoo.image as zoo_image
+
+    def offline(*args, **kwargs):
+        raise urllib.error.URLError("Name or service not known")
+
+    monkeypatch.setattr(zoo_image, "load_state_dict_from_url", offline)
+    argv = common_args(prepared64, tmp_path)
+    argv[argv.index("--pretrained") + 1] = "true"
+    with pytest.raises(UserError, match=r"--base_checkpoint PATH.*--pretrained false"):
+        train_finetune_relu.main(argv)
+
+
+def test_gdn_base_checkpoint_starts_a_relu_run(prepared64, tmp_path):
+    train_finetune_relu.main(common_args(prepared64, tmp_path / "gdn", "--replace_parts", "none",
+                                         "--train_scope", "all", "--epochs", "1"))
+    base = tmp_path / "gdn" / "ckpt" / "last.pt"
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--base_checkpoint", str(base), "--epochs", "1"))
+    relu = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["state_dict"]
+    gdn = torch.load(base, weights_only=True)["state_dict"]
+    assert torch.equal(relu["g_s.0.weight"], gdn["g_s.0.weight"]), "frozen decoder keeps the base weights"
+    assert not torch.equal(relu["g_a.0.weight"], gdn["g_a.0.weight"])
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--local_fp32", "custom"], "--local_fp32_custom"),
+    (["--sched", "onecycle", "--lr_warmup_steps", "5"], "onecycle"),
+    (["--replace_parts", "none"], "--train_scope all"),
+])
+def test_bad_flag_combinations(prepared64, tmp_path, extra, message):
+    with pytest.raises(UserError, match=message):
+        train_finetune_relu.main(common_args(prepared64, tmp_path, *extra))
+
+
+def test_cli_errors_are_single_lines(tmp_path):
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "src.train_finetune_relu", *argv], capture_output=True,
+                              text=True, cwd=REPO)
+
+    removed = run("--coco_dir", "x", "--amp_warmup_steps", "10")
+    assert removed.returncode == 2 and "--lr_warmup_steps" in removed.stderr and "--local_fp32" in removed.stderr
+    for argv, needle in ((["--quality", "0"], "invalid choice"), (["--amp", "maybe"], "true or false"),
+                         (["--coco_dir", str(tmp_path / "nope")], "not found")):
+        argv = ["--coco_dir", str(tmp_path)] + argv if argv[0] != "--coco_dir" else argv
+        result = run(*argv, "--pretrained", "false")
+        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
+    (tmp_path / "train").mkdir()
+    empty = run("--coco_dir", str(tmp_path), "--pretrained", "false")
+    assert empty.returncode == 2 and "holds no images" in empty.stderr
+    assert empty.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in empty.stderr
