@@ -51,8 +51,12 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
     try:
         payload = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "pickled objects"
-        raise UserError(f"refused to load {path}: it holds objects weights_only=True does not allow ({first[:160]})") from None
+        text = str(err)
+        if "Unsupported global" not in text and "GLOBAL" not in text:
+            raise UserError(f"{path} is not a readable PyTorch checkpoint (its contents do not unpickle)") from None
+        culprit = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "pickled objects")
+        raise UserError(f"refused to load {path}: it holds objects that weights_only=True does not allow "
+                        f"({culprit[:160]})") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:160]})") from None
     if not isinstance(payload, dict):
