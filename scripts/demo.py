@@ -69,8 +69,8 @@ def pretrained_available(quality: int) -> bool:
 def main(argv: Optional[Sequence[str]] = None) -> None:
     parser = argparse.ArgumentParser(description="Run the recipe end to end on scikit-image photos.")
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=12, help="steps per epoch")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--steps", type=int, default=25, help="steps per epoch")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out)
