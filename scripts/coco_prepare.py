@@ -15,8 +15,6 @@ import argparse
 import json
 import os
 import random
-import sys
-import tempfile
 import time
 from collections import Counter
 from concurrent.futures import ProcessPoolExecutor
@@ -27,6 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from src.atomic import write_atomic
 from src.cli import UserError, run_cli, str2bool
 from src.images import center_crop_box, list_images, load_rgb, random_crop_box, upscale_to_fit
 
@@ -65,18 +64,6 @@ def get_args_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def write_png_atomic(img: Image.Image, path: Path) -> None:
-    """Save via a temp file in the same folder and ``os.replace`` it into place."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            img.save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def crop_boxes(job: CropJob, width: int, height: int) -> List[Tuple[int, int, int, int]]:
     """Center box for val; for train, boxes from an RNG seeded by (seed, file name) alone."""
     if job.split == "val":
@@ -103,7 +90,8 @@ def process_image(job: CropJob) -> Tuple[str, str, List[str]]:
         img = upscale_to_fit(img, job.crop_size)
     for path, box in zip(paths, crop_boxes(job, *img.size)):
         if not path.exists():
-            write_png_atomic(img.crop(box), path)
+            crop = img.crop(box)
+            write_atomic(path, lambda handle: crop.save(handle, format="PNG"), durable=False)
     return "written", "", [p.name for p in paths]
 
 
@@ -134,10 +122,8 @@ def run_jobs(jobs: List[CropJob], workers: int) -> List[Tuple[str, str, List[str
 
 
 def write_manifest(out_dir: Path, manifest: Dict) -> None:
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=".manifest.", suffix=".tmp")
-    with os.fdopen(fd, "w") as handle:
-        json.dump(manifest, handle, indent=1, sort_keys=True)
-    os.replace(tmp, out_dir / "manifest.json")
+    text = json.dumps(manifest, indent=1, sort_keys=True).encode()
+    write_atomic(out_dir / "manifest.json", lambda handle: handle.write(text))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:

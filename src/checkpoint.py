@@ -1,17 +1,14 @@
 """Checkpoints that survive crashes and never execute code when read.
 
-Writes go to a temp file in the same folder, are fsynced, then ``os.replace``d
-over the target: a crash (even SIGKILL) mid-save leaves the previous file
-intact. Reads use ``torch.load(weights_only=True)``, which refuses pickled
+Writes are atomic (src/atomic.py): a crash, even SIGKILL, mid-save leaves the
+previous file intact. Reads use ``torch.load(weights_only=True)``, which refuses pickled
 objects instead of running them; that is why checkpoints hold only tensors,
 plain containers and numbers (``vars(args)``, never the Namespace).
 """
 
 from __future__ import annotations
 
-import os
 import pickle
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import Any, Dict
@@ -19,6 +16,7 @@ from typing import Any, Dict
 import torch
 from torch import nn
 
+from src.atomic import write_atomic
 from src.cli import UserError
 
 
@@ -29,18 +27,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def save_checkpoint(payload: Dict[str, Any], path: Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            torch.save(payload, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(path, lambda handle: torch.save(payload, handle))
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:

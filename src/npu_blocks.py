@@ -14,8 +14,6 @@ fine-tuning starts from the pretrained network's own features.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -202,7 +200,3 @@ class GDNishLiteDec(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dw(x * self.gain(x))
         return x + out if self.residual else out
-
-
-def count_parameters(module: Optional[nn.Module]) -> int:
-    return 0 if module is None else sum(p.numel() for p in module.parameters())

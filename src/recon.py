@@ -7,24 +7,13 @@ the model at that point, so a file viewer can flip between them.
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import List
 
 import torch
 from torchvision.utils import make_grid, save_image
 
-
-def _save_png_atomic(image: torch.Tensor, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            save_image(image, handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+from src.atomic import write_atomic
 
 
 def write_pngs(images: torch.Tensor, folder: Path, overwrite: bool = True) -> List[Path]:
@@ -34,7 +23,8 @@ def write_pngs(images: torch.Tensor, folder: Path, overwrite: bool = True) -> Li
     for index, image in enumerate(images):
         path = folder / f"{index:05d}.png"
         if overwrite or not path.exists():
-            _save_png_atomic(image.float().clamp(0, 1).cpu(), path)
+            pixels = image.float().clamp(0, 1).cpu()
+            write_atomic(path, lambda handle: save_image(pixels, handle, format="PNG"), durable=False)
         paths.append(path)
     return paths
 

@@ -3,7 +3,6 @@ import io
 import onnx
 import pytest
 import torch
-from compressai.layers import GDN
 from compressai.zoo import image_models
 from torch import nn
 

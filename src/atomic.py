@@ -1,0 +1,35 @@
+"""Atomic file writes: nothing the user has is ever left half-written.
+
+The content goes to a temp file in the target's folder (same filesystem), is
+fsynced, then ``os.replace``d over the target: readers see the old file or
+the new one, never a partial one, even if the process is killed mid-write.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import BinaryIO, Callable
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
+    """Call ``write(handle)`` on a temp file, then move it to ``path``.
+
+    ``durable`` also fsyncs (survives power loss, not only a crash); the
+    data-prep crops skip it, since they can be rewritten and fsync per file
+    would dominate on 118k files.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            write(handle)
+            if durable:
+                handle.flush()
+                os.fsync(handle.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
