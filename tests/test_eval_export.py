@@ -103,3 +103,14 @@ def test_export_full_and_replace_parts_rules(checkpoints, tmp_path):
     with pytest.raises(UserError, match="contradicts"):
         export_onnx.main(["--ckpt", str(checkpoints["relu"]), "--part", "encoder", "--out",
                           str(tmp_path / "x.onnx"), "--replace_parts", "all"])
+
+
+def test_eval_reports_checkpoint_without_entropy_tables(checkpoints, photos, tmp_path, capsys):
+    ckpt = torch.load(checkpoints["relu"], weights_only=True)
+    for key in [k for k in ckpt["state_dict"] if k.endswith(("_quantized_cdf", "_offset", "_cdf_length"))]:
+        ckpt["state_dict"][key] = torch.zeros(0, dtype=ckpt["state_dict"][key].dtype)
+    torch.save(ckpt, tmp_path / "stale.pt")
+    result = recipe_eval.main(["--image_dir", str(photos), "--checkpoint", str(tmp_path / "stale.pt")])[0]
+    assert result["entropy_updated_in_checkpoint"] is False
+    assert "saved without model.update()" in capsys.readouterr().out
+    assert result["mean"]["bpp_real"] > 0

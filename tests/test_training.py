@@ -288,3 +288,20 @@ def test_cli_errors_are_single_lines(tmp_path):
     empty = run("--coco_dir", str(tmp_path), "--pretrained", "false")
     assert empty.returncode == 2 and "holds no images" in empty.stderr
     assert empty.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in empty.stderr
+
+
+@pytest.mark.parametrize("scope, trained", [("all", True), ("replaced", False)])
+def test_quantiles_train_with_aux_loss_only_when_entropy_model_trains(prepared64, tmp_path, scope, trained):
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--train_scope", scope))
+    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    initial = build_model(make_arch(quality=1, replace="relu")).entropy_bottleneck.quantiles
+    changed = not torch.equal(ckpt["state_dict"]["entropy_bottleneck.quantiles"], initial.detach())
+    assert changed == trained
+    assert (ckpt["aux_optimizer"] is not None) == trained
+
+
+@pytest.mark.parametrize("dtype, scaled", [("fp16", True), ("bf16", False)])
+def test_grad_scaler_only_for_fp16(prepared64, tmp_path, dtype, scaled):
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--amp_dtype", dtype))
+    scaler_state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["scaler"]
+    assert ("scale" in scaler_state) == scaled
