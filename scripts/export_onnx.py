@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import collections
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
@@ -31,6 +32,7 @@ from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli
 from src.data import image_files
 from src.images import center_crop_box, load_rgb, upscale_to_fit
+from src import onnx_int8 as int8
 from src.model_factory import build_model, load_weights, make_arch
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
 
@@ -67,6 +69,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--replace_parts", default=None, choices=sorted(REPLACE_MODES),
                    help="apply GDN->ReLU to a checkpoint without replacement (e.g. a zoo state dict)")
     p.add_argument("--image", default=None, help="real image for verification (default: first val image of the run)")
+    p.add_argument("--int8", default=None, metavar="CALIB_DIR",
+                   help="also write a static INT8 model (OUT with .int8.onnx), calibrated on images in CALIB_DIR, "
+                        "and report the INT8 encoder->decoder PSNR drop on them")
+    p.add_argument("--calib_count", type=int, default=32, help="calibration images used from CALIB_DIR")
     return p
 
 
@@ -92,8 +98,19 @@ def load_export_model(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dic
     return model.eval(), arch, payload
 
 
+def center_crop_tensor(path: Path, size: Tuple[int, int]) -> torch.Tensor:
+    """A real photo center-cropped to ``size`` (H, W), as (1, 3, H, W) in [0, 1]."""
+    img = load_rgb(path)
+    h, w = size
+    if img.size[0] < w or img.size[1] < h:
+        img = upscale_to_fit(img, max(h, w))
+    left, top, _, _ = center_crop_box(img.size[0], img.size[1], 0)
+    img = img.crop((left - w // 2, top - h // 2, left - w // 2 + w, top - h // 2 + h))
+    return pil_to_tensor(img).float().div(255).unsqueeze(0)
+
+
 def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int, int]) -> torch.Tensor:
-    """A real photo cropped to ``size`` (H, W), as (1, 3, H, W) in [0, 1]."""
+    """--image, else the first val image of the run that wrote the checkpoint."""
     if args.image:
         path = Path(args.image)
     else:
@@ -102,13 +119,7 @@ def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int,
             raise UserError("no image to verify the export on: pass --image PATH")
         sub = "val" if run_args.get("use_prepared", True) else "val2017"
         path = image_files(Path(run_args["coco_dir"]) / sub, "verification")[0]
-    img = load_rgb(path)
-    h, w = size
-    if img.size[0] < w or img.size[1] < h:
-        img = upscale_to_fit(img, max(h, w))
-    left, top, _, _ = center_crop_box(img.size[0], img.size[1], 0)
-    img = img.crop((left - w // 2, top - h // 2, left - w // 2 + w, top - h // 2 + h))
-    return pil_to_tensor(img).float().div(255).unsqueeze(0)
+    return center_crop_tensor(path, size)
 
 
 def export_graph(model: nn.Module, part: str, example: torch.Tensor, out: Path, opset: int,
@@ -150,8 +161,46 @@ def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor
         return torch.round(model.g_a(image))
 
 
+def int8_report(model: nn.Module, args: argparse.Namespace, out: Path, opset: int) -> Dict:
+    """Quantise encoder and decoder on CALIB_DIR crops; keep the INT8 model of ``--part``.
+
+    The round trip needs both halves, so the other half is exported and
+    quantised too (in a temp folder unless it is the part asked for).
+    """
+    files = image_files(Path(args.int8), "calibration")[: args.calib_count]
+    crops = [center_crop_tensor(f, (args.input_size, args.input_size)) for f in files]
+    images = [c.numpy() for c in crops]
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = {}
+        for part in ("encoder", "decoder"):
+            fp32 = out if part == args.part else Path(tmp) / f"{part}.onnx"
+            if part != args.part:
+                export_graph(model, part, part_input(model, part, crops[0]), fp32, opset, args.dynamic)
+            paths[part] = fp32
+        latents = int8.encoder_latents(paths["encoder"], images)
+        int8_paths = {
+            part: int8.quantize_int8(paths[part], (out.with_suffix(".int8.onnx") if part == args.part
+                                                   else Path(tmp) / f"{part}.int8.onnx"), calib)
+            for part, calib in (("encoder", images), ("decoder", latents))
+        }
+        fp32_psnr = int8.roundtrip_psnr(paths["encoder"], paths["decoder"], images)
+        int8_psnr = int8.roundtrip_psnr(int8_paths["encoder"], int8_paths["decoder"], images)
+        float_ops = sorted(op for op in op_histogram(int8_paths[args.part]) if op in NPU_FORBIDDEN_OPS)
+    report = {"int8_path": str(out.with_suffix(".int8.onnx")), "calib_images": len(images),
+              "psnr_fp32": fp32_psnr, "psnr_int8": int8_psnr, "psnr_drop": fp32_psnr - int8_psnr,
+              "float_only_ops": float_ops}
+    print(f"INT8 {args.part} -> {report['int8_path']} (calibrated on {len(images)} crops of {args.int8})")
+    print(f"encoder->decoder round trip PSNR: FP32 {fp32_psnr:.3f} dB, INT8 {int8_psnr:.3f} dB, "
+          f"drop {report['psnr_drop']:.3f} dB")
+    if float_ops:
+        print(f"ops left in float in the INT8 {args.part}: {', '.join(float_ops)}")
+    return report
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
+    if args.int8 and args.part == "full":
+        raise UserError("--int8 quantises the encoder or the decoder: use --part encoder or --part decoder")
     model, arch, payload = load_export_model(args)
     stride = int(getattr(model, "downsampling_factor", 16))
     if args.input_size % stride:
@@ -183,7 +232,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         if found:
             raise UserError(f"NPU export of the {args.part} contains ops integer NPUs cannot run: {found}")
         print(f"NPU check passed: no {', '.join(NPU_FORBIDDEN_OPS)}")
-    return {"ops": histogram, "errors": errors, "out": str(out)}
+    report = {"ops": histogram, "errors": errors, "out": str(out)}
+    if args.int8:
+        report["int8"] = int8_report(model, args, out, args.opset)
+    return report
 
 
 if __name__ == "__main__":

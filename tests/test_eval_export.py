@@ -1,4 +1,5 @@
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -114,3 +115,22 @@ def test_eval_reports_checkpoint_without_entropy_tables(checkpoints, photos, tmp
     assert result["entropy_updated_in_checkpoint"] is False
     assert "saved without model.update()" in capsys.readouterr().out
     assert result["mean"]["bpp_real"] > 0
+
+
+def test_int8_export_gdn_against_npu(checkpoints, prepared64, tmp_path):
+    """Both quantise and round-trip; only the NPU graph is free of float-only ops."""
+    reports = {}
+    for name in ("gdn", "npu"):
+        report = export_onnx.main(["--ckpt", str(checkpoints[name]), "--part", "decoder", "--out",
+                                   str(tmp_path / f"{name}.onnx"), "--input_size", "64",
+                                   "--int8", str(prepared64 / "train"), "--calib_count", "8"])["int8"]
+        assert Path(report["int8_path"]).exists() and report["calib_images"] == 8
+        assert math.isfinite(report["psnr_drop"]) and report["psnr_int8"] > 0
+        ops = export_onnx.op_histogram(Path(report["int8_path"]))
+        assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
+        reports[name] = report
+    assert reports["npu"]["float_only_ops"] == []
+    assert set(reports["gdn"]["float_only_ops"]) & {"Sqrt", "Pow", "Div"}
+    with pytest.raises(UserError, match="--part encoder or --part decoder"):
+        export_onnx.main(["--ckpt", str(checkpoints["npu"]), "--part", "full", "--out", str(tmp_path / "f.onnx"),
+                          "--int8", str(prepared64 / "train")])

@@ -1,0 +1,80 @@
+"""Encoder/decoder latency: PyTorch vs onnxruntime, FP32 and static INT8, at 224x224 and 768x512.
+
+    python -m bench.export_latency --calib_dir ../shared/data/minicoco/val2017 [--ckpt last.pt] [--replace npu]
+
+Without --ckpt the architecture is built with random weights (latency does not
+depend on the weights). Each figure is the median of --repeat timed runs after
+warm-up, on this machine's CPU, with torch and onnxruntime both at their
+default thread counts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from scripts.export_onnx import center_crop_tensor, export_graph, part_input
+from src import onnx_int8 as int8
+from src.data import image_files
+from src.model_factory import build_model, load_weights, make_arch
+from src.checkpoint import read_checkpoint, state_and_arch
+
+SIZES = ((224, 224), (512, 768))
+
+
+def median_ms(fn, repeat: int) -> float:
+    fn()
+    fn()
+    times = []
+    for _ in range(repeat):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return 1000 * statistics.median(times)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calib_dir", required=True)
+    parser.add_argument("--ckpt", default=None)
+    parser.add_argument("--replace", default="npu", choices=("none", "relu", "npu"))
+    parser.add_argument("--quality", type=int, default=3)
+    parser.add_argument("--repeat", type=int, default=10)
+    args = parser.parse_args()
+    if args.ckpt:
+        state, arch = state_and_arch(read_checkpoint(Path(args.ckpt)), Path(args.ckpt))
+        model = load_weights(build_model(arch), state, args.ckpt)
+    else:
+        arch = make_arch(quality=args.quality, replace=args.replace, replace_parts="all")
+        model = build_model(arch)
+    model.eval()
+    files = image_files(Path(args.calib_dir), "calibration")[:8]
+    crops = [center_crop_tensor(f, SIZES[0]) for f in files]
+    print(f"{arch['base_model']} q={arch['quality']} replace={arch['replace']}/{arch['replace_parts']}, "
+          f"torch threads={torch.get_num_threads()}, median of {args.repeat}")
+    print(f"{'part':<8}{'size':>10}{'torch fp32':>12}{'ort fp32':>10}{'ort int8':>10}   (ms)")
+    with tempfile.TemporaryDirectory() as tmp, torch.no_grad():
+        for part in ("encoder", "decoder"):
+            fp32 = Path(tmp) / f"{part}.onnx"
+            module, _ = export_graph(model, part, part_input(model, part, crops[0]), fp32, 13, dynamic=True)
+            calib = [c.numpy() for c in crops] if part == "encoder" else \
+                [part_input(model, part, c).numpy() for c in crops]
+            q8 = int8.quantize_int8(fp32, Path(tmp) / f"{part}.int8.onnx", calib)
+            sessions = {"fp32": int8.session(fp32), "int8": int8.session(q8)}
+            for h, w in SIZES:
+                image = torch.rand(1, 3, h, w)
+                x = part_input(model, part, image)
+                array = x.numpy()
+                torch_ms = median_ms(lambda: module(x), args.repeat)
+                ort_ms = {k: median_ms(lambda s=s: int8.run(s, array), args.repeat) for k, s in sessions.items()}
+                print(f"{part:<8}{f'{w}x{h}':>10}{torch_ms:>12.1f}{ort_ms['fp32']:>10.1f}{ort_ms['int8']:>10.1f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,76 @@
+"""Static INT8 quantisation of exported encoder/decoder graphs with onnxruntime.
+
+This is why the NPU blocks exist: integer NPUs run convolutions, adds,
+multiplies and clips in INT8, but GDN's division and square root stay in
+float (or do not run at all). ``quantize_static`` (QDQ format, per-channel
+INT8 weights, UINT8 activations, MinMax calibration) is calibrated on real
+image crops; the encoder->decoder round trip then measures what INT8 costs.
+"""
+
+from __future__ import annotations
+
+import math
+import tempfile
+from pathlib import Path
+from typing import Dict, Iterator, List, Optional, Sequence
+
+import numpy as np
+import onnxruntime as ort
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds calibration arrays (each (1, C, H, W) float32) to the calibrator one by one."""
+
+    def __init__(self, input_name: str, arrays: Sequence[np.ndarray]):
+        self.input_name = input_name
+        self.arrays: Iterator[np.ndarray] = iter(arrays)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        array = next(self.arrays, None)
+        return None if array is None else {self.input_name: array}
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, array: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: array})[0]
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[np.ndarray]) -> Path:
+    """Write a statically quantised copy of ``fp32_path``, calibrated on ``calibration``."""
+    input_name = session(fp32_path).get_inputs()[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8_path), ArrayReader(input_name, calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return int8_path
+
+
+def psnr_8bit(x: np.ndarray, x_hat: np.ndarray) -> float:
+    """PSNR on 8-bit values (as src.eval measures it)."""
+    org = np.round(np.clip(x, 0, 1) * 255)
+    rec = np.round(np.clip(x_hat, 0, 1) * 255)
+    mse = float(np.mean((org - rec) ** 2))
+    return 20 * math.log10(255) - 10 * math.log10(max(mse, 1e-10))
+
+
+def roundtrip_psnr(encoder: Path, decoder: Path, images: Sequence[np.ndarray]) -> float:
+    """Mean PSNR of image -> encoder -> round -> decoder, per image."""
+    enc, dec = session(encoder), session(decoder)
+    scores: List[float] = []
+    for image in images:
+        y_hat = np.round(run(enc, image)).astype(np.float32)
+        scores.append(psnr_8bit(image, run(dec, y_hat)))
+    return float(np.mean(scores))
+
+
+def encoder_latents(encoder: Path, images: Sequence[np.ndarray]) -> List[np.ndarray]:
+    """Rounded latents of the images: the decoder's calibration data."""
+    enc = session(encoder)
+    return [np.round(run(enc, image)).astype(np.float32) for image in images]
