@@ -28,8 +28,13 @@ def str2bool(value: str) -> bool:
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
     """Run ``main(argv)`` and turn a ``UserError`` into one line and exit code 2."""
+    from src.stop_signals import Interrupted
+
     try:
         main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except Interrupted as stop:
+        print(str(stop), file=sys.stderr)
+        sys.exit(128 + stop.signum)

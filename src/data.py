@@ -9,11 +9,12 @@ center crop. Sorted file names fix the val order, which is the recon index.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import torch
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
@@ -31,6 +32,25 @@ def image_files(folder: Path, what: str) -> List[Path]:
     return files
 
 
+def read_or_report(path: Path, read) -> Optional[torch.Tensor]:
+    """``read(path)``, or None with the file named on stderr when it cannot be decoded.
+
+    A corrupt file met mid-run (in a DataLoader worker) must not end a long
+    training run; ``src.loaders.collate_skipping_bad`` drops the None.
+    """
+    try:
+        return read(path)
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+        print(f"warning: skipping unreadable image {path} ({str(err).splitlines()[0][:120]})",
+              file=sys.stderr, flush=True)
+        return None
+
+
+def _prepared_tensor(path: Path) -> torch.Tensor:
+    with Image.open(path) as img:
+        return pil_to_tensor(img.convert("RGB")).float().div_(255.0)
+
+
 class PreparedCrops(Dataset):
     """Fixed-size PNG crops written by ``scripts.coco_prepare``, as float tensors in [0, 1]."""
 
@@ -40,9 +60,8 @@ class PreparedCrops(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        with Image.open(self.files[index]) as img:
-            return pil_to_tensor(img.convert("RGB")).float().div_(255.0)
+    def __getitem__(self, index: int) -> Optional[torch.Tensor]:
+        return read_or_report(self.files[index], _prepared_tensor)
 
 
 class RawCocoCrops(Dataset):
@@ -55,8 +74,11 @@ class RawCocoCrops(Dataset):
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> torch.Tensor:
-        img = load_rgb(self.files[index])
+    def __getitem__(self, index: int) -> Optional[torch.Tensor]:
+        return read_or_report(self.files[index], self._crop)
+
+    def _crop(self, path: Path) -> torch.Tensor:
+        img = load_rgb(path)
         if min(img.size) < self.crop_size:
             img = upscale_to_fit(img, self.crop_size)
         width, height = img.size
@@ -84,5 +106,8 @@ def build_datasets(coco_dir: Path, use_prepared: bool, crop_size: int) -> Tuple[
 
 
 def crop_side(dataset: Dataset) -> int:
-    """Side of the (square) crops a dataset yields, read from its first item."""
-    return int(min(dataset[0].shape[-2:]))
+    """Side of the (square) crops a dataset yields, read from its first readable item."""
+    first = next((item for item in (dataset[i] for i in range(len(dataset))) if item is not None), None)
+    if first is None:
+        raise UserError("no image of the dataset could be decoded")
+    return int(min(first.shape[-2:]))

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import signal
 import time
 from collections import defaultdict
 from dataclasses import dataclass
@@ -21,12 +22,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch, unwrap
 from src.cli import UserError, str2bool
 from src.data import build_datasets, crop_side
+from src.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from src.loaders import EpochLoader, val_loader
 from src.losses import RecipeLoss, msssim_per_image, psnr_per_image, bpp_from_likelihoods
 from src.model_factory import BASE_MODELS, download_pretrained_state, make_arch, model_from_base_weights
 from src.overflow import OverflowMonitor
@@ -35,6 +39,7 @@ from src.recon import comparison_grid, write_pngs
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES, parameter_table, set_trainable_parts
 from src.run_logger import RunLogger
 from src.schedule import SCHEDULES, LRSchedule, build_schedule
+from src.stop_signals import Interrupted, StopRequest
 
 AUX_LR = 1e-3  # CompressAI's example trainer uses 1e-3 for the quantiles.
 
@@ -97,6 +102,8 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--local_fp32_custom", default="", help="comma-separated class-name parts (--local_fp32 custom)")
     g.add_argument("--overflow_check", type=str2bool, default=False)
     g.add_argument("--overflow_tol", type=float, default=1e8)
+    g.add_argument("--max_bad_steps", type=int, default=20,
+                   help="without --overflow_check: stop after this many non-finite steps in a row (each is skipped)")
     g.add_argument("--amp_warmup_steps", action=_RemovedFlag,
                    help="use --lr_warmup_steps (LR warmup), --amp_dtype bf16 (no loss scale to warm up) "
                         "or --local_fp32 (keep fragile modules in FP32)")
@@ -117,7 +124,7 @@ def validate_args(args: argparse.Namespace) -> None:
     if args.sched == "onecycle" and args.lr_warmup_steps > 0:
         raise UserError("--lr_warmup_steps cannot be combined with --sched onecycle "
                         "(OneCycleLR warms up by itself: use --onecycle_pct_start)")
-    for flag in ("epochs", "batch_size", "recon_every", "log_every"):
+    for flag in ("epochs", "batch_size", "recon_every", "log_every", "max_bad_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1")
     for flag in ("num_workers", "max_steps_per_epoch", "recon_count", "lr_warmup_steps"):
@@ -183,82 +190,140 @@ def build_optimizer(args: argparse.Namespace, params: Sequence[nn.Parameter]) ->
     return cls(params, lr=args.lr, weight_decay=args.weight_decay)
 
 
-def make_loaders(args: argparse.Namespace, train_ds: Dataset, val_ds: Dataset, device: torch.device,
-                 generator: torch.Generator) -> Tuple[DataLoader, DataLoader]:
-    on_cuda = device.type == "cuda"
-    common = dict(num_workers=args.num_workers, pin_memory=on_cuda,
-                  persistent_workers=on_cuda and args.num_workers > 0)
-    train = DataLoader(train_ds, batch_size=args.batch_size, shuffle=True, drop_last=len(train_ds) > args.batch_size,
-                       generator=generator, **common)
-    val = DataLoader(val_ds, batch_size=args.batch_size, shuffle=False, **common)
-    return train, val
-
-
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs
     step: int = 0  # optimizer steps taken
+    epoch_step: int = 0  # batches done in the current, unfinished epoch (a mid-epoch stop)
     best_msssim: float = -math.inf
+    nonfinite_in_a_row: int = 0
+    nonfinite_total: int = 0
+
+
+@dataclass
+class Trainer:
+    """What one training step needs, built once by ``run_training``."""
+
+    model: nn.Module
+    criterion: RecipeLoss
+    optimizer: torch.optim.Optimizer
+    aux_optimizer: Optional[torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    schedule: LRSchedule
+    autocast: Callable
+    device: torch.device
+    dist: DistInfo
+    monitor: Optional[OverflowMonitor]
+    logger: RunLogger
+    stop: StopRequest
 
 
 # ---------------------------------------------------------------- the loop
 
-def train_one_epoch(model: nn.Module, criterion: RecipeLoss, loader: DataLoader, optimizer: torch.optim.Optimizer,
-                    aux_optimizer: Optional[torch.optim.Optimizer], scaler: torch.amp.GradScaler,
-                    schedule: LRSchedule, autocast: Callable, args: argparse.Namespace, state: TrainState,
-                    device: torch.device, monitor: Optional[OverflowMonitor], logger: RunLogger) -> Dict[str, float]:
-    """One pass over the training data; returns the epoch's mean loss parts.
+def agree_to_skip_or_stop(tr: Trainer, bad: torch.Tensor) -> Tuple[bool, bool]:
+    """(skip this step, stop after it), agreed by all ranks in one collective.
 
-    Loss parts are summed on the device and read back only every
-    ``--log_every`` steps, so the step itself never waits on the host.
+    ``bad`` is 1 when this rank's batch was empty or its loss non-finite. This
+    is the loop's one per-step host sync: a step with a NaN loss must not reach
+    the optimizer, and under DDP every rank has to make the same choice.
     """
-    model.train()
-    params = [p for group in optimizer.param_groups for p in group["params"]]
-    steps = len(loader) if args.max_steps_per_epoch == 0 else min(len(loader), args.max_steps_per_epoch)
-    epoch_sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    window_sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    window = 0
-    bar = tqdm(loader, total=steps, desc=f"train {state.epoch + 1}/{args.epochs}", leave=False, dynamic_ncols=True)
-    for index, x in enumerate(bar):
-        if index >= steps:
-            break
-        x = x.to(device, non_blocking=True)
-        if monitor is not None:
-            monitor.reset()
-        with autocast():
-            output = model(x)
-        parts = criterion(output, x)
-        if monitor is not None:
-            check_overflow(monitor, parts["total"], state.step, args)
+    flags = torch.stack([bad.float(), torch.tensor(float(tr.stop.requested), device=tr.device)])
+    flags = all_reduce_sum(flags, tr.dist).cpu()
+    return bool(flags[0] > 0), bool(flags[1] > 0)
 
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(parts["total"]).backward()
-        if args.max_grad_norm > 0:
-            scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
-        scaler.step(optimizer)
-        scaler.update()
-        if aux_optimizer is not None:
-            aux_optimizer.zero_grad(set_to_none=True)
-            unwrap(model).aux_loss().backward()
-            aux_optimizer.step()
-        schedule.after_step(state.step)
+
+def train_step(tr: Trainer, x: torch.Tensor, args: argparse.Namespace, state: TrainState):
+    """Forward under autocast and the loss in FP32: (model output, loss parts)."""
+    if tr.monitor is not None:
+        tr.monitor.reset()
+    with tr.autocast():
+        output = tr.model(x)
+    parts = tr.criterion(output, x)
+    if tr.monitor is not None:
+        check_overflow(tr.monitor, parts["total"], state.step, args)
+    return output, parts
+
+
+def apply_update(tr: Trainer, parts: Dict[str, torch.Tensor], args: argparse.Namespace) -> None:
+    """Backward, unscale + clip, optimizer step, then the aux (quantiles) step."""
+    params = [p for group in tr.optimizer.param_groups for p in group["params"]]
+    tr.optimizer.zero_grad(set_to_none=True)
+    tr.scaler.scale(parts["total"]).backward()
+    if args.max_grad_norm > 0:
+        tr.scaler.unscale_(tr.optimizer)
+        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    tr.scaler.step(tr.optimizer)
+    tr.scaler.update()
+    if tr.aux_optimizer is not None:
+        tr.aux_optimizer.zero_grad(set_to_none=True)
+        unwrap(tr.model).aux_loss().backward()
+        tr.aux_optimizer.step()
+
+
+def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace) -> None:
+    if not skipped:
+        state.nonfinite_in_a_row = 0
+        return
+    state.nonfinite_in_a_row += 1
+    state.nonfinite_total += 1
+    print(f"warning: step {state.step}: non-finite loss or empty batch, step skipped "
+          f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)", flush=True)
+    if state.nonfinite_in_a_row >= args.max_bad_steps:
+        raise TrainingStopped(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step}; "
+                              "rerun with --overflow_check true to find the module, or lower --lr; "
+                              f"last good checkpoint: {Path(args.save_dir) / 'last.pt'}")
+
+
+def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.Namespace,
+                    state: TrainState) -> Dict[str, float]:
+    """The rest of the current epoch; returns the mean loss parts over the steps run now.
+
+    Loss parts are summed on the device and read back every ``--log_every``
+    steps; the only per-step sync is the skip/stop agreement.
+    """
+    tr.model.train()
+    epoch_sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=tr.device))
+    window_sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=tr.device))
+    window = done = 0
+    bar = tqdm(total=steps, initial=state.epoch_step, desc=f"train {state.epoch + 1}/{args.epochs}", leave=False,
+               dynamic_ncols=True, disable=not tr.dist.is_main)
+    batches = iter(loader)
+    while state.epoch_step < steps:
+        x = next(batches, None)
+        output = parts = None
+        if x is not None:
+            x = x.to(tr.device, non_blocking=True)
+            output, parts = train_step(tr, x, args, state)
+        bad = torch.ones((), device=tr.device) if parts is None else ~torch.isfinite(parts["total"])
+        skip, stop = agree_to_skip_or_stop(tr, bad)
+        count_nonfinite(state, skip, args)
+        if not skip:
+            apply_update(tr, parts, args)
+            values = {k: v.detach() for k, v in parts.items()}
+            values["psnr"] = psnr_per_image(output["x_hat"].detach(), x).mean()
+            for key, value in values.items():
+                epoch_sums[key] += value
+                window_sums[key] += value
+            window += 1
+            done += 1
+        tr.schedule.after_step(state.step)
         state.step += 1
-
-        parts = {k: v.detach() for k, v in parts.items()}
-        parts["psnr"] = psnr_per_image(output["x_hat"].detach(), x).mean()
-        for key, value in parts.items():
-            epoch_sums[key] += value
-            window_sums[key] += value
-        window += 1
-        if window == args.log_every or index == steps - 1:
+        state.epoch_step += 1
+        bar.update(1)
+        if window and (window == args.log_every or state.epoch_step == steps or stop):
             means = {k: v.item() / window for k, v in window_sums.items()}
             bar.set_postfix(loss=f"{means['total']:.4f}", psnr=f"{means['psnr']:.2f}")
-            logger.log(train_log_entry(means, args.lambda_bpp, optimizer), step=state.step)
+            tr.logger.log(train_log_entry(means, args.lambda_bpp, tr.optimizer), step=state.step)
             window_sums.clear()
             window = 0
+        if stop:
+            break
     bar.close()
-    return {k: v.item() / max(1, steps) for k, v in epoch_sums.items()}
+    counts = torch.tensor(float(done), device=tr.device)
+    keys = sorted(epoch_sums)
+    totals = torch.stack([epoch_sums[k] for k in keys] + [counts]) if keys else counts.reshape(1)
+    totals = all_reduce_sum(totals, tr.dist).cpu()
+    return {k: totals[i].item() / max(1.0, totals[-1].item()) for i, k in enumerate(keys)}
 
 
 def check_overflow(monitor: OverflowMonitor, loss: torch.Tensor, step: int, args: argparse.Namespace) -> None:
@@ -281,43 +346,49 @@ def train_log_entry(means: Dict[str, float], lambda_bpp: float, optimizer: torch
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, criterion: RecipeLoss, loader: DataLoader, autocast: Callable,
-             device: torch.device) -> Dict[str, float]:
-    """Mean per-image PSNR / MS-SSIM, estimated bpp and loss over the val set."""
-    model.eval()
-    totals: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=device))
-    count = 0
-    for x in tqdm(loader, desc="val", leave=False, dynamic_ncols=True):
-        x = x.to(device, non_blocking=True)
-        with autocast():
-            output = model(x)
+def evaluate(tr: Trainer, loader: DataLoader) -> Dict[str, float]:
+    """Mean per-image PSNR / MS-SSIM, estimated bpp and loss over the val set (all ranks' shards)."""
+    tr.model.eval()
+    keys = ("loss", "psnr", "ms_ssim", "bpp", "count")
+    totals = torch.zeros(len(keys), device=tr.device)
+    for x in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not tr.dist.is_main):
+        if x is None:
+            continue
+        x = x.to(tr.device, non_blocking=True)
+        with tr.autocast():
+            output = tr.model(x)
         n, _, h, w = x.shape
-        totals["loss"] += criterion(output, x)["total"] * n
-        totals["psnr"] += psnr_per_image(output["x_hat"], x).sum()
-        totals["ms_ssim"] += msssim_per_image(output["x_hat"], x).sum()
-        totals["bpp"] += bpp_from_likelihoods(output["likelihoods"], h * w)
-        count += n
-    return {k: v.item() / count for k, v in totals.items()}
+        totals += torch.stack([
+            tr.criterion(output, x)["total"] * n,
+            psnr_per_image(output["x_hat"], x).sum(),
+            msssim_per_image(output["x_hat"], x).sum(),
+            bpp_from_likelihoods(output["likelihoods"], h * w),
+            torch.tensor(float(n), device=tr.device),
+        ])
+    totals = all_reduce_sum(totals, tr.dist).cpu()
+    if totals[-1] == 0:
+        raise UserError("no val image could be decoded")
+    return {k: (totals[i] / totals[-1]).item() for i, k in enumerate(keys[:-1])}
 
 
 @torch.no_grad()
-def dump_recon(model: nn.Module, val_ds: Dataset, args: argparse.Namespace, tag: str, autocast: Callable,
-               device: torch.device, logger: RunLogger, step: int) -> None:
-    """Write the first ``--recon_count`` val crops and their reconstructions."""
-    count = min(args.recon_count, len(val_ds))
-    if count == 0:
+def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str, step: int) -> None:
+    """Write the first ``--recon_count`` val crops and their reconstructions (rank 0)."""
+    items = [val_ds[i] for i in range(min(args.recon_count, len(val_ds)))]
+    items = [item for item in items if item is not None]
+    if not items:
         return
-    model.eval()
-    originals = torch.stack([val_ds[i] for i in range(count)])
+    model = unwrap(tr.model).eval()
+    originals = torch.stack(items)
     recons = []
-    for start in range(0, count, args.batch_size):
-        with autocast():
-            recons.append(model(originals[start:start + args.batch_size].to(device))["x_hat"].float())
+    for start in range(0, len(originals), args.batch_size):
+        with tr.autocast():
+            recons.append(model(originals[start:start + args.batch_size].to(tr.device))["x_hat"].float())
     recons = torch.cat(recons).clamp(0, 1).cpu()
     recon_dir = Path(args.recon_dir)
     write_pngs(originals, recon_dir / "origin", overwrite=False)
     write_pngs(recons, recon_dir / tag)
-    logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
+    tr.logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
 
 
 def rng_state() -> Dict[str, Any]:
@@ -341,127 +412,192 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss))
 
 
-def checkpoint_payload(model: nn.Module, arch: Dict[str, Any], optimizer, aux_optimizer, schedule: LRSchedule,
-                       scaler, state: TrainState, args: argparse.Namespace) -> Dict[str, Any]:
+def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState,
+                       args: argparse.Namespace) -> Dict[str, Any]:
     """Everything needed to rebuild (eval/export) or continue (resume) the run.
 
-    ``update(force=True)`` refreshes the entropy coder's CDF tables first, so
-    the saved model can write a real bitstream (and CompressAI's own
-    ``eval_model checkpoint`` can read a GDN-control checkpoint).
+    The entropy coder's CDF tables must be fresh (``refresh_entropy_tables``)
+    so the saved model can write a real bitstream and CompressAI's own
+    ``eval_model checkpoint`` can read a GDN-control checkpoint.
     """
-    bare = unwrap(model)
-    bare.update(force=True)
     return {
-        "state_dict": bare.state_dict(), "arch": arch,
-        "optimizer": optimizer.state_dict(),
-        "aux_optimizer": aux_optimizer.state_dict() if aux_optimizer else None,
-        "scheduler": schedule.state_dict(), "scaler": scaler.state_dict(),
-        "epoch": state.epoch, "step": state.step, "best_msssim": state.best_msssim,
-        "args": vars(args), "rng": rng_state(),
+        "state_dict": unwrap(tr.model).state_dict(), "arch": arch,
+        "optimizer": tr.optimizer.state_dict(),
+        "aux_optimizer": tr.aux_optimizer.state_dict() if tr.aux_optimizer else None,
+        "scheduler": tr.schedule.state_dict(), "scaler": tr.scaler.state_dict(),
+        "epoch": state.epoch, "step": state.step, "epoch_step": state.epoch_step,
+        "best_msssim": state.best_msssim, "args": vars(args), "rng": rng_state(),
     }
 
 
-def restore_training_state(ckpt: Dict[str, Any], optimizer, aux_optimizer, schedule: LRSchedule, scaler,
-                           state: TrainState) -> None:
-    optimizer.load_state_dict(ckpt["optimizer"])
-    if aux_optimizer is not None and ckpt.get("aux_optimizer"):
-        aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
-    schedule.load_state_dict(ckpt["scheduler"])
-    scaler.load_state_dict(ckpt["scaler"])
+def refresh_entropy_tables(model: nn.Module) -> None:
+    """``update(force=True)`` on every rank, so DDP's broadcast buffers keep one shape."""
+    unwrap(model).update(force=True)
+
+
+def restore_training_state(ckpt: Dict[str, Any], tr: Trainer, state: TrainState) -> None:
+    tr.optimizer.load_state_dict(ckpt["optimizer"])
+    if tr.aux_optimizer is not None and ckpt.get("aux_optimizer"):
+        tr.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
+    tr.schedule.load_state_dict(ckpt["scheduler"])
+    tr.scaler.load_state_dict(ckpt["scaler"])
     state.epoch, state.step, state.best_msssim = ckpt["epoch"], ckpt["step"], ckpt["best_msssim"]
+    state.epoch_step = ckpt.get("epoch_step", 0)
     restore_rng_state(ckpt["rng"])
 
 
 def epoch_line(epoch: int, args: argparse.Namespace, train: Dict[str, float], val: Dict[str, float],
                img_per_s: float) -> str:
+    if not train:
+        train = defaultdict(lambda: float("nan"))
     return (f"epoch {epoch}/{args.epochs} | RD {train['total']:.4f} | L1 {train['l1']:.4f} | "
             f"1-MSSSIM {train['1-msssim']:.4f} | BPP {train['bpp']:.4f} | λ {args.lambda_bpp:g} | "
             f"MSSSIM {train['msssim']:.4f} | PSNR {train['psnr']:.2f} dB || val MSSSIM {val['ms_ssim']:.4f} | "
             f"val PSNR {val['psnr']:.2f} dB | val BPP {val['bpp']:.4f} | {img_per_s:.1f} img/s")
 
 
+def weights_checksum(model: nn.Module) -> float:
+    """A float fingerprint of the weights (to show that all ranks hold the same model)."""
+    with torch.no_grad():
+        return float(sum(p.double().sum() * (i + 1) for i, p in enumerate(unwrap(model).parameters())))
+
+
+def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optional[Dict[str, Any]],
+                  device: torch.device, dist: DistInfo, say: Callable[[str], None]) -> nn.Module:
+    """Build, load, freeze, set FP32 islands, move to the device and wrap in DDP."""
+    model = create_model(args, arch, resume)
+    try:
+        set_trainable_parts(model, args.train_scope, arch["replace_parts"])
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    say(f"architecture: {arch}")
+    say(f"replaced: {', '.join(getattr(model, 'replaced_gdn', ())) or 'nothing (GDN control)'}")
+    say(parameter_table(model))
+    custom = [s.strip() for s in args.local_fp32_custom.split(",") if s.strip()]
+    say(f"local FP32 ({args.local_fp32}): {', '.join(apply_local_fp32(model, args.local_fp32, custom)) or 'none'}")
+    model.to(device)
+    if dist.enabled:
+        # The quantiles learn from the aux loss alone (same on every rank), so DDP ignores them.
+        quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantiles)
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model
+
+
+def save_epoch_checkpoints(tr: Trainer, arch: Dict[str, Any], state: TrainState, args: argparse.Namespace,
+                           improved: bool, say: Callable[[str], None]) -> None:
+    refresh_entropy_tables(tr.model)
+    if tr.dist.is_main:
+        save_dir = Path(args.save_dir)
+        payload = checkpoint_payload(tr, arch, state, args)
+        save_checkpoint(payload, save_dir / "last.pt")
+        if improved:
+            save_checkpoint(payload, save_dir / "best_msssim.pt")
+            say(f"new best val MS-SSIM {state.best_msssim:.4f} -> {save_dir / 'best_msssim.pt'}")
+    barrier(tr.dist)
+
+
 def run_training(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[str, Any]] = None,
                  dec_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Train as the flags say; returns a summary (best and last val metrics, img/s)."""
+    """Train as the flags say; returns a summary (per-epoch metrics, best val MS-SSIM, the model)."""
     validate_args(args)
-    seed_everything(args.seed)
     device = resolve_device(args.device)
+    dist = init_distributed(device.type)
+    try:
+        return _train(args, replace, enc_kwargs, dec_kwargs, device, dist)
+    finally:
+        shutdown(dist)
+
+
+def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: DistInfo) -> Dict[str, Any]:
+    if dist.enabled and device.type == "cuda":
+        device = torch.device("cuda", dist.local_rank)
+    say = print if dist.is_main else (lambda *a, **k: None)
+    seed_everything(args.seed)
     train_ds, val_ds = build_datasets(Path(args.coco_dir), args.use_prepared, args.crop_size)
     try:
         arch = make_arch(args.model, args.quality, args.metric, replace, args.replace_parts, enc_kwargs, dec_kwargs)
     except ValueError as err:
         raise UserError(str(err)) from None
     resume = read_checkpoint(Path(args.resume)) if args.resume else None
-    model = create_model(args, arch, resume)
+    model = prepare_model(args, arch, resume, device, dist, say)
     side = crop_side(train_ds)
-    stride = int(getattr(model, "downsampling_factor", 16))
+    stride = int(getattr(unwrap(model), "downsampling_factor", 16))
     if side % stride:
         raise UserError(f"crops are {side}px, not a multiple of {arch['base_model']}'s stride {stride}")
 
-    try:
-        set_trainable_parts(model, args.train_scope, arch["replace_parts"])
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    print(f"architecture: {arch}")
-    print(f"replaced: {', '.join(getattr(model, 'replaced_gdn', ())) or 'nothing (GDN control)'}")
-    print(parameter_table(model))
-    custom = [s.strip() for s in args.local_fp32_custom.split(",") if s.strip()]
-    fp32_names = apply_local_fp32(model, args.local_fp32, custom)
-    print(f"local FP32 ({args.local_fp32}): {', '.join(fp32_names) or 'none'}")
-    model.to(device)
-
     net_params, aux_params = split_aux_parameters(model)
     optimizer = build_optimizer(args, net_params)
-    aux_optimizer = torch.optim.Adam(aux_params, lr=AUX_LR) if aux_params else None
-    generator = torch.Generator()
-    train_loader, val_loader = make_loaders(args, train_ds, val_ds, device, generator)
-    steps_per_epoch = len(train_loader) if not args.max_steps_per_epoch else min(len(train_loader),
-                                                                                 args.max_steps_per_epoch)
-    schedule = build_schedule(optimizer, args.sched, args.epochs, steps_per_epoch, args.lr,
-                              args.lr_warmup_steps, args.onecycle_pct_start)
-    scaler = make_grad_scaler(device.type, args.amp, args.amp_dtype)
-    autocast = autocast_context(device.type, args.amp, args.amp_dtype)
-    criterion = RecipeLoss(args.alpha_l1, args.loss_type, args.lambda_bpp)
+    on_cuda = device.type == "cuda"
+    train_loader = EpochLoader(train_ds, args.batch_size, args.num_workers, args.seed, dist, on_cuda, on_cuda)
+    steps = len(train_loader) if not args.max_steps_per_epoch else min(len(train_loader), args.max_steps_per_epoch)
+    if steps == 0:
+        raise UserError(f"{len(train_ds)} train crops over {dist.world_size} process(es) make no batch of "
+                        f"{args.batch_size}")
+    tr = Trainer(
+        model=model, criterion=RecipeLoss(args.alpha_l1, args.loss_type, args.lambda_bpp), optimizer=optimizer,
+        aux_optimizer=torch.optim.Adam(aux_params, lr=AUX_LR) if aux_params else None,
+        scaler=make_grad_scaler(device.type, args.amp, args.amp_dtype),
+        schedule=build_schedule(optimizer, args.sched, args.epochs, steps, args.lr, args.lr_warmup_steps,
+                                args.onecycle_pct_start),
+        autocast=autocast_context(device.type, args.amp, args.amp_dtype), device=device, dist=dist,
+        monitor=OverflowMonitor(model, args.overflow_tol) if args.overflow_check else None,
+        logger=RunLogger(args.wandb and dist.is_main, vars(args), args.save_dir), stop=StopRequest(),
+    )
     state = TrainState()
     if resume is not None:
-        restore_training_state(resume, optimizer, aux_optimizer, schedule, scaler, state)
-        print(f"resumed from {args.resume}: {state.epoch} epochs, {state.step} steps done")
+        restore_training_state(resume, tr, state)
+        say(f"resumed from {args.resume}: {state.epoch} epochs + {state.epoch_step} steps done, {state.step} in all")
     if state.epoch >= args.epochs:
         raise UserError(f"nothing to do: {state.epoch} epochs already done; raise --epochs above that")
-
-    monitor = OverflowMonitor(model, args.overflow_tol) if args.overflow_check else None
-    logger = RunLogger(args.wandb, vars(args), args.save_dir)
-    print(f"training on {device} | {len(train_ds)} train / {len(val_ds)} val crops of {side}px | "
-          f"amp={args.amp} ({args.amp_dtype}) | {steps_per_epoch} steps/epoch")
-    save_dir = Path(args.save_dir)
+    val_batches = val_loader(val_ds, args.batch_size, args.num_workers, dist, on_cuda)
+    say(f"training on {device} x{dist.world_size} | {len(train_ds)} train / {len(val_ds)} val crops of {side}px | "
+        f"amp={args.amp} ({args.amp_dtype}) | {steps} steps/epoch | effective batch "
+        f"{args.batch_size * dist.world_size}")
     summary: Dict[str, Any] = {"epochs": []}
-    try:
-        for epoch in range(state.epoch, args.epochs):
-            generator.manual_seed(args.seed * 1_000_003 + epoch)  # the data order depends on the epoch only
-            start = time.perf_counter()
-            train = train_one_epoch(model, criterion, train_loader, optimizer, aux_optimizer, scaler, schedule,
-                                    autocast, args, state, device, monitor, logger)
-            img_per_s = steps_per_epoch * args.batch_size / (time.perf_counter() - start)
-            val = evaluate(model, criterion, val_loader, autocast, device)
-            schedule.after_epoch(val["loss"])
-            state.epoch = epoch + 1
-            print(epoch_line(state.epoch, args, train, val, img_per_s))
-            logger.log({"val/ms_ssim": val["ms_ssim"], "val/psnr": val["psnr"], "val/bpp": val["bpp"],
-                        "val/loss": val["loss"], "epoch": state.epoch, "train/img_per_s": img_per_s},
-                       step=state.step)
-            improved = val["ms_ssim"] > state.best_msssim
-            state.best_msssim = max(state.best_msssim, val["ms_ssim"])
-            payload = checkpoint_payload(model, arch, optimizer, aux_optimizer, schedule, scaler, state, args)
-            save_checkpoint(payload, save_dir / "last.pt")
-            if improved:
-                save_checkpoint(payload, save_dir / "best_msssim.pt")
-                print(f"new best val MS-SSIM {val['ms_ssim']:.4f} -> {save_dir / 'best_msssim.pt'}")
-            if state.epoch % args.recon_every == 0 or state.epoch == args.epochs:
-                dump_recon(model, val_ds, args, f"epoch_{state.epoch:03d}", autocast, device, logger, state.step)
-            summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
-    finally:
-        if monitor is not None:
-            monitor.remove()
-        logger.finish()
-    summary.update(best_msssim=state.best_msssim, steps=state.step, arch=arch)
+    with tr.stop:
+        try:
+            for epoch in range(state.epoch, args.epochs):
+                start, first_step = time.perf_counter(), state.epoch_step
+                loader = train_loader.epoch(epoch, skip_batches=state.epoch_step)
+                train = train_one_epoch(tr, loader, steps, args, state)
+                img_per_s = (state.epoch_step - first_step) * args.batch_size * dist.world_size / (
+                    time.perf_counter() - start)
+                if state.epoch_step < steps:  # stopped by a signal mid-epoch
+                    save_epoch_checkpoints(tr, arch, state, args, improved=False, say=say)
+                    raise Interrupted(stop_message(tr.stop.signum or signal.SIGTERM, state, args), tr.stop.signum
+                                      or signal.SIGTERM)
+                val = evaluate(tr, val_batches)
+                tr.schedule.after_epoch(val["loss"])
+                state.epoch, state.epoch_step = epoch + 1, 0
+                say(epoch_line(state.epoch, args, train, val, img_per_s))
+                tr.logger.log({"val/ms_ssim": val["ms_ssim"], "val/psnr": val["psnr"], "val/bpp": val["bpp"],
+                               "val/loss": val["loss"], "epoch": state.epoch, "train/img_per_s": img_per_s},
+                              step=state.step)
+                improved = val["ms_ssim"] > state.best_msssim
+                state.best_msssim = max(state.best_msssim, val["ms_ssim"])
+                save_epoch_checkpoints(tr, arch, state, args, improved, say)
+                if dist.is_main and (state.epoch % args.recon_every == 0 or state.epoch == args.epochs):
+                    dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.step)
+                summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
+                if tr.stop.requested:
+                    raise Interrupted(stop_message(tr.stop.signum, state, args), tr.stop.signum)
+        finally:
+            if tr.monitor is not None:
+                tr.monitor.remove()
+            tr.logger.finish()
+    checksum = weights_checksum(model)
+    sums = all_reduce_sum(torch.tensor([checksum], dtype=torch.float64, device=device), dist).item()
+    say(f"done: {state.step} steps; weights checksum {checksum:.6e}"
+        + (f" (same on all {dist.world_size} ranks)" if dist.enabled and
+           math.isclose(sums, checksum * dist.world_size, rel_tol=1e-12) else ""))
+    summary.update(best_msssim=state.best_msssim, steps=state.step, arch=arch, model=unwrap(model),
+                   checksum=checksum, nonfinite_steps=state.nonfinite_total)
     return summary
+
+
+def stop_message(signum: int, state: TrainState, args: argparse.Namespace) -> str:
+    name = signal.Signals(signum).name
+    return (f"stopped by {name} after step {state.step} (epoch {state.epoch + 1}, step {state.epoch_step} of it); "
+            f"saved {Path(args.save_dir) / 'last.pt'}. Resume with the same flags plus "
+            f"--resume {Path(args.save_dir) / 'last.pt'}")

@@ -1,0 +1,79 @@
+"""DataLoaders whose order depends on (seed, epoch) only, can resume mid-epoch, and survive bad files.
+
+- Train order: ``RandomSampler`` with a generator re-seeded every epoch, or
+  ``DistributedSampler.set_epoch`` under torchrun. Either way epoch e sees the
+  same order in a straight run and in a resumed one.
+- ``ResumableBatchSampler`` skips the batches an interrupted epoch already
+  trained, without loading them.
+- A file that fails to decode in a worker is reported by name and dropped
+  from its batch (``collate_skipping_bad``); the run goes on.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Iterator, List, Optional
+
+import torch
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
+from torch.utils.data import default_collate
+
+from src.distributed import DistInfo
+
+
+class ResumableBatchSampler(BatchSampler):
+    """A BatchSampler whose next epoch can start ``skip`` batches in."""
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool):
+        super().__init__(sampler, batch_size, drop_last)
+        self.skip = 0
+
+    def __iter__(self) -> Iterator[List[int]]:
+        skip, self.skip = self.skip, 0
+        return itertools.islice(super().__iter__(), skip, None)
+
+
+def collate_skipping_bad(batch: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
+    """Stack the good samples; None (a file that failed to decode) is dropped."""
+    good = [item for item in batch if item is not None]
+    return default_collate(good) if good else None
+
+
+class EpochLoader:
+    """The training DataLoader plus what it needs to start each epoch in the right place."""
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int, dist: DistInfo,
+                 pin_memory: bool, persistent_workers: bool):
+        self.seed = seed
+        if dist.enabled:
+            self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
+                                              seed=seed, drop_last=True)
+            self.generator = None
+        else:
+            self.generator = torch.Generator()
+            self.sampler = RandomSampler(dataset, generator=self.generator)
+        per_rank = len(dataset) // dist.world_size
+        self.batch_sampler = ResumableBatchSampler(self.sampler, batch_size, drop_last=per_rank > batch_size)
+        self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=num_workers,
+                                 collate_fn=collate_skipping_bad, pin_memory=pin_memory,
+                                 persistent_workers=persistent_workers and num_workers > 0,
+                                 generator=self.generator)
+
+    def __len__(self) -> int:
+        return len(self.batch_sampler)
+
+    def epoch(self, epoch: int, skip_batches: int = 0) -> DataLoader:
+        """The loader, positioned at the start of ``epoch`` (plus ``skip_batches``)."""
+        if self.generator is not None:
+            self.generator.manual_seed(self.seed * 1_000_003 + epoch)
+        else:
+            self.sampler.set_epoch(epoch)
+        self.batch_sampler.skip = skip_batches
+        return self.loader
+
+
+def val_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo, pin_memory: bool) -> DataLoader:
+    """Val images split rank::world_size (no padding duplicates, so reduced means are exact)."""
+    shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
+    return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                      collate_fn=collate_skipping_bad, pin_memory=pin_memory)
