@@ -34,7 +34,8 @@ from src.loaders import EpochLoader, val_loader
 from src.losses import RecipeLoss, msssim_per_image, psnr_per_image, bpp_from_likelihoods
 from src.model_factory import BASE_MODELS, download_pretrained_state, make_arch, model_from_base_weights
 from src.overflow import OverflowMonitor
-from src.precision import AMP_DTYPES, LOCAL_FP32_POLICIES, apply_local_fp32, autocast_context, make_grad_scaler
+from src.precision import (AMP_DTYPES, LOCAL_FP32_POLICIES, apply_local_fp32, autocast_context, check_amp_support,
+                           make_grad_scaler)
 from src.recon import comparison_grid, write_pngs
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES, parameter_table, set_trainable_parts
 from src.run_logger import RunLogger
@@ -512,6 +513,10 @@ def run_training(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Di
 def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: DistInfo) -> Dict[str, Any]:
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
+    try:
+        check_amp_support(device, args.amp, args.amp_dtype)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed)
     train_ds, val_ds = build_datasets(Path(args.coco_dir), args.use_prepared, args.crop_size)
@@ -551,11 +556,11 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     if state.epoch >= args.epochs:
         raise UserError(f"nothing to do: {state.epoch} epochs already done; raise --epochs above that")
     val_batches = val_loader(val_ds, args.batch_size, args.num_workers, dist, on_cuda)
-    say(f"training on {device} x{dist.world_size} | {len(train_ds)} train / {len(val_ds)} val crops of {side}px | "
-        f"amp={args.amp} ({args.amp_dtype}) | {steps} steps/epoch | effective batch "
-        f"{args.batch_size * dist.world_size}")
     summary: Dict[str, Any] = {"epochs": []}
-    with tr.stop:
+    with tr.stop:  # from here on SIGINT/SIGTERM finish the step and save
+        say(f"training on {device} x{dist.world_size} | {len(train_ds)} train / {len(val_ds)} val crops of "
+            f"{side}px | amp={args.amp} ({args.amp_dtype}) | {steps} steps/epoch | effective batch "
+            f"{args.batch_size * dist.world_size}", flush=True)
         try:
             for epoch in range(state.epoch, args.epochs):
                 start, first_step = time.perf_counter(), state.epoch_step

@@ -31,6 +31,26 @@ def autocast_context(device_type: str, enabled: bool, dtype_name: str) -> Callab
     return functools.partial(torch.autocast, device_type=device_type, dtype=AMP_DTYPES[dtype_name])
 
 
+def check_amp_support(device: torch.device, enabled: bool, dtype_name: str) -> None:
+    """Run one tiny conv under the requested autocast; raise ValueError if this device/build cannot.
+
+    Some GPUs (pre-Ampere) have no bf16, and some torch builds no CPU fp16
+    autocast: better one clear line at start-up than a crash at step 1.
+    """
+    if not enabled:
+        return
+    try:
+        with torch.autocast(device_type=device.type, dtype=AMP_DTYPES[dtype_name]):
+            conv = nn.Conv2d(1, 1, 1).to(device)
+            conv(torch.ones(1, 1, 2, 2, device=device)).sum().item()
+        if device.type == "cuda" and dtype_name == "bf16" and not torch.cuda.is_bf16_supported():
+            raise RuntimeError("this GPU has no bf16 support")
+    except RuntimeError as err:
+        raise ValueError(f"--amp_dtype {dtype_name} does not work on {device.type} here "
+                         f"({str(err).splitlines()[0][:120]}); use --amp_dtype "
+                         f"{'fp16' if dtype_name == 'bf16' else 'bf16'} or --amp false") from None
+
+
 def make_grad_scaler(device_type: str, enabled: bool, dtype_name: str) -> torch.amp.GradScaler:
     """Loss scaling only for fp16; with bf16 or no AMP the scaler is a pass-through."""
     return torch.amp.GradScaler(device_type, enabled=enabled and dtype_name == "fp16")
