@@ -26,6 +26,10 @@ def get_npu_args_parser():
     g.add_argument("--dec_gmin", type=float, default=0.5, help="GDNishLiteDec minimum gain")
     g.add_argument("--dec_gmax", type=float, default=2.0, help="GDNishLiteDec maximum gain")
     g.add_argument("--dec_residual", type=str2bool, default=True)
+    g.add_argument("--init_from_gdn", type=str2bool, default=False,
+                   help="fit each block to the GDN/IGDN it replaces (block-wise regression) before fine-tuning")
+    g.add_argument("--gdn_fit_steps", type=int, default=300, help="regression steps per block")
+    g.add_argument("--gdn_fit_images", type=int, default=16, help="train crops whose activations are fitted")
     return parser
 
 

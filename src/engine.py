@@ -29,6 +29,7 @@ from tqdm import tqdm
 from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch, unwrap
 from src.cli import UserError, str2bool
 from src.data import build_datasets, crop_side
+from src.gdn_fit import fit_blocks_to_gdn
 from src.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
 from src.loaders import EpochLoader, val_loader
 from src.losses import RecipeLoss, msssim_per_image, psnr_per_image, bpp_from_likelihoods
@@ -463,10 +464,23 @@ def weights_checksum(model: nn.Module) -> float:
         return float(sum(p.double().sum() * (i + 1) for i, p in enumerate(unwrap(model).parameters())))
 
 
+def init_from_gdn(args: argparse.Namespace, arch: Dict[str, Any], model: nn.Module, train_ds: Dataset,
+                  say: Callable[[str], None]) -> None:
+    """``--init_from_gdn``: fit the new blocks to the GDN layers of the same starting weights."""
+    gdn = create_model(args, dict(arch, replace="none", replace_parts="none"), None)
+    count = min(args.gdn_fit_images, len(train_ds))
+    images = torch.stack([item for item in (train_ds[i] for i in range(count)) if item is not None])
+    say(f"init_from_gdn: fitting {len(model.replaced_gdn)} blocks on {len(images)} train crops, "
+        f"{args.gdn_fit_steps} steps each")
+    fit_blocks_to_gdn(gdn, model, images, steps=args.gdn_fit_steps, say=say)
+
+
 def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optional[Dict[str, Any]],
-                  device: torch.device, dist: DistInfo, say: Callable[[str], None]) -> nn.Module:
-    """Build, load, freeze, set FP32 islands, move to the device and wrap in DDP."""
+                  device: torch.device, dist: DistInfo, say: Callable[[str], None], train_ds: Dataset) -> nn.Module:
+    """Build, load, [fit to GDN], freeze, set FP32 islands, move to the device and wrap in DDP."""
     model = create_model(args, arch, resume)
+    if getattr(args, "init_from_gdn", False) and resume is None:
+        init_from_gdn(args, arch, model, train_ds, say)
     try:
         set_trainable_parts(model, args.train_scope, arch["replace_parts"])
     except ValueError as err:
@@ -525,7 +539,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     except ValueError as err:
         raise UserError(str(err)) from None
     resume = read_checkpoint(Path(args.resume)) if args.resume else None
-    model = prepare_model(args, arch, resume, device, dist, say)
+    model = prepare_model(args, arch, resume, device, dist, say, train_ds)
     side = crop_side(train_ds)
     stride = int(getattr(unwrap(model), "downsampling_factor", 16))
     if side % stride:

@@ -82,3 +82,26 @@ def test_exported_blocks_use_only_npu_ops(act):
         ops = {node.op_type for node in onnx.load_from_string(buffer.getvalue()).graph.node}
         assert ops.isdisjoint(NPU_FORBIDDEN_OPS), ops & set(NPU_FORBIDDEN_OPS)
         assert "Conv" in ops
+
+
+def test_blocks_fitted_to_a_nonlinear_gdn_imitate_it_better():
+    from src.gdn_fit import fit_blocks_to_gdn
+    from src.model_factory import build_model, make_arch
+    from src.replace_gdn import find_gdn_layers
+    from src.replace_gdn_npu import replace_gdn_with_npu
+
+    torch.manual_seed(0)
+    gdn = build_model(make_arch(quality=1, replace="none")).eval()
+    with torch.no_grad():
+        for _, layer in find_gdn_layers(gdn):  # make every GDN strongly divisive (far from the identity)
+            channels = layer.beta.shape[0]
+            layer.gamma.data = layer.gamma_reparam.init(torch.full((channels, channels), 0.5) + torch.eye(channels))
+            layer.beta.data = layer.beta_reparam.init(torch.full((channels,), 0.2))
+    npu = replace_gdn_with_npu(build_model(make_arch(quality=1, replace="none")), "all")
+    own = npu.state_dict()
+    npu.load_state_dict({k: v for k, v in gdn.state_dict().items() if k in own}, strict=False)
+    images = torch.rand(4, 3, 64, 64)
+    report = fit_blocks_to_gdn(gdn, npu, images, steps=150, lr=3e-3, say=lambda _: None)
+    assert len(report) == 6
+    assert all(after <= before for before, after in report.values())
+    assert sum(after < 0.8 * before for before, after in report.values()) >= 4, report
