@@ -20,9 +20,9 @@ import torch
 
 from scripts.export_onnx import center_crop_tensor, export_graph, part_input
 from src import onnx_int8 as int8
+from src.checkpoint import read_checkpoint, state_and_arch
 from src.data import image_files
 from src.model_factory import build_model, load_weights, make_arch
-from src.checkpoint import read_checkpoint, state_and_arch
 
 SIZES = ((224, 224), (512, 768))
 

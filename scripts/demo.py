@@ -24,21 +24,11 @@ from typing import List, Optional, Sequence
 from src.cli import UserError, run_cli
 from src.images import load_rgb
 from src.model_factory import download_pretrained_state, make_arch
+from src.sample_photos import skimage_photos
 
 VAL_PHOTOS = ("astronaut", "coffee")
 TRAIN_PHOTOS = ("chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "ihc", "retina", "camera",
                 "moon", "brick", "grass", "gravel", "coins", "page", "immunohistochemistry")
-
-
-def skimage_photos(names: Sequence[str]) -> List[Path]:
-    """Files of the named scikit-image sample photos that ship inside the package."""
-    import skimage.data
-
-    folder = Path(skimage.data.__file__).parent
-    found = []
-    for name in names:
-        found += sorted(p for p in folder.glob(f"{name}.*") if p.suffix in (".png", ".jpg"))
-    return found
 
 
 def lay_out_coco(root: Path) -> Path:

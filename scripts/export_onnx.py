@@ -28,11 +28,11 @@ from compressai.zoo.image import model_architectures
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 
+from src import onnx_int8 as int8
 from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli
 from src.data import image_files
 from src.images import center_crop_box, load_rgb, upscale_to_fit
-from src import onnx_int8 as int8
 from src.model_factory import build_model, load_weights, make_arch
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
 

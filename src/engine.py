@@ -29,14 +29,20 @@ from tqdm import tqdm
 from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch, unwrap
 from src.cli import UserError, str2bool
 from src.data import build_datasets, crop_side
-from src.gdn_fit import fit_blocks_to_gdn
 from src.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from src.gdn_fit import fit_blocks_to_gdn
 from src.loaders import EpochLoader, val_loader
-from src.losses import RecipeLoss, msssim_per_image, psnr_per_image, bpp_from_likelihoods
+from src.losses import RecipeLoss, bpp_from_likelihoods, msssim_per_image, psnr_per_image
 from src.model_factory import BASE_MODELS, download_pretrained_state, make_arch, model_from_base_weights
 from src.overflow import OverflowMonitor
-from src.precision import (AMP_DTYPES, LOCAL_FP32_POLICIES, apply_local_fp32, autocast_context, check_amp_support,
-                           make_grad_scaler)
+from src.precision import (
+    AMP_DTYPES,
+    LOCAL_FP32_POLICIES,
+    apply_local_fp32,
+    autocast_context,
+    check_amp_support,
+    make_grad_scaler,
+)
 from src.recon import comparison_grid, write_pngs
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES, parameter_table, set_trainable_parts
 from src.run_logger import RunLogger

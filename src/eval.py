@@ -32,7 +32,7 @@ from src.cli import UserError, run_cli, str2bool
 from src.data import image_files
 from src.images import load_rgb
 from src.losses import bpp_from_likelihoods, msssim_window
-from src.model_factory import load_weights, build_model, make_arch
+from src.model_factory import build_model, load_weights, make_arch
 
 METRIC_KEYS = ("psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s")
 PAD_MULTIPLE = 2 ** 6

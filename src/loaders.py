@@ -15,8 +15,15 @@ import itertools
 from typing import Iterator, List, Optional
 
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler, RandomSampler, Subset
-from torch.utils.data import default_collate
+from torch.utils.data import (
+    BatchSampler,
+    DataLoader,
+    Dataset,
+    DistributedSampler,
+    RandomSampler,
+    Subset,
+    default_collate,
+)
 
 from src.distributed import DistInfo
 

@@ -14,18 +14,14 @@ from PIL import Image
 
 from scripts import coco_prepare
 from src.images import load_rgb
+from src.sample_photos import COLOR_PHOTOS, skimage_photos
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
-PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "motorcycle_left", "ihc", "hubble_deep_field", "retina")
-
 
 def photo_paths():
-    import skimage.data
-
-    folder = Path(skimage.data.__file__).parent
-    return [next(folder.glob(f"{name}.*")) for name in PHOTOS]
+    return skimage_photos(COLOR_PHOTOS)
 
 
 def write_coco(root: Path, train: int = 6, val: int = 2, max_side: int = 160) -> Path:

@@ -4,8 +4,8 @@ import onnx
 import pytest
 import torch
 
-from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
 from scripts.export_onnx import NPU_FORBIDDEN_OPS
+from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
 
 
 @pytest.mark.parametrize("act", ["relu6", "hardswish"])

@@ -20,7 +20,6 @@ from src.losses import RecipeLoss, msssim_window
 from src.model_factory import build_model, make_arch
 from src.precision import apply_local_fp32
 from src.schedule import build_schedule
-
 from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]

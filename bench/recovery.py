@@ -1,0 +1,127 @@
+"""The recovery study: how much of what GDN removal costs does fine-tuning win back?
+
+    python -m bench.recovery --coco_dir ../shared/data/minicoco --work_dir bench_out/recovery
+    python -m bench.recovery --coco_dir /data/coco --base_checkpoint bmshj2018-factorized-prior-3-5c6f152b.pth.tar --scale full
+
+1. GDN base: --base_checkpoint (e.g. CompressAI's zoo weights) or, without it,
+   a base trained here from scratch on the same photos (rate-distortion loss,
+   --base_steps steps).
+2. From that base, with the same data, steps and seed: GDN control fine-tuned
+   (replace_parts none), ReLU encoder, ReLU all, NPU all (identity init) and
+   NPU all with --init_from_gdn; each right after the swap and after fine-tuning.
+3. Every model is evaluated with src.eval on a held-out folder of real photos
+   (real bitstream bpp, PSNR, MS-SSIM); the table, a JSON and an RD plot are written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Dict, List
+
+from src import eval as recipe_eval
+from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch
+from src.model_factory import make_arch, model_from_base_weights
+
+SCALES = {  # crop, crops per image, batch, base steps, fine-tune steps
+    "small": (128, 8, 8, 1500, 300),
+    "full": (224, 1, 16, 0, 5000),
+}
+VARIANTS = [  # name, script, replace, parts, extra flags
+    ("gdn_control", "src.train_finetune_relu", "none", "none", []),
+    ("relu_encoder", "src.train_finetune_relu", "relu", "encoder", []),
+    ("relu_all", "src.train_finetune_relu", "relu", "all", []),
+    ("npu_all", "train_finetune_npu.py", "npu", "all", []),
+    ("npu_all_gdnfit", "train_finetune_npu.py", "npu", "all", ["--init_from_gdn", "true"]),
+]
+
+
+def run(argv: List[str], log: Path) -> None:
+    """Run a recipe command as a user would; its output goes to ``log``."""
+    cmd = [sys.executable, *argv] if argv[0].endswith(".py") else [sys.executable, "-m", *argv]
+    print(f"$ {' '.join(cmd[1:])}", flush=True)
+    with open(log, "w") as handle:
+        subprocess.run(cmd, check=True, stdout=handle, stderr=subprocess.STDOUT)
+
+
+def common_flags(args, data: Path, batch: int, steps: int) -> List[str]:
+    """Flags shared by every run: whole epochs adding up to about ``steps`` optimizer steps."""
+    per_epoch = max(1, len(list((data / "train").glob("*.png"))) // batch)
+    epochs = max(1, round(steps / per_epoch))
+    return ["--coco_dir", str(data), "--quality", str(args.quality), "--pretrained", "false", "--epochs",
+            str(epochs), "--batch_size", str(batch), "--num_workers", str(args.workers),
+            "--loss_type", "rd", "--lambda_bpp", str(args.lambda_bpp), "--seed", str(args.seed),
+            "--recon_count", "2", "--recon_every", str(epochs), "--log_every", "50", "--sched", "cosine"]
+
+
+def swapped_checkpoint(base: Path, replace: str, parts: str, out: Path) -> Path:
+    """The base with GDN swapped and nothing trained, saved as a checkpoint (the 'after swap' point)."""
+    state, base_arch = state_and_arch(read_checkpoint(base), base)
+    arch = make_arch(**dict(base_arch or make_arch(), replace=replace, replace_parts=parts))
+    model = model_from_base_weights(arch, state, base_arch, str(base))
+    model.update(force=True)
+    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, out)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--coco_dir", required=True, help="COCO root (train2017/, val2017/)")
+    parser.add_argument("--eval_dir", default=None, help="held-out photos (default: COCO_DIR/val2017, full size)")
+    parser.add_argument("--work_dir", default="bench_out/recovery")
+    parser.add_argument("--base_checkpoint", default=None, help="GDN base weights (else trained here)")
+    parser.add_argument("--scale", default="small", choices=sorted(SCALES))
+    parser.add_argument("--quality", type=int, default=3)
+    parser.add_argument("--lambda_bpp", type=float, default=0.1)
+    parser.add_argument("--train_scope", default="all")
+    parser.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: by --scale)")
+    parser.add_argument("--base_steps", type=int, default=None, help="from-scratch base steps (default: by --scale)")
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    crop, per_image, batch, base_steps, steps = SCALES[args.scale]
+    steps = args.steps or steps
+    base_steps = args.base_steps or base_steps
+    work = Path(args.work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    data = work / f"crops{crop}"
+    run(["scripts.coco_prepare", "--coco_dir", args.coco_dir, "--out_dir", str(data), "--crop_size", str(crop),
+         "--crops_per_image", str(per_image)], work / "prepare.log")
+    base = Path(args.base_checkpoint) if args.base_checkpoint else work / "base" / "last.pt"
+    if not args.base_checkpoint and not base.exists():
+        run(["src.train_finetune_relu", *common_flags(args, data, batch, base_steps), "--replace_parts", "none",
+             "--train_scope", "all", "--lr", "1e-3", "--lr_warmup_steps", "100", "--save_dir", str(base.parent),
+             "--recon_dir", str(work / "base" / "recon")], work / "base.log")
+
+    checkpoints: Dict[str, Path] = {"gdn_base": base}
+    for name, script, replace, parts, extra in VARIANTS:
+        if replace != "none":
+            checkpoints[f"{name}@swap"] = swapped_checkpoint(base, replace, parts, work / f"{name}_swap.pt")
+        out = work / name
+        if not (out / "last.pt").exists():
+            flags = common_flags(args, data, batch, steps) + ["--replace_parts", parts]
+            run([script, *flags, "--train_scope", args.train_scope, "--lr", "3e-4", "--lr_warmup_steps", "20", "--base_checkpoint", str(base),
+                 "--save_dir", str(out), "--recon_dir", str(out / "recon"), *extra], work / f"{name}.log")
+        checkpoints[f"{name}@tuned"] = out / "last.pt"
+
+    eval_dir = args.eval_dir or str(Path(args.coco_dir) / "val2017")
+    results = recipe_eval.main(["--image_dir", eval_dir, "--checkpoint", *map(str, checkpoints.values()),
+                                "--json", str(work / "recovery.json"), "--plot", str(work / "recovery.png")])
+    print("\n| model | PSNR dB | MS-SSIM | bpp (real) | dPSNR vs GDN base |")
+    print("| --- | --- | --- | --- | --- |")
+    ref = results[0]["mean"]
+    for name, result in zip(checkpoints, results):
+        m = result["mean"]
+        print(f"| {name} | {m['psnr']:.2f} | {m['ms_ssim']:.4f} | {m['bpp_real']:.3f} | {m['psnr'] - ref['psnr']:+.2f} |")
+    (work / "recovery_names.json").write_text(json.dumps({k: str(v) for k, v in checkpoints.items()}, indent=1))
+    print(f"\nrecovery study: {time.perf_counter() - start:.0f}s; eval on {eval_dir}; outputs in {work}")
+
+
+if __name__ == "__main__":
+    main()
