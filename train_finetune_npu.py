@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from src.cli import run_cli, str2bool
-from src.engine import get_args_parser, run_training
+from src.engine import run_training
+from src.train_args import get_args_parser
 
 
 def get_npu_args_parser():

@@ -9,10 +9,12 @@ plain containers and numbers (``vars(args)``, never the Namespace).
 from __future__ import annotations
 
 import pickle
+import random
 import zipfile
 from pathlib import Path
 from typing import Any, Dict
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -60,3 +62,24 @@ def state_and_arch(payload: Dict[str, Any], path: Path):
     if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise UserError(f"{path} holds no model weights (expected a 'state_dict' of tensors)")
     return state, arch
+
+
+def rng_state() -> Dict[str, Any]:
+    """All RNG states as weights_only-safe values (tensors, lists, ints)."""
+    np_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": [np_state[0], np_state[1].tolist(), *np_state[2:]],
+        "python": random.getstate(),
+    }
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    name, keys, *rest = state["numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))

@@ -8,7 +8,8 @@ from __future__ import annotations
 from typing import Optional, Sequence
 
 from src.cli import run_cli
-from src.engine import get_args_parser, run_training
+from src.engine import run_training
+from src.train_args import get_args_parser
 
 
 def main(argv: Optional[Sequence[str]] = None):

@@ -20,6 +20,7 @@ from src.losses import RecipeLoss, msssim_window
 from src.model_factory import build_model, make_arch
 from src.precision import apply_local_fp32
 from src.schedule import build_schedule
+from src.train_args import get_args_parser
 from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -76,7 +77,7 @@ def test_npu_script_defaults():
     args = train_finetune_npu.get_npu_args_parser().parse_args(["--coco_dir", "x"])
     assert (args.replace_parts, args.save_dir, args.recon_dir) == ("all", "./checkpoints_npu", "./recon_npu")
     assert (args.enc_t, args.enc_kdw, args.enc_eca, args.dec_gmin, args.dec_gmax) == (2.0, 3, True, 0.5, 2.0)
-    relu = engine.get_args_parser("x").parse_args(["--coco_dir", "x"])
+    relu = get_args_parser("x").parse_args(["--coco_dir", "x"])
     assert (relu.alpha_l1, relu.amp, relu.amp_dtype, relu.max_grad_norm, relu.lambda_bpp, relu.wandb) == \
         (0.4, True, "bf16", 1.0, 0.01, False)
 

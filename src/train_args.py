@@ -1,0 +1,105 @@
+"""The flags both training scripts share, and the cross-flag rules argparse cannot express."""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+
+from src.cli import UserError, str2bool
+from src.model_factory import BASE_MODELS
+from src.precision import AMP_DTYPES, LOCAL_FP32_POLICIES
+from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
+from src.schedule import SCHEDULES
+
+
+class _RemovedFlag(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        parser.error(f"{option_string} was removed: {self.help}")
+
+
+# ---------------------------------------------------------------- arguments
+
+def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir: str = "./recon",
+                    replace_parts: str = "encoder") -> argparse.ArgumentParser:
+    """The flags both training scripts share, grouped by concern (``--help`` reads as a contents page)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("Data")
+    g.add_argument("--coco_dir", required=True,
+                   help="prepared crops (with train/ val/) when --use_prepared true, else the COCO root")
+    g.add_argument("--use_prepared", type=str2bool, default=True, help="read scripts.coco_prepare output")
+    g.add_argument("--crop_size", type=int, default=224, help="crop side for raw COCO (--use_prepared false)")
+    g.add_argument("--batch_size", type=int, default=16)
+    g.add_argument("--num_workers", type=int, default=4)
+    g = p.add_argument_group("Model")
+    g.add_argument("--model", default="bmshj2018-factorized", choices=BASE_MODELS, help="CompressAI zoo model")
+    g.add_argument("--quality", type=int, default=3, choices=range(1, 9), metavar="{1..8}",
+                   help="CompressAI quality index")
+    g.add_argument("--metric", default="mse", choices=("mse", "ms-ssim"), help="which zoo weights")
+    g.add_argument("--pretrained", type=str2bool, default=True, help="start from CompressAI's zoo weights")
+    g.add_argument("--base_checkpoint", default=None,
+                   help="start from local weights: a zoo .pth.tar or a checkpoint of this project")
+    g.add_argument("--replace_parts", default=replace_parts, choices=sorted(REPLACE_MODES),
+                   help="where GDN/IGDN is replaced (none = GDN control)")
+    g.add_argument("--train_scope", default="replaced", choices=TRAIN_SCOPES)
+    g = p.add_argument_group("Optimisation")
+    g.add_argument("--epochs", type=int, default=10)
+    g.add_argument("--max_steps_per_epoch", type=int, default=0, help="0 = whole epoch")
+    g.add_argument("--lr", type=float, default=1e-4)
+    g.add_argument("--optimizer", default="adam", choices=("adam", "adamw"))
+    g.add_argument("--weight_decay", type=float, default=0.0)
+    g.add_argument("--sched", default="cosine", choices=SCHEDULES)
+    g.add_argument("--onecycle_pct_start", type=float, default=0.3)
+    g.add_argument("--lr_warmup_steps", type=int, default=0, help="linear per-step LR warmup")
+    g.add_argument("--max_grad_norm", type=float, default=1.0, help="<= 0 disables clipping")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--resume", default=None, help="continue from this last.pt")
+    g = p.add_argument_group("Loss")
+    g.add_argument("--loss_type", default="recon", choices=("recon", "rd"))
+    g.add_argument("--alpha_l1", type=float, default=0.4, help="a in a*L1 + (1-a)*(1-MS-SSIM)")
+    g.add_argument("--lambda_bpp", type=float, default=0.01, help="rate weight for --loss_type rd")
+    g = p.add_argument_group("Precision")
+    g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
+    g.add_argument("--amp", type=str2bool, default=True)
+    g.add_argument("--amp_dtype", default="bf16", choices=sorted(AMP_DTYPES))
+    g.add_argument("--local_fp32", default="entropy", choices=LOCAL_FP32_POLICIES,
+                   help="modules that run in FP32 under autocast")
+    g.add_argument("--local_fp32_custom", default="", help="comma-separated class-name parts (--local_fp32 custom)")
+    g.add_argument("--overflow_check", type=str2bool, default=False)
+    g.add_argument("--overflow_tol", type=float, default=1e8)
+    g.add_argument("--max_bad_steps", type=int, default=20,
+                   help="without --overflow_check: stop after this many non-finite steps in a row (each is skipped)")
+    g.add_argument("--amp_warmup_steps", action=_RemovedFlag,
+                   help="use --lr_warmup_steps (LR warmup), --amp_dtype bf16 (no loss scale to warm up) "
+                        "or --local_fp32 (keep fragile modules in FP32)")
+    g = p.add_argument_group("Output")
+    g.add_argument("--save_dir", default=save_dir)
+    g.add_argument("--recon_dir", default=recon_dir)
+    g.add_argument("--recon_every", type=int, default=1, help="epochs between recon dumps (and the last)")
+    g.add_argument("--recon_count", type=int, default=8)
+    g.add_argument("--log_every", type=int, default=50, help="steps between progress/W&B updates")
+    g.add_argument("--wandb", type=str2bool, default=False, help="log to W&B (project: $WANDB_PROJECT)")
+    return p
+
+
+def validate_args(args: argparse.Namespace) -> None:
+    """Cross-flag rules argparse cannot express; each failure is one line."""
+    if args.local_fp32 == "custom" and not args.local_fp32_custom.strip():
+        raise UserError("--local_fp32 custom needs --local_fp32_custom NAME[,NAME...] (class-name parts)")
+    if args.sched == "onecycle" and args.lr_warmup_steps > 0:
+        raise UserError("--lr_warmup_steps cannot be combined with --sched onecycle "
+                        "(OneCycleLR warms up by itself: use --onecycle_pct_start)")
+    for flag in ("epochs", "batch_size", "recon_every", "log_every", "max_bad_steps"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag} must be >= 1")
+    for flag in ("num_workers", "max_steps_per_epoch", "recon_count", "lr_warmup_steps"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag} must be >= 0")
+    if not 0.0 <= args.alpha_l1 <= 1.0:
+        raise UserError("--alpha_l1 must be in [0, 1]")
+    if args.lr <= 0:
+        raise UserError("--lr must be > 0")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
+    if args.base_checkpoint and args.resume:
+        raise UserError("--base_checkpoint and --resume exclude each other (resume restores everything)")
