@@ -21,10 +21,14 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
+
+import torch
 
 from src import eval as recipe_eval
 from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch
+from src.data import PreparedCrops
+from src.gdn_fit import fit_blocks_to_gdn
 from src.model_factory import make_arch, model_from_base_weights
 
 SCALES = {  # crop, crops per image, batch, base steps, fine-tune steps
@@ -58,11 +62,20 @@ def common_flags(args, data: Path, batch: int, steps: int) -> List[str]:
             "--recon_count", "2", "--recon_every", str(epochs), "--log_every", "50", "--sched", "cosine"]
 
 
-def swapped_checkpoint(base: Path, replace: str, parts: str, out: Path) -> Path:
-    """The base with GDN swapped and nothing trained, saved as a checkpoint (the 'after swap' point)."""
+def swapped_checkpoint(base: Path, replace: str, parts: str, out: Path, fit_on: Optional[Path] = None) -> Path:
+    """The base with GDN swapped and not fine-tuned, saved as a checkpoint (the 'after swap' point).
+
+    With ``fit_on`` (a folder of crops) the new blocks are first fitted to the
+    GDN layers, exactly as ``--init_from_gdn true`` does with its defaults.
+    """
     state, base_arch = state_and_arch(read_checkpoint(base), base)
     arch = make_arch(**dict(base_arch or make_arch(), replace=replace, replace_parts=parts))
     model = model_from_base_weights(arch, state, base_arch, str(base))
+    if fit_on is not None:
+        gdn = model_from_base_weights(dict(arch, replace="none"), state, base_arch, str(base))
+        crops = PreparedCrops(fit_on)
+        torch.manual_seed(0)
+        fit_blocks_to_gdn(gdn, model, torch.stack([crops[i] for i in range(min(16, len(crops)))]), steps=300)
     model.update(force=True)
     save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, out)
     return out
@@ -102,7 +115,8 @@ def main() -> None:
     checkpoints: Dict[str, Path] = {"gdn_base": base}
     for name, script, replace, parts, extra in VARIANTS:
         if replace != "none":
-            checkpoints[f"{name}@swap"] = swapped_checkpoint(base, replace, parts, work / f"{name}_swap.pt")
+            fit_on = data / "train" if "--init_from_gdn" in extra else None
+            checkpoints[f"{name}@swap"] = swapped_checkpoint(base, replace, parts, work / f"{name}_swap.pt", fit_on)
         out = work / name
         if not (out / "last.pt").exists():
             flags = common_flags(args, data, batch, steps) + ["--replace_parts", parts]

@@ -118,6 +118,12 @@ def evaluate_checkpoint(path: Path, files: List[Path], device: torch.device) -> 
             "mean": mean, "images": images}
 
 
+def checkpoint_label(path: str) -> str:
+    """Short name of a checkpoint: ``run/last.pt`` for the generic file names, else the file name."""
+    path = Path(path)
+    return f"{path.parent.name}/{path.name}" if path.stem in ("last", "best_msssim") else path.name
+
+
 def results_table(results: List[Dict[str, Any]]) -> str:
     """One row per checkpoint; deltas against the first."""
     head = f"{'checkpoint':<34}{'PSNR':>8}{'MS-SSIM':>9}{'bpp est':>9}{'bpp real':>9}{'real/est':>9}" \
@@ -127,7 +133,7 @@ def results_table(results: List[Dict[str, Any]]) -> str:
     for r in results:
         m = r["mean"]
         gap = 100 * (m["bpp_real"] / m["bpp_est"] - 1) if m["bpp_est"] > 0 else float("nan")
-        name = Path(r["checkpoint"]).name if len(r["checkpoint"]) > 33 else r["checkpoint"]
+        name = checkpoint_label(r["checkpoint"])
         lines.append(f"{name[:33]:<34}{m['psnr']:>8.3f}{m['ms_ssim']:>9.4f}{m['bpp_est']:>9.4f}"
                      f"{m['bpp_real']:>9.4f}{gap:>+8.2f}%{1000 * m['enc_s']:>8.1f}{1000 * m['dec_s']:>8.1f}"
                      f"{m['psnr'] - ref['psnr']:>+8.3f}{m['ms_ssim'] - ref['ms_ssim']:>+10.4f}"
@@ -143,7 +149,7 @@ def plot_rd(results: List[Dict[str, Any]], path: Path) -> None:
 
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
     for r in results:
-        m, label = r["mean"], Path(r["checkpoint"]).stem
+        m, label = r["mean"], checkpoint_label(r["checkpoint"])
         axes[0].plot(m["bpp_real"], m["psnr"], "o", label=label)
         axes[1].plot(m["bpp_real"], m["ms_ssim"], "o", label=label)
     for ax, ylabel in zip(axes, ("PSNR [dB]", "MS-SSIM")):
