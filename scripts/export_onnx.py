@@ -24,6 +24,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
+from compressai.zoo import load_state_dict as rename_zoo_keys
 from compressai.zoo.image import model_architectures
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
@@ -81,8 +82,8 @@ def load_export_model(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dic
     path = Path(args.ckpt)
     payload = read_checkpoint(path)
     state, arch = state_and_arch(payload, path)
-    if arch is None:
-        model = model_architectures["bmshj2018-factorized"].from_state_dict(state)
+    if arch is None:  # a plain CompressAI state dict (zoo .pth.tar): old key names are renamed first
+        model = model_architectures["bmshj2018-factorized"].from_state_dict(rename_zoo_keys(dict(state)))
         if args.replace_parts not in (None, "none"):
             model = replace_gdn_with_relu(model, args.replace_parts)
         return model.eval(), None, payload

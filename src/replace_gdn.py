@@ -11,7 +11,7 @@ therefore loads the ordinary model and swaps the layers here.
 
 from __future__ import annotations
 
-from typing import Callable, Dict, List, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 from compressai.layers import GDN
 from torch import nn
@@ -62,12 +62,19 @@ def replace_gdn_with_relu(model: nn.Module, mode: str) -> nn.Module:
     return replace_gdn(model, mode, lambda gdn: nn.ReLU(inplace=False))
 
 
-def set_trainable_parts(model: nn.Module, scope: str, mode: str) -> List[nn.Parameter]:
+def replaced_transforms(model: nn.Module) -> Tuple[str, ...]:
+    """The transforms (g_a, g_s) in which ``replace_gdn`` swapped something."""
+    swapped = {path.split(".")[0] for path in getattr(model, "replaced_gdn", ())}
+    return tuple(t for t in ("g_a", "g_s") if t in swapped)
+
+
+def set_trainable_parts(model: nn.Module, scope: str, mode: Optional[str] = None) -> List[nn.Parameter]:
     """Freeze everything outside ``scope`` and return the trainable parameters.
 
-    ``replaced``: the transform(s) whose activations ``mode`` swapped (g_a for
-    encoder, g_s for decoder, both for all). ``replaced+hyper``: plus h_a/h_s
-    and the entropy models. ``all``: everything. With ``mode='none'`` (the GDN
+    ``replaced``: the transform(s) whose activations were swapped (g_a for
+    encoder, g_s for decoder, both for all), given by ``mode`` or, without it,
+    read from ``model.replaced_gdn``. ``replaced+hyper``: plus h_a/h_s and the
+    entropy models. ``all``: everything. With ``mode='none'`` (the GDN
     control) nothing was replaced, so only ``all`` trains anything.
     """
     if scope not in TRAIN_SCOPES:
@@ -75,7 +82,8 @@ def set_trainable_parts(model: nn.Module, scope: str, mode: str) -> List[nn.Para
     if scope == "all":
         prefixes: Tuple[str, ...] = ("",)
     else:
-        prefixes = tuple(f"{t}." for t in transforms_for(mode))
+        transforms = replaced_transforms(model) if mode is None else transforms_for(mode)
+        prefixes = tuple(f"{t}." for t in transforms)
         if scope == "replaced+hyper":
             prefixes += tuple(f"{m}." for m in HYPER_MODULES if hasattr(model, m))
     trainable = []
@@ -84,7 +92,7 @@ def set_trainable_parts(model: nn.Module, scope: str, mode: str) -> List[nn.Para
         if param.requires_grad:
             trainable.append(param)
     if not trainable:
-        raise ValueError(f"train scope '{scope}' with replace_parts '{mode}' leaves nothing to train; "
+        raise ValueError(f"train scope '{scope}' with replace_parts '{mode or 'none'}' leaves nothing to train; "
                          "use --train_scope all (e.g. for the GDN control)")
     return trainable
 

@@ -134,3 +134,17 @@ def test_int8_export_gdn_against_npu(checkpoints, prepared64, tmp_path):
     with pytest.raises(UserError, match="--part encoder or --part decoder"):
         export_onnx.main(["--ckpt", str(checkpoints["npu"]), "--part", "full", "--out", str(tmp_path / "f.onnx"),
                           "--int8", str(prepared64 / "train")])
+
+
+def test_export_plain_compressai_state_dict_with_relu_replacement(photos, tmp_path):
+    from compressai.zoo import bmshj2018_factorized
+
+    torch.save(bmshj2018_factorized(quality=1).state_dict(), tmp_path / "zoo.pth.tar")
+    image = str(next(photos.glob("*.png")))
+    report = export_onnx.main(["--ckpt", str(tmp_path / "zoo.pth.tar"), "--part", "encoder", "--out",
+                               str(tmp_path / "enc.onnx"), "--input_size", "64", "--replace_parts", "encoder",
+                               "--image", image])
+    assert "Relu" in report["ops"] and "Sqrt" not in report["ops"]
+    with pytest.raises(UserError, match="pass --image"):
+        export_onnx.main(["--ckpt", str(tmp_path / "zoo.pth.tar"), "--part", "encoder", "--out",
+                          str(tmp_path / "e2.onnx"), "--input_size", "64"])

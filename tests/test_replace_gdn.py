@@ -91,6 +91,14 @@ def test_one_step_changes_only_the_trainable_scope(mode, scope, trains):
     assert changed == trains
 
 
+def test_scope_is_read_from_the_model_when_mode_is_omitted():
+    model = replace_gdn_with_npu(fresh(), "decoder")
+    set_trainable_parts(model, "replaced")
+    assert {n.split(".")[0] for n, p in model.named_parameters() if p.requires_grad} == {"g_s"}
+    with pytest.raises(ValueError, match="nothing to train"):
+        set_trainable_parts(fresh(), "replaced")
+
+
 def test_hyper_scope_includes_hyperprior():
     model = replace_gdn_with_relu(fresh("bmshj2018-hyperprior"), "encoder")
     set_trainable_parts(model, "replaced+hyper", "encoder")
