@@ -52,7 +52,7 @@ AUX_LR = 1e-3  # CompressAI's example trainer uses 1e-3 for the quantiles.
 
 
 class TrainingStopped(UserError):
-    """The run stopped on purpose (overflow check); the last good checkpoint is intact."""
+    """The run stopped on purpose (overflow check, or too many non-finite steps); the last good checkpoint is intact."""
 
 
 # ---------------------------------------------------------------- setup
