@@ -91,6 +91,20 @@ def create_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optiona
     return model_from_base_weights(arch, None, None, "")
 
 
+def freeze_density_models(model: nn.Module) -> int:
+    """Freeze entropy-model parameters other than ``quantiles``; returns how many were trainable.
+
+    Without a rate term nothing in the loss depends on them, and DDP refuses
+    parameters that never receive a gradient.
+    """
+    count = 0
+    for name, param in model.named_parameters():
+        if name.startswith(("entropy_bottleneck.", "gaussian_conditional.")) and not name.endswith(".quantiles"):
+            count += param.numel() if param.requires_grad else 0
+            param.requires_grad_(False)
+    return count
+
+
 def split_aux_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
     """(net, aux) trainable parameters: aux are the entropy bottlenecks' ``.quantiles``."""
     net, aux = [], []
@@ -175,14 +189,15 @@ def apply_update(tr: Trainer, parts: Dict[str, torch.Tensor], args: argparse.Nam
         tr.aux_optimizer.step()
 
 
-def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace) -> None:
+def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace, loud: bool = True) -> None:
     if not skipped:
         state.nonfinite_in_a_row = 0
         return
     state.nonfinite_in_a_row += 1
     state.nonfinite_total += 1
-    print(f"warning: step {state.step}: non-finite loss or empty batch, step skipped "
-          f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)", flush=True)
+    if loud:
+        print(f"warning: step {state.step}: non-finite loss or empty batch, step skipped "
+              f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)", flush=True)
     if state.nonfinite_in_a_row >= args.max_bad_steps:
         raise TrainingStopped(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step}; "
                               "rerun with --overflow_check true to find the module, or lower --lr; "
@@ -211,7 +226,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
             output, parts = train_step(tr, x, args, state)
         bad = torch.ones((), device=tr.device) if parts is None else ~torch.isfinite(parts["total"])
         skip, stop = agree_to_skip_or_stop(tr, bad)
-        count_nonfinite(state, skip, args)
+        count_nonfinite(state, skip, args, loud=tr.dist.is_main)
         if not skip:
             apply_update(tr, parts, args)
             values = {k: v.detach() for k, v in parts.items()}
@@ -377,6 +392,11 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
         set_trainable_parts(model, args.train_scope, arch["replace_parts"])
     except ValueError as err:
         raise UserError(str(err)) from None
+    if args.loss_type == "recon":
+        frozen = freeze_density_models(model)
+        if frozen:
+            say(f"--loss_type recon has no rate term: the entropy model's density ({frozen:,} parameters) gets "
+                "no gradient and is frozen; its quantiles still follow the aux loss")
     say(f"architecture: {arch}")
     say(f"replaced: {', '.join(getattr(model, 'replaced_gdn', ())) or 'nothing (GDN control)'}")
     say(parameter_table(model))

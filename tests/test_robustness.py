@@ -31,7 +31,7 @@ def assert_same_weights(a, b):
 
 
 def test_torchrun_two_cpu_processes(prepared64, tmp_path):
-    argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu")
+    argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all")
     result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
                              "29517", "-m", "src.train_finetune_relu", *argv],
                             capture_output=True, text=True, cwd=REPO, timeout=300)
