@@ -22,7 +22,7 @@ from scripts.export_onnx import center_crop_tensor, export_graph, part_input
 from src import onnx_int8 as int8
 from src.checkpoint import read_checkpoint, state_and_arch
 from src.data import image_files
-from src.model_factory import build_model, load_weights, make_arch
+from src.model_factory import build_model, make_arch, model_from_checkpoint
 
 SIZES = ((224, 224), (512, 768))
 
@@ -48,7 +48,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.ckpt:
         state, arch = state_and_arch(read_checkpoint(Path(args.ckpt)), Path(args.ckpt))
-        model = load_weights(build_model(arch), state, args.ckpt)
+        model, arch = model_from_checkpoint(state, arch, args.ckpt)
     else:
         arch = make_arch(quality=args.quality, replace=args.replace, replace_parts="all")
         model = build_model(arch)

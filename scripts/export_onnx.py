@@ -33,8 +33,8 @@ from src import onnx_int8 as int8
 from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli
 from src.data import image_files
-from src.images import center_crop_box, load_rgb, upscale_to_fit
-from src.model_factory import build_model, load_weights, make_arch
+from src.images import load_rgb, upscale_to_fit
+from src.model_factory import make_arch, model_from_checkpoint
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
 
 NPU_FORBIDDEN_OPS = ("Div", "Sqrt", "Pow", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softplus")
@@ -87,12 +87,10 @@ def load_export_model(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dic
         if args.replace_parts not in (None, "none"):
             model = replace_gdn_with_relu(model, args.replace_parts)
         return model.eval(), None, payload
-    arch = make_arch(**arch)
-    if args.replace_parts is not None and args.replace_parts != arch["replace_parts"]:
-        if arch["replace"] != "none":
-            raise UserError(f"--replace_parts {args.replace_parts} contradicts {path}, which holds "
-                            f"{arch['replace']}/{arch['replace_parts']}")
-    model = load_weights(build_model(arch), state, str(path))
+    model, arch = model_from_checkpoint(state, arch, str(path))
+    if args.replace_parts is not None and args.replace_parts != arch["replace_parts"] and arch["replace"] != "none":
+        raise UserError(f"--replace_parts {args.replace_parts} contradicts {path}, which holds "
+                        f"{arch['replace']}/{arch['replace_parts']}")
     if args.replace_parts not in (None, "none") and arch["replace"] == "none":
         model = replace_gdn_with_relu(model, args.replace_parts)
         arch = make_arch(**dict(arch, replace="relu", replace_parts=args.replace_parts))
@@ -105,8 +103,8 @@ def center_crop_tensor(path: Path, size: Tuple[int, int]) -> torch.Tensor:
     h, w = size
     if img.size[0] < w or img.size[1] < h:
         img = upscale_to_fit(img, max(h, w))
-    left, top, _, _ = center_crop_box(img.size[0], img.size[1], 0)
-    img = img.crop((left - w // 2, top - h // 2, left - w // 2 + w, top - h // 2 + h))
+    left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
+    img = img.crop((left, top, left + w, top + h))
     return pil_to_tensor(img).float().div(255).unsqueeze(0)
 
 
@@ -154,12 +152,18 @@ def output_errors(module: nn.Module, path: Path, example: torch.Tensor) -> Dict[
     return {n: float(np.abs(g - e.numpy()).max()) for n, g, e in zip(names, got, expected)}
 
 
+def latent_medians(model: nn.Module) -> np.ndarray:
+    """Per-channel medians of the entropy bottleneck, shaped (1, M, 1, 1)."""
+    with torch.no_grad():
+        return model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).float().numpy()
+
+
 def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor:
-    """The export input for ``part``: the image, or for the decoder the rounded latent of the image."""
+    """The export input for ``part``: the image, or for the decoder the quantised latent of the image."""
     if part != "decoder":
         return image
     with torch.no_grad():
-        return torch.round(model.g_a(image))
+        return torch.from_numpy(int8.quantise_latent(model.g_a(image).numpy(), latent_medians(model)))
 
 
 def int8_report(model: nn.Module, args: argparse.Namespace, out: Path, opset: int) -> Dict:
@@ -178,14 +182,15 @@ def int8_report(model: nn.Module, args: argparse.Namespace, out: Path, opset: in
             if part != args.part:
                 export_graph(model, part, part_input(model, part, crops[0]), fp32, opset, args.dynamic)
             paths[part] = fp32
-        latents = int8.encoder_latents(paths["encoder"], images)
+        medians = latent_medians(model)
+        latents = int8.encoder_latents(paths["encoder"], images, medians)
         int8_paths = {
             part: int8.quantize_int8(paths[part], (out.with_suffix(".int8.onnx") if part == args.part
                                                    else Path(tmp) / f"{part}.int8.onnx"), calib)
             for part, calib in (("encoder", images), ("decoder", latents))
         }
-        fp32_psnr = int8.roundtrip_psnr(paths["encoder"], paths["decoder"], images)
-        int8_psnr = int8.roundtrip_psnr(int8_paths["encoder"], int8_paths["decoder"], images)
+        fp32_psnr = int8.roundtrip_psnr(paths["encoder"], paths["decoder"], images, medians)
+        int8_psnr = int8.roundtrip_psnr(int8_paths["encoder"], int8_paths["decoder"], images, medians)
         float_ops = sorted(op for op in op_histogram(int8_paths[args.part]) if op in NPU_FORBIDDEN_OPS)
     report = {"int8_path": str(out.with_suffix(".int8.onnx")), "calib_images": len(images),
               "psnr_fp32": fp32_psnr, "psnr_int8": int8_psnr, "psnr_drop": fp32_psnr - int8_psnr,

@@ -32,7 +32,7 @@ from src.cli import UserError, run_cli, str2bool
 from src.data import image_files
 from src.images import load_rgb
 from src.losses import bpp_from_likelihoods, msssim_window
-from src.model_factory import build_model, load_weights, make_arch
+from src.model_factory import model_from_checkpoint
 
 METRIC_KEYS = ("psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s")
 PAD_MULTIPLE = 2 ** 6
@@ -63,15 +63,9 @@ def eval_folder(args: argparse.Namespace) -> Path:
 def load_model(path: Path, device: torch.device):
     """(model, arch, entropy_tables_present) rebuilt from the checkpoint alone."""
     state, arch = state_and_arch(read_checkpoint(path), path)
-    if arch is None:
-        raise UserError(f"{path} has no architecture description: not a checkpoint of this project")
-    try:
-        arch = make_arch(**arch)
-    except (TypeError, ValueError) as err:
-        raise UserError(f"{path}: unusable architecture description ({err})") from None
     tables = [k for k in state if k.endswith("_quantized_cdf")]
     updated = bool(tables) and all(state[k].numel() > 0 for k in tables)
-    model = load_weights(build_model(arch), state, str(path))
+    model, arch = model_from_checkpoint(state, arch, str(path))
     if not updated:
         print(f"warning: {path} was saved without model.update(): its entropy coder tables are empty; "
               "they are rebuilt here, so real bpp reflects the current quantiles")

@@ -114,6 +114,18 @@ def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], sourc
     return model
 
 
+def model_from_checkpoint(state: Mapping[str, torch.Tensor], arch: Optional[Mapping[str, Any]],
+                          source: str):
+    """(model, arch) of a checkpoint of this project, rebuilt from its architecture description alone."""
+    if arch is None:
+        raise UserError(f"{source} has no architecture description: not a checkpoint of this project")
+    try:
+        arch = make_arch(**arch)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source}: unusable architecture description ({err})") from None
+    return load_weights(build_model(arch), state, source), arch
+
+
 def model_from_base_weights(arch: Mapping[str, Any], base_state: Optional[Mapping[str, torch.Tensor]],
                             base_arch: Optional[Mapping[str, Any]], source: str) -> nn.Module:
     """Build ``arch`` starting from weights of either its GDN base or ``arch`` itself.

@@ -60,17 +60,21 @@ def psnr_8bit(x: np.ndarray, x_hat: np.ndarray) -> float:
     return 20 * math.log10(255) - 10 * math.log10(max(mse, 1e-10))
 
 
-def roundtrip_psnr(encoder: Path, decoder: Path, images: Sequence[np.ndarray]) -> float:
-    """Mean PSNR of image -> encoder -> round -> decoder, per image."""
+def quantise_latent(y: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    """What the entropy coder hands the decoder: ``round(y - median) + median`` per channel."""
+    return (np.round(y - medians) + medians).astype(np.float32)
+
+
+def roundtrip_psnr(encoder: Path, decoder: Path, images: Sequence[np.ndarray], medians: np.ndarray) -> float:
+    """Mean PSNR of image -> encoder -> quantise -> decoder, per image."""
     enc, dec = session(encoder), session(decoder)
     scores: List[float] = []
     for image in images:
-        y_hat = np.round(run(enc, image)).astype(np.float32)
-        scores.append(psnr_8bit(image, run(dec, y_hat)))
+        scores.append(psnr_8bit(image, run(dec, quantise_latent(run(enc, image), medians))))
     return float(np.mean(scores))
 
 
-def encoder_latents(encoder: Path, images: Sequence[np.ndarray]) -> List[np.ndarray]:
-    """Rounded latents of the images: the decoder's calibration data."""
+def encoder_latents(encoder: Path, images: Sequence[np.ndarray], medians: np.ndarray) -> List[np.ndarray]:
+    """Quantised latents of the images: the decoder's calibration data."""
     enc = session(encoder)
-    return [np.round(run(enc, image)).astype(np.float32) for image in images]
+    return [quantise_latent(run(enc, image), medians) for image in images]
