@@ -496,8 +496,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                     time.perf_counter() - start)
                 if state.epoch_step < steps:  # stopped by a signal mid-epoch
                     save_epoch_checkpoints(tr, arch, state, args, improved=False, say=say)
-                    raise Interrupted(stop_message(tr.stop.signum or signal.SIGTERM, state, args), tr.stop.signum
-                                      or signal.SIGTERM)
+                    raise interrupted(tr.stop.signum, state, args)
                 val = evaluate(tr, val_batches)
                 tr.schedule.after_epoch(val["loss"])
                 state.epoch, state.epoch_step = epoch + 1, 0
@@ -512,7 +511,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                     dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.step)
                 summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
                 if tr.stop.requested:
-                    raise Interrupted(stop_message(tr.stop.signum, state, args), tr.stop.signum)
+                    raise interrupted(tr.stop.signum, state, args)
         finally:
             if tr.monitor is not None:
                 tr.monitor.remove()
@@ -527,8 +526,9 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     return summary
 
 
-def stop_message(signum: int, state: TrainState, args: argparse.Namespace) -> str:
+def interrupted(signum: int, state: TrainState, args: argparse.Namespace) -> Interrupted:
+    """The exception that ends a run stopped by ``signum`` after saving, with how to resume."""
     name = signal.Signals(signum).name
-    return (f"stopped by {name} after step {state.step} (epoch {state.epoch + 1}, step {state.epoch_step} of it); "
-            f"saved {Path(args.save_dir) / 'last.pt'}. Resume with the same flags plus "
-            f"--resume {Path(args.save_dir) / 'last.pt'}")
+    last = Path(args.save_dir) / "last.pt"
+    return Interrupted(f"stopped by {name} after step {state.step} (epoch {state.epoch + 1}, step {state.epoch_step} "
+                       f"of it); saved {last}. Resume with the same flags plus --resume {last}", signum)

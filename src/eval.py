@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
@@ -31,7 +30,7 @@ from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli, str2bool
 from src.data import image_files
 from src.images import load_rgb
-from src.losses import bpp_from_likelihoods, msssim_window
+from src.losses import bpp_from_likelihoods, msssim_window, psnr_8bit, to_8bit
 from src.model_factory import model_from_checkpoint
 
 METRIC_KEYS = ("psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s")
@@ -75,11 +74,9 @@ def load_model(path: Path, device: torch.device):
 
 def quantised_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:
     """PSNR and MS-SSIM on 8-bit values, as CompressAI's eval_model computes them."""
-    org = (x * 255).clamp(0, 255).round()
-    rec = (x_hat.clamp(0, 1) * 255).clamp(0, 255).round()
-    psnr = 20 * math.log10(255) - 10 * torch.log10((org - rec).pow(2).mean().clamp_min(1e-10)).item()
     win = msssim_window(int(min(x.shape[-2:])))
-    return {"psnr": psnr, "ms_ssim": ms_ssim(org, rec, data_range=255, win_size=win).item()}
+    return {"psnr": psnr_8bit(x, x_hat),
+            "ms_ssim": ms_ssim(to_8bit(x), to_8bit(x_hat), data_range=255, win_size=win).item()}
 
 
 @torch.no_grad()

@@ -48,6 +48,17 @@ def psnr_per_image(x_hat: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
     return -10.0 * torch.log10(mse.clamp_min(1e-10))
 
 
+def to_8bit(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 1] as the 0..255 levels a saved 8-bit image holds (float tensor)."""
+    return (x.float().clamp(0, 1) * 255).round()
+
+
+def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """PSNR over the whole tensor on 8-bit levels, as CompressAI 1.2.8's eval_model computes it."""
+    mse = (to_8bit(x) - to_8bit(x_hat)).pow(2).mean().clamp_min(1e-10)
+    return 20 * math.log10(255) - 10 * torch.log10(mse).item()
+
+
 def bpp_from_likelihoods(likelihoods: Mapping[str, torch.Tensor], num_pixels: int) -> torch.Tensor:
     """Estimated bits per pixel over the whole batch (FP32)."""
     bits = sum(torch.log(lk.float()).sum() for lk in likelihoods.values())

@@ -9,15 +9,17 @@ image crops; the encoder->decoder round trip then measures what INT8 costs.
 
 from __future__ import annotations
 
-import math
 import tempfile
 from pathlib import Path
 from typing import Dict, Iterator, List, Optional, Sequence
 
 import numpy as np
 import onnxruntime as ort
+import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from src.losses import psnr_8bit
 
 
 class ArrayReader(CalibrationDataReader):
@@ -52,14 +54,6 @@ def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[np.nda
     return int8_path
 
 
-def psnr_8bit(x: np.ndarray, x_hat: np.ndarray) -> float:
-    """PSNR on 8-bit values (as src.eval measures it)."""
-    org = np.round(np.clip(x, 0, 1) * 255)
-    rec = np.round(np.clip(x_hat, 0, 1) * 255)
-    mse = float(np.mean((org - rec) ** 2))
-    return 20 * math.log10(255) - 10 * math.log10(max(mse, 1e-10))
-
-
 def quantise_latent(y: np.ndarray, medians: np.ndarray) -> np.ndarray:
     """What the entropy coder hands the decoder: ``round(y - median) + median`` per channel."""
     return (np.round(y - medians) + medians).astype(np.float32)
@@ -70,7 +64,8 @@ def roundtrip_psnr(encoder: Path, decoder: Path, images: Sequence[np.ndarray], m
     enc, dec = session(encoder), session(decoder)
     scores: List[float] = []
     for image in images:
-        scores.append(psnr_8bit(image, run(dec, quantise_latent(run(enc, image), medians))))
+        x_hat = run(dec, quantise_latent(run(enc, image), medians))
+        scores.append(psnr_8bit(torch.from_numpy(image), torch.from_numpy(x_hat)))
     return float(np.mean(scores))
 
 

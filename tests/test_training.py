@@ -229,10 +229,19 @@ def test_gdn_control_checkpoint_is_read_by_compressai_eval_model(prepared64, tmp
     assert metrics["bpp"][0] > 0 and metrics["psnr-rgb"][0] > 0
 
 
+class _TouchOnLoad:
+    """Unpickling this calls Path.touch(marker): what a malicious checkpoint would run."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
 def test_pickled_checkpoint_is_refused_not_executed(tmp_path):
     marker = tmp_path / "executed"
-    payload = {"state_dict": {}, "evil": subprocess.Popen}  # anything outside weights_only's allow-list
-    torch.save(payload, tmp_path / "evil.pt")
+    torch.save({"state_dict": {}, "evil": _TouchOnLoad(marker)}, tmp_path / "evil.pt")
     with pytest.raises(UserError, match="refused to load"):
         read_checkpoint(tmp_path / "evil.pt")
     assert not marker.exists()
