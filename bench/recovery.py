@@ -126,7 +126,7 @@ def main() -> None:
 
     eval_dir = args.eval_dir or str(Path(args.coco_dir) / "val2017")
     results = recipe_eval.main(["--image_dir", eval_dir, "--checkpoint", *map(str, checkpoints.values()),
-                                "--json", str(work / "recovery.json"), "--plot", str(work / "recovery.png")])
+                                "--json", str(work / "recovery.json"), "--plot", str(work / "recovery.png")])["results"]
     print("\n| model | PSNR dB | MS-SSIM | bpp (real) | dPSNR vs GDN base |")
     print("| --- | --- | --- | --- | --- |")
     ref = results[0]["mean"]

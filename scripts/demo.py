@@ -8,7 +8,7 @@
 3. fine-tunes bmshj2018_factorized q=1 with GDN->ReLU in the encoder
    (CompressAI's pretrained weights when they can be downloaded, otherwise
    random initialisation, said plainly);
-4. evaluates the best checkpoint (PSNR, MS-SSIM, real bitstream bpp);
+4. evaluates best_loss.pt, the epoch with the best val loss (PSNR, MS-SSIM, real bitstream bpp);
 5. exports encoder and decoder to ONNX, verified with onnxruntime.
 """
 
@@ -77,9 +77,9 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         "--lr", "1e-4" if pretrained else "1e-3", "--train_scope", "all" if not pretrained else "replaced",
         "--save_dir", str(ckpts), "--recon_dir", str(out / "recon"), "--recon_count", "2", "--log_every", "4"])
     run_step("3/4 evaluate", ["-m", "src.eval", "--coco_dir", str(crops), "--use_prepared", "true",
-                              "--checkpoint", str(ckpts / "best_msssim.pt"), "--json", str(out / "eval.json")])
+                              "--checkpoint", str(ckpts / "best_loss.pt"), "--json", str(out / "eval.json")])
     for part in ("encoder", "decoder"):
-        run_step(f"4/4 export {part} to ONNX", ["-m", "scripts.export_onnx", "--ckpt", str(ckpts / "best_msssim.pt"),
+        run_step(f"4/4 export {part} to ONNX", ["-m", "scripts.export_onnx", "--ckpt", str(ckpts / "best_loss.pt"),
                                                 "--part", part, "--out", str(out / "onnx" / f"{part}.onnx"),
                                                 "--input_size", "224"])
     print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; outputs in {out}/ "

@@ -8,6 +8,7 @@ the new one, never a partial one, even if the process is killed mid-write.
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import BinaryIO, Callable
@@ -33,3 +34,24 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = 
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+
+
+def link_or_copy_atomic(src: Path, dst: Path) -> None:
+    """Make ``dst`` hold ``src``'s bytes, atomically, without serialising them again.
+
+    A hard link costs nothing; since every write here replaces the directory
+    entry (``os.replace``) rather than the file's contents, a later ``src``
+    never changes ``dst``. Filesystems without hard links get a copy.
+    """
+    src, dst = Path(src), Path(dst)
+    tmp = dst.with_name(f".{dst.name}.{os.getpid()}.link")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        def copy(handle: BinaryIO) -> None:
+            with open(src, "rb") as source:
+                shutil.copyfileobj(source, handle)
+        write_atomic(dst, copy)
+        return
+    os.replace(tmp, dst)

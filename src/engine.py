@@ -26,6 +26,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from src.atomic import link_or_copy_atomic
 from src.checkpoint import read_checkpoint, restore_rng_state, rng_state, save_checkpoint, state_and_arch, unwrap
 from src.cli import UserError
 from src.data import build_datasets, crop_side
@@ -125,6 +126,7 @@ class TrainState:
     step: int = 0  # optimizer steps taken
     epoch_step: int = 0  # batches done in the current, unfinished epoch (a mid-epoch stop)
     best_msssim: float = -math.inf
+    best_loss: float = math.inf  # val value of the trained loss (rate included under --loss_type rd)
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
 
@@ -266,13 +268,15 @@ def check_overflow(monitor: OverflowMonitor, loss: torch.Tensor, step: int, args
 
 
 def train_log_entry(means: Dict[str, float], lambda_bpp: float, optimizer: torch.optim.Optimizer) -> Dict[str, float]:
-    return {
-        "train/msssim": means["msssim"], "train/psnr": means["psnr"],
-        "train/rd/total": means["total"], "train/rd/recon_total": means["recon_total"],
-        "train/rd/l1": means["l1"], "train/rd/1-msssim": means["1-msssim"],
-        "train/rd/bpp": means["bpp"], "train/rd/lambda_bpp": lambda_bpp,
-        "lr": optimizer.param_groups[0]["lr"],
-    }
+    """W&B keys of a logging window: the parts of the distortion actually trained, rate, LR."""
+    entry = {"train/psnr": means["psnr"], "train/rd/total": means["total"], "train/rd/bpp": means["bpp"],
+             "train/rd/lambda_bpp": lambda_bpp, "lr": optimizer.param_groups[0]["lr"]}
+    if "mse" in means:
+        entry["train/rd/mse"] = means["mse"]
+    else:
+        entry.update({"train/msssim": means["msssim"], "train/rd/recon_total": means["distortion"],
+                      "train/rd/l1": means["l1"], "train/rd/1-msssim": means["1-msssim"]})
+    return entry
 
 
 @torch.no_grad()
@@ -335,7 +339,7 @@ def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState,
         "aux_optimizer": tr.aux_optimizer.state_dict() if tr.aux_optimizer else None,
         "scheduler": tr.schedule.state_dict(), "scaler": tr.scaler.state_dict(),
         "epoch": state.epoch, "step": state.step, "epoch_step": state.epoch_step,
-        "best_msssim": state.best_msssim, "args": vars(args), "rng": rng_state(),
+        "best_msssim": state.best_msssim, "best_loss": state.best_loss, "args": vars(args), "rng": rng_state(),
     }
 
 
@@ -352,17 +356,22 @@ def restore_training_state(ckpt: Dict[str, Any], tr: Trainer, state: TrainState)
     tr.scaler.load_state_dict(ckpt["scaler"])
     state.epoch, state.step, state.best_msssim = ckpt["epoch"], ckpt["step"], ckpt["best_msssim"]
     state.epoch_step = ckpt.get("epoch_step", 0)
+    state.best_loss = ckpt.get("best_loss", math.inf)
     restore_rng_state(ckpt["rng"])
 
 
 def epoch_line(epoch: int, args: argparse.Namespace, train: Dict[str, float], val: Dict[str, float],
                img_per_s: float) -> str:
-    if not train:
-        train = defaultdict(lambda: float("nan"))
-    return (f"epoch {epoch}/{args.epochs} | RD {train['total']:.4f} | L1 {train['l1']:.4f} | "
-            f"1-MSSSIM {train['1-msssim']:.4f} | BPP {train['bpp']:.4f} | λ {args.lambda_bpp:g} | "
-            f"MSSSIM {train['msssim']:.4f} | PSNR {train['psnr']:.2f} dB || val MSSSIM {val['ms_ssim']:.4f} | "
-            f"val PSNR {val['psnr']:.2f} dB | val BPP {val['bpp']:.4f} | {img_per_s:.1f} img/s")
+    train = train or defaultdict(lambda: float("nan"))
+    if args.distortion == "mse":
+        dist = f"MSE {train['mse']:.6f}"
+    else:
+        dist = f"L1 {train['l1']:.4f} | 1-MSSSIM {train['1-msssim']:.4f}"
+    train_ms = "" if args.distortion == "mse" else f"MSSSIM {train['msssim']:.4f} | "
+    return (f"epoch {epoch}/{args.epochs} | RD {train['total']:.4f} | {dist} | BPP {train['bpp']:.4f} | "
+            f"λ {args.lambda_bpp:g} | {train_ms}PSNR {train['psnr']:.2f} dB || val loss {val['loss']:.4f} | "
+            f"val MSSSIM {val['ms_ssim']:.4f} | val PSNR {val['psnr']:.2f} dB | val BPP {val['bpp']:.4f} | "
+            f"{img_per_s:.1f} img/s")
 
 
 def weights_checksum(model: nn.Module) -> float:
@@ -411,16 +420,35 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
     return model
 
 
+def improved_selections(state: TrainState, val: Dict[str, float]) -> List[str]:
+    """Update the best val MS-SSIM and val loss; the names of the ``best_*.pt`` files to refresh."""
+    bests = []
+    if val["ms_ssim"] > state.best_msssim:
+        state.best_msssim = val["ms_ssim"]
+        bests.append("best_msssim")
+    if val["loss"] < state.best_loss:
+        state.best_loss = val["loss"]
+        bests.append("best_loss")
+    return bests
+
+
 def save_epoch_checkpoints(tr: Trainer, arch: Dict[str, Any], state: TrainState, args: argparse.Namespace,
-                           improved: bool, say: Callable[[str], None]) -> None:
+                           bests: Sequence[str], say: Callable[[str], None]) -> None:
+    """``last.pt``, serialised once, and the ``best_*.pt`` files this epoch improved (same bytes).
+
+    ``bests`` names the improved selections: ``best_msssim`` (val MS-SSIM) and
+    ``best_loss`` (val value of the trained loss, rate included under ``rd``).
+    """
     refresh_entropy_tables(tr.model)
     if tr.dist.is_main:
         save_dir = Path(args.save_dir)
-        payload = checkpoint_payload(tr, arch, state, args)
-        save_checkpoint(payload, save_dir / "last.pt")
-        if improved:
-            save_checkpoint(payload, save_dir / "best_msssim.pt")
+        save_checkpoint(checkpoint_payload(tr, arch, state, args), save_dir / "last.pt")
+        for best in bests:
+            link_or_copy_atomic(save_dir / "last.pt", save_dir / f"{best}.pt")
+        if "best_msssim" in bests:
             say(f"new best val MS-SSIM {state.best_msssim:.4f} -> {save_dir / 'best_msssim.pt'}")
+        if "best_loss" in bests:
+            say(f"new best val loss {state.best_loss:.4f} -> {save_dir / 'best_loss.pt'}")
     barrier(tr.dist)
 
 
@@ -466,7 +494,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         raise UserError(f"{len(train_ds)} train crops over {dist.world_size} process(es) make no batch of "
                         f"{args.batch_size}")
     tr = Trainer(
-        model=model, criterion=RecipeLoss(args.alpha_l1, args.loss_type, args.lambda_bpp), optimizer=optimizer,
+        model=model, criterion=RecipeLoss(args.alpha_l1, args.loss_type, args.lambda_bpp, args.distortion), optimizer=optimizer,
         aux_optimizer=torch.optim.Adam(aux_params, lr=AUX_LR) if aux_params else None,
         scaler=make_grad_scaler(device.type, args.amp, args.amp_dtype),
         schedule=build_schedule(optimizer, args.sched, args.epochs, steps, args.lr, args.lr_warmup_steps,
@@ -495,7 +523,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 img_per_s = (state.epoch_step - first_step) * args.batch_size * dist.world_size / (
                     time.perf_counter() - start)
                 if state.epoch_step < steps:  # stopped by a signal mid-epoch
-                    save_epoch_checkpoints(tr, arch, state, args, improved=False, say=say)
+                    save_epoch_checkpoints(tr, arch, state, args, bests=(), say=say)
                     raise interrupted(tr.stop.signum, state, args)
                 val = evaluate(tr, val_batches)
                 tr.schedule.after_epoch(val["loss"])
@@ -504,9 +532,8 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 tr.logger.log({"val/ms_ssim": val["ms_ssim"], "val/psnr": val["psnr"], "val/bpp": val["bpp"],
                                "val/loss": val["loss"], "epoch": state.epoch, "train/img_per_s": img_per_s},
                               step=state.step)
-                improved = val["ms_ssim"] > state.best_msssim
-                state.best_msssim = max(state.best_msssim, val["ms_ssim"])
-                save_epoch_checkpoints(tr, arch, state, args, improved, say)
+                bests = improved_selections(state, val)
+                save_epoch_checkpoints(tr, arch, state, args, bests, say)
                 if dist.is_main and (state.epoch % args.recon_every == 0 or state.epoch == args.epochs):
                     dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.step)
                 summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
@@ -521,7 +548,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     say(f"done: {state.step} steps; weights checksum {checksum:.6e}"
         + (f" (same on all {dist.world_size} ranks)" if dist.enabled and
            math.isclose(sums, checksum * dist.world_size, rel_tol=1e-12) else ""))
-    summary.update(best_msssim=state.best_msssim, steps=state.step, arch=arch, model=unwrap(model),
+    summary.update(best_msssim=state.best_msssim, best_loss=state.best_loss, steps=state.step, arch=arch, model=unwrap(model),
                    checksum=checksum, nonfinite_steps=state.nonfinite_total)
     return summary
 

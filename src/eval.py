@@ -2,6 +2,7 @@
 
     python -m src.eval --coco_dir /data/coco224 --use_prepared true --checkpoint ./checkpoints/best_msssim.pt
     python -m src.eval --image_dir kodak/ --checkpoint gdn.pt relu.pt npu.pt --json rd.json --plot rd.png
+    python -m src.eval --image_dir kodak/ --curve gdn=q1/,q2/,q3/,q4/ --curve npu=n1/,n2/,n3/,n4/ --plot rd.png
 
 The architecture is rebuilt from each checkpoint. Images of any size are
 padded to a multiple of 64 (CompressAI's own eval does the same), coded with
@@ -9,6 +10,12 @@ the real entropy coder (``compress``/``decompress``), cropped back, and
 measured on the original area. Metrics follow CompressAI 1.2.8's
 ``eval_model``: the reconstruction is clamped to [0, 1] and quantised to 8 bits
 (as a saved PNG would be), PSNR and MS-SSIM are computed per image, then averaged.
+
+A checkpoint may be given as a run folder: it stands for that run's
+``best_loss.pt``, the epoch with the best val value of the trained loss (rate
+included under ``--loss_type rd``), which is the one to put on an RD curve.
+``--curve NAME=CKPT,...`` groups checkpoints into a codec's RD curve and
+reports Bjøntegaard deltas of every curve against the first (``src.rd_curves``).
 """
 
 from __future__ import annotations
@@ -32,6 +39,7 @@ from src.data import image_files
 from src.images import load_rgb
 from src.losses import bpp_from_likelihoods, msssim_window, psnr_8bit, to_8bit
 from src.model_factory import model_from_checkpoint
+from src.rd_curves import compare_curves, curve_point, curves_table, parse_curve, plot_curves
 
 METRIC_KEYS = ("psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s")
 PAD_MULTIPLE = 2 ** 6
@@ -40,13 +48,17 @@ PAD_MULTIPLE = 2 ** 6
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="PSNR / MS-SSIM / bpp (estimated and real) of checkpoints.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--checkpoint", nargs="+", required=True, help="one or more checkpoints (first = reference)")
+    p.add_argument("--checkpoint", nargs="+", default=[],
+                   help="one or more checkpoints or run folders (a folder means its best_loss.pt); first = reference")
+    p.add_argument("--curve", action="append", default=[], metavar="NAME=CKPT[,CKPT...]",
+                   help="an RD curve: one checkpoint (or run folder) per rate point; repeat for each codec. "
+                        "BD-rate / BD-PSNR of every curve against the first (needs >= 4 points per curve)")
     p.add_argument("--coco_dir", default=None, help="prepared crops root (val/) or COCO root (val2017/)")
     p.add_argument("--use_prepared", type=str2bool, default=True)
     p.add_argument("--image_dir", default=None, help="any folder of images of any size (e.g. Kodak)")
     p.add_argument("--max_images", type=int, default=0, help="first N images (0 = all)")
     p.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
-    p.add_argument("--json", default=None, help="write per-image and mean results here")
+    p.add_argument("--json", default=None, help="write per-image and mean results (and the curves) here")
     p.add_argument("--plot", default=None, help="write an RD plot (bpp vs PSNR and MS-SSIM) here")
     return p
 
@@ -57,6 +69,17 @@ def eval_folder(args: argparse.Namespace) -> Path:
     if not args.coco_dir:
         raise UserError("give --image_dir DIR or --coco_dir DIR")
     return Path(args.coco_dir) / ("val" if args.use_prepared else "val2017")
+
+
+def resolve_checkpoint(text: str) -> Path:
+    """A checkpoint file, or a run folder standing for its ``best_loss.pt``."""
+    path = Path(text)
+    if not path.is_dir():
+        return path
+    if not (path / "best_loss.pt").is_file():
+        raise UserError(f"{path} is a folder without best_loss.pt; name the checkpoint file "
+                        "(runs from before best_loss.pt existed have last.pt)")
+    return path / "best_loss.pt"
 
 
 def load_model(path: Path, device: torch.device):
@@ -112,7 +135,7 @@ def evaluate_checkpoint(path: Path, files: List[Path], device: torch.device) -> 
 def checkpoint_label(path: str) -> str:
     """Short name of a checkpoint: ``run/last.pt`` for the generic file names, else the file name."""
     path = Path(path)
-    return f"{path.parent.name}/{path.name}" if path.stem in ("last", "best_msssim") else path.name
+    return f"{path.parent.name}/{path.name}" if path.stem in ("last", "best_msssim", "best_loss") else path.name
 
 
 def results_table(results: List[Dict[str, Any]]) -> str:
@@ -153,23 +176,58 @@ def plot_rd(results: List[Dict[str, Any]], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: Optional[Sequence[str]] = None) -> List[Dict[str, Any]]:
+def parse_curves(texts: Sequence[str]) -> Dict[str, List[Path]]:
+    curves: Dict[str, List[Path]] = {}
+    for text in texts:
+        try:
+            name, checkpoints = parse_curve(text)
+        except ValueError as err:
+            raise UserError(str(err)) from None
+        if name in curves:
+            raise UserError(f"--curve {name} is given twice")
+        curves[name] = [resolve_checkpoint(c) for c in checkpoints]
+    return curves
+
+
+def report_curves(curves: Dict[str, List[Path]], by_path: Dict[Path, Dict[str, Any]]) -> Dict[str, Any]:
+    """Print the curves' points and BD figures; the JSON section that holds them."""
+    points = {name: [curve_point(by_path[c]["mean"], str(c)) for c in ckpts] for name, ckpts in curves.items()}
+    deltas = compare_curves(points)
+    print(curves_table(points, deltas))
+    return {"anchor": next(iter(curves)), "points": points, "bd": deltas}
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+    """Evaluate; returns ``{"results": [...], "curves": {...} or None}`` as written to ``--json``."""
     args = get_args_parser().parse_args(argv)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available")
+    if not args.checkpoint and not args.curve:
+        raise UserError("give --checkpoint CKPT [CKPT ...] or --curve NAME=CKPT,CKPT,... (or both)")
+    checkpoints = [resolve_checkpoint(c) for c in args.checkpoint]
+    curves = parse_curves(args.curve)
     files = image_files(eval_folder(args), "eval image")
     if args.max_images > 0:
         files = files[: args.max_images]
     device = torch.device(args.device)
-    results = [evaluate_checkpoint(Path(c), files, device) for c in args.checkpoint]
+    unique = list(dict.fromkeys(checkpoints + [c for ckpts in curves.values() for c in ckpts]))
+    by_path = {c: evaluate_checkpoint(c, files, device) for c in unique}
     print(f"{len(files)} images from {eval_folder(args)}")
-    print(results_table(results))
+    report: Dict[str, Any] = {"results": [by_path[c] for c in unique], "curves": None}
+    if checkpoints:
+        print(results_table([by_path[c] for c in checkpoints]))
+    if curves:
+        report["curves"] = report_curves(curves, by_path)
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps({"results": results}, indent=1))
+        Path(args.json).write_text(json.dumps(report, indent=1))
     if args.plot:
-        plot_rd(results, Path(args.plot))
-    return results
+        if curves:
+            plot_curves(report["curves"]["points"], Path(args.plot), title=f"{len(files)} images from "
+                        f"{eval_folder(args)}")
+        else:
+            plot_rd([by_path[c] for c in checkpoints], Path(args.plot))
+    return report
 
 
 if __name__ == "__main__":

@@ -1,7 +1,14 @@
 """The recipe's loss and metrics, always computed in FP32.
 
-``recon = a * L1 + (1 - a) * (1 - MS-SSIM)``; ``rd = recon + lambda_bpp * bpp``
-with ``bpp = sum(-log2(likelihoods)) / pixels``. MS-SSIM comes from
+Two distortions (``--distortion``):
+
+- ``l1_msssim`` (the recipe's own): ``a * L1 + (1 - a) * (1 - MS-SSIM)``;
+- ``mse`` (CompressAI's ``RateDistortionLoss``): ``255^2 * MSE`` on [0, 1] images.
+
+``recon`` trains the distortion alone; ``rd`` adds ``lambda_bpp * bpp`` with
+``bpp = sum(-log2(likelihoods)) / pixels``. CompressAI's loss is
+``lmbda * 255^2 * MSE + bpp``, i.e. ours times ``lmbda``: ``--lambda_bpp 1/lmbda``
+reproduces its trade-off (``ZOO_LAMBDA_BPP``). MS-SSIM comes from
 pytorch-msssim on images clamped to [0, 1]. Metrics follow CompressAI's
 conventions (PSNR per image, then averaged) so numbers compare with its results.
 """
@@ -17,6 +24,12 @@ import torch.nn.functional as F
 from pytorch_msssim import ms_ssim
 
 MSSSIM_WINDOW = 11
+DISTORTIONS = ("l1_msssim", "mse")
+LOSS_TYPES = ("recon", "rd")
+# CompressAI's lmbda per quality for bmshj2018-factorized/-hyperprior mse (compressai/zoo/image.py's training setup).
+ZOO_LMBDA = {1: 0.0018, 2: 0.0035, 3: 0.0067, 4: 0.0130, 5: 0.0250, 6: 0.0483, 7: 0.0932, 8: 0.1800}
+# --lambda_bpp that makes ``255^2 * MSE + lambda_bpp * bpp`` CompressAI's loss divided by its lmbda.
+ZOO_LAMBDA_BPP = {q: 1.0 / lmbda for q, lmbda in ZOO_LMBDA.items()}
 _MSSSIM_DOWNSAMPLINGS = 4
 
 
@@ -66,23 +79,39 @@ def bpp_from_likelihoods(likelihoods: Mapping[str, torch.Tensor], num_pixels: in
 
 
 class RecipeLoss(torch.nn.Module):
-    """``a*L1 + (1-a)*(1-MS-SSIM)`` [+ ``lambda_bpp * bpp``], returned with its parts."""
+    """The distortion [+ ``lambda_bpp * bpp``], returned with its parts.
 
-    def __init__(self, alpha_l1: float = 0.4, loss_type: str = "recon", lambda_bpp: float = 0.01):
+    Parts: ``total`` (what is minimised), ``distortion`` (its distortion term),
+    ``bpp``, and per distortion ``l1``, ``1-msssim``, ``msssim``
+    (``l1_msssim``) or ``mse`` (``mse``, on [0, 1], as CompressAI logs it).
+    The ``mse`` path computes no MS-SSIM: it does exactly CompressAI's work.
+    """
+
+    def __init__(self, alpha_l1: float = 0.4, loss_type: str = "recon", lambda_bpp: float = 0.01,
+                 distortion: str = "l1_msssim"):
         super().__init__()
-        if loss_type not in ("recon", "rd"):
-            raise ValueError(f"loss_type must be recon or rd, got {loss_type!r}")
+        if loss_type not in LOSS_TYPES:
+            raise ValueError(f"loss_type must be one of {LOSS_TYPES}, got {loss_type!r}")
+        if distortion not in DISTORTIONS:
+            raise ValueError(f"distortion must be one of {DISTORTIONS}, got {distortion!r}")
         self.alpha_l1, self.loss_type, self.lambda_bpp = alpha_l1, loss_type, lambda_bpp
+        self.distortion = distortion
+
+    def distortion_parts(self, x_hat: torch.Tensor, x: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if self.distortion == "mse":
+            mse = F.mse_loss(x_hat, x)
+            return {"distortion": 255.0 ** 2 * mse, "mse": mse}
+        l1 = F.l1_loss(x_hat, x)
+        msssim = msssim_per_image(x_hat, x).mean()
+        return {"distortion": self.alpha_l1 * l1 + (1.0 - self.alpha_l1) * (1.0 - msssim),
+                "l1": l1, "1-msssim": 1.0 - msssim, "msssim": msssim}
 
     def forward(self, output: Mapping, x: torch.Tensor) -> Dict[str, torch.Tensor]:
         with torch.autocast(device_type=x.device.type, enabled=False):
             x = x.float()
-            x_hat = output["x_hat"].float()
-            l1 = F.l1_loss(x_hat, x)
-            msssim = msssim_per_image(x_hat, x).mean()
+            parts = self.distortion_parts(output["x_hat"].float(), x)
             n, _, h, w = x.shape
-            bpp = bpp_from_likelihoods(output["likelihoods"], n * h * w)
-            recon = self.alpha_l1 * l1 + (1.0 - self.alpha_l1) * (1.0 - msssim)
-            total = recon + self.lambda_bpp * bpp if self.loss_type == "rd" else recon
-        return {"total": total, "recon_total": recon, "l1": l1, "1-msssim": 1.0 - msssim,
-                "bpp": bpp, "msssim": msssim}
+            parts["bpp"] = bpp_from_likelihoods(output["likelihoods"], n * h * w)
+            total = parts["distortion"]
+            parts["total"] = total + self.lambda_bpp * parts["bpp"] if self.loss_type == "rd" else total
+        return parts

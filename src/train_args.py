@@ -7,6 +7,7 @@ import argparse
 import torch
 
 from src.cli import UserError, str2bool
+from src.losses import DISTORTIONS, LOSS_TYPES
 from src.model_factory import BASE_MODELS
 from src.precision import AMP_DTYPES, LOCAL_FP32_POLICIES
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
@@ -55,9 +56,14 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--resume", default=None, help="continue from this last.pt")
     g = p.add_argument_group("Loss")
-    g.add_argument("--loss_type", default="recon", choices=("recon", "rd"))
+    g.add_argument("--loss_type", default="recon", choices=LOSS_TYPES,
+                   help="recon = distortion only; rd = distortion + lambda_bpp * bpp")
+    g.add_argument("--distortion", default="l1_msssim", choices=DISTORTIONS,
+                   help="l1_msssim = a*L1 + (1-a)*(1-MS-SSIM); mse = 255^2*MSE, CompressAI's objective")
     g.add_argument("--alpha_l1", type=float, default=0.4, help="a in a*L1 + (1-a)*(1-MS-SSIM)")
-    g.add_argument("--lambda_bpp", type=float, default=0.01, help="rate weight for --loss_type rd")
+    g.add_argument("--lambda_bpp", type=float, default=0.01,
+                   help="rate weight for --loss_type rd (with --distortion mse, 1/lmbda of CompressAI: "
+                        "q1..q8 = 556, 286, 149, 76.9, 40, 20.7, 10.7, 5.56)")
     g = p.add_argument_group("Precision")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--amp", type=str2bool, default=True)

@@ -47,7 +47,7 @@ def photos(tmp_path_factory):
 
 def test_eval_agrees_with_compressai_eval_model(checkpoints, photos, tmp_path):
     ours = recipe_eval.main(["--image_dir", str(photos), "--checkpoint", str(checkpoints["gdn"]),
-                             "--json", str(tmp_path / "r.json")])[0]["mean"]
+                             "--json", str(tmp_path / "r.json")])["results"][0]["mean"]
     result = subprocess.run([sys.executable, "-m", "compressai.utils.eval_model", "checkpoint", str(photos),
                              "-a", "bmshj2018-factorized", "-p", str(checkpoints["gdn"])],
                             capture_output=True, text=True, cwd=REPO)
@@ -111,7 +111,7 @@ def test_eval_reports_checkpoint_without_entropy_tables(checkpoints, photos, tmp
     for key in [k for k in ckpt["state_dict"] if k.endswith(("_quantized_cdf", "_offset", "_cdf_length"))]:
         ckpt["state_dict"][key] = torch.zeros(0, dtype=ckpt["state_dict"][key].dtype)
     torch.save(ckpt, tmp_path / "stale.pt")
-    result = recipe_eval.main(["--image_dir", str(photos), "--checkpoint", str(tmp_path / "stale.pt")])[0]
+    result = recipe_eval.main(["--image_dir", str(photos), "--checkpoint", str(tmp_path / "stale.pt")])["results"][0]
     assert result["entropy_updated_in_checkpoint"] is False
     assert "saved without model.update()" in capsys.readouterr().out
     assert result["mean"]["bpp_real"] > 0
