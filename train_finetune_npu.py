@@ -34,6 +34,30 @@ def get_npu_args_parser():
     return parser
 
 
+def check_block_flags(parser, args) -> None:
+    """The NPU blocks' rules, as one-line argparse errors naming the flag (before any model is built).
+
+    Without a residual a block must start as the identity some other way: the
+    encoder carries +x and -x through its ReLU6 on 2C hidden channels (so
+    ``--enc_t`` >= 2), the decoder's gain must be able to equal 1
+    (``--dec_gmin`` < 1 < ``--dec_gmax``).
+    """
+    if args.enc_t <= 0:
+        parser.error(f"--enc_t must be > 0, got {args.enc_t:g}")
+    if not args.enc_residual and args.enc_t < 2:
+        parser.error(f"--enc_t must be >= 2 with --enc_residual false (identity init carries +x and -x on 2C "
+                     f"channels), got {args.enc_t:g}")
+    for flag in ("enc_kdw", "dec_k"):
+        value = getattr(args, flag)
+        if value < 1 or value % 2 == 0:
+            parser.error(f"--{flag} must be a positive odd kernel size (1, 3, 5, ...), got {value}")
+    if args.dec_gmin < 0 or args.dec_gmin >= args.dec_gmax:
+        parser.error(f"--dec_gmin must be >= 0 and < --dec_gmax, got [{args.dec_gmin:g}, {args.dec_gmax:g}]")
+    if not args.dec_residual and not args.dec_gmin < 1 < args.dec_gmax:
+        parser.error(f"--dec_residual false needs --dec_gmin < 1 < --dec_gmax (identity init needs gain 1), "
+                     f"got [{args.dec_gmin:g}, {args.dec_gmax:g}]")
+
+
 def block_kwargs(args):
     """(enc_kwargs, dec_kwargs) for src.replace_gdn_npu from the NPU flags."""
     enc = {"t": args.enc_t, "k_dw": args.enc_kdw, "use_eca": args.enc_eca, "residual": args.enc_residual}
@@ -42,7 +66,9 @@ def block_kwargs(args):
 
 
 def main(argv: Optional[Sequence[str]] = None):
-    args = get_npu_args_parser().parse_args(argv)
+    parser = get_npu_args_parser()
+    args = parser.parse_args(argv)
+    check_block_flags(parser, args)
     enc, dec = block_kwargs(args)
     return run_training(args, replace="npu", enc_kwargs=enc, dec_kwargs=dec)
 

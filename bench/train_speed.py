@@ -11,7 +11,7 @@ alternating in rounds so that machine noise hits every loop alike.
 
 - plain: CompressAI's examples/train.py step: forward, RateDistortionLoss
   (lmbda * 255^2 * MSE + bpp), backward, clip, step, aux-loss step.
-- loop: src.engine's train_step / agree_to_skip_or_stop / apply_update with
+- loop: src.engine's training_step (forward, loss, backward, clip, agreement, step) with
   ``--distortion mse`` (CompressAI's objective): local-FP32 entropy model, the
   per-step skip/stop agreement, clip, step, aux step -- the loop's own extras.
 - recipe: the same with the recipe's default loss (FP32 L1 + 5-scale MS-SSIM + bpp).
@@ -41,7 +41,7 @@ from compressai.losses import RateDistortionLoss
 from torchvision.transforms.functional import pil_to_tensor
 
 from src.distributed import DistInfo
-from src.engine import Trainer, TrainState, agree_to_skip_or_stop, apply_update, split_aux_parameters, train_step
+from src.engine import Trainer, TrainState, split_aux_parameters, training_step
 from src.images import center_crop_box, load_rgb, upscale_to_fit
 from src.losses import RecipeLoss
 from src.model_factory import build_model, make_arch
@@ -106,10 +106,8 @@ def recipe_step_fn(model, device, amp: bool, criterion: RecipeLoss) -> Callable[
 
     def step(x):
         nonlocal sums
-        _, parts = train_step(tr, x, args, state)
-        skip, _ = agree_to_skip_or_stop(tr, ~torch.isfinite(parts["total"]))
-        if not skip:
-            apply_update(tr, parts, args)
+        _, parts, verdict = training_step(tr, x, args, state)
+        if not verdict.skip:
             sums = sums + parts["total"].detach()
         state.step += 1
     return step

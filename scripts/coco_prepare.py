@@ -129,6 +129,26 @@ def write_manifest(out_dir: Path, manifest: Dict) -> None:
     write_atomic(out_dir / "manifest.json", lambda handle: handle.write(text))
 
 
+# Arguments that decide which pixels a crop holds: an --out_dir is reused only with the same ones.
+CROP_DEFINING_ARGS = ("crop_size", "crops_per_image", "seed", "upscale_small")
+
+
+def check_reuse(out_dir: Path, args: argparse.Namespace) -> None:
+    """Refuse to add crops made another way to an existing output (they would mix, or be skipped by name)."""
+    manifest = out_dir / "manifest.json"
+    if not manifest.is_file():
+        return
+    try:
+        saved = json.loads(manifest.read_text()).get("args", {})
+    except (OSError, ValueError) as err:
+        raise UserError(f"{manifest} is unreadable ({err}); remove it or use another --out_dir") from None
+    changes = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in CROP_DEFINING_ARGS
+               if k in saved and saved[k] != getattr(args, k)]
+    if changes:
+        raise UserError(f"{out_dir} holds crops made with other arguments ({'; '.join(changes)}); "
+                        "use another --out_dir, or the same arguments to complete it")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
     if args.crop_size < 8 or args.crops_per_image < 1:
@@ -136,6 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     coco_dir, out_dir = Path(args.coco_dir), Path(args.out_dir)
     if not coco_dir.is_dir():
         raise UserError(f"--coco_dir {coco_dir} does not exist")
+    check_reuse(out_dir, args)
     out_dir.mkdir(parents=True, exist_ok=True)
     jobs = collect_jobs(args, coco_dir, out_dir)
 

@@ -33,7 +33,7 @@ from src import onnx_int8 as int8
 from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli
 from src.data import image_files
-from src.images import load_rgb, upscale_to_fit
+from src.images import DECODE_ERRORS, load_rgb, upscale_to_fit
 from src.model_factory import make_arch, model_from_checkpoint
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
 
@@ -112,13 +112,22 @@ def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int,
     """--image, else the first val image of the run that wrote the checkpoint."""
     if args.image:
         path = Path(args.image)
+        if not path.is_file():
+            raise UserError(f"--image {path} not found")
     else:
         run_args = payload.get("args") or {}
         if not run_args.get("coco_dir"):
             raise UserError("no image to verify the export on: pass --image PATH")
-        sub = "val" if run_args.get("use_prepared", True) else "val2017"
-        path = image_files(Path(run_args["coco_dir"]) / sub, "verification")[0]
-    return center_crop_tensor(path, size)
+        folder = Path(run_args["coco_dir"]) / ("val" if run_args.get("use_prepared", True) else "val2017")
+        if not folder.is_dir():
+            raise UserError(f"the training run's val folder {folder} (used to verify the export) is not here; "
+                            "pass --image PATH")
+        path = image_files(folder, "verification")[0]
+    try:
+        return center_crop_tensor(path, size)
+    except DECODE_ERRORS as err:
+        raise UserError(f"verification image {path} cannot be decoded ({str(err).splitlines()[0][:100]}); "
+                        "pass another --image") from None
 
 
 def export_graph(model: nn.Module, part: str, example: torch.Tensor, out: Path, opset: int,

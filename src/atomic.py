@@ -14,6 +14,13 @@ from pathlib import Path
 from typing import BinaryIO, Callable
 
 
+def current_umask() -> int:
+    """The process umask (reading it means setting it, so it is set straight back)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = True) -> None:
     """Call ``write(handle)`` on a temp file, then move it to ``path``.
 
@@ -25,6 +32,7 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = 
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would otherwise survive the rename
         with os.fdopen(fd, "wb") as handle:
             write(handle)
             if durable:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import pickle
 import random
-import zipfile
 from pathlib import Path
 from typing import Any, Dict
 
@@ -46,8 +45,9 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         culprit = next((line.strip() for line in text.splitlines() if "Unsupported global" in line), "pickled objects")
         raise UserError(f"refused to load {path}: it holds objects that weights_only=True does not allow "
                         f"({culprit[:160]})") from None
-    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
-        raise UserError(f"{path} is not a readable PyTorch checkpoint ({str(err).splitlines()[0][:160]})") from None
+    except Exception as err:  # noqa: BLE001 -- a text file or an image fails deep in torch.load in many ways
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {reason})") from None
     if not isinstance(payload, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(payload).__name__}, not a dict")
     return payload

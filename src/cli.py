@@ -15,6 +15,8 @@ from typing import Callable, Optional, Sequence
 class UserError(Exception):
     """Bad input from the user: shown as a single ``error: ...`` line, exit 2."""
 
+    exit_code = 2
+
 
 def str2bool(value: str) -> bool:
     """argparse type for the recipe's ``true|false`` flags."""
@@ -34,7 +36,7 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
         main(argv)
     except UserError as err:
         print(f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(err.exit_code)
     except Interrupted as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(128 + stop.signum)

@@ -14,12 +14,12 @@ from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from src.cli import UserError
-from src.images import center_crop_box, list_images, load_rgb, upscale_to_fit
+from src.images import DECODE_ERRORS, center_crop_box, list_images, load_rgb, upscale_to_fit
 
 
 def image_files(folder: Path, what: str) -> List[Path]:
@@ -40,7 +40,7 @@ def read_or_report(path: Path, read) -> Optional[torch.Tensor]:
     """
     try:
         return read(path)
-    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as err:
+    except DECODE_ERRORS as err:
         print(f"warning: skipping unreadable image {path} ({str(err).splitlines()[0][:120]})",
               file=sys.stderr, flush=True)
         return None

@@ -50,12 +50,13 @@ def all_reduce_sum(tensor: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return tensor
 
 
-def any_rank(flag: bool, device: torch.device, info: DistInfo) -> bool:
-    """True when ``flag`` is true on at least one rank (so every rank stops together)."""
+def all_gather_objects(obj, info: DistInfo) -> list:
+    """Every rank's ``obj`` (picklable), in rank order; ``[obj]`` for one process."""
     if not info.enabled:
-        return flag
-    value = torch.tensor(float(flag), device=device)
-    return bool(all_reduce_sum(value, info).item() > 0)
+        return [obj]
+    gathered = [None] * info.world_size
+    dist.all_gather_object(gathered, obj)
+    return gathered
 
 
 def barrier(info: DistInfo) -> None:

@@ -14,6 +14,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,7 +31,7 @@ from src.atomic import link_or_copy_atomic
 from src.checkpoint import read_checkpoint, restore_rng_state, rng_state, save_checkpoint, state_and_arch, unwrap
 from src.cli import UserError
 from src.data import build_datasets, crop_side
-from src.distributed import DistInfo, all_reduce_sum, barrier, init_distributed, shutdown
+from src.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from src.gdn_fit import fit_blocks_to_gdn
 from src.loaders import EpochLoader, val_loader
 from src.losses import RecipeLoss, bpp_from_likelihoods, msssim_per_image, psnr_per_image
@@ -47,13 +48,18 @@ from src.replace_gdn import parameter_table, set_trainable_parts
 from src.run_logger import RunLogger
 from src.schedule import LRSchedule, build_schedule
 from src.stop_signals import Interrupted, StopRequest
-from src.train_args import validate_args
+from src.train_args import resume_flag_changes, validate_args
 
 AUX_LR = 1e-3  # CompressAI's example trainer uses 1e-3 for the quantiles.
 
 
 class TrainingStopped(UserError):
-    """The run stopped on purpose (overflow check, or too many non-finite steps); the last good checkpoint is intact."""
+    """The run stopped on purpose (overflow check, or too many non-finite steps); the last good checkpoint is intact.
+
+    Its exit code (3) tells a scheduler "the run diverged" apart from "the command was wrong" (2).
+    """
+
+    exit_code = 3
 
 
 # ---------------------------------------------------------------- setup
@@ -127,6 +133,7 @@ class TrainState:
     epoch_step: int = 0  # batches done in the current, unfinished epoch (a mid-epoch stop)
     best_msssim: float = -math.inf
     best_loss: float = math.inf  # val value of the trained loss (rate included under --loss_type rd)
+    epochs_total: int = 0  # the run's length: --epochs, plus any --extend_epochs of a finished run
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
 
@@ -147,48 +154,110 @@ class Trainer:
     monitor: Optional[OverflowMonitor]
     logger: RunLogger
     stop: StopRequest
+    placeholder: Optional[torch.Tensor] = None  # stands in for an all-corrupt batch: (1, 3, crop, crop) zeros
 
 
 # ---------------------------------------------------------------- the loop
 
-def agree_to_skip_or_stop(tr: Trainer, bad: torch.Tensor) -> Tuple[bool, bool]:
-    """(skip this step, stop after it), agreed by all ranks in one collective.
+@dataclass
+class StepVerdict:
+    """What all ranks agreed on after a step's backward (one collective, one host sync)."""
 
-    ``bad`` is 1 when this rank's batch was empty or its loss non-finite. This
-    is the loop's one per-step host sync: a step with a NaN loss must not reach
-    the optimizer, and under DDP every rank has to make the same choice.
+    skip: bool  # some rank had an empty batch, a non-finite loss or non-finite gradients
+    stop: bool  # a signal asked to stop after this step
+    overflow: Optional[str]  # --overflow_check: where the first rank that overflowed saw it
+
+
+def agree_on_step(tr: Trainer, bad: torch.Tensor, overflow: Optional[str]) -> StepVerdict:
+    """Skip, stop and overflow, agreed by all ranks in one collective.
+
+    This is the loop's one per-step host sync: a step with a NaN loss or an inf
+    gradient must not reach the optimizer, and under DDP every rank has to make
+    the same choice, or the ranks' collectives drift apart and hang.
     """
-    flags = torch.stack([bad.float(), torch.tensor(float(tr.stop.requested), device=tr.device)])
+    flags = torch.stack([bad.float(), torch.tensor(float(tr.stop.requested), device=tr.device),
+                         torch.tensor(float(overflow is not None), device=tr.device)])
     flags = all_reduce_sum(flags, tr.dist).cpu()
-    return bool(flags[0] > 0), bool(flags[1] > 0)
+    where = None
+    if flags[2] > 0:
+        where = next(w for w in all_gather_objects(overflow or "", tr.dist) if w)
+    return StepVerdict(bool(flags[0] > 0), bool(flags[1] > 0), where)
 
 
-def train_step(tr: Trainer, x: torch.Tensor, args: argparse.Namespace, state: TrainState):
-    """Forward under autocast and the loss in FP32: (model output, loss parts)."""
+def train_step(tr: Trainer, x: torch.Tensor, args: argparse.Namespace,
+               state: TrainState) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Optional[str]]:
+    """Forward under autocast and the loss in FP32: (model output, loss parts, overflow report or None)."""
     if tr.monitor is not None:
         tr.monitor.reset()
     with tr.autocast():
         output = tr.model(x)
     parts = tr.criterion(output, x)
-    if tr.monitor is not None:
-        check_overflow(tr.monitor, parts["total"], state.step, args)
-    return output, parts
+    overflow = overflow_report(tr.monitor, parts["total"], args) if tr.monitor is not None else None
+    return output, parts, overflow
 
 
-def apply_update(tr: Trainer, parts: Dict[str, torch.Tensor], args: argparse.Namespace) -> None:
-    """Backward, unscale + clip, optimizer step, then the aux (quantiles) step."""
+def backward_and_clip(tr: Trainer, loss: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+    """Backward (scaled under fp16), unscale + clip; returns whether the gradients are finite (device bool).
+
+    With fp16 the GradScaler owns inf gradients (it skips the step and lowers
+    its scale), so they are reported finite here. Without it (bf16, fp32) an
+    inf gradient would make the clip coefficient NaN and the weights NaN for
+    good: the total norm that clipping computes anyway is the check.
+    """
     params = [p for group in tr.optimizer.param_groups for p in group["params"]]
     tr.optimizer.zero_grad(set_to_none=True)
-    tr.scaler.scale(parts["total"]).backward()
+    tr.scaler.scale(loss).backward()
     if args.max_grad_norm > 0:
         tr.scaler.unscale_(tr.optimizer)
-        torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+    elif not tr.scaler.is_enabled():
+        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    else:
+        return torch.ones((), dtype=torch.bool, device=tr.device)
+    return torch.isfinite(norm) | torch.tensor(tr.scaler.is_enabled(), device=tr.device)
+
+
+def step_optimizers(tr: Trainer) -> None:
+    """Optimizer step (through the scaler), then the aux (quantiles) step."""
     tr.scaler.step(tr.optimizer)
     tr.scaler.update()
     if tr.aux_optimizer is not None:
         tr.aux_optimizer.zero_grad(set_to_none=True)
         unwrap(tr.model).aux_loss().backward()
         tr.aux_optimizer.step()
+
+
+def drop_step(tr: Trainer) -> None:
+    """Forget this step's gradients (and, under fp16, let the scaler lower its scale)."""
+    tr.optimizer.zero_grad(set_to_none=True)
+    if tr.scaler.is_enabled():
+        tr.scaler.update()
+
+
+def training_step(tr: Trainer, x: Optional[torch.Tensor], args: argparse.Namespace,
+                  state: TrainState) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], StepVerdict]:
+    """One optimizer step as the recipe says: forward, loss in FP32, backward, unscale + clip, step, aux step.
+
+    ``x`` is None when every image of this rank's batch was unreadable. Every
+    rank still runs forward and backward (on a placeholder whose loss counts
+    0): under DDP a rank that skipped them would leave the others waiting in
+    the gradient all-reduce. Then all ranks agree to step or to skip.
+    """
+    empty = x is None
+    x = tr.placeholder.to(tr.device) if empty else x
+    output, parts, overflow = train_step(tr, x, args, state)
+    finite_grads = backward_and_clip(tr, parts["total"] * (0.0 if empty else 1.0), args)
+    bad = torch.tensor(empty, device=tr.device) | ~torch.isfinite(parts["total"]) | ~finite_grads
+    verdict = agree_on_step(tr, bad, overflow)
+    if verdict.overflow is not None:
+        raise TrainingStopped(f"overflow at step {state.step}: {verdict.overflow}; "
+                              f"last good checkpoint: {Path(args.save_dir) / 'last.pt'}")
+    count_nonfinite(state, verdict.skip, args, loud=tr.dist.is_main)
+    if verdict.skip:
+        drop_step(tr)
+    else:
+        step_optimizers(tr)
+    return output, parts, verdict
 
 
 def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace, loud: bool = True) -> None:
@@ -198,7 +267,7 @@ def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace, 
     state.nonfinite_in_a_row += 1
     state.nonfinite_total += 1
     if loud:
-        print(f"warning: step {state.step}: non-finite loss or empty batch, step skipped "
+        print(f"warning: step {state.step}: non-finite loss or gradients, or an empty batch, step skipped "
               f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)", flush=True)
     if state.nonfinite_in_a_row >= args.max_bad_steps:
         raise TrainingStopped(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step}; "
@@ -211,26 +280,20 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
     """The rest of the current epoch; returns the mean loss parts over the steps run now.
 
     Loss parts are summed on the device and read back every ``--log_every``
-    steps; the only per-step sync is the skip/stop agreement.
+    steps; the only per-step sync is the skip/stop agreement (``agree_on_step``).
     """
     tr.model.train()
     epoch_sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=tr.device))
     window_sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=tr.device))
     window = done = 0
-    bar = tqdm(total=steps, initial=state.epoch_step, desc=f"train {state.epoch + 1}/{args.epochs}", leave=False,
+    bar = tqdm(total=steps, initial=state.epoch_step, desc=f"train {state.epoch + 1}/{state.epochs_total}", leave=False,
                dynamic_ncols=True, disable=not tr.dist.is_main)
     batches = iter(loader)
     while state.epoch_step < steps:
         x = next(batches, None)
-        output = parts = None
-        if x is not None:
-            x = x.to(tr.device, non_blocking=True)
-            output, parts = train_step(tr, x, args, state)
-        bad = torch.ones((), device=tr.device) if parts is None else ~torch.isfinite(parts["total"])
-        skip, stop = agree_to_skip_or_stop(tr, bad)
-        count_nonfinite(state, skip, args, loud=tr.dist.is_main)
-        if not skip:
-            apply_update(tr, parts, args)
+        x = None if x is None else x.to(tr.device, non_blocking=True)
+        output, parts, verdict = training_step(tr, x, args, state)
+        if not verdict.skip:
             values = {k: v.detach() for k, v in parts.items()}
             values["psnr"] = psnr_per_image(output["x_hat"].detach(), x).mean()
             for key, value in values.items():
@@ -242,13 +305,13 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
         state.step += 1
         state.epoch_step += 1
         bar.update(1)
-        if window and (window == args.log_every or state.epoch_step == steps or stop):
+        if window and (window == args.log_every or state.epoch_step == steps or verdict.stop):
             means = {k: v.item() / window for k, v in window_sums.items()}
             bar.set_postfix(loss=f"{means['total']:.4f}", psnr=f"{means['psnr']:.2f}")
             tr.logger.log(train_log_entry(means, args.lambda_bpp, tr.optimizer), step=state.step)
             window_sums.clear()
             window = 0
-        if stop:
+        if verdict.stop:
             break
     bar.close()
     counts = torch.tensor(float(done), device=tr.device)
@@ -258,13 +321,13 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
     return {k: totals[i].item() / max(1.0, totals[-1].item()) for i, k in enumerate(keys)}
 
 
-def check_overflow(monitor: OverflowMonitor, loss: torch.Tensor, step: int, args: argparse.Namespace) -> None:
+def overflow_report(monitor: OverflowMonitor, loss: torch.Tensor, args: argparse.Namespace) -> Optional[str]:
+    """None when the forward stayed in range; else where it broke (shared with every rank)."""
     bad = monitor.first_bad()
     if bad is None and bool(torch.isfinite(loss)):
-        return
+        return None
     where = f"first bad output in module '{bad}'" if bad else "the loss is not finite"
-    raise TrainingStopped(f"overflow at step {step}: {where} (NaN/Inf or |x| > {args.overflow_tol:g}); "
-                          f"last good checkpoint: {Path(args.save_dir) / 'last.pt'}")
+    return f"{where} (NaN/Inf or |x| > {args.overflow_tol:g})"
 
 
 def train_log_entry(means: Dict[str, float], lambda_bpp: float, optimizer: torch.optim.Optimizer) -> Dict[str, float]:
@@ -281,8 +344,12 @@ def train_log_entry(means: Dict[str, float], lambda_bpp: float, optimizer: torch
 
 @torch.no_grad()
 def evaluate(tr: Trainer, loader: DataLoader) -> Dict[str, float]:
-    """Mean per-image PSNR / MS-SSIM, estimated bpp and loss over the val set (all ranks' shards)."""
-    tr.model.eval()
+    """Mean per-image PSNR / MS-SSIM, estimated bpp and loss over the val set (all ranks' shards).
+
+    The bare model runs (no DDP forward, so no collective per batch): a rank
+    whose shard holds an unreadable image skips it without the others waiting.
+    """
+    model = unwrap(tr.model).eval()
     keys = ("loss", "psnr", "ms_ssim", "bpp", "count")
     totals = torch.zeros(len(keys), device=tr.device)
     for x in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not tr.dist.is_main):
@@ -290,7 +357,7 @@ def evaluate(tr: Trainer, loader: DataLoader) -> Dict[str, float]:
             continue
         x = x.to(tr.device, non_blocking=True)
         with tr.autocast():
-            output = tr.model(x)
+            output = model(x)
         n, _, h, w = x.shape
         totals += torch.stack([
             tr.criterion(output, x)["total"] * n,
@@ -339,7 +406,8 @@ def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState,
         "aux_optimizer": tr.aux_optimizer.state_dict() if tr.aux_optimizer else None,
         "scheduler": tr.schedule.state_dict(), "scaler": tr.scaler.state_dict(),
         "epoch": state.epoch, "step": state.step, "epoch_step": state.epoch_step,
-        "best_msssim": state.best_msssim, "best_loss": state.best_loss, "args": vars(args), "rng": rng_state(),
+        "best_msssim": state.best_msssim, "best_loss": state.best_loss, "epochs_total": state.epochs_total,
+        "world_size": tr.dist.world_size, "args": vars(args), "rng": rng_state(),
     }
 
 
@@ -360,7 +428,45 @@ def restore_training_state(ckpt: Dict[str, Any], tr: Trainer, state: TrainState)
     restore_rng_state(ckpt["rng"])
 
 
-def epoch_line(epoch: int, args: argparse.Namespace, train: Dict[str, float], val: Dict[str, float],
+def planned_epochs(ckpt: Dict[str, Any], args: argparse.Namespace, dist: DistInfo) -> Tuple[int, bool]:
+    """(the resumed run's length, whether it is being extended); refuses changed run-defining flags."""
+    saved_total = int(ckpt.get("epochs_total", ckpt["args"].get("epochs", args.epochs)))
+    finished = ckpt["epoch"] >= saved_total
+    if finished and not args.extend_epochs:
+        raise UserError(f"nothing to do: {args.resume} finished its {saved_total} epochs; add --extend_epochs N "
+                        "to train N more (changing --epochs would change the schedule of the epochs already run)")
+    extending = finished and args.extend_epochs > 0
+    changes = resume_flag_changes(ckpt.get("args", {}), args, extending, int(ckpt.get("world_size", 1)),
+                                  dist.world_size)
+    if changes:
+        raise UserError(f"--resume {args.resume} was run with other flags ({'; '.join(changes)}); resume with the "
+                        "saved flags" + ("" if finished else ", or let it finish and then use --extend_epochs"))
+    return (saved_total + args.extend_epochs if extending else saved_total), extending
+
+
+def fast_forward_schedule(tr: Trainer, args: argparse.Namespace, state: TrainState, steps: int) -> str:
+    """Rebuild cosine/onecycle for the extended length, replayed to where the run stands; what the LR does."""
+    before = tr.optimizer.param_groups[0]["lr"]
+    if args.sched not in ("cosine", "onecycle"):
+        return f"--sched {args.sched} does not depend on the length: the LR stays {before:.3g} and goes on as before"
+    for group in tr.optimizer.param_groups:
+        group["lr"] = args.lr
+        group.pop("initial_lr", None)
+    tr.schedule = build_schedule(tr.optimizer, args.sched, state.epochs_total, steps, args.lr, args.lr_warmup_steps,
+                                 args.onecycle_pct_start)
+    with warnings.catch_warnings():  # stepping schedulers without optimizer steps is the point here
+        warnings.simplefilter("ignore")
+        for step in range(state.step):
+            tr.schedule.after_step(step)
+        for _ in range(state.epoch if args.sched == "cosine" else 0):
+            tr.schedule.after_epoch(math.nan)
+    after = tr.optimizer.param_groups[0]["lr"]
+    return (f"--sched {args.sched} rebuilt for {state.epochs_total} epochs as if planned so from the start: "
+            f"the LR goes from {before:.3g} (where the run ended) to {after:.3g}, then follows the {args.sched} "
+            f"schedule to its end")
+
+
+def epoch_line(epoch: int, epochs: int, args: argparse.Namespace, train: Dict[str, float], val: Dict[str, float],
                img_per_s: float) -> str:
     train = train or defaultdict(lambda: float("nan"))
     if args.distortion == "mse":
@@ -368,7 +474,7 @@ def epoch_line(epoch: int, args: argparse.Namespace, train: Dict[str, float], va
     else:
         dist = f"L1 {train['l1']:.4f} | 1-MSSSIM {train['1-msssim']:.4f}"
     train_ms = "" if args.distortion == "mse" else f"MSSSIM {train['msssim']:.4f} | "
-    return (f"epoch {epoch}/{args.epochs} | RD {train['total']:.4f} | {dist} | BPP {train['bpp']:.4f} | "
+    return (f"epoch {epoch}/{epochs} | RD {train['total']:.4f} | {dist} | BPP {train['bpp']:.4f} | "
             f"λ {args.lambda_bpp:g} | {train_ms}PSNR {train['psnr']:.2f} dB || val loss {val['loss']:.4f} | "
             f"val MSSSIM {val['ms_ssim']:.4f} | val PSNR {val['psnr']:.2f} dB | val BPP {val['bpp']:.4f} | "
             f"{img_per_s:.1f} img/s")
@@ -416,7 +522,9 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
         # The quantiles learn from the aux loss alone (same on every rank), so DDP ignores them.
         quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantiles)
-        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        # No BatchNorm here: broadcasting buffers each forward would only add a collective per forward.
+        model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
+                                        broadcast_buffers=False)
     return model
 
 
@@ -479,6 +587,10 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     except ValueError as err:
         raise UserError(str(err)) from None
     resume = read_checkpoint(Path(args.resume)) if args.resume else None
+    state = TrainState(epochs_total=args.epochs)
+    extending = False
+    if resume is not None:
+        state.epochs_total, extending = planned_epochs(resume, args, dist)
     model = prepare_model(args, arch, resume, device, dist, say, train_ds)
     side = crop_side(train_ds)
     stride = int(getattr(unwrap(model), "downsampling_factor", 16))
@@ -497,18 +609,19 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         model=model, criterion=RecipeLoss(args.alpha_l1, args.loss_type, args.lambda_bpp, args.distortion), optimizer=optimizer,
         aux_optimizer=torch.optim.Adam(aux_params, lr=AUX_LR) if aux_params else None,
         scaler=make_grad_scaler(device.type, args.amp, args.amp_dtype),
-        schedule=build_schedule(optimizer, args.sched, args.epochs, steps, args.lr, args.lr_warmup_steps,
+        schedule=build_schedule(optimizer, args.sched, state.epochs_total, steps, args.lr, args.lr_warmup_steps,
                                 args.onecycle_pct_start),
         autocast=autocast_context(device.type, args.amp, args.amp_dtype), device=device, dist=dist,
         monitor=OverflowMonitor(model, args.overflow_tol) if args.overflow_check else None,
         logger=RunLogger(args.wandb and dist.is_main, vars(args), args.save_dir), stop=StopRequest(),
+        placeholder=torch.zeros(1, 3, side, side),
     )
-    state = TrainState()
     if resume is not None:
         restore_training_state(resume, tr, state)
         say(f"resumed from {args.resume}: {state.epoch} epochs + {state.epoch_step} steps done, {state.step} in all")
-    if state.epoch >= args.epochs:
-        raise UserError(f"nothing to do: {state.epoch} epochs already done; raise --epochs above that")
+        if extending:
+            say(f"extending from {state.epoch} to {state.epochs_total} epochs: "
+                f"{fast_forward_schedule(tr, args, state, steps)}")
     val_batches = val_loader(val_ds, args.batch_size, args.num_workers, dist, on_cuda)
     summary: Dict[str, Any] = {"epochs": []}
     with tr.stop:  # from here on SIGINT/SIGTERM finish the step and save
@@ -516,7 +629,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
             f"{side}px | amp={args.amp} ({args.amp_dtype}) | {steps} steps/epoch | effective batch "
             f"{args.batch_size * dist.world_size}", flush=True)
         try:
-            for epoch in range(state.epoch, args.epochs):
+            for epoch in range(state.epoch, state.epochs_total):
                 start, first_step = time.perf_counter(), state.epoch_step
                 loader = train_loader.epoch(epoch, skip_batches=state.epoch_step)
                 train = train_one_epoch(tr, loader, steps, args, state)
@@ -528,13 +641,13 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 val = evaluate(tr, val_batches)
                 tr.schedule.after_epoch(val["loss"])
                 state.epoch, state.epoch_step = epoch + 1, 0
-                say(epoch_line(state.epoch, args, train, val, img_per_s))
+                say(epoch_line(state.epoch, state.epochs_total, args, train, val, img_per_s))
                 tr.logger.log({"val/ms_ssim": val["ms_ssim"], "val/psnr": val["psnr"], "val/bpp": val["bpp"],
                                "val/loss": val["loss"], "epoch": state.epoch, "train/img_per_s": img_per_s},
                               step=state.step)
                 bests = improved_selections(state, val)
                 save_epoch_checkpoints(tr, arch, state, args, bests, say)
-                if dist.is_main and (state.epoch % args.recon_every == 0 or state.epoch == args.epochs):
+                if dist.is_main and (state.epoch % args.recon_every == 0 or state.epoch == state.epochs_total):
                     dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.step)
                 summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
                 if tr.stop.requested:

@@ -36,7 +36,7 @@ from tqdm import tqdm
 from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli, str2bool
 from src.data import image_files
-from src.images import load_rgb
+from src.images import DECODE_ERRORS, load_rgb
 from src.losses import bpp_from_likelihoods, msssim_window, psnr_8bit, to_8bit
 from src.model_factory import model_from_checkpoint
 from src.rd_curves import compare_curves, curve_point, curves_table, parse_curve, plot_curves
@@ -119,6 +119,22 @@ def code_image(model, x: torch.Tensor) -> Dict[str, float]:
     bits = sum(len(s) for strings in enc["strings"] for s in strings) * 8
     return {**quantised_metrics(x, x_hat), "bpp_est": bpp_est, "bpp_real": bits / (h * w),
             "enc_s": enc_s, "dec_s": dec_s}
+
+
+def readable_images(files: List[Path]) -> List[Path]:
+    """The files that decode; each other one is named with its reason, and a summary line counts them."""
+    good = []
+    for file in files:
+        try:
+            load_rgb(file)
+            good.append(file)
+        except DECODE_ERRORS as err:
+            print(f"warning: skipping {file}: cannot be decoded ({str(err).splitlines()[0][:120]})")
+    if len(good) < len(files):
+        print(f"{len(files) - len(good)} of {len(files)} images skipped (unreadable)")
+    if not good:
+        raise UserError(f"none of the {len(files)} image files in {files[0].parent} could be decoded")
+    return good
 
 
 def evaluate_checkpoint(path: Path, files: List[Path], device: torch.device) -> Dict[str, Any]:
@@ -206,7 +222,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise UserError("give --checkpoint CKPT [CKPT ...] or --curve NAME=CKPT,CKPT,... (or both)")
     checkpoints = [resolve_checkpoint(c) for c in args.checkpoint]
     curves = parse_curves(args.curve)
-    files = image_files(eval_folder(args), "eval image")
+    files = readable_images(image_files(eval_folder(args), "eval image"))
     if args.max_images > 0:
         files = files[: args.max_images]
     device = torch.device(args.device)

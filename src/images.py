@@ -13,8 +13,10 @@ from pathlib import Path
 from typing import List, Tuple
 
 import numpy as np
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
+# What PIL raises for an empty, truncated, corrupt or non-image file.
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 

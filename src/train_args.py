@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from typing import Any, Dict, List
 
 import torch
 
@@ -54,7 +55,10 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--lr_warmup_steps", type=int, default=0, help="linear per-step LR warmup")
     g.add_argument("--max_grad_norm", type=float, default=1.0, help="<= 0 disables clipping")
     g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--resume", default=None, help="continue from this last.pt")
+    g.add_argument("--resume", default=None, help="continue from this last.pt (with the flags of that run)")
+    g.add_argument("--extend_epochs", type=int, default=0,
+                   help="with --resume of a finished run: train this many more epochs; cosine/onecycle are rebuilt "
+                        "for the new length and fast-forwarded to where the run stands")
     g = p.add_argument_group("Loss")
     g.add_argument("--loss_type", default="recon", choices=LOSS_TYPES,
                    help="recon = distortion only; rd = distortion + lambda_bpp * bpp")
@@ -98,7 +102,9 @@ def validate_args(args: argparse.Namespace) -> None:
     for flag in ("epochs", "batch_size", "recon_every", "log_every", "max_bad_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1")
-    for flag in ("num_workers", "max_steps_per_epoch", "recon_count", "lr_warmup_steps"):
+    if args.extend_epochs and not args.resume:
+        raise UserError("--extend_epochs needs --resume CHECKPOINT (the finished run to lengthen)")
+    for flag in ("num_workers", "max_steps_per_epoch", "recon_count", "lr_warmup_steps", "extend_epochs"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0")
     if not 0.0 <= args.alpha_l1 <= 1.0:
@@ -109,3 +115,31 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
     if args.base_checkpoint and args.resume:
         raise UserError("--base_checkpoint and --resume exclude each other (resume restores everything)")
+
+
+# Flags that change what a run computes: resuming with another value would
+# silently give another schedule, other samples or another objective.
+RUN_DEFINING_FLAGS = ("epochs", "extend_epochs", "sched", "lr", "lr_warmup_steps", "onecycle_pct_start", "batch_size",
+                      "max_steps_per_epoch", "seed", "loss_type", "distortion", "alpha_l1", "lambda_bpp",
+                      "train_scope", "amp", "amp_dtype", "optimizer", "weight_decay", "max_grad_norm",
+                      "use_prepared", "crop_size")
+LENGTH_FLAGS = ("epochs", "extend_epochs")
+
+
+def resume_flag_changes(saved: Dict[str, Any], args: argparse.Namespace, extending: bool,
+                        saved_world_size: int, world_size: int) -> List[str]:
+    """``--flag old -> new`` for each run-defining flag that differs from the saved run.
+
+    When a finished run is extended (``--extend_epochs``), its length flags
+    may differ: the new length is the saved one plus the extension.
+    """
+    changes = []
+    for flag in RUN_DEFINING_FLAGS:
+        if flag not in saved or (extending and flag in LENGTH_FLAGS):
+            continue
+        old, new = saved[flag], getattr(args, flag)
+        if old != new:
+            changes.append(f"--{flag} {old} -> {new}")
+    if saved_world_size != world_size:
+        changes.append(f"world size {saved_world_size} -> {world_size} processes")
+    return changes

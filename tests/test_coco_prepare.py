@@ -135,3 +135,11 @@ def test_bad_coco_dir_is_one_line_and_nonzero(tmp_path, layout, needle):
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and needle in result.stderr
+
+
+def test_reusing_an_out_dir_with_other_crop_arguments_is_refused(coco_root, tmp_path):
+    run(coco_root, tmp_path, "--max_images", "1")
+    run(coco_root, tmp_path, "--max_images", "2")  # the same arguments complete it
+    for extra, needle in ((["--crop_size", "96"], "--crop_size 64 -> 96"), (["--seed", "5"], "--seed 0 -> 5")):
+        with pytest.raises(UserError, match=needle):
+            run(coco_root, tmp_path, *extra)  # argparse keeps the last --crop_size

@@ -13,8 +13,9 @@ import torch
 
 from src import engine, train_finetune_relu
 from src.checkpoint import read_checkpoint, save_checkpoint
-from src.cli import run_cli
+from src.cli import UserError, run_cli
 from src.model_factory import build_model, load_weights
+from src.schedule import build_schedule
 from tests.test_training import common_args
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,13 +51,63 @@ def test_torchrun_two_cpu_processes(prepared64, tmp_path):
 EXACT = ("--sched", "none", "--lr_warmup_steps", "3", "--train_scope", "all", "--max_steps_per_epoch", "3")
 
 
-def test_resume_continues_exactly(prepared64, tmp_path):
+def test_extending_a_finished_run_continues_exactly(prepared64, tmp_path, capsys):
     train_finetune_relu.main(common_args(prepared64, tmp_path / "straight", *EXACT, "--epochs", "4"))
     train_finetune_relu.main(common_args(prepared64, tmp_path / "split", *EXACT, "--epochs", "2"))
-    train_finetune_relu.main(common_args(prepared64, tmp_path / "split", *EXACT, "--epochs", "4",
-                                         "--resume", str(tmp_path / "split" / "ckpt" / "last.pt")))
-    assert_same_weights(final_state(tmp_path / "straight" / "ckpt" / "last.pt"),
-                        final_state(tmp_path / "split" / "ckpt" / "last.pt"))
+    last = tmp_path / "split" / "ckpt" / "last.pt"
+    train_finetune_relu.main(common_args(prepared64, tmp_path / "split", *EXACT, "--epochs", "2",
+                                         "--resume", str(last), "--extend_epochs", "2"))
+    assert "LR stays" in capsys.readouterr().out
+    assert_same_weights(final_state(tmp_path / "straight" / "ckpt" / "last.pt"), final_state(last))
+    assert torch.load(last, weights_only=True)["epochs_total"] == 4
+    with pytest.raises(UserError, match="finished its 4 epochs; add --extend_epochs"):
+        train_finetune_relu.main(common_args(prepared64, tmp_path / "split", *EXACT, "--epochs", "2",
+                                             "--resume", str(last)))
+
+
+def lr_after(kind, epochs, steps_per_epoch, steps, lr=1e-4):
+    """LR of a fresh ``kind`` schedule planned for ``epochs`` after ``steps`` steps (epoch ends included)."""
+    optimizer = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=lr)
+    schedule = build_schedule(optimizer, kind, epochs, steps_per_epoch, lr)
+    for step in range(steps):
+        optimizer.step()
+        schedule.after_step(step)
+        if (step + 1) % steps_per_epoch == 0:
+            schedule.after_epoch(1.0)
+    return optimizer.param_groups[0]["lr"]
+
+
+@pytest.mark.parametrize("kind", ["cosine", "onecycle", "plateau"])
+def test_extend_epochs_rebuilds_the_schedule(kind, prepared64, tmp_path, capsys):
+    flags = ("--sched", kind, "--max_steps_per_epoch", "2", "--epochs", "2")
+    train_finetune_relu.main(common_args(prepared64, tmp_path, *flags))
+    ended = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+    capsys.readouterr()
+    train_finetune_relu.main(common_args(prepared64, tmp_path, *flags, "--resume", str(tmp_path / "ckpt" / "last.pt"),
+                                         "--extend_epochs", "3"))
+    line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("extending from 2 to 5"))
+    if kind == "plateau":
+        assert f"the LR stays {ended:.3g}" in line
+    else:  # the LR jumps to where a 5-epoch schedule stands after 2 epochs, and runs that schedule's end
+        assert f"from {ended:.3g} (where the run ended) to {lr_after(kind, 5, 2, 4):.3g}" in line
+        final = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["optimizer"]["param_groups"][0]["lr"]
+        assert final == pytest.approx(lr_after(kind, 5, 2, 10), abs=1e-12)
+
+
+def test_resume_refuses_changed_flags(prepared64, tmp_path):
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "2"))
+    last = tmp_path / "ckpt" / "last.pt"
+    with pytest.raises(UserError, match=r"--lr 0.0001 -> 0.001; --seed 0 -> 3"):
+        train_finetune_relu.main(common_args(prepared64, tmp_path, "--resume", str(last), "--extend_epochs", "1",
+                                             "--lr", "1e-3", "--seed", "3"))
+    unfinished = torch.load(last, weights_only=True)
+    unfinished["epoch"] = 1
+    save_checkpoint(unfinished, tmp_path / "unfinished.pt")
+    with pytest.raises(UserError, match=r"--epochs 2 -> 8; --sched cosine -> onecycle"):
+        train_finetune_relu.main(common_args(prepared64, tmp_path, "--resume", str(tmp_path / "unfinished.pt"),
+                                             "--epochs", "8", "--sched", "onecycle"))
+    with pytest.raises(UserError, match="--extend_epochs needs --resume"):
+        train_finetune_relu.main(common_args(prepared64, tmp_path, "--extend_epochs", "1"))
 
 
 def test_sigterm_saves_mid_epoch_and_resume_is_exact(prepared64, tmp_path):
@@ -108,6 +159,43 @@ def test_nonfinite_steps_are_skipped_then_stop(prepared64, tmp_path, capsys):
     out = capsys.readouterr().out
     assert out.count("step skipped") == 3
     assert not (tmp_path / "ckpt" / "last.pt").exists(), "nothing was trained, nothing is saved"
+
+
+def test_inf_gradient_with_finite_loss_is_skipped(prepared64, tmp_path, capsys, monkeypatch):
+    """bf16 / fp32 have no GradScaler: an inf gradient must not reach clip_grad_norm_ and Adam."""
+    prepare = engine.prepare_model
+    poisoned = {"left": 2}
+
+    def poison(grad):
+        if poisoned["left"] > 0:
+            poisoned["left"] -= 1
+            return grad * float("inf")
+        return grad
+
+    def prepare_with_hook(*args, **kwargs):
+        model = prepare(*args, **kwargs)
+        engine.unwrap(model).g_s[0].weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(engine, "prepare_model", prepare_with_hook)
+    summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch",
+                                                   "4", "--train_scope", "all"))
+    assert capsys.readouterr().out.count("step skipped") == 2 and summary["nonfinite_steps"] == 2
+    assert all(torch.isfinite(p).all() for p in summary["model"].parameters())
+
+
+def test_torchrun_rank_with_an_all_corrupt_batch_does_not_hang(prepared64, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(prepared64, data)
+    for victim in sorted((data / "train").glob("*.png"))[::2]:  # every other crop: some rank's batch of 1 is bad
+        victim.write_bytes(b"not a png")
+    argv = common_args(data, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "0", "--batch_size", "1",
+                       "--device", "cpu", "--train_scope", "all")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                             "29519", "-m", "src.train_finetune_relu", *argv],
+                            capture_output=True, text=True, cwd=REPO, timeout=240)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "an empty batch, step skipped" in result.stdout and "same on all 2 ranks" in result.stdout
 
 
 def test_corrupt_prepared_file_is_reported_and_skipped(prepared64, tmp_path, capfd):
@@ -178,3 +266,98 @@ def test_bad_training_input_is_one_line(case, bad_files, prepared64, tmp_path, c
             raise RuntimeError("autocast for this dtype is not supported")
         monkeypatch.setattr(torch, "autocast", no_autocast)
     assert needle in one_line_error(train_finetune_relu.main, argv, capsys)
+
+
+@pytest.mark.parametrize("flags, needle", [
+    (["--enc_t", "1.5", "--enc_residual", "false"], "--enc_t must be >= 2 with --enc_residual false"),
+    (["--enc_kdw", "4"], "--enc_kdw must be a positive odd kernel size"),
+    (["--dec_gmin", "2.0", "--dec_gmax", "2.0"], "--dec_gmin must be >= 0 and < --dec_gmax"),
+    (["--dec_residual", "false", "--dec_gmin", "1.0"], "--dec_residual false needs --dec_gmin < 1 < --dec_gmax"),
+])
+def test_bad_npu_block_flags_are_one_line_at_parsing(flags, needle, capsys):
+    import train_finetune_npu
+
+    with pytest.raises(SystemExit) as exit_info:
+        train_finetune_npu.main(["--coco_dir", "/nonexistent", *flags])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and needle in err and "Traceback" not in err
+
+
+def test_stopped_run_has_its_own_exit_code(prepared64, tmp_path, capsys):
+    train_finetune_relu.main(common_args(prepared64, tmp_path / "base", "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "base" / "ckpt" / "last.pt", weights_only=True)
+    ckpt["state_dict"]["g_a.0.weight"] *= float("nan")
+    save_checkpoint(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_finetune_relu.main, common_args(prepared64, tmp_path, "--base_checkpoint",
+                                                      str(tmp_path / "nan.pt"), "--max_bad_steps", "2"))
+    assert exit_info.value.code == 3 and "non-finite steps in a row" in capsys.readouterr().err
+
+
+def test_wandb_dir_is_respected(prepared64, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_here"))
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--wandb", "true"))
+    assert list((tmp_path / "wandb_here").rglob("run-*.wandb"))
+    assert not (tmp_path / "ckpt" / "wandb").exists()
+
+
+@pytest.mark.parametrize("content", [b"just some text\n", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b""])
+def test_any_non_checkpoint_file_is_one_line(content, prepared64, tmp_path, capsys):
+    from scripts import export_onnx
+    from src import eval as recipe_eval
+
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(content)
+    for flag in ("--resume", "--base_checkpoint"):
+        err = one_line_error(train_finetune_relu.main, common_args(prepared64, tmp_path, flag, str(bad)), capsys)
+        assert str(bad) in err and "not a readable PyTorch checkpoint" in err
+    err = one_line_error(recipe_eval.main, ["--image_dir", str(prepared64 / "val"), "--checkpoint", str(bad)], capsys)
+    assert str(bad) in err
+    err = one_line_error(export_onnx.main, ["--ckpt", str(bad), "--out", str(tmp_path / "x.onnx")], capsys)
+    assert str(bad) in err
+
+
+def test_eval_skips_unreadable_images_and_export_refuses_them(prepared64, tmp_path, capsys):
+    from scripts import export_onnx
+    from src import eval as recipe_eval
+
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
+    folder = tmp_path / "photos"
+    shutil.copytree(prepared64 / "val", folder)
+    good = sorted(folder.glob("*.png"))
+    (folder / "empty.png").write_bytes(b"")
+    (folder / "text.jpg").write_text("not an image")
+    (folder / "truncated.png").write_bytes(good[0].read_bytes()[:200])
+    report = recipe_eval.main(["--image_dir", str(folder), "--checkpoint", str(tmp_path / "ckpt" / "last.pt")])
+    out = capsys.readouterr().out
+    assert [img["name"] for img in report["results"][0]["images"]] == [p.name for p in good]
+    assert "3 of 5 images skipped" in out and f"skipping {folder / 'truncated.png'}" in out
+    for victim in good:
+        victim.unlink()
+    err = one_line_error(recipe_eval.main, ["--image_dir", str(folder), "--checkpoint",
+                                            str(tmp_path / "ckpt" / "last.pt")], capsys)
+    assert "could be decoded" in err
+    export = ["--ckpt", str(tmp_path / "ckpt" / "last.pt"), "--out", str(tmp_path / "e.onnx"), "--part", "encoder",
+              "--input_size", "64"]
+    err = one_line_error(export_onnx.main, export + ["--image", str(folder / "truncated.png")], capsys)
+    assert "cannot be decoded" in err and "--image" in err
+    moved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    moved["args"]["coco_dir"] = str(tmp_path / "elsewhere")
+    save_checkpoint(moved, tmp_path / "moved.pt")
+    err = one_line_error(export_onnx.main, export[:1] + [str(tmp_path / "moved.pt")] + export[2:], capsys)
+    assert "is not here; pass --image PATH" in err
+
+
+@pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
+def test_written_files_follow_the_umask(umask, mode, coco_root, tmp_path):
+    from scripts import coco_prepare
+
+    old = os.umask(umask)
+    try:
+        save_checkpoint({"state_dict": {"w": torch.zeros(1)}}, tmp_path / "c.pt")
+        coco_prepare.main(["--coco_dir", str(coco_root), "--out_dir", str(tmp_path / "crops"), "--crop_size", "64",
+                           "--workers", "1", "--max_images", "1"])
+    finally:
+        os.umask(old)
+    written = [tmp_path / "c.pt", tmp_path / "crops" / "manifest.json", *(tmp_path / "crops" / "train").glob("*.png")]
+    assert len(written) > 2 and {p.stat().st_mode & 0o777 for p in written} == {mode}
