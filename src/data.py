@@ -3,12 +3,15 @@
 ``--use_prepared true``: ``--coco_dir`` is the output of ``scripts.coco_prepare``
 and holds ``train/`` and ``val/``. ``--use_prepared false``: ``--coco_dir`` is
 the COCO root with ``train2017/`` and ``val2017/``; train images get a random
-crop (from torch's RNG, which the DataLoader seeds per worker), val images a
+crop whose offset depends on (seed, epoch, index) only -- not on the worker or
+the rank that loads it -- so a resumed run sees the crops a straight one would
+(the training loader asks for ``(epoch, index)`` keys); val images get a
 center crop. Sorted file names fix the val order, which is the recon index.
 """
 
 from __future__ import annotations
 
+import random
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -19,7 +22,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from src.cli import UserError
-from src.images import DECODE_ERRORS, center_crop_box, list_images, load_rgb, upscale_to_fit
+from src.images import DECODE_ERRORS, center_crop_box, list_images, load_rgb, random_crop_box, upscale_to_fit
 
 
 def image_files(folder: Path, what: str) -> List[Path]:
@@ -65,33 +68,38 @@ class PreparedCrops(Dataset):
 
 
 class RawCocoCrops(Dataset):
-    """COCO JPEGs cropped on the fly: random crops for training, center crops otherwise."""
+    """COCO JPEGs cropped on the fly: random crops for training, center crops otherwise.
 
-    def __init__(self, folder: Path, crop_size: int, random_crop: bool):
+    A random crop is keyed by ``(epoch, index)``: ``dataset[(epoch, index)]``
+    draws its offset from an RNG seeded by (seed, epoch, index) alone.
+    ``dataset[index]`` gives the center crop.
+    """
+
+    keyed_by_epoch = True
+
+    def __init__(self, folder: Path, crop_size: int, random_crop: bool, seed: int = 0):
         self.files = image_files(folder, "COCO")
-        self.crop_size, self.random_crop = crop_size, random_crop
+        self.crop_size, self.random_crop, self.seed = crop_size, random_crop, seed
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, index: int) -> Optional[torch.Tensor]:
-        return read_or_report(self.files[index], self._crop)
+    def __getitem__(self, key) -> Optional[torch.Tensor]:
+        epoch, index = key if isinstance(key, tuple) else (None, key)
+        return read_or_report(self.files[index], lambda path: self._crop(path, epoch, index))
 
-    def _crop(self, path: Path) -> torch.Tensor:
+    def _crop(self, path: Path, epoch: Optional[int], index: int) -> torch.Tensor:
         img = load_rgb(path)
         if min(img.size) < self.crop_size:
             img = upscale_to_fit(img, self.crop_size)
-        width, height = img.size
-        if self.random_crop:
-            left = int(torch.randint(0, width - self.crop_size + 1, ()).item())
-            top = int(torch.randint(0, height - self.crop_size + 1, ()).item())
-            box = (left, top, left + self.crop_size, top + self.crop_size)
+        if self.random_crop and epoch is not None:
+            box = random_crop_box(*img.size, self.crop_size, random.Random(f"{self.seed}/{epoch}/{index}"))
         else:
-            box = center_crop_box(width, height, self.crop_size)
+            box = center_crop_box(*img.size, self.crop_size)
         return pil_to_tensor(img.crop(box)).float().div_(255.0)
 
 
-def build_datasets(coco_dir: Path, use_prepared: bool, crop_size: int) -> Tuple[Dataset, Dataset]:
+def build_datasets(coco_dir: Path, use_prepared: bool, crop_size: int, seed: int = 0) -> Tuple[Dataset, Dataset]:
     """(train, val) datasets; a missing folder or one without images is a UserError."""
     coco_dir = Path(coco_dir)
     if not coco_dir.is_dir():
@@ -101,7 +109,7 @@ def build_datasets(coco_dir: Path, use_prepared: bool, crop_size: int) -> Tuple[
             raise UserError(f"{coco_dir}/train not found: --use_prepared true expects the --out_dir of "
                             "scripts.coco_prepare (or pass --use_prepared false for raw COCO)")
         return PreparedCrops(coco_dir / "train"), PreparedCrops(coco_dir / "val")
-    return (RawCocoCrops(coco_dir / "train2017", crop_size, random_crop=True),
+    return (RawCocoCrops(coco_dir / "train2017", crop_size, random_crop=True, seed=seed),
             RawCocoCrops(coco_dir / "val2017", crop_size, random_crop=False))
 
 

@@ -98,15 +98,17 @@ def create_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optiona
     return model_from_base_weights(arch, None, None, "")
 
 
-def freeze_density_models(model: nn.Module) -> int:
-    """Freeze entropy-model parameters other than ``quantiles``; returns how many were trainable.
+def freeze_rate_only_parameters(model: nn.Module) -> int:
+    """Freeze what only feeds the rate (all but g_a/g_s and the quantiles); returns how many were trainable.
 
-    Without a rate term nothing in the loss depends on them, and DDP refuses
-    parameters that never receive a gradient.
+    Without a rate term nothing in the loss depends on the entropy models'
+    densities, nor on a hyperprior's h_a/h_s (in training, y_hat is y plus
+    noise, whatever the predicted scales and means), and DDP refuses
+    parameters that never receive a gradient. The quantiles still follow the aux loss.
     """
     count = 0
     for name, param in model.named_parameters():
-        if name.startswith(("entropy_bottleneck.", "gaussian_conditional.")) and not name.endswith(".quantiles"):
+        if not name.startswith(("g_a.", "g_s.")) and not name.endswith(".quantiles"):
             count += param.numel() if param.requires_grad else 0
             param.requires_grad_(False)
     return count
@@ -392,8 +394,8 @@ def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str,
     tr.logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
 
 
-def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState,
-                       args: argparse.Namespace) -> Dict[str, Any]:
+def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState, args: argparse.Namespace,
+                       rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Everything needed to rebuild (eval/export) or continue (resume) the run.
 
     The entropy coder's CDF tables must be fresh (``refresh_entropy_tables``)
@@ -407,7 +409,7 @@ def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState,
         "scheduler": tr.schedule.state_dict(), "scaler": tr.scaler.state_dict(),
         "epoch": state.epoch, "step": state.step, "epoch_step": state.epoch_step,
         "best_msssim": state.best_msssim, "best_loss": state.best_loss, "epochs_total": state.epochs_total,
-        "world_size": tr.dist.world_size, "args": vars(args), "rng": rng_state(),
+        "world_size": tr.dist.world_size, "args": vars(args), "rng": rng_states[0], "rng_per_rank": rng_states,
     }
 
 
@@ -425,7 +427,8 @@ def restore_training_state(ckpt: Dict[str, Any], tr: Trainer, state: TrainState)
     state.epoch, state.step, state.best_msssim = ckpt["epoch"], ckpt["step"], ckpt["best_msssim"]
     state.epoch_step = ckpt.get("epoch_step", 0)
     state.best_loss = ckpt.get("best_loss", math.inf)
-    restore_rng_state(ckpt["rng"])
+    per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    restore_rng_state(per_rank[tr.dist.rank] if len(per_rank) == tr.dist.world_size else per_rank[0])
 
 
 def planned_epochs(ckpt: Dict[str, Any], args: argparse.Namespace, dist: DistInfo) -> Tuple[int, bool]:
@@ -508,10 +511,10 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
     except ValueError as err:
         raise UserError(str(err)) from None
     if args.loss_type == "recon":
-        frozen = freeze_density_models(model)
+        frozen = freeze_rate_only_parameters(model)
         if frozen:
-            say(f"--loss_type recon has no rate term: the entropy model's density ({frozen:,} parameters) gets "
-                "no gradient and is frozen; its quantiles still follow the aux loss")
+            say(f"--loss_type recon has no rate term: what only feeds the rate (entropy densities, hyperprior; "
+                f"{frozen:,} parameters) gets no gradient and is frozen; the quantiles still follow the aux loss")
     say(f"architecture: {arch}")
     say(f"replaced: {', '.join(getattr(model, 'replaced_gdn', ())) or 'nothing (GDN control)'}")
     say(parameter_table(model))
@@ -548,9 +551,10 @@ def save_epoch_checkpoints(tr: Trainer, arch: Dict[str, Any], state: TrainState,
     ``best_loss`` (val value of the trained loss, rate included under ``rd``).
     """
     refresh_entropy_tables(tr.model)
+    rng_states = all_gather_objects(rng_state(), tr.dist)  # each rank resumes its own noise and worker seeds
     if tr.dist.is_main:
         save_dir = Path(args.save_dir)
-        save_checkpoint(checkpoint_payload(tr, arch, state, args), save_dir / "last.pt")
+        save_checkpoint(checkpoint_payload(tr, arch, state, args, rng_states), save_dir / "last.pt")
         for best in bests:
             link_or_copy_atomic(save_dir / "last.pt", save_dir / f"{best}.pt")
         if "best_msssim" in bests:
@@ -581,7 +585,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         raise UserError(str(err)) from None
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed)
-    train_ds, val_ds = build_datasets(Path(args.coco_dir), args.use_prepared, args.crop_size)
+    train_ds, val_ds = build_datasets(Path(args.coco_dir), args.use_prepared, args.crop_size, args.seed)
     try:
         arch = make_arch(args.model, args.quality, args.metric, replace, args.replace_parts, enc_kwargs, dec_kwargs)
     except ValueError as err:
@@ -592,6 +596,8 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     if resume is not None:
         state.epochs_total, extending = planned_epochs(resume, args, dist)
     model = prepare_model(args, arch, resume, device, dist, say, train_ds)
+    if dist.enabled:  # the same weights everywhere, but each rank its own quantisation noise and worker seeds
+        seed_everything(args.seed + dist.rank)
     side = crop_side(train_ds)
     stride = int(getattr(unwrap(model), "downsampling_factor", 16))
     if side % stride:

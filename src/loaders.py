@@ -29,15 +29,23 @@ from src.distributed import DistInfo
 
 
 class ResumableBatchSampler(BatchSampler):
-    """A BatchSampler whose next epoch can start ``skip`` batches in."""
+    """A BatchSampler whose next epoch can start ``skip`` batches in.
 
-    def __init__(self, sampler, batch_size: int, drop_last: bool):
+    With ``keyed_by_epoch`` it yields ``(epoch, index)`` keys, for datasets
+    whose random crops depend on the epoch (it runs in the main process, so the
+    epoch reaches persistent workers too).
+    """
+
+    def __init__(self, sampler, batch_size: int, drop_last: bool, keyed_by_epoch: bool = False):
         super().__init__(sampler, batch_size, drop_last)
-        self.skip = 0
+        self.skip, self.epoch, self.keyed_by_epoch = 0, 0, keyed_by_epoch
 
-    def __iter__(self) -> Iterator[List[int]]:
+    def __iter__(self) -> Iterator[List]:
         skip, self.skip = self.skip, 0
-        return itertools.islice(super().__iter__(), skip, None)
+        batches = itertools.islice(super().__iter__(), skip, None)
+        if not self.keyed_by_epoch:
+            return batches
+        return ([(self.epoch, index) for index in batch] for batch in batches)
 
 
 def collate_skipping_bad(batch: List[Optional[torch.Tensor]]) -> Optional[torch.Tensor]:
@@ -60,7 +68,8 @@ class EpochLoader:
             self.generator = torch.Generator()
             self.sampler = RandomSampler(dataset, generator=self.generator)
         per_rank = len(dataset) // dist.world_size
-        self.batch_sampler = ResumableBatchSampler(self.sampler, batch_size, drop_last=per_rank > batch_size)
+        self.batch_sampler = ResumableBatchSampler(self.sampler, batch_size, drop_last=per_rank > batch_size,
+                                                   keyed_by_epoch=getattr(dataset, "keyed_by_epoch", False))
         self.loader = DataLoader(dataset, batch_sampler=self.batch_sampler, num_workers=num_workers,
                                  collate_fn=collate_skipping_bad, pin_memory=pin_memory,
                                  persistent_workers=persistent_workers and num_workers > 0,
@@ -75,7 +84,7 @@ class EpochLoader:
             self.generator.manual_seed(self.seed * 1_000_003 + epoch)
         else:
             self.sampler.set_epoch(epoch)
-        self.batch_sampler.skip = skip_batches
+        self.batch_sampler.skip, self.batch_sampler.epoch = skip_batches, epoch
         return self.loader
 
 

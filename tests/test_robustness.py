@@ -361,3 +361,39 @@ def test_written_files_follow_the_umask(umask, mode, coco_root, tmp_path):
         os.umask(old)
     written = [tmp_path / "c.pt", tmp_path / "crops" / "manifest.json", *(tmp_path / "crops" / "train").glob("*.png")]
     assert len(written) > 2 and {p.stat().st_mode & 0o777 for p in written} == {mode}
+
+
+def test_raw_coco_crops_depend_on_seed_epoch_and_index_only(coco_root):
+    from src.data import RawCocoCrops
+
+    ds = RawCocoCrops(coco_root / "train2017", 64, random_crop=True, seed=1)
+    torch.manual_seed(123)
+    first = ds[(0, 2)]
+    torch.manual_seed(456)  # the global RNG (a worker's, a rank's) plays no part
+    assert torch.equal(first, ds[(0, 2)])
+    assert not torch.equal(first, ds[(1, 2)]) and not torch.equal(first, RawCocoCrops(
+        coco_root / "train2017", 64, random_crop=True, seed=2)[(0, 2)])
+
+
+def test_raw_coco_resume_is_exact_with_workers(coco_root, tmp_path):
+    flags = ("--use_prepared", "false", "--crop_size", "64", "--num_workers", "1", *EXACT[:-1], "2")
+    train_finetune_relu.main(common_args(coco_root, tmp_path / "straight", *flags, "--epochs", "4"))
+    train_finetune_relu.main(common_args(coco_root, tmp_path / "split", *flags, "--epochs", "2"))
+    last = tmp_path / "split" / "ckpt" / "last.pt"
+    train_finetune_relu.main(common_args(coco_root, tmp_path / "split", *flags, "--epochs", "2",
+                                         "--resume", str(last), "--extend_epochs", "2"))
+    assert_same_weights(final_state(tmp_path / "straight" / "ckpt" / "last.pt"), final_state(last))
+
+
+def test_torchrun_hyperprior_recon_per_rank_rng(prepared64, tmp_path):
+    """A hyperprior under DDP with no rate term (h_a/h_s frozen), and each rank its own RNG stream."""
+    argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--model", "bmshj2018-hyperprior",
+                       "--replace_parts", "all", "--train_scope", "all")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                             "29521", "-m", "src.train_finetune_relu", *argv],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "hyperprior" in result.stdout and "same on all 2 ranks" in result.stdout
+    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    first, second = ckpt["rng_per_rank"]
+    assert not torch.equal(first["torch"], second["torch"]), "ranks must not share quantisation noise"
