@@ -8,7 +8,9 @@ plain containers and numbers (``vars(args)``, never the Namespace).
 
 from __future__ import annotations
 
+import errno
 import pickle
+import shutil
 import random
 from pathlib import Path
 from typing import Any, Dict
@@ -27,8 +29,29 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "_orig_mod", model)
 
 
+def payload_bytes(payload: Any) -> int:
+    """The tensor bytes in a (nested) checkpoint payload: about what it takes on disk."""
+    if isinstance(payload, torch.Tensor):
+        return payload.numel() * payload.element_size()
+    if isinstance(payload, dict):
+        return sum(payload_bytes(v) for v in payload.values())
+    if isinstance(payload, (list, tuple)):
+        return sum(payload_bytes(v) for v in payload)
+    return 0
+
+
 def save_checkpoint(payload: Dict[str, Any], path: Path) -> None:
-    write_atomic(path, lambda handle: torch.save(payload, handle))
+    """Write atomically; a full disk is one line with the space needed and left (the old file stays)."""
+    path = Path(path)
+    try:
+        write_atomic(path, lambda handle: torch.save(payload, handle))
+    except (OSError, RuntimeError) as err:
+        needed, free = payload_bytes(payload), shutil.disk_usage(path.parent).free
+        if not (isinstance(err, OSError) and err.errno == errno.ENOSPC) and free >= needed:
+            raise
+        raise UserError(f"could not write {path}: the disk is full (about {needed / 2**20:.1f} MiB needed, "
+                        f"{free / 2**20:.1f} MiB free there); free space or point --save_dir elsewhere "
+                        "(the previous file is intact)") from None
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:

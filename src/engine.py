@@ -42,6 +42,7 @@ from src.precision import (
     autocast_context,
     check_amp_support,
     make_grad_scaler,
+    resolve_amp_dtype,
 )
 from src.recon import comparison_grid, write_pngs
 from src.replace_gdn import parameter_table, set_trainable_parts
@@ -76,7 +77,8 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def create_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optional[Dict[str, Any]]) -> nn.Module:
+def create_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optional[Dict[str, Any]],
+                 say: Callable[[str], None] = print) -> nn.Module:
     """The model of ``arch``, starting from --resume, --base_checkpoint, the zoo, or random init."""
     if resume is not None:
         state, ckpt_arch = state_and_arch(resume, Path(args.resume))
@@ -88,13 +90,13 @@ def create_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optiona
         return model_from_base_weights(arch, state, ckpt_arch, args.resume)
     if args.base_checkpoint:
         state, base_arch = state_and_arch(read_checkpoint(args.base_checkpoint), Path(args.base_checkpoint))
-        print(f"weights: {args.base_checkpoint}")
+        say(f"weights: {args.base_checkpoint}")
         return model_from_base_weights(arch, state, base_arch, args.base_checkpoint)
     if args.pretrained:
         state = download_pretrained_state(arch)
-        print(f"weights: CompressAI pretrained {arch['base_model']} q={arch['quality']} ({arch['metric']})")
+        say(f"weights: CompressAI pretrained {arch['base_model']} q={arch['quality']} ({arch['metric']})")
         return model_from_base_weights(arch, state, dict(arch, replace="none"), "CompressAI zoo")
-    print("weights: random initialisation (--pretrained false)")
+    say("weights: random initialisation (--pretrained false)")
     return model_from_base_weights(arch, None, None, "")
 
 
@@ -490,11 +492,11 @@ def weights_checksum(model: nn.Module) -> float:
 
 
 def init_from_gdn(args: argparse.Namespace, arch: Dict[str, Any], model: nn.Module, train_ds: Dataset,
-                  say: Callable[[str], None]) -> None:
-    """``--init_from_gdn``: fit the new blocks to the GDN layers of the same starting weights."""
-    gdn = create_model(args, dict(arch, replace="none", replace_parts="none"), None)
+                  say: Callable[[str], None], device: torch.device) -> None:
+    """``--init_from_gdn``: fit the new blocks to the GDN layers of the same starting weights (on ``device``)."""
+    gdn = create_model(args, dict(arch, replace="none", replace_parts="none"), None, say=lambda *a: None).to(device)
     count = min(args.gdn_fit_images, len(train_ds))
-    images = torch.stack([item for item in (train_ds[i] for i in range(count)) if item is not None])
+    images = torch.stack([item for item in (train_ds[i] for i in range(count)) if item is not None]).to(device)
     say(f"init_from_gdn: fitting {len(model.replaced_gdn)} blocks on {len(images)} train crops, "
         f"{args.gdn_fit_steps} steps each")
     fit_blocks_to_gdn(gdn, model, images, steps=args.gdn_fit_steps, say=say)
@@ -502,10 +504,19 @@ def init_from_gdn(args: argparse.Namespace, arch: Dict[str, Any], model: nn.Modu
 
 def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optional[Dict[str, Any]],
                   device: torch.device, dist: DistInfo, say: Callable[[str], None], train_ds: Dataset) -> nn.Module:
-    """Build, load, [fit to GDN], freeze, set FP32 islands, move to the device and wrap in DDP."""
-    model = create_model(args, arch, resume)
-    if getattr(args, "init_from_gdn", False) and resume is None:
-        init_from_gdn(args, arch, model, train_ds, say)
+    """Build, load, [fit to GDN], freeze, set FP32 islands, move to the device and wrap in DDP.
+
+    Under torchrun only rank 0 downloads zoo weights (the others then read
+    torch.hub's cache) and only rank 0 fits the blocks to GDN: DDP's
+    construction broadcasts rank 0's weights to every rank.
+    """
+    if dist.enabled and args.pretrained and resume is None and not args.base_checkpoint:
+        if dist.is_main:
+            download_pretrained_state(arch)
+        barrier(dist)
+    model = create_model(args, arch, resume, say).to(device)
+    if getattr(args, "init_from_gdn", False) and resume is None and dist.is_main:
+        init_from_gdn(args, arch, model, train_ds, say, device)
     try:
         set_trainable_parts(model, args.train_scope, arch["replace_parts"])
     except ValueError as err:
@@ -520,7 +531,6 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
     say(parameter_table(model))
     custom = [s.strip() for s in args.local_fp32_custom.split(",") if s.strip()]
     say(f"local FP32 ({args.local_fp32}): {', '.join(apply_local_fp32(model, args.local_fp32, custom)) or 'none'}")
-    model.to(device)
     if dist.enabled:
         # The quantiles learn from the aux loss alone (same on every rank), so DDP ignores them.
         quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]
@@ -580,7 +590,8 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     if dist.enabled and device.type == "cuda":
         device = torch.device("cuda", dist.local_rank)
     try:
-        check_amp_support(device, args.amp, args.amp_dtype)
+        amp_dtype, why = resolve_amp_dtype(device, args.amp_dtype)
+        check_amp_support(device, args.amp, amp_dtype)
     except ValueError as err:
         raise UserError(str(err)) from None
     say = print if dist.is_main else (lambda *a, **k: None)
@@ -614,10 +625,10 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     tr = Trainer(
         model=model, criterion=RecipeLoss(args.alpha_l1, args.loss_type, args.lambda_bpp, args.distortion), optimizer=optimizer,
         aux_optimizer=torch.optim.Adam(aux_params, lr=AUX_LR) if aux_params else None,
-        scaler=make_grad_scaler(device.type, args.amp, args.amp_dtype),
+        scaler=make_grad_scaler(device.type, args.amp, amp_dtype),
         schedule=build_schedule(optimizer, args.sched, state.epochs_total, steps, args.lr, args.lr_warmup_steps,
                                 args.onecycle_pct_start),
-        autocast=autocast_context(device.type, args.amp, args.amp_dtype), device=device, dist=dist,
+        autocast=autocast_context(device.type, args.amp, amp_dtype), device=device, dist=dist,
         monitor=OverflowMonitor(model, args.overflow_tol) if args.overflow_check else None,
         logger=RunLogger(args.wandb and dist.is_main, vars(args), args.save_dir), stop=StopRequest(),
         placeholder=torch.zeros(1, 3, side, side),
@@ -632,7 +643,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     summary: Dict[str, Any] = {"epochs": []}
     with tr.stop:  # from here on SIGINT/SIGTERM finish the step and save
         say(f"training on {device} x{dist.world_size} | {len(train_ds)} train / {len(val_ds)} val crops of "
-            f"{side}px | amp={args.amp} ({args.amp_dtype}) | {steps} steps/epoch | effective batch "
+            f"{side}px | amp={args.amp} ({amp_dtype + ', ' + why if args.amp else 'fp32'}) | {steps} steps/epoch | effective batch "
             f"{args.batch_size * dist.world_size}", flush=True)
         try:
             for epoch in range(state.epoch, state.epochs_total):

@@ -19,6 +19,7 @@ from compressai.layers import GDN
 from torch import nn
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_DTYPE_CHOICES = ("auto", *AMP_DTYPES)
 LOCAL_FP32_POLICIES = ("none", "entropy", "entropy+decoder", "all_normexp", "custom")
 _ENTROPY_TYPES = (EntropyBottleneck, GaussianConditional)
 _NORMEXP_NAME_PARTS = ("Norm", "Softmax", "Exp", "Log")
@@ -49,6 +50,23 @@ def check_amp_support(device: torch.device, enabled: bool, dtype_name: str) -> N
         raise ValueError(f"--amp_dtype {dtype_name} does not work on {device.type} here "
                          f"({str(err).splitlines()[0][:120]}); use --amp_dtype "
                          f"{'fp16' if dtype_name == 'bf16' else 'bf16'} or --amp false") from None
+
+
+def resolve_amp_dtype(device: torch.device, requested: str) -> Tuple[str, str]:
+    """(``bf16`` or ``fp16``, why) for ``--amp_dtype auto``; an explicit choice is kept.
+
+    ``torch.cuda.is_bf16_supported()`` also says yes on pre-Ampere GPUs, where
+    bf16 is emulated and slow: the compute capability decides instead (bf16
+    from 8.0, Ampere, on). The CPU runs bf16 autocast (no loss scale needed).
+    """
+    if requested != "auto":
+        return requested, "as asked"
+    if device.type != "cuda":
+        return "bf16", f"{device.type}: bf16 autocast, no loss scaling"
+    major, minor = torch.cuda.get_device_capability(device)
+    if major >= 8:
+        return "bf16", f"compute capability {major}.{minor} runs bf16 natively"
+    return "fp16", f"compute capability {major}.{minor} has no native bf16: fp16 with GradScaler"
 
 
 def make_grad_scaler(device_type: str, enabled: bool, dtype_name: str) -> torch.amp.GradScaler:
@@ -91,23 +109,38 @@ def _to_fp32(value):
     return value
 
 
-def run_in_fp32(module: nn.Module) -> None:
-    """Make ``module.forward`` run with autocast disabled on float32 inputs.
+class _RunsInFP32:
+    """Mixin: ``forward`` with autocast disabled, on float32 inputs."""
 
-    The forward is wrapped on the instance, so parameters, state-dict keys and
-    the module tree stay exactly as they were (checkpoints are unaffected).
-    """
-    original = module.forward
-
-    @functools.wraps(original)
-    def forward_fp32(*args, **kwargs):
+    def forward(self, *args, **kwargs):
         device = next((a.device for a in args if isinstance(a, torch.Tensor)), torch.device("cpu"))
         with torch.autocast(device_type=device.type, enabled=False):
             args = tuple(_to_fp32(a) for a in args)
             kwargs = {k: _to_fp32(v) for k, v in kwargs.items()}
-            return original(*args, **kwargs)
+            return super().forward(*args, **kwargs)
 
-    module.forward = forward_fp32
+
+def _fp32_class(cls: type) -> type:
+    """``cls`` with ``_RunsInFP32`` in front, made once and kept here by name so that pickle finds it."""
+    name = f"{cls.__name__}FP32"
+    made = globals().get(name)
+    if made is None or made.__bases__ != (_RunsInFP32, cls):
+        made = type(name, (_RunsInFP32, cls), {"__module__": __name__, "__qualname__": name})
+        globals()[name] = made
+    return made
+
+
+def run_in_fp32(module: nn.Module) -> None:
+    """Make ``module`` run with autocast disabled on float32 inputs.
+
+    The module's class is swapped for a subclass whose ``forward`` does that:
+    parameters, state-dict keys and the module tree stay as they were
+    (checkpoints are unaffected), and ``copy.deepcopy`` or pickle of the model
+    keep the behaviour and the copy's own weights (an instance-level forward
+    would still point at the original's).
+    """
+    if not isinstance(module, _RunsInFP32):
+        module.__class__ = _fp32_class(type(module))
 
 
 def apply_local_fp32(model: nn.Module, policy: str, custom: Sequence[str] = ()) -> List[str]:

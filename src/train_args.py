@@ -10,7 +10,7 @@ import torch
 from src.cli import UserError, str2bool
 from src.losses import DISTORTIONS, LOSS_TYPES
 from src.model_factory import BASE_MODELS
-from src.precision import AMP_DTYPES, LOCAL_FP32_POLICIES
+from src.precision import AMP_DTYPE_CHOICES, LOCAL_FP32_POLICIES
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
 from src.schedule import SCHEDULES
 
@@ -71,7 +71,8 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g = p.add_argument_group("Precision")
     g.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu"))
     g.add_argument("--amp", type=str2bool, default=True)
-    g.add_argument("--amp_dtype", default="bf16", choices=sorted(AMP_DTYPES))
+    g.add_argument("--amp_dtype", default="auto", choices=AMP_DTYPE_CHOICES,
+                   help="auto = bf16 where the device runs it natively (CPU, CUDA >= 8.0), else fp16 + GradScaler")
     g.add_argument("--local_fp32", default="entropy", choices=LOCAL_FP32_POLICIES,
                    help="modules that run in FP32 under autocast")
     g.add_argument("--local_fp32_custom", default="", help="comma-separated class-name parts (--local_fp32 custom)")

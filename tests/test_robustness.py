@@ -397,3 +397,32 @@ def test_torchrun_hyperprior_recon_per_rank_rng(prepared64, tmp_path):
     ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     first, second = ckpt["rng_per_rank"]
     assert not torch.equal(first["torch"], second["torch"]), "ranks must not share quantisation noise"
+
+
+def test_full_disk_during_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
+    import src.checkpoint as checkpoint
+
+    target = tmp_path / "last.pt"
+    save_checkpoint({"state_dict": {"w": torch.zeros(3)}, "epoch": 1}, target)
+
+    def torch_save_on_a_full_disk(obj, handle):  # what torch.save raises when the write runs out of space
+        handle.write(b"PK\x03\x04")
+        raise RuntimeError("[enforce fail at inline_container.cc:626] . unexpected pos 64 vs 0")
+
+    monkeypatch.setattr(torch, "save", torch_save_on_a_full_disk)
+    monkeypatch.setattr(checkpoint.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9, 1000))
+    with pytest.raises(UserError, match=r"could not write .*last.pt: the disk is full \(about 4.0 MiB needed, "
+                                         r"0.0 MiB free there\)"):
+        save_checkpoint({"state_dict": {"w": torch.zeros(1024, 1024)}, "epoch": 2}, target)
+    assert read_checkpoint(target)["epoch"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temp file is left behind"
+
+
+def test_torchrun_init_from_gdn_fits_on_rank_0_and_broadcasts(prepared64, tmp_path):
+    argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all",
+                       "--init_from_gdn", "true", "--gdn_fit_steps", "5", "--gdn_fit_images", "4")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                             "29523", "train_finetune_npu.py", *argv],
+                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.count("init_from_gdn: fitting 6 blocks") == 1 and "same on all 2 ranks" in result.stdout

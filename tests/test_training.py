@@ -79,7 +79,7 @@ def test_npu_script_defaults():
     assert (args.enc_t, args.enc_kdw, args.enc_eca, args.dec_gmin, args.dec_gmax) == (2.0, 3, True, 0.5, 2.0)
     relu = get_args_parser("x").parse_args(["--coco_dir", "x"])
     assert (relu.alpha_l1, relu.amp, relu.amp_dtype, relu.max_grad_norm, relu.lambda_bpp, relu.wandb) == \
-        (0.4, True, "bf16", 1.0, 0.01, False)
+        (0.4, True, "auto", 1.0, 0.01, False)
 
 
 def test_raw_coco_mode(coco_root, tmp_path):
@@ -314,3 +314,37 @@ def test_grad_scaler_only_for_fp16(prepared64, tmp_path, dtype, scaled):
     train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--amp_dtype", dtype))
     scaler_state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["scaler"]
     assert ("scale" in scaler_state) == scaled
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"),
+                                                  ((9, 0), "bf16")])
+def test_amp_dtype_auto_follows_native_bf16(capability, expected, monkeypatch):
+    from src.precision import resolve_amp_dtype
+
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # what emulation would claim
+    assert resolve_amp_dtype(torch.device("cuda", 0), "auto")[0] == expected
+    assert resolve_amp_dtype(torch.device("cuda", 0), "bf16")[0] == "bf16"  # an explicit choice is kept
+    assert resolve_amp_dtype(torch.device("cpu"), "auto")[0] == "bf16"
+
+
+def test_local_fp32_survives_deepcopy_and_pickle():
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    model = build_model(make_arch(quality=1, replace="relu")).eval()
+    keys = set(model.state_dict())
+    apply_local_fp32(model, "entropy")
+    assert set(model.state_dict()) == keys
+    twin = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in twin.entropy_bottleneck.parameters():
+            p.add_(0.5)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        mine, theirs = model(x)["likelihoods"]["y"], twin(x)["likelihoods"]["y"]
+        again = pickle.loads(pickle.dumps(model))(x)["likelihoods"]["y"]
+    assert mine.dtype == theirs.dtype == again.dtype == torch.float32
+    assert not torch.equal(mine, theirs), "the copy must run its own weights"
+    assert torch.equal(mine, again)
