@@ -74,6 +74,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also write a static INT8 model (OUT with .int8.onnx), calibrated on images in CALIB_DIR, "
                         "and report the INT8 encoder->decoder PSNR drop on them")
     p.add_argument("--calib_count", type=int, default=32, help="calibration images used from CALIB_DIR")
+    p.add_argument("--int8_eval_dir", default=None,
+                   help="held-out images for the FP32-vs-INT8 round trip (default: CALIB_DIR's images after the "
+                        "calibration ones; the report is never measured on the calibration images)")
+    p.add_argument("--int8_eval_count", type=int, default=16, help="round-trip images used")
     return p
 
 
@@ -175,15 +179,34 @@ def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor
         return torch.from_numpy(int8.quantise_latent(model.g_a(image).numpy(), latent_medians(model)))
 
 
+def split_calibration(args: argparse.Namespace) -> Tuple[List[Path], List[Path], str]:
+    """(calibration files, round-trip files, where the latter come from): never the same images.
+
+    MinMax ranges never clip the images they were measured on, so a round
+    trip on the calibration images would flatter INT8.
+    """
+    files = image_files(Path(args.int8), "calibration")
+    if args.int8_eval_dir:
+        held_out = image_files(Path(args.int8_eval_dir), "INT8 evaluation")[: args.int8_eval_count]
+        return files[: args.calib_count], held_out, str(args.int8_eval_dir)
+    if len(files) < 2:
+        raise UserError(f"--int8 {args.int8} holds {len(files)} image: calibration and the round trip need "
+                        "different images; add images or pass --int8_eval_dir DIR")
+    calib = files[: min(args.calib_count, len(files) - max(1, len(files) // 4))]
+    rest = files[len(calib):][: args.int8_eval_count]
+    return calib, rest, f"the {len(rest)} images of {args.int8} after the {len(calib)} calibration ones"
+
+
 def int8_report(model: nn.Module, args: argparse.Namespace, out: Path, opset: int) -> Dict:
     """Quantise encoder and decoder on CALIB_DIR crops; keep the INT8 model of ``--part``.
 
     The round trip needs both halves, so the other half is exported and
     quantised too (in a temp folder unless it is the part asked for).
     """
-    files = image_files(Path(args.int8), "calibration")[: args.calib_count]
-    crops = [center_crop_tensor(f, (args.input_size, args.input_size)) for f in files]
+    calib_files, eval_files, eval_from = split_calibration(args)
+    crops = [center_crop_tensor(f, (args.input_size, args.input_size)) for f in calib_files]
     images = [c.numpy() for c in crops]
+    held_out = [center_crop_tensor(f, (args.input_size, args.input_size)).numpy() for f in eval_files]
     with tempfile.TemporaryDirectory() as tmp:
         paths = {}
         for part in ("encoder", "decoder"):
@@ -198,15 +221,16 @@ def int8_report(model: nn.Module, args: argparse.Namespace, out: Path, opset: in
                                                    else Path(tmp) / f"{part}.int8.onnx"), calib)
             for part, calib in (("encoder", images), ("decoder", latents))
         }
-        fp32_psnr = int8.roundtrip_psnr(paths["encoder"], paths["decoder"], images, medians)
-        int8_psnr = int8.roundtrip_psnr(int8_paths["encoder"], int8_paths["decoder"], images, medians)
+        fp32_psnr = int8.roundtrip_psnr(paths["encoder"], paths["decoder"], held_out, medians)
+        int8_psnr = int8.roundtrip_psnr(int8_paths["encoder"], int8_paths["decoder"], held_out, medians)
         float_ops = sorted(op for op in op_histogram(int8_paths[args.part]) if op in NPU_FORBIDDEN_OPS)
     report = {"int8_path": str(out.with_suffix(".int8.onnx")), "calib_images": len(images),
+              "eval_images": len(held_out), "eval_from": eval_from,
               "psnr_fp32": fp32_psnr, "psnr_int8": int8_psnr, "psnr_drop": fp32_psnr - int8_psnr,
               "float_only_ops": float_ops}
     print(f"INT8 {args.part} -> {report['int8_path']} (calibrated on {len(images)} crops of {args.int8})")
-    print(f"encoder->decoder round trip PSNR: FP32 {fp32_psnr:.3f} dB, INT8 {int8_psnr:.3f} dB, "
-          f"drop {report['psnr_drop']:.3f} dB")
+    print(f"encoder->decoder round trip PSNR on {len(held_out)} held-out images ({eval_from}): "
+          f"FP32 {fp32_psnr:.3f} dB, INT8 {int8_psnr:.3f} dB, drop {report['psnr_drop']:.3f} dB")
     if float_ops:
         print(f"ops left in float in the INT8 {args.part}: {', '.join(float_ops)}")
     return report

@@ -4,6 +4,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -148,3 +149,31 @@ def test_export_plain_compressai_state_dict_with_relu_replacement(photos, tmp_pa
     with pytest.raises(UserError, match="pass --image"):
         export_onnx.main(["--ckpt", str(tmp_path / "zoo.pth.tar"), "--part", "encoder", "--out",
                           str(tmp_path / "e2.onnx"), "--input_size", "64"])
+
+
+def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoints, prepared64, tmp_path,
+                                                                       monkeypatch):
+    from src import onnx_int8
+
+    seen = {"calib": [], "eval": []}
+    quantize, roundtrip = onnx_int8.quantize_int8, onnx_int8.roundtrip_psnr
+
+    def spy_quantize(fp32, int8_path, calibration):
+        if len(calibration) and calibration[0].shape[1] == 3:  # the encoder's calibration: images
+            seen["calib"] += list(calibration)
+        return quantize(fp32, int8_path, calibration)
+
+    def spy_roundtrip(encoder, decoder, images, medians):
+        seen["eval"] += list(images)
+        return roundtrip(encoder, decoder, images, medians)
+
+    monkeypatch.setattr(onnx_int8, "quantize_int8", spy_quantize)
+    monkeypatch.setattr(onnx_int8, "roundtrip_psnr", spy_roundtrip)
+    argv = ["--ckpt", str(checkpoints["npu"]), "--part", "encoder", "--out", str(tmp_path / "e.onnx"),
+            "--input_size", "64", "--int8", str(prepared64 / "train"), "--calib_count", "8"]
+    report = export_onnx.main(argv)["int8"]
+    assert (report["calib_images"], report["eval_images"]) == (8, 16) and "after the 8 calibration" in report["eval_from"]
+    assert len(seen["calib"]) == 8 and len(seen["eval"]) == 2 * 16  # FP32 and INT8 round trips
+    assert not any(np.array_equal(c, e) for c in seen["calib"] for e in seen["eval"])
+    held_out = export_onnx.main(argv + ["--int8_eval_dir", str(prepared64 / "val")])["int8"]
+    assert held_out["eval_images"] == 2 and held_out["eval_from"] == str(prepared64 / "val")
