@@ -1,5 +1,6 @@
 """Multi-process training, exact resume, signals, crashes and bad input (issue: a run that loses nothing)."""
 
+import argparse
 import os
 import shutil
 import signal
@@ -426,3 +427,39 @@ def test_torchrun_init_from_gdn_fits_on_rank_0_and_broadcasts(prepared64, tmp_pa
                             capture_output=True, text=True, cwd=REPO, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("init_from_gdn: fitting 6 blocks") == 1 and "same on all 2 ranks" in result.stdout
+
+
+def _agree_worker(rank, init_file, results):
+    import torch.distributed as dist
+
+    from src.distributed import DistInfo
+    from src.stop_signals import StopRequest
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    tr = argparse.Namespace(device=torch.device("cpu"), dist=DistInfo(rank, 2, rank), stop=StopRequest())
+    overflow = "first bad output in module 'g_a.2'" if rank == 1 else None
+    verdict = engine.agree_on_step(tr, torch.tensor(rank == 0), overflow)
+    results[rank] = (verdict.skip, verdict.stop, verdict.overflow)
+    dist.destroy_process_group()
+
+
+def test_all_ranks_agree_on_an_overflow_seen_by_one(tmp_path):
+    """--overflow_check on one rank must stop every rank with the same message (no rank left in a collective)."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        results = manager.dict()
+        mp.spawn(_agree_worker, args=(str(tmp_path / "rendezvous"), results), nprocs=2, join=True)
+        assert dict(results) == {r: (True, False, "first bad output in module 'g_a.2'") for r in (0, 1)}
+
+
+def test_torchrun_only_rank_0_downloads_zoo_weights(prepared64, tmp_path):
+    """Offline (a proxy on a closed loopback port): one download attempt and one error line, not one per rank."""
+    env = dict(os.environ, TORCH_HOME=str(tmp_path / "hub"), https_proxy="http://127.0.0.1:9",
+               HTTPS_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
+    argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--pretrained", "true")
+    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                             "29525", "-m", "src.train_finetune_relu", *argv],
+                            capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    assert result.returncode != 0
+    assert result.stderr.count("could not download CompressAI's pretrained") == 1, result.stderr[-3000:]
