@@ -139,9 +139,12 @@ def check_reuse(out_dir: Path, args: argparse.Namespace) -> None:
     if not manifest.is_file():
         return
     try:
-        saved = json.loads(manifest.read_text()).get("args", {})
+        previous = json.loads(manifest.read_text())
     except (OSError, ValueError) as err:
         raise UserError(f"{manifest} is unreadable ({err}); remove it or use another --out_dir") from None
+    if not previous.get("crops"):
+        return  # nothing was written there: nothing to mix with
+    saved = previous.get("args", {})
     changes = [f"--{k} {saved[k]} -> {getattr(args, k)}" for k in CROP_DEFINING_ARGS
                if k in saved and saved[k] != getattr(args, k)]
     if changes:
