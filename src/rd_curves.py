@@ -91,6 +91,11 @@ def bd_deltas(anchor: Sequence[Mapping[str, float]], test: Sequence[Mapping[str,
     of a small overlap, which makes the delta an extrapolation-free but narrow average).
     """
     result: Dict[str, Any] = {"bd_rate": None, "bd_quality": None, "notes": []}
+    for name, points in ((anchor_name, anchor), (test_name, test)):
+        _, quality = _sorted(points, "bpp", axis)
+        if np.any(np.diff(quality) <= 0):
+            result["notes"].append(f"{name} is not monotonic ({axis} does not rise with every rate step): "
+                                   "its deltas interpolate a curve that turns back")
     if len(anchor) < MIN_POINTS or len(test) < MIN_POINTS:
         result["notes"].append(f"needs at least {MIN_POINTS} points per curve ({anchor_name} has {len(anchor)}, "
                                f"{test_name} has {len(test)})")

@@ -25,7 +25,7 @@ class RunLogger:
         try:
             # WANDB_DIR, when set, is the user's choice; else the files go beside the checkpoints.
             self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "gdn-finetune"), config=config,
-                                  dir=None if os.environ.get("WANDB_DIR") else run_dir)
+                                  dir=os.environ.get("WANDB_DIR") or run_dir)
         except (wandb.errors.UsageError, wandb.errors.CommError, wandb.errors.AuthenticationError) as err:
             raise UserError(f"W&B could not start ({str(err).splitlines()[0]}); run `wandb login`, "
                             "set WANDB_MODE=offline, or pass --wandb false") from None

@@ -166,3 +166,12 @@ def test_rd_study_plans_equal_budget_runs(tmp_path, capsys):
     with pytest.raises(UserError, match="bmshj2018-factorized-prior-2-"):
         rd_study.main(["--coco_dir", "c", "--eval_dir", "k", "--work_dir", str(tmp_path / "zoo"), "--zoo_dir",
                        str(tmp_path), "--qualities", "2", "--dry_run"])
+
+
+def test_non_monotonic_curve_is_flagged():
+    rates = [0.1, 0.2, 0.4, 0.8]
+    bent = power_curve(rates)
+    bent[-1]["psnr"] = bent[-2]["psnr"] - 0.1  # quality falls at the highest rate
+    notes = bd_deltas(power_curve(rates), bent, "psnr", "gdn", "relu")["notes"]
+    assert any("relu is not monotonic" in n for n in notes)
+    assert not bd_deltas(power_curve(rates), power_curve(rates), "psnr")["notes"]
