@@ -22,6 +22,14 @@ from tests.test_training import common_args
 REPO = Path(__file__).resolve().parents[1]
 
 
+def torchrun(entry, argv, port, **kwargs):
+    """``entry`` (a module, or a script path ending in .py) under torchrun with 2 CPU processes."""
+    target = [entry] if entry.endswith(".py") else ["-m", entry]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(port), *target, *argv], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          **kwargs)
+
+
 def final_state(path):
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
 
@@ -34,9 +42,7 @@ def assert_same_weights(a, b):
 
 def test_torchrun_two_cpu_processes(prepared64, tmp_path):
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                             "29517", "-m", "src.train_finetune_relu", *argv],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = torchrun("src.train_finetune_relu", argv, 29517)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x2 |" in result.stdout and "effective batch 4" in result.stdout
     assert "same on all 2 ranks" in result.stdout
@@ -192,9 +198,7 @@ def test_torchrun_rank_with_an_all_corrupt_batch_does_not_hang(prepared64, tmp_p
         victim.write_bytes(b"not a png")
     argv = common_args(data, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "0", "--batch_size", "1",
                        "--device", "cpu", "--train_scope", "all")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                             "29519", "-m", "src.train_finetune_relu", *argv],
-                            capture_output=True, text=True, cwd=REPO, timeout=240)
+    result = torchrun("src.train_finetune_relu", argv, 29519)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "an empty batch, step skipped" in result.stdout and "same on all 2 ranks" in result.stdout
 
@@ -390,9 +394,7 @@ def test_torchrun_hyperprior_recon_per_rank_rng(prepared64, tmp_path):
     """A hyperprior under DDP with no rate term (h_a/h_s frozen), and each rank its own RNG stream."""
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--model", "bmshj2018-hyperprior",
                        "--replace_parts", "all", "--train_scope", "all")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                             "29521", "-m", "src.train_finetune_relu", *argv],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = torchrun("src.train_finetune_relu", argv, 29521)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "hyperprior" in result.stdout and "same on all 2 ranks" in result.stdout
     ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
@@ -422,9 +424,7 @@ def test_full_disk_during_save_is_one_line_and_keeps_the_old_file(tmp_path, monk
 def test_torchrun_init_from_gdn_fits_on_rank_0_and_broadcasts(prepared64, tmp_path):
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all",
                        "--init_from_gdn", "true", "--gdn_fit_steps", "5", "--gdn_fit_images", "4")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                             "29523", "train_finetune_npu.py", *argv],
-                            capture_output=True, text=True, cwd=REPO, timeout=300)
+    result = torchrun("train_finetune_npu.py", argv, 29523)
     assert result.returncode == 0, result.stderr[-3000:]
     assert result.stdout.count("init_from_gdn: fitting 6 blocks") == 1 and "same on all 2 ranks" in result.stdout
 
@@ -458,8 +458,6 @@ def test_torchrun_only_rank_0_downloads_zoo_weights(prepared64, tmp_path):
     env = dict(os.environ, TORCH_HOME=str(tmp_path / "hub"), https_proxy="http://127.0.0.1:9",
                HTTPS_PROXY="http://127.0.0.1:9", http_proxy="http://127.0.0.1:9", HTTP_PROXY="http://127.0.0.1:9")
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--pretrained", "true")
-    result = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
-                             "29525", "-m", "src.train_finetune_relu", *argv],
-                            capture_output=True, text=True, cwd=REPO, timeout=300, env=env)
+    result = torchrun("src.train_finetune_relu", argv, 29525, env=env)
     assert result.returncode != 0
     assert result.stderr.count("could not download CompressAI's pretrained") == 1, result.stderr[-3000:]
