@@ -215,7 +215,8 @@ def backward_and_clip(tr: Trainer, loss: torch.Tensor, args: argparse.Namespace)
         tr.scaler.unscale_(tr.optimizer)
         norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
     elif not tr.scaler.is_enabled():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+        grads = [p.grad for p in params if p.grad is not None]  # get_total_norm is torch >= 2.6 only
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
     else:
         return torch.ones((), dtype=torch.bool, device=tr.device)
     return torch.isfinite(norm) | torch.tensor(tr.scaler.is_enabled(), device=tr.device)
