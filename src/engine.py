@@ -45,6 +45,7 @@ from src.precision import (
     resolve_amp_dtype,
 )
 from src.recon import comparison_grid, write_pngs
+from src.recon_report import write_report
 from src.replace_gdn import parameter_table, set_trainable_parts
 from src.run_logger import RunLogger
 from src.schedule import LRSchedule, build_schedule
@@ -397,6 +398,21 @@ def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str,
     tr.logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
 
 
+def write_recon_report(tr: Trainer, args: argparse.Namespace, step: int, say: Callable[[str], None]) -> None:
+    """``<recon_dir>/report.png``: every epoch's reconstructions beside the originals, captioned (rank 0)."""
+    recon_dir = Path(args.recon_dir)
+    if not (recon_dir / "origin").is_dir():
+        return
+    report = recon_dir / "report.png"
+    try:
+        write_report([recon_dir], report)
+    except UserError as err:  # e.g. tags of an older run in the same folder: the training itself succeeded
+        say(f"warning: recon sheet not written: {err}")
+        return
+    say(f"recon sheet: {report}")
+    tr.logger.log_image_file("recon/report", report, step=step)
+
+
 def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState, args: argparse.Namespace,
                        rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Everything needed to rebuild (eval/export) or continue (resume) the run.
@@ -670,6 +686,8 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
                 if tr.stop.requested:
                     raise interrupted(tr.stop.signum, state, args)
+            if dist.is_main and args.recon_count > 0:
+                write_recon_report(tr, args, state.step, say)
         finally:
             if tr.monitor is not None:
                 tr.monitor.remove()

@@ -40,6 +40,10 @@ class RunLogger:
             array = (grid.clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
             self.wandb.log({key: self.wandb.Image(array, caption=caption)}, step=step)
 
+    def log_image_file(self, key: str, path, step: int) -> None:
+        if self.wandb is not None:
+            self.wandb.log({key: self.wandb.Image(str(path))}, step=step)
+
     def finish(self) -> None:
         if self.wandb is not None:
             self.wandb.finish()

@@ -45,6 +45,7 @@ def assert_run_outputs(tmp_path, replace):
     for tag in ("origin", "epoch_001", "epoch_002"):
         files = sorted(p.name for p in (tmp_path / "recon" / tag).glob("*.png"))
         assert files == ["00000.png", "00001.png"], tag
+    assert Image.open(tmp_path / "recon" / "report.png").size[1] > 500, "training ends with the recon sheet"
 
 
 def test_relu_script_end_to_end(prepared64, tmp_path, capsys):
@@ -61,7 +62,7 @@ def test_relu_script_end_to_end(prepared64, tmp_path, capsys):
     runs = list((tmp_path / "ckpt" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert runs, "W&B offline run should be written"
     data = runs[0].read_bytes()
-    for key in (b"train/rd/bpp", b"train/rd/1-msssim", b"val/ms_ssim", b"recon/epoch_002", b"lr"):
+    for key in (b"train/rd/bpp", b"train/rd/1-msssim", b"val/ms_ssim", b"recon/epoch_002", b"recon/report", b"lr"):
         assert key in data
 
 
@@ -349,3 +350,53 @@ def test_local_fp32_survives_deepcopy_and_pickle():
     assert mine.dtype == theirs.dtype == again.dtype == torch.float32
     assert not torch.equal(mine, theirs), "the copy must run its own weights"
     assert torch.equal(mine, again)
+
+
+def synthetic_recon(root, noise=(0.02, 0.05), count=2, size=64):
+    """origin/ and one tag per noise level, with the pixels saved exactly as 8-bit PNGs."""
+    torch.manual_seed(0)
+    originals = (torch.rand(count, 3, size, size) * 255).round() / 255
+    tags = {}
+    for i, sigma in enumerate(noise):
+        tags[f"epoch_{i + 1:03d}"] = ((originals + sigma * torch.randn_like(originals)).clamp(0, 1) * 255).round() / 255
+    for tag, images in [("origin", originals), *tags.items()]:
+        (root / tag).mkdir(parents=True)
+        for index, image in enumerate(images):
+            Image.fromarray((image * 255).round().byte().permute(1, 2, 0).numpy()).save(root / tag / f"{index:05d}.png")
+    return originals, tags
+
+
+def test_recon_report_sheet_and_captions(tmp_path):
+    import numpy as np
+
+    from src import recon_report
+
+    originals, tags = synthetic_recon(tmp_path / "recon")
+    table = recon_report.main(["--recon_dir", str(tmp_path / "recon"), "--crop", "32"])
+    sheet = Image.open(tmp_path / "recon" / "report.png")
+    dpi, tile = recon_report.DPI, recon_report.TILE_INCHES
+    assert sheet.size == (round(3 * tile * dpi), round((2 * 2 + 1.3) * tile * dpi))  # 3 columns, 2 images x 2 rows
+    for tag, recons in tags.items():
+        for index, metrics in enumerate(table["recon"][tag]):
+            a = np.round(originals[index].numpy() * 255)
+            b = np.round(recons[index].numpy() * 255)
+            psnr = 10 * np.log10(255 ** 2 / np.mean((a - b) ** 2))
+            assert metrics["psnr"] == pytest.approx(psnr, abs=1e-3)
+    means = [np.mean([m["psnr"] for m in table["recon"][t]]) for t in sorted(tags)]
+    assert means[0] > means[1] + 3  # noise 0.02 vs 0.05
+
+
+def test_recon_report_bad_folders(tmp_path):
+    from src import recon_report
+
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="has no origin/"):
+        recon_report.main(["--recon_dir", str(tmp_path / "empty")])
+    synthetic_recon(tmp_path / "r1")
+    (tmp_path / "r1" / "epoch_002" / "00001.png").unlink()
+    with pytest.raises(UserError, match=r"epoch_002 does not match origin/ one to one \(missing: \['00001.png'\]"):
+        recon_report.main(["--recon_dir", str(tmp_path / "r1")])
+    synthetic_recon(tmp_path / "r2")
+    (tmp_path / "r2" / "epoch_001" / "00000.png").write_bytes(b"\x89PNG broken")
+    with pytest.raises(UserError, match="00000.png cannot be read"):
+        recon_report.main(["--recon_dir", str(tmp_path / "r2")])
