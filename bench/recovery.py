@@ -26,10 +26,8 @@ from typing import Dict, List, Optional
 import torch
 
 from src import eval as recipe_eval
-from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch
 from src.data import PreparedCrops
-from src.gdn_fit import fit_blocks_to_gdn
-from src.model_factory import make_arch, model_from_base_weights
+from src.model_factory import swapped_checkpoint
 
 SCALES = {  # crop, crops per image, batch, base steps, fine-tune steps
     "small": (128, 8, 8, 1500, 300),
@@ -62,23 +60,13 @@ def common_flags(args, data: Path, batch: int, steps: int) -> List[str]:
             "--recon_count", "2", "--recon_every", str(epochs), "--log_every", "50", "--sched", "cosine"]
 
 
-def swapped_checkpoint(base: Path, replace: str, parts: str, out: Path, fit_on: Optional[Path] = None) -> Path:
-    """The base with GDN swapped and not fine-tuned, saved as a checkpoint (the 'after swap' point).
-
-    With ``fit_on`` (a folder of crops) the new blocks are first fitted to the
-    GDN layers, exactly as ``--init_from_gdn true`` does with its defaults.
-    """
-    state, base_arch = state_and_arch(read_checkpoint(base), base)
-    arch = make_arch(**dict(base_arch or make_arch(), replace=replace, replace_parts=parts))
-    model = model_from_base_weights(arch, state, base_arch, str(base))
-    if fit_on is not None:
-        gdn = model_from_base_weights(dict(arch, replace="none"), state, base_arch, str(base))
-        crops = PreparedCrops(fit_on)
-        torch.manual_seed(0)
-        fit_blocks_to_gdn(gdn, model, torch.stack([crops[i] for i in range(min(16, len(crops)))]), steps=300)
-    model.update(force=True)
-    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, out)
-    return out
+def fit_images(folder: Optional[Path]) -> Optional[torch.Tensor]:
+    """The 16 crops --init_from_gdn fits on by default (None: no fit)."""
+    if folder is None:
+        return None
+    crops = PreparedCrops(folder)
+    torch.manual_seed(0)
+    return torch.stack([crops[i] for i in range(min(16, len(crops)))])
 
 
 def main() -> None:
@@ -116,7 +104,8 @@ def main() -> None:
     for name, script, replace, parts, extra in VARIANTS:
         if replace != "none":
             fit_on = data / "train" if "--init_from_gdn" in extra else None
-            checkpoints[f"{name}@swap"] = swapped_checkpoint(base, replace, parts, work / f"{name}_swap.pt", fit_on)
+            checkpoints[f"{name}@swap"] = swapped_checkpoint(base, replace, parts, work / f"{name}_swap.pt",
+                                                             fit_images(fit_on))
         out = work / name
         if not (out / "last.pt").exists():
             flags = common_flags(args, data, batch, steps) + ["--replace_parts", parts]

@@ -1,34 +1,51 @@
-"""The whole recipe end to end on real photographs, small enough for a 2-core CPU.
+"""The recipe's story on real photographs, small enough for a 2-core CPU and for a machine with no network.
 
     ./run.sh demo        (or: python -m scripts.demo)
 
-1. lays out photos shipped with scikit-image (astronaut, coffee, chelsea, ...)
-   like COCO (train2017/ and val2017/, as JPEG) in demo_out/coco;
-2. prepares 224x224 crops with scripts.coco_prepare;
-3. fine-tunes bmshj2018_factorized q=1 with GDN->ReLU in the encoder
-   (CompressAI's pretrained weights when they can be downloaded, otherwise
-   random initialisation, said plainly);
-4. evaluates best_loss.pt, the epoch with the best val loss (PSNR, MS-SSIM, real bitstream bpp);
-5. exports encoder and decoder to ONNX, verified with onnxruntime.
+1. lays out photos shipped with scikit-image like COCO (train2017/, val2017/ as
+   JPEG) in demo_out/coco and prepares 64x64 training crops with scripts.coco_prepare;
+2. a GDN base: CompressAI's pretrained bmshj2018-factorized q=1 when it can be
+   downloaded; otherwise one trained here with the recipe's own script
+   (``--replace_parts none``, CompressAI's objective at q=1's lambda), cached
+   in demo_out/gdn_base so that a second run skips it;
+3. the same weights right after GDN is swapped for ReLU and for the NPU blocks
+   (no training), then both fine-tuned from the base with the same budget;
+4. every stage evaluated by src.eval on the held-out photos at full size (real
+   bitstream), a table of PSNR / MS-SSIM / bpp per stage, and one sheet
+   (src.recon_report) with a held-out photo decoded by every stage;
+5. the fine-tuned NPU encoder and decoder exported to ONNX and checked in onnxruntime.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
+import torch
+import torch.nn.functional as F
+from compressai.ops import compute_padding
+from torchvision.transforms.functional import pil_to_tensor
+
+from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
+from src.eval import load_model
 from src.images import load_rgb
-from src.model_factory import download_pretrained_state, make_arch
+from src.losses import ZOO_LAMBDA_BPP
+from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
+from src.recon import write_pngs
+from src.recon_report import write_report
 from src.sample_photos import skimage_photos
 
 VAL_PHOTOS = ("astronaut", "coffee")
 TRAIN_PHOTOS = ("chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "ihc", "retina", "camera",
                 "moon", "brick", "grass", "gravel", "coins", "page", "immunohistochemistry")
+QUALITY = 1
+SHEET_CROP = 256  # the held-out photo's center, decoded by every stage for the sheet
 
 
 def lay_out_coco(root: Path) -> Path:
@@ -47,43 +64,112 @@ def run_step(title: str, args: List[str]) -> None:
     subprocess.run([sys.executable, *args], check=True)
 
 
-def pretrained_available(quality: int) -> bool:
+def zoo_base(out: Path) -> Optional[Path]:
+    """CompressAI's q=1 weights as a local file, or None (said in one line) when they cannot be downloaded."""
     try:
-        download_pretrained_state(make_arch(quality=quality, replace="none"))
-        return True
+        state = download_pretrained_state(make_arch(quality=QUALITY, replace="none"))
     except UserError as err:
-        print(f"note: {err}\nnote: the demo continues from random initialisation (--pretrained false)")
-        return False
+        print(f"note: {err}")
+        return None
+    path = out / "zoo_q1.pt"
+    save_checkpoint({"state_dict": state, "arch": make_arch(quality=QUALITY, replace="none")}, path)
+    return path
+
+
+BATCH = 8
+
+
+def training_flags(crops: Path, steps: int, lr: str, save: Path) -> List[str]:
+    """Whole epochs adding up to about ``steps``; CompressAI's objective at q=1's trade-off, in fp32
+    (the faster precision on CPUs without AMX)."""
+    lam = f"{ZOO_LAMBDA_BPP[QUALITY]:.6g}"
+    epochs = max(1, round(steps / max(1, len(list((crops / "train").glob("*.png"))) // BATCH)))
+    return ["--coco_dir", str(crops), "--quality", str(QUALITY), "--pretrained", "false",
+            "--epochs", str(epochs), "--recon_every", str(epochs), "--batch_size", str(BATCH),
+            "--num_workers", "0", "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam,
+            "--max_grad_norm", lam, "--amp", "false", "--train_scope", "all", "--lr", lr,
+            "--save_dir", str(save), "--recon_dir", str(save / "recon"), "--recon_count", "2", "--log_every", "20"]
+
+
+def trained_base(out: Path, crops: Path, steps: int) -> Path:
+    """A GDN base trained here (cached: a second demo run reuses it)."""
+    base = out / "gdn_base"
+    if (base / "done").exists():
+        print(f"\n=== GDN base: reusing {base / 'best_loss.pt'} (delete {base} to train it again)")
+        return base / "best_loss.pt"
+    run_step(f"GDN base: no pretrained weights, so a small one is trained here (about {steps} steps, 2-3 minutes)",
+             ["-m", "src.train_finetune_relu", *training_flags(crops, steps, "1e-3", base),
+              "--replace_parts", "none", "--lr_warmup_steps", "50"])
+    (base / "done").write_text("ok\n")
+    return base / "best_loss.pt"
+
+
+@torch.no_grad()
+def decode_stages(stages: Dict[str, Path], photo: Path, folder: Path) -> Path:
+    """A held-out photo's center coded and decoded (real bitstream) by every stage, as a recon folder + sheet."""
+    img = load_rgb(photo)
+    side = min(SHEET_CROP, *img.size)
+    left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
+    x = pil_to_tensor(img.crop((left, top, left + side, top + side))).float().div(255).unsqueeze(0)
+    write_pngs(x, folder / "origin")
+    pad, unpad = compute_padding(side, side, min_div=64)
+    for index, (name, checkpoint) in enumerate(stages.items(), start=1):
+        model = load_model(checkpoint, torch.device("cpu"))[0]
+        coded = model.compress(F.pad(x, pad))
+        x_hat = F.pad(model.decompress(coded["strings"], coded["shape"])["x_hat"], unpad)
+        write_pngs(x_hat, folder / f"{index}_{name}")
+    write_report([folder], folder / "report.png", crop=96)
+    return folder / "report.png"
+
+
+def stage_table(report: Dict, names: Sequence[str]) -> str:
+    lines = [f"{'stage':<26}{'PSNR dB':>9}{'MS-SSIM':>9}{'bpp (real)':>12}"]
+    for name, result in zip(names, report["results"]):
+        m = result["mean"]
+        lines.append(f"{name:<26}{m['psnr']:>9.2f}{m['ms_ssim']:>9.4f}{m['bpp_real']:>12.3f}")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:
-    parser = argparse.ArgumentParser(description="Run the recipe end to end on scikit-image photos.")
+    parser = argparse.ArgumentParser(description="The recipe's story on scikit-image photos, offline if need be.")
     parser.add_argument("--out", default="demo_out")
-    parser.add_argument("--epochs", type=int, default=3)
-    parser.add_argument("--steps", type=int, default=25, help="steps per epoch")
+    parser.add_argument("--base_steps", type=int, default=1000, help="steps of the GDN base trained when offline")
+    parser.add_argument("--steps", type=int, default=300, help="fine-tuning steps per swapped model")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
     coco = lay_out_coco(out / "coco")
-    crops = out / "coco224"
-    run_step("1/4 prepare 224x224 crops", ["-m", "scripts.coco_prepare", "--coco_dir", str(coco),
-                                           "--out_dir", str(crops), "--crops_per_image", "4", "--workers", "2"])
-    pretrained = pretrained_available(quality=1)
-    ckpts = out / "checkpoints"
-    run_step("2/4 fine-tune with GDN->ReLU (encoder)", [
-        "-m", "src.train_finetune_relu", "--coco_dir", str(crops), "--quality", "1",
-        "--pretrained", str(pretrained).lower(), "--epochs", str(args.epochs),
-        "--max_steps_per_epoch", str(args.steps), "--batch_size", "4", "--num_workers", "1",
-        "--lr", "1e-4" if pretrained else "1e-3", "--train_scope", "all" if not pretrained else "replaced",
-        "--save_dir", str(ckpts), "--recon_dir", str(out / "recon"), "--recon_count", "2", "--log_every", "4"])
-    run_step("3/4 evaluate", ["-m", "src.eval", "--coco_dir", str(crops), "--use_prepared", "true",
-                              "--checkpoint", str(ckpts / "best_loss.pt"), "--json", str(out / "eval.json")])
+    crops = out / "coco64"
+    run_step("prepare 64x64 training crops", ["-m", "scripts.coco_prepare", "--coco_dir", str(coco), "--out_dir",
+                                              str(crops), "--crop_size", "64", "--crops_per_image", "32",
+                                              "--workers", "2"])
+    zoo = zoo_base(out)
+    base = zoo if zoo is not None else trained_base(out, crops, args.base_steps)
+    stages = {"gdn_base": base}
+    for kind in ("relu", "npu"):
+        stages[f"{kind}_all_after_swap"] = swapped_checkpoint(base, kind, "all", out / f"{kind}_all_after_swap.pt")
+    for kind, script in (("relu", ["-m", "src.train_finetune_relu"]), ("npu", ["train_finetune_npu.py"])):
+        run_dir = out / f"{kind}_all_finetuned"
+        run_step(f"fine-tune {kind.upper()} everywhere from the GDN base ({args.steps} steps)",
+                 [*script, *training_flags(crops, args.steps, "3e-4", run_dir),
+                  "--replace_parts", "all", "--lr_warmup_steps", "20", "--base_checkpoint", str(base)])
+        stages[f"{kind}_all_finetuned"] = run_dir / "best_loss.pt"
+    held_out = coco / "val2017"
+    run_step("evaluate every stage on the held-out photos (full size, real bitstream)",
+             ["-m", "src.eval", "--image_dir", str(held_out), "--checkpoint", *map(str, stages.values()),
+              "--json", str(out / "eval.json")])
     for part in ("encoder", "decoder"):
-        run_step(f"4/4 export {part} to ONNX", ["-m", "scripts.export_onnx", "--ckpt", str(ckpts / "best_loss.pt"),
-                                                "--part", part, "--out", str(out / "onnx" / f"{part}.onnx"),
-                                                "--input_size", "224"])
-    print(f"\ndemo finished in {time.perf_counter() - start:.0f}s; outputs in {out}/ "
-          f"(checkpoints/, recon/origin vs recon/epoch_*, eval.json, onnx/)")
+        run_step(f"export the fine-tuned NPU {part} to ONNX",
+                 ["-m", "scripts.export_onnx", "--ckpt", str(stages["npu_all_finetuned"]), "--part", part,
+                  "--out", str(out / "onnx" / f"npu_{part}.onnx"), "--input_size", "256",
+                  "--image", str(sorted(held_out.glob("*.jpg"))[0])])
+    sheet = decode_stages(stages, sorted(held_out.glob("*.jpg"))[0], out / "stages")
+    print(f"\n=== the story on {len(list(held_out.glob('*.jpg')))} held-out photos "
+          f"({'CompressAI pretrained' if zoo else 'GDN base trained here'} q={QUALITY})")
+    print(stage_table(json.loads((out / "eval.json").read_text()), list(stages)))
+    print(f"\nside by side (a held-out photo decoded by every stage): {sheet}")
+    print(f"demo finished in {time.perf_counter() - start:.0f}s; outputs in {out}/")
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ Training, eval, export and resume all rebuild the exact network from it.
 from __future__ import annotations
 
 import urllib.error
+from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 import torch
@@ -20,7 +21,9 @@ from compressai.zoo import image_models
 from compressai.zoo import load_state_dict as rename_zoo_keys
 from torch import nn
 
+from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch
 from src.cli import UserError
+from src.gdn_fit import fit_blocks_to_gdn
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
 from src.replace_gdn_npu import replace_gdn_with_npu
 
@@ -147,3 +150,21 @@ def model_from_base_weights(arch: Mapping[str, Any], base_state: Optional[Mappin
         return load_weights(build_model(arch), base_state, source)
     raise UserError(f"{source} holds a {base_arch['replace']}/{base_arch['replace_parts']} model; it can start "
                     f"a run of that same architecture or a GDN base, not {arch['replace']}/{arch['replace_parts']}")
+
+
+def swapped_checkpoint(base: Path, replace: str, parts: str, out: Path,
+                       fit_images: Optional[torch.Tensor] = None) -> Path:
+    """The GDN ``base`` with GDN swapped and not fine-tuned, saved as a checkpoint (the 'right after the swap' point).
+
+    With ``fit_images`` the new blocks are first fitted to the GDN layers on
+    those crops, as ``--init_from_gdn true`` does (300 steps per block).
+    """
+    state, base_arch = state_and_arch(read_checkpoint(base), Path(base))
+    arch = make_arch(**dict(base_arch or make_arch(), replace=replace, replace_parts=parts))
+    model = model_from_base_weights(arch, state, base_arch, str(base))
+    if fit_images is not None:
+        gdn = model_from_base_weights(dict(arch, replace="none"), state, base_arch, str(base))
+        fit_blocks_to_gdn(gdn, model, fit_images, steps=300)
+    model.update(force=True)
+    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, out)
+    return out

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import train_finetune_npu
 from scripts import export_onnx
@@ -177,3 +178,15 @@ def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoi
     assert not any(np.array_equal(c, e) for c in seen["calib"] for e in seen["eval"])
     held_out = export_onnx.main(argv + ["--int8_eval_dir", str(prepared64 / "val")])["int8"]
     assert held_out["eval_images"] == 2 and held_out["eval_from"] == str(prepared64 / "val")
+
+
+def test_demo_sheet_decodes_every_stage(checkpoints, photos, tmp_path):
+    from scripts.demo import decode_stages
+
+    sheet = decode_stages({"gdn": checkpoints["gdn"], "relu": checkpoints["relu"], "npu": checkpoints["npu"]},
+                          photos / "a.png", tmp_path / "stages")
+    origin = Image.open(tmp_path / "stages" / "origin" / "00000.png")
+    assert origin.size == (180, 180)  # the center of the 250x180 photo, coded at 192 and cropped back
+    for folder in ("1_gdn", "2_relu", "3_npu"):
+        assert Image.open(tmp_path / "stages" / folder / "00000.png").size == origin.size
+    assert Image.open(sheet).size[0] > 4 * 150
