@@ -75,14 +75,16 @@ def tile_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:
                                                            win_size=win).item()}
 
 
-def measure(runs: Sequence[Run]) -> Dict[str, Dict[str, List[Dict[str, float]]]]:
+def read_run(run: Run) -> Dict[str, List[torch.Tensor]]:
+    """Every PNG of a run, read once: ``{"origin" or tag: [image per name]}``."""
+    return {tag: [read_png(run.folder / tag / n) for n in run.names] for tag in ["origin", *run.tags]}
+
+
+def measure(runs: Sequence[Run], images: Dict[str, Dict[str, List[torch.Tensor]]]):
     """``{run label: {tag: [metrics per image]}}``."""
-    table: Dict[str, Dict[str, List[Dict[str, float]]]] = {}
-    for run in runs:
-        origins = [read_png(run.folder / "origin" / n) for n in run.names]
-        table[run.label] = {tag: [tile_metrics(o, read_png(run.folder / tag / n)) for o, n in
-                                  zip(origins, run.names)] for tag in run.tags}
-    return table
+    return {run.label: {tag: [tile_metrics(o, x) for o, x in zip(images[run.label]["origin"],
+                                                                  images[run.label][tag])]
+                        for tag in run.tags} for run in runs}
 
 
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
@@ -92,7 +94,7 @@ def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
     return image[:, top:top + size, left:left + size]
 
 
-def draw_sheet(runs: Sequence[Run], table, out: Path, crop: int = 0) -> Path:
+def draw_sheet(runs: Sequence[Run], images, table, out: Path, crop: int = 0) -> Path:
     """The sheet: image rows (and zoom rows), then the mean-PSNR chart."""
     import matplotlib
 
@@ -109,12 +111,12 @@ def draw_sheet(runs: Sequence[Run], table, out: Path, crop: int = 0) -> Path:
     first = runs[0]
     for index in range(image_rows):
         name = first.names[index] if index < len(first.names) else None
-        origin = read_png(first.folder / "origin" / name) if name else None
+        origin = images[first.label]["origin"][index] if name else None
         for col, (title, run, tag) in enumerate(columns):
             if run is None:
                 image, caption = origin, f"origin {name}"
             elif index < len(run.names):
-                image = read_png(run.folder / tag / run.names[index])
+                image = images[run.label][tag][index]
                 m = table[run.label][tag][index]
                 caption = f"{title}\n{m['psnr']:.2f} dB / {m['ms_ssim']:.4f}"
             else:
@@ -156,8 +158,9 @@ def write_report(recon_dirs: Sequence[Path], out: Path, crop: int = 0) -> Dict:
     """Check the folders, measure every tile and draw the sheet; returns the metrics table."""
     labels = unique_labels([Path(d) for d in recon_dirs])
     runs = [find_run(Path(d), label) for d, label in zip(recon_dirs, labels)]
-    table = measure(runs)
-    draw_sheet(runs, table, out, crop)
+    images = {run.label: read_run(run) for run in runs}
+    table = measure(runs, images)
+    draw_sheet(runs, images, table, out, crop)
     return table
 
 
