@@ -222,9 +222,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise UserError("give --checkpoint CKPT [CKPT ...] or --curve NAME=CKPT,CKPT,... (or both)")
     checkpoints = [resolve_checkpoint(c) for c in args.checkpoint]
     curves = parse_curves(args.curve)
-    files = readable_images(image_files(eval_folder(args), "eval image"))
-    if args.max_images > 0:
-        files = files[: args.max_images]
+    files = image_files(eval_folder(args), "eval image")
+    files = readable_images(files[: args.max_images] if args.max_images > 0 else files)
     device = torch.device(args.device)
     unique = list(dict.fromkeys(checkpoints + [c for ckpts in curves.values() for c in ckpts]))
     by_path = {c: evaluate_checkpoint(c, files, device) for c in unique}
