@@ -1,6 +1,6 @@
 """Evaluate checkpoints: PSNR / MS-SSIM, estimated and real bitstream bpp, coding time.
 
-    python -m src.eval --coco_dir /data/coco224 --use_prepared true --checkpoint ./checkpoints/best_msssim.pt
+    python -m src.eval --coco_dir /data/coco224 --use_prepared true --checkpoint ./checkpoints/best_loss.pt
     python -m src.eval --image_dir kodak/ --checkpoint gdn.pt relu.pt npu.pt --json rd.json --plot rd.png
     python -m src.eval --image_dir kodak/ --curve gdn=q1/,q2/,q3/,q4/ --curve npu=n1/,n2/,n3/,n4/ --plot rd.png
 
