@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 
 from src.cli import run_cli, str2bool
 from src.engine import run_training
-from src.train_args import get_args_parser
+from src.train_args import get_args_parser, show_every_default
 
 
 def get_npu_args_parser():
@@ -31,7 +31,7 @@ def get_npu_args_parser():
                    help="fit each block to the GDN/IGDN it replaces (block-wise regression) before fine-tuning")
     g.add_argument("--gdn_fit_steps", type=int, default=300, help="regression steps per block")
     g.add_argument("--gdn_fit_images", type=int, default=16, help="train crops whose activations are fitted")
-    return parser
+    return show_every_default(parser)
 
 
 def check_block_flags(parser, args) -> None:

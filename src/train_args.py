@@ -16,8 +16,25 @@ from src.schedule import SCHEDULES
 
 
 class _RemovedFlag(argparse.Action):
+    """A flag that no longer exists: hidden from ``--help``, one line saying what replaces it when used."""
+
+    def __init__(self, option_strings, dest, replacement: str, **kwargs):
+        super().__init__(option_strings, dest, help=argparse.SUPPRESS, **kwargs)
+        self.replacement = replacement
+
     def __call__(self, parser, namespace, values, option_string=None):
-        parser.error(f"{option_string} was removed: {self.help}")
+        parser.error(f"{option_string} was removed: {self.replacement}")
+
+
+def show_every_default(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Give each visible flag a help line, so that ``--help`` shows every default (users read them there first).
+
+    argparse prints no line, hence no default, for a flag without help text.
+    """
+    for action in parser._actions:
+        if action.help is None and action.option_strings and action.default is not argparse.SUPPRESS:
+            action.help = "(default: %(default)s)" if not action.required else "required"
+    return parser
 
 
 # ---------------------------------------------------------------- arguments
@@ -43,7 +60,9 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
                    help="start from local weights: a zoo .pth.tar or a checkpoint of this project")
     g.add_argument("--replace_parts", default=replace_parts, choices=sorted(REPLACE_MODES),
                    help="where GDN/IGDN is replaced (none = GDN control)")
-    g.add_argument("--train_scope", default="replaced", choices=TRAIN_SCOPES)
+    g.add_argument("--train_scope", default="replaced", choices=TRAIN_SCOPES,
+                   help="replaced = the whole transforms that hold a swap (g_a and/or g_s, all their layers); "
+                        "replaced+hyper = those plus h_a/h_s and the entropy model; all = everything")
     g = p.add_argument_group("Optimisation")
     g.add_argument("--epochs", type=int, default=10)
     g.add_argument("--max_steps_per_epoch", type=int, default=0, help="0 = whole epoch")
@@ -81,8 +100,8 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--max_bad_steps", type=int, default=20,
                    help="without --overflow_check: stop after this many non-finite steps in a row (each is skipped)")
     g.add_argument("--amp_warmup_steps", action=_RemovedFlag,
-                   help="use --lr_warmup_steps (LR warmup), --amp_dtype bf16 (no loss scale to warm up) "
-                        "or --local_fp32 (keep fragile modules in FP32)")
+                   replacement="use --lr_warmup_steps (LR warmup), --amp_dtype bf16 (no loss scale to warm up) "
+                               "or --local_fp32 (keep fragile modules in FP32)")
     g = p.add_argument_group("Output")
     g.add_argument("--save_dir", default=save_dir)
     g.add_argument("--recon_dir", default=recon_dir)
@@ -90,7 +109,7 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--recon_count", type=int, default=8)
     g.add_argument("--log_every", type=int, default=50, help="steps between progress/W&B updates")
     g.add_argument("--wandb", type=str2bool, default=False, help="log to W&B (project: $WANDB_PROJECT)")
-    return p
+    return show_every_default(p)
 
 
 def validate_args(args: argparse.Namespace) -> None:

@@ -1,3 +1,4 @@
+import argparse
 import json
 import math
 import subprocess
@@ -400,3 +401,16 @@ def test_recon_report_bad_folders(tmp_path):
     (tmp_path / "r2" / "epoch_001" / "00000.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(UserError, match="00000.png cannot be read"):
         recon_report.main(["--recon_dir", str(tmp_path / "r2")])
+
+
+@pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
+def test_help_shows_every_default_and_hides_removed_flags(make):
+    parser = make()
+    text = parser.format_help()
+    formatter = parser._get_formatter()
+    for action in parser._actions:
+        if not action.option_strings or action.help == argparse.SUPPRESS or action.dest == "help":
+            continue
+        assert action.option_strings[0] in text
+        assert action.required or "%(default)" in formatter._get_help_string(action), action.option_strings
+    assert "--amp_warmup_steps" not in text and "(default: auto)" in " ".join(text.split())
