@@ -74,17 +74,29 @@ def make_grad_scaler(device_type: str, enabled: bool, dtype_name: str) -> torch.
     return torch.amp.GradScaler(device_type, enabled=enabled and dtype_name == "fp16")
 
 
-def _selected(name: str, module: nn.Module, policy: str, custom: Sequence[str]) -> bool:
+def _risky(module: nn.Module) -> bool:
+    """A normalisation or exp/log-type layer: GDN/IGDN, *Norm*, Softmax/LogSoftmax, Exp/Log modules."""
     cls = type(module).__name__
+    return isinstance(module, GDN) or any(part in cls for part in _NORMEXP_NAME_PARTS)
+
+
+def _selected(name: str, module: nn.Module, policy: str, custom: Sequence[str]) -> bool:
+    """Whether ``policy`` runs ``module`` in FP32 (the README's table, one mode per line).
+
+    - ``entropy``: the entropy models;
+    - ``entropy+decoder``: also the risky layers of the decoder side (IGDN, norm and exp/log-type
+      modules inside ``g_s``/``h_s``), not its convolutions;
+    - ``all_normexp``: also every risky layer anywhere (GDN and IGDN included);
+    - ``custom``: the modules whose class name contains one of ``custom``.
+    """
     if policy == "custom":
-        return any(part in cls for part in custom)
+        return any(part in type(module).__name__ for part in custom)
     if isinstance(module, _ENTROPY_TYPES):
         return True
-    if policy in ("entropy+decoder", "all_normexp"):
-        if name == "g_s" or "Softmax" in cls:
-            return True
+    if policy == "entropy+decoder":
+        return name.startswith(("g_s.", "h_s.")) and _risky(module)
     if policy == "all_normexp":
-        return isinstance(module, GDN) or any(part in cls for part in _NORMEXP_NAME_PARTS)
+        return _risky(module)
     return False
 
 

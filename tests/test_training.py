@@ -144,13 +144,22 @@ def test_local_fp32_entropy_gives_fp32_bpp_under_bf16():
     assert out["likelihoods"]["y"].dtype == torch.float32
 
 
-def test_local_fp32_policies_choose_modules():
-    model = build_model(make_arch(quality=1, replace="npu", replace_parts="encoder"))
-    assert apply_local_fp32(model, "entropy+decoder") == ["entropy_bottleneck", "g_s"]
-    model = build_model(make_arch(quality=1, replace="npu", replace_parts="encoder"))
-    assert apply_local_fp32(model, "all_normexp") == ["entropy_bottleneck", "g_s"]
-    model = build_model(make_arch(quality=1, replace="relu", replace_parts="decoder"))
-    assert apply_local_fp32(model, "all_normexp") == ["entropy_bottleneck", "g_a.1", "g_a.3", "g_a.5", "g_s"]
+@pytest.mark.parametrize("replace, parts, mode, expected", [
+    ("none", "none", "entropy", ["entropy_bottleneck"]),
+    ("none", "none", "entropy+decoder", ["entropy_bottleneck", "g_s.1", "g_s.3", "g_s.5"]),  # IGDN, not convs
+    ("none", "none", "all_normexp", ["entropy_bottleneck", "g_a.1", "g_a.3", "g_a.5", "g_s.1", "g_s.3", "g_s.5"]),
+    ("relu", "all", "entropy+decoder", ["entropy_bottleneck"]),
+    ("relu", "decoder", "all_normexp", ["entropy_bottleneck", "g_a.1", "g_a.3", "g_a.5"]),
+    ("relu", "encoder", "entropy+decoder", ["entropy_bottleneck", "g_s.1", "g_s.3", "g_s.5"]),
+    ("npu", "all", "entropy+decoder", ["entropy_bottleneck"]),
+    ("npu", "encoder", "all_normexp", ["entropy_bottleneck", "g_s.1", "g_s.3", "g_s.5"]),
+])
+def test_local_fp32_policies_choose_modules(replace, parts, mode, expected):
+    model = build_model(make_arch(quality=1, replace=replace, replace_parts=parts))
+    assert apply_local_fp32(model, mode) == expected
+
+
+def test_local_fp32_custom_picks_by_class_name():
     model = build_model(make_arch(quality=1, replace="npu", replace_parts="all"))
     assert apply_local_fp32(model, "custom", ["GDNishLiteDec"]) == ["g_s.1", "g_s.3", "g_s.5"]
 
