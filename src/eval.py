@@ -29,7 +29,6 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from compressai.ops import compute_padding
-from pytorch_msssim import ms_ssim
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
@@ -37,7 +36,7 @@ from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli, str2bool
 from src.data import image_files
 from src.images import DECODE_ERRORS, load_rgb
-from src.losses import bpp_from_likelihoods, msssim_window, psnr_8bit, to_8bit
+from src.losses import bpp_from_likelihoods, quantised_metrics
 from src.model_factory import model_from_checkpoint
 from src.rd_curves import compare_curves, curve_point, curves_table, parse_curve, plot_curves
 
@@ -93,13 +92,6 @@ def load_model(path: Path, device: torch.device):
               "they are rebuilt here, so real bpp reflects the current quantiles")
     model.update(force=not updated)
     return model.to(device).eval(), arch, updated
-
-
-def quantised_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:
-    """PSNR and MS-SSIM on 8-bit values, as CompressAI's eval_model computes them."""
-    win = msssim_window(int(min(x.shape[-2:])))
-    return {"psnr": psnr_8bit(x, x_hat),
-            "ms_ssim": ms_ssim(to_8bit(x), to_8bit(x_hat), data_range=255, win_size=win).item()}
 
 
 @torch.no_grad()

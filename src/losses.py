@@ -72,6 +72,13 @@ def psnr_8bit(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return 20 * math.log10(255) - 10 * torch.log10(mse).item()
 
 
+def quantised_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:
+    """PSNR and MS-SSIM of (1, 3, H, W) images on 8-bit values, as CompressAI's eval_model computes them."""
+    win = msssim_window(int(min(x.shape[-2:])))
+    return {"psnr": psnr_8bit(x, x_hat),
+            "ms_ssim": ms_ssim(to_8bit(x), to_8bit(x_hat), data_range=255, win_size=win).item()}
+
+
 def bpp_from_likelihoods(likelihoods: Mapping[str, torch.Tensor], num_pixels: int) -> torch.Tensor:
     """Estimated bits per pixel over the whole batch (FP32)."""
     bits = sum(torch.log(lk.float()).sum() for lk in likelihoods.values())

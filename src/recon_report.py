@@ -22,7 +22,7 @@ from torchvision.transforms.functional import pil_to_tensor
 
 from src.cli import UserError, run_cli
 from src.images import DECODE_ERRORS, load_rgb
-from src.losses import msssim_window, psnr_8bit, to_8bit
+from src.losses import quantised_metrics
 
 TILE_INCHES = 2.2
 DPI = 100
@@ -65,26 +65,19 @@ def find_run(folder: Path, label: str) -> Run:
     return Run(label, folder, names, tags)
 
 
-def tile_metrics(x: torch.Tensor, x_hat: torch.Tensor) -> Dict[str, float]:
-    """PSNR and MS-SSIM of one reconstruction against its origin, on 8-bit values."""
-    from pytorch_msssim import ms_ssim
-
-    x, x_hat = x.unsqueeze(0), x_hat.unsqueeze(0)
-    win = msssim_window(int(min(x.shape[-2:])))
-    return {"psnr": psnr_8bit(x, x_hat), "ms_ssim": ms_ssim(to_8bit(x), to_8bit(x_hat), data_range=255,
-                                                           win_size=win).item()}
-
-
 def read_run(run: Run) -> Dict[str, List[torch.Tensor]]:
     """Every PNG of a run, read once: ``{"origin" or tag: [image per name]}``."""
     return {tag: [read_png(run.folder / tag / n) for n in run.names] for tag in ["origin", *run.tags]}
 
 
 def measure(runs: Sequence[Run], images: Dict[str, Dict[str, List[torch.Tensor]]]):
-    """``{run label: {tag: [metrics per image]}}``."""
-    return {run.label: {tag: [tile_metrics(o, x) for o, x in zip(images[run.label]["origin"],
-                                                                  images[run.label][tag])]
-                        for tag in run.tags} for run in runs}
+    """``{run label: {tag: [metrics per image]}}``, measured as ``src.eval`` measures."""
+    table = {}
+    for run in runs:
+        origins = images[run.label]["origin"]
+        table[run.label] = {tag: [quantised_metrics(o.unsqueeze(0), x.unsqueeze(0))
+                                  for o, x in zip(origins, images[run.label][tag])] for tag in run.tags}
+    return table
 
 
 def center_crop(image: torch.Tensor, size: int) -> torch.Tensor:
