@@ -27,14 +27,12 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from compressai.ops import compute_padding
 from torchvision.transforms.functional import pil_to_tensor
 
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
-from src.eval import load_model
-from src.images import load_rgb
+from src.eval import bitstream_roundtrip, load_model
+from src.images import center_crop_box, load_rgb
 from src.losses import ZOO_LAMBDA_BPP
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
 from src.recon import write_pngs
@@ -108,16 +106,12 @@ def trained_base(out: Path, crops: Path, steps: int) -> Path:
 def decode_stages(stages: Dict[str, Path], photo: Path, folder: Path) -> Path:
     """A held-out photo's center coded and decoded (real bitstream) by every stage, as a recon folder + sheet."""
     img = load_rgb(photo)
-    side = min(SHEET_CROP, *img.size)
-    left, top = (img.size[0] - side) // 2, (img.size[1] - side) // 2
-    x = pil_to_tensor(img.crop((left, top, left + side, top + side))).float().div(255).unsqueeze(0)
+    box = center_crop_box(*img.size, min(SHEET_CROP, *img.size))
+    x = pil_to_tensor(img.crop(box)).float().div(255).unsqueeze(0)
     write_pngs(x, folder / "origin")
-    pad, unpad = compute_padding(side, side, min_div=64)
     for index, (name, checkpoint) in enumerate(stages.items(), start=1):
         model = load_model(checkpoint, torch.device("cpu"))[0]
-        coded = model.compress(F.pad(x, pad))
-        x_hat = F.pad(model.decompress(coded["strings"], coded["shape"])["x_hat"], unpad)
-        write_pngs(x_hat, folder / f"{index}_{name}")
+        write_pngs(bitstream_roundtrip(model, x)["x_hat"], folder / f"{index}_{name}")
     write_report([folder], folder / "report.png", crop=96)
     return folder / "report.png"
 

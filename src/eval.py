@@ -95,22 +95,33 @@ def load_model(path: Path, device: torch.device):
 
 
 @torch.no_grad()
-def code_image(model, x: torch.Tensor) -> Dict[str, float]:
-    """Real bitstream round trip and the likelihood estimate, for one image (1, 3, H, W)."""
+def bitstream_roundtrip(model, x: torch.Tensor) -> Dict[str, Any]:
+    """Pad to a multiple of 64, ``compress`` / ``decompress`` with the real entropy coder, crop back.
+
+    Returns the decoded image, the bits written and the coding times; ``x`` is (1, 3, H, W).
+    """
     h, w = x.shape[-2:]
     pad, unpad = compute_padding(h, w, min_div=PAD_MULTIPLE)
     x_padded = F.pad(x, pad, mode="constant", value=0)
-    bpp_est = bpp_from_likelihoods(model(x_padded)["likelihoods"], h * w).item()
     start = time.perf_counter()
     enc = model.compress(x_padded)
     enc_s = time.perf_counter() - start
     start = time.perf_counter()
     dec = model.decompress(enc["strings"], enc["shape"])
     dec_s = time.perf_counter() - start
-    x_hat = F.pad(dec["x_hat"], unpad)
     bits = sum(len(s) for strings in enc["strings"] for s in strings) * 8
-    return {**quantised_metrics(x, x_hat), "bpp_est": bpp_est, "bpp_real": bits / (h * w),
-            "enc_s": enc_s, "dec_s": dec_s}
+    return {"x_hat": F.pad(dec["x_hat"], unpad), "bits": bits, "enc_s": enc_s, "dec_s": dec_s,
+            "x_padded": x_padded}
+
+
+@torch.no_grad()
+def code_image(model, x: torch.Tensor) -> Dict[str, float]:
+    """Real bitstream round trip and the likelihood estimate, for one image (1, 3, H, W)."""
+    h, w = x.shape[-2:]
+    coded = bitstream_roundtrip(model, x)
+    bpp_est = bpp_from_likelihoods(model(coded["x_padded"])["likelihoods"], h * w).item()
+    return {**quantised_metrics(x, coded["x_hat"]), "bpp_est": bpp_est, "bpp_real": coded["bits"] / (h * w),
+            "enc_s": coded["enc_s"], "dec_s": coded["dec_s"]}
 
 
 def readable_images(files: List[Path]) -> List[Path]:
