@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from src.cli import UserError, run_cli
+from src.loaders import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 
 SCALES = {  # crop, crops per train image, batch, base steps, fine-tune steps, base lr, fine-tune lr, amp
@@ -105,8 +106,7 @@ class Study:
     def run_flags(self, quality: int, steps: int) -> List[str]:
         """Flags every training run shares: whole epochs adding up to about ``steps`` optimizer steps."""
         train_crops = len(list((self.data / "train").glob("*.png"))) or self.scale["crops_per_image"]
-        per_epoch = max(1, train_crops // self.scale["batch"])
-        epochs = max(1, round(steps / per_epoch))
+        epochs = epochs_for_steps(steps, train_crops, self.scale["batch"])
         lam = ZOO_LAMBDA_BPP[quality]
         return ["--coco_dir", str(self.data), "--quality", str(quality), "--pretrained", "false",
                 "--epochs", str(epochs), "--batch_size", str(self.scale["batch"]),

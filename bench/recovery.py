@@ -27,6 +27,7 @@ import torch
 
 from src import eval as recipe_eval
 from src.data import PreparedCrops
+from src.loaders import epochs_for_steps
 from src.model_factory import swapped_checkpoint
 
 SCALES = {  # crop, crops per image, batch, base steps, fine-tune steps
@@ -52,8 +53,7 @@ def run(argv: List[str], log: Path) -> None:
 
 def common_flags(args, data: Path, batch: int, steps: int) -> List[str]:
     """Flags shared by every run: whole epochs adding up to about ``steps`` optimizer steps."""
-    per_epoch = max(1, len(list((data / "train").glob("*.png"))) // batch)
-    epochs = max(1, round(steps / per_epoch))
+    epochs = epochs_for_steps(steps, len(list((data / "train").glob("*.png"))), batch)
     return ["--coco_dir", str(data), "--quality", str(args.quality), "--pretrained", "false", "--epochs",
             str(epochs), "--batch_size", str(batch), "--num_workers", str(args.workers),
             "--loss_type", "rd", "--lambda_bpp", str(args.lambda_bpp), "--seed", str(args.seed),

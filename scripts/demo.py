@@ -33,6 +33,7 @@ from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.eval import bitstream_roundtrip, load_model
 from src.images import center_crop_box, load_rgb
+from src.loaders import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
 from src.recon import write_pngs
@@ -81,7 +82,7 @@ def training_flags(crops: Path, steps: int, lr: str, save: Path) -> List[str]:
     """Whole epochs adding up to about ``steps``; CompressAI's objective at q=1's trade-off, in fp32
     (the faster precision on CPUs without AMX)."""
     lam = f"{ZOO_LAMBDA_BPP[QUALITY]:.6g}"
-    epochs = max(1, round(steps / max(1, len(list((crops / "train").glob("*.png"))) // BATCH)))
+    epochs = epochs_for_steps(steps, len(list((crops / "train").glob("*.png"))), BATCH)
     return ["--coco_dir", str(crops), "--quality", str(QUALITY), "--pretrained", "false",
             "--epochs", str(epochs), "--recon_every", str(epochs), "--batch_size", str(BATCH),
             "--num_workers", "0", "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam,

@@ -88,6 +88,15 @@ class EpochLoader:
         return self.loader
 
 
+def epochs_for_steps(steps: int, crops: int, batch_size: int) -> int:
+    """Whole epochs that add up to about ``steps`` optimizer steps over ``crops`` images (at least one).
+
+    Studies and the demo give every run a budget in steps but train whole
+    epochs, so that each run's data order is the recipe's own.
+    """
+    return max(1, round(steps / max(1, crops // batch_size)))
+
+
 def val_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo, pin_memory: bool) -> DataLoader:
     """Val images split rank::world_size (no padding duplicates, so reduced means are exact)."""
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
