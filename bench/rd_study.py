@@ -43,6 +43,7 @@ from typing import Dict, List, Optional
 from src.cli import UserError, run_cli
 from src.loaders import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
+from src.rd_curves import bd_markdown
 
 SCALES = {  # crop, crops per train image, batch, base steps, fine-tune steps, base lr, fine-tune lr, amp
     "small": dict(crop=64, crops_per_image=32, batch=8, base_steps=2500, steps=500, base_lr=1e-3, lr=3e-4,
@@ -168,17 +169,6 @@ def eval_summary(log: str) -> str:
     return "\n".join(line for line in lines if line.strip() and "it/s" not in line and "s/it" not in line)
 
 
-def markdown_table(report: Dict) -> str:
-    """BD figures against the GDN control, for docs/rd_study.md."""
-    lines = ["| curve | BD-rate (PSNR) | BD-PSNR | BD-rate (MS-SSIM) | BD-MS-SSIM |", "| --- | --- | --- | --- | --- |"]
-    fmt = lambda v, unit: "n/a" if v is None else f"{v:+.2f}{unit}"  # noqa: E731
-    for name, by_axis in report["curves"]["bd"].items():
-        p, m = by_axis["psnr"], by_axis["ms_ssim_db"]
-        lines.append(f"| {name} | {fmt(p['bd_rate'], ' %')} | {fmt(p['bd_quality'], ' dB')} | "
-                     f"{fmt(m['bd_rate'], ' %')} | {fmt(m['bd_quality'], ' dB')} |")
-    return "\n".join(lines)
-
-
 def main(argv: Optional[List[str]] = None) -> None:
     args = get_args_parser().parse_args(argv)
     for q in args.qualities:
@@ -200,8 +190,8 @@ def main(argv: Optional[List[str]] = None) -> None:
     report = study.evaluate(curves)
     wall = time.perf_counter() - start
     if report:
-        print("\n" + markdown_table(report))
-        (study.work / "rd_study_table.md").write_text(markdown_table(report) + "\n")
+        print("\n" + bd_markdown(report["curves"]["bd"]))
+        (study.work / "rd_study_table.md").write_text(bd_markdown(report["curves"]["bd"]) + "\n")
     print(f"\nrd study: {wall:.0f}s wall ({len(args.qualities)} rate points x {len(args.variants)} variants"
           f"{'' if args.zoo_dir else ' + bases'}); outputs in {study.work}")
     (study.work / "wall_time.json").write_text(json.dumps({"seconds": wall}))

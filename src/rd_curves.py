@@ -160,6 +160,16 @@ def curves_table(curves: Mapping[str, Sequence[Mapping[str, float]]], deltas: Ma
     return "\n".join(lines + sorted(set(notes), key=notes.index))
 
 
+def bd_markdown(deltas: Mapping[str, Mapping]) -> str:
+    """The BD figures of ``compare_curves`` as a markdown table (for docs)."""
+    lines = ["| curve | BD-rate (PSNR) | BD-PSNR | BD-rate (MS-SSIM) | BD-MS-SSIM |", "| --- | --- | --- | --- | --- |"]
+    for name, by_axis in deltas.items():
+        p, m = by_axis["psnr"], by_axis["ms_ssim_db"]
+        lines.append(f"| {name} | {_fmt(p['bd_rate'], ' %')} | {_fmt(p['bd_quality'], ' dB')} | "
+                     f"{_fmt(m['bd_rate'], ' %')} | {_fmt(m['bd_quality'], ' dB')} |")
+    return "\n".join(lines)
+
+
 def plot_curves(curves: Mapping[str, Sequence[Mapping[str, float]]], path: Path, title: str = "") -> None:
     """PSNR and MS-SSIM (dB) against real bpp, one line per curve, as CompressAI's plots draw them."""
     import matplotlib

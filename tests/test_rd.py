@@ -12,7 +12,7 @@ from src import eval as recipe_eval
 from src import train_finetune_relu
 from src.cli import UserError
 from src.losses import ZOO_LAMBDA_BPP, ZOO_LMBDA, RecipeLoss
-from src.rd_curves import bd_deltas, compare_curves, msssim_db, parse_curve
+from src.rd_curves import bd_deltas, bd_markdown, compare_curves, msssim_db, parse_curve
 
 
 def tiny_pair():
@@ -106,6 +106,7 @@ def test_bd_needs_four_points_and_overlap():
     gdn = power_curve([0.1, 0.2, 0.4, 0.8])
     deltas = compare_curves({"gdn": gdn, "npu": [dict(p, bpp=1.2 * p["bpp"]) for p in gdn]})
     assert list(deltas) == ["npu"] and deltas["npu"]["psnr"]["bd_rate"] == pytest.approx(20.0, abs=1e-6)
+    assert "| npu | +20.00 % | " in bd_markdown(deltas)
 
 
 def test_msssim_db_and_curve_parsing():
