@@ -56,7 +56,10 @@ VARIANTS = {  # name: (script, replace_parts, extra flags); the first is the anc
     "relu_all": ("src.train_finetune_relu", "all", []),
     "npu_all": ("train_finetune_npu.py", "all", []),
     "npu_all_gdnfit": ("train_finetune_npu.py", "all", ["--init_from_gdn", "true"]),
+    # quantisation-aware NPU-all: run by bench.int8_study, which compares INT8 codecs against their FP32 selves
+    "npu_all_qat": ("train_finetune_npu.py", "all", ["--qat", "true"]),
 }
+GDN_SWAP_VARIANTS = [v for v in VARIANTS if v != "npu_all_qat"]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -68,7 +71,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--zoo_dir", default=None,
                    help="folder with CompressAI's bmshj2018-factorized-prior-Q-*.pth.tar (else bases are trained)")
     p.add_argument("--qualities", type=int, nargs="+", default=[1, 2, 3, 4], help="one rate point each")
-    p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
+    p.add_argument("--variants", nargs="+", default=GDN_SWAP_VARIANTS, choices=list(VARIANTS))
     p.add_argument("--steps", type=int, default=None, help="fine-tuning steps per run (default: by scale)")
     p.add_argument("--base_steps", type=int, default=None, help="from-scratch base steps (default: by scale)")
     p.add_argument("--workers", type=int, default=0, help="DataLoader workers per run")

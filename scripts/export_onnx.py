@@ -9,6 +9,21 @@ checked with ``onnx.checker``, run in onnxruntime against PyTorch on a real
 image crop (max abs error above 1e-3 fails), and its op histogram is printed.
 For the NPU variant the encoder/decoder graphs must not contain Div, Sqrt,
 Pow, Exp, Log, Sigmoid, Tanh, Erf or Softplus, or the command fails.
+
+A QAT checkpoint (``--qat true``) exports as a QDQ graph: every fake-quant
+becomes a QuantizeLinear/DequantizeLinear pair with the learned scale, so no
+calibration happens here. onnxruntime runs it with integer kernels, whose
+requantisation rounds differently from PyTorch's float simulation: the graph
+is checked in steps of its output's quantisation scale (at most
+``QAT_MAX_STEPS`` on any element, ``QAT_MEAN_STEPS`` on average).
+
+``--int8`` reports the encoder -> entropy coder -> decoder round trip of the
+INT8 graphs against the FP32 ones, in PSNR and in real bits, on images that
+were not used for calibration: PTQ (``quantize_static``) for a float
+checkpoint, the QDQ graphs themselves against the same weights without
+fake-quant for a QAT checkpoint. With ``--dynamic`` the round trip codes the
+images whole (padded to 64 like ``src.eval``), else their centre crops at
+``--input_size``.
 """
 
 from __future__ import annotations
@@ -35,10 +50,12 @@ from src.cli import UserError, run_cli
 from src.data import image_files
 from src.images import DECODE_ERRORS, load_rgb, upscale_to_fit
 from src.model_factory import make_arch, model_from_checkpoint
+from src.qat import float_weights_and_activations, is_qat_model, output_step
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
 
 NPU_FORBIDDEN_OPS = ("Div", "Sqrt", "Pow", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softplus")
 MAX_ABS_ERROR = 1e-3
+QAT_MAX_STEPS, QAT_MEAN_STEPS = 4.0, 0.5
 
 
 class FullForward(nn.Module):
@@ -72,7 +89,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--image", default=None, help="real image for verification (default: first val image of the run)")
     p.add_argument("--int8", default=None, metavar="CALIB_DIR",
                    help="also write a static INT8 model (OUT with .int8.onnx), calibrated on images in CALIB_DIR, "
-                        "and report the INT8 encoder->decoder PSNR drop on them")
+                        "and report PSNR and real bpp of the INT8 encoder->entropy coder->decoder round trip "
+                        "against FP32 on other images; a QAT checkpoint's OUT is already INT8 (learned scales): "
+                        "it is not calibrated again and CALIB_DIR's images serve the round trip")
     p.add_argument("--calib_count", type=int, default=32, help="calibration images used from CALIB_DIR")
     p.add_argument("--int8_eval_dir", default=None,
                    help="held-out images for the FP32-vs-INT8 round trip (default: CALIB_DIR's images after the "
@@ -144,6 +163,8 @@ def export_graph(model: nn.Module, part: str, example: torch.Tensor, out: Path, 
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but is the one that targets opset 13 without onnxscript.
         warnings.simplefilter("ignore", category=DeprecationWarning)
+        # QAT's fake-quant branches on its on/off flag, a constant of the exported model.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
         torch.onnx.export(module, (example,), str(out), input_names=inputs, output_names=outputs,
                           opset_version=opset, dynamic_axes=axes, dynamo=False)
     return module, outputs
@@ -179,16 +200,19 @@ def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor
         return torch.from_numpy(int8.quantise_latent(model.g_a(image).numpy(), latent_medians(model)))
 
 
-def split_calibration(args: argparse.Namespace) -> Tuple[List[Path], List[Path], str]:
+def split_calibration(args: argparse.Namespace, qat: bool) -> Tuple[List[Path], List[Path], str]:
     """(calibration files, round-trip files, where the latter come from): never the same images.
 
     MinMax ranges never clip the images they were measured on, so a round
-    trip on the calibration images would flatter INT8.
+    trip on the calibration images would flatter INT8. A QAT model is not
+    calibrated: all of CALIB_DIR (or --int8_eval_dir) serves the round trip.
     """
     files = image_files(Path(args.int8), "calibration")
     if args.int8_eval_dir:
         held_out = image_files(Path(args.int8_eval_dir), "INT8 evaluation")[: args.int8_eval_count]
-        return files[: args.calib_count], held_out, str(args.int8_eval_dir)
+        return ([] if qat else files[: args.calib_count]), held_out, str(args.int8_eval_dir)
+    if qat:
+        return [], files[: args.int8_eval_count], str(args.int8)
     if len(files) < 2:
         raise UserError(f"--int8 {args.int8} holds {len(files)} image: calibration and the round trip need "
                         "different images; add images or pass --int8_eval_dir DIR")
@@ -197,43 +221,86 @@ def split_calibration(args: argparse.Namespace) -> Tuple[List[Path], List[Path],
     return calib, rest, f"the {len(rest)} images of {args.int8} after the {len(calib)} calibration ones"
 
 
-def int8_report(model: nn.Module, args: argparse.Namespace, out: Path, opset: int) -> Dict:
-    """Quantise encoder and decoder on CALIB_DIR crops; keep the INT8 model of ``--part``.
+def roundtrip_image(path: Path, args: argparse.Namespace) -> torch.Tensor:
+    """A round-trip image: the whole photo for a --dynamic graph, else its centre crop at --input_size."""
+    if not args.dynamic:
+        return center_crop_tensor(path, (args.input_size, args.input_size))
+    return pil_to_tensor(load_rgb(path)).float().div(255).unsqueeze(0)
 
-    The round trip needs both halves, so the other half is exported and
-    quantised too (in a temp folder unless it is the part asked for).
+
+def export_pair(model: nn.Module, image: torch.Tensor, folder: Path, args: argparse.Namespace, opset: int,
+                keep: Optional[Path] = None) -> Dict[str, Path]:
+    """Encoder and decoder graphs in ``folder``; the part asked for is taken from ``keep`` (already exported)."""
+    paths = {}
+    for part in ("encoder", "decoder"):
+        if keep is not None and part == args.part:
+            paths[part] = keep
+            continue
+        paths[part] = folder / f"{part}.onnx"
+        export_graph(model, part, part_input(model, part, image), paths[part], opset, args.dynamic)
+    return paths
+
+
+def int8_report(model: nn.Module, args: argparse.Namespace, out: Path, opset: int, image: torch.Tensor) -> Dict:
+    """PSNR and real bpp of the INT8 encoder -> entropy coder -> decoder round trip against FP32.
+
+    PTQ: encoder and decoder are quantised on CALIB_DIR crops (the decoder on
+    the encoder's quantised latents); the INT8 model of ``--part`` is kept.
+    QAT: ``out`` is already the QDQ graph; the FP32 graphs are the same
+    weights with fake-quant off. The other half of the pair is exported to a
+    temp folder either way, since the round trip needs both.
     """
-    calib_files, eval_files, eval_from = split_calibration(args)
-    crops = [center_crop_tensor(f, (args.input_size, args.input_size)) for f in calib_files]
-    images = [c.numpy() for c in crops]
-    held_out = [center_crop_tensor(f, (args.input_size, args.input_size)).numpy() for f in eval_files]
+    qat = is_qat_model(model)
+    calib_files, eval_files, eval_from = split_calibration(args, qat)
+    held_out = [roundtrip_image(f, args) for f in eval_files]
+    multiple = 64 if args.dynamic else int(getattr(model, "downsampling_factor", 16))
     with tempfile.TemporaryDirectory() as tmp:
-        paths = {}
-        for part in ("encoder", "decoder"):
-            fp32 = out if part == args.part else Path(tmp) / f"{part}.onnx"
-            if part != args.part:
-                export_graph(model, part, part_input(model, part, crops[0]), fp32, opset, args.dynamic)
-            paths[part] = fp32
-        medians = latent_medians(model)
-        latents = int8.encoder_latents(paths["encoder"], images, medians)
-        int8_paths = {
-            part: int8.quantize_int8(paths[part], (out.with_suffix(".int8.onnx") if part == args.part
-                                                   else Path(tmp) / f"{part}.int8.onnx"), calib)
-            for part, calib in (("encoder", images), ("decoder", latents))
-        }
-        fp32_psnr = int8.roundtrip_psnr(paths["encoder"], paths["decoder"], held_out, medians)
-        int8_psnr = int8.roundtrip_psnr(int8_paths["encoder"], int8_paths["decoder"], held_out, medians)
+        tmp = Path(tmp)
+        if qat:
+            int8_paths = export_pair(model, image, tmp, args, opset, keep=out)
+            (tmp / "fp32").mkdir()
+            with float_weights_and_activations(model):
+                fp32_paths = export_pair(model, image, tmp / "fp32", args, opset)
+            int8_path, calib_count = out, 0
+        else:
+            fp32_paths = export_pair(model, image, tmp, args, opset, keep=out)
+            images = [center_crop_tensor(f, (args.input_size, args.input_size)).numpy() for f in calib_files]
+            latents = int8.encoder_latents(fp32_paths["encoder"], images, latent_medians(model))
+            int8_path, calib_count = out.with_suffix(".int8.onnx"), len(images)
+            int8_paths = {part: int8.quantize_int8(fp32_paths[part], int8_path if part == args.part
+                                                   else tmp / f"{part}.int8.onnx", calib)
+                          for part, calib in (("encoder", images), ("decoder", latents))}
+        codecs = {name: int8.OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck)
+                  for name, paths in (("fp32", fp32_paths), ("int8", int8_paths))}
+        points = {name: int8.roundtrip(codec, held_out, multiple) for name, codec in codecs.items()}
         float_ops = sorted(op for op in op_histogram(int8_paths[args.part]) if op in NPU_FORBIDDEN_OPS)
-    report = {"int8_path": str(out.with_suffix(".int8.onnx")), "calib_images": len(images),
-              "eval_images": len(held_out), "eval_from": eval_from,
-              "psnr_fp32": fp32_psnr, "psnr_int8": int8_psnr, "psnr_drop": fp32_psnr - int8_psnr,
+    fp32, q8 = points["fp32"], points["int8"]
+    report = {"int8_path": str(int8_path), "method": "qat" if qat else "ptq", "calib_images": calib_count,
+              "eval_images": len(held_out), "eval_from": eval_from, "whole_images": bool(args.dynamic),
+              "psnr_fp32": fp32["psnr"], "psnr_int8": q8["psnr"], "psnr_drop": fp32["psnr"] - q8["psnr"],
+              "bpp_fp32": fp32["bpp"], "bpp_int8": q8["bpp"], "rate_change": q8["bpp"] / fp32["bpp"] - 1,
+              "ms_ssim_fp32": fp32["ms_ssim"], "ms_ssim_int8": q8["ms_ssim"],
               "float_only_ops": float_ops}
-    print(f"INT8 {args.part} -> {report['int8_path']} (calibrated on {len(images)} crops of {args.int8})")
-    print(f"encoder->decoder round trip PSNR on {len(held_out)} held-out images ({eval_from}): "
-          f"FP32 {fp32_psnr:.3f} dB, INT8 {int8_psnr:.3f} dB, drop {report['psnr_drop']:.3f} dB")
+    origin = ("QAT: learned scales, no calibration" if qat
+              else f"PTQ: calibrated on {calib_count} crops of {args.int8}")
+    print(f"INT8 {args.part} -> {int8_path} ({origin})")
+    print(f"round trip (encoder -> entropy coder -> decoder) on {len(held_out)} held-out "
+          f"{'whole images' if args.dynamic else f'{args.input_size}px crops'} ({eval_from}): "
+          f"FP32 {fp32['psnr']:.3f} dB {fp32['bpp']:.4f} bpp | INT8 {q8['psnr']:.3f} dB {q8['bpp']:.4f} bpp | "
+          f"PSNR {-report['psnr_drop']:+.3f} dB, rate {100 * report['rate_change']:+.2f} %")
     if float_ops:
         print(f"ops left in float in the INT8 {args.part}: {', '.join(float_ops)}")
     return report
+
+
+def qat_export_check(module: nn.Module, path: Path, example: torch.Tensor, step: float) -> Tuple[float, float]:
+    """(max, mean) |onnxruntime - fake-quant PyTorch| of the graph's first output, in output quantisation steps."""
+    with torch.no_grad():
+        expected = module(example)
+    expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()
+    got = int8.run(int8.session(path), example.numpy())
+    off = np.abs(got - expected) / step
+    return float(off.max()), float(off.mean())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -262,10 +329,19 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     print("ops: " + ", ".join(f"{op}x{n}" for op, n in histogram.items()))
     for size, errs in errors.items():
         print(f"onnxruntime vs PyTorch at {size}: max abs error " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-    checked = "y" if args.part == "full" else None
-    worst = max(e[checked] if checked else max(e.values()) for e in errors.values())
-    if not worst <= MAX_ABS_ERROR:
-        raise UserError(f"export mismatch: max abs error {worst:.2e} > {MAX_ABS_ERROR:g}")
+    step = output_step(model, "g_s" if args.part == "decoder" else "g_a")
+    if step is not None:
+        steps = qat_export_check(module, out, example, step)
+        print(f"QAT graph: onnxruntime (integer kernels) vs fake-quant PyTorch: {steps[0]:.2f} steps max, "
+              f"{steps[1]:.3f} mean (output step {step:.3g}; tolerance {QAT_MAX_STEPS:g} / {QAT_MEAN_STEPS:g})")
+        if not (steps[0] <= QAT_MAX_STEPS and steps[1] <= QAT_MEAN_STEPS):
+            raise UserError(f"QAT export mismatch: {steps[0]:.2f} output steps max, {steps[1]:.3f} mean "
+                            f"(tolerance {QAT_MAX_STEPS:g} / {QAT_MEAN_STEPS:g})")
+    else:
+        checked = "y" if args.part == "full" else None
+        worst = max(e[checked] if checked else max(e.values()) for e in errors.values())
+        if not worst <= MAX_ABS_ERROR:
+            raise UserError(f"export mismatch: max abs error {worst:.2e} > {MAX_ABS_ERROR:g}")
     if arch is not None and arch["replace"] == "npu" and args.part != "full":
         found = sorted(op for op in histogram if op in NPU_FORBIDDEN_OPS)
         if found:
@@ -273,7 +349,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         print(f"NPU check passed: no {', '.join(NPU_FORBIDDEN_OPS)}")
     report = {"ops": histogram, "errors": errors, "out": str(out)}
     if args.int8:
-        report["int8"] = int8_report(model, args, out, args.opset)
+        report["int8"] = int8_report(model, args, out, args.opset, image)
     return report
 
 

@@ -37,6 +37,7 @@ from src.loaders import EpochLoader, val_loader
 from src.losses import RecipeLoss, bpp_from_likelihoods, msssim_per_image, psnr_per_image
 from src.model_factory import download_pretrained_state, make_arch, model_from_base_weights
 from src.overflow import OverflowMonitor
+from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
 from src.precision import (
     apply_local_fp32,
     autocast_context,
@@ -309,6 +310,10 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
             done += 1
         tr.schedule.after_step(state.step)
         state.step += 1
+        if args.qat and state.step == args.qat_freeze_after:
+            set_qat_mode(unwrap(tr.model), observe=False)
+            if tr.dist.is_main:
+                tqdm.write(f"QAT: observers frozen after step {state.step}; the scales stay as they are")
         state.epoch_step += 1
         bar.update(1)
         if window and (window == args.log_every or state.epoch_step == steps or verdict.stop):
@@ -511,7 +516,7 @@ def weights_checksum(model: nn.Module) -> float:
 def init_from_gdn(args: argparse.Namespace, arch: Dict[str, Any], model: nn.Module, train_ds: Dataset,
                   say: Callable[[str], None], device: torch.device) -> None:
     """``--init_from_gdn``: fit the new blocks to the GDN layers of the same starting weights (on ``device``)."""
-    gdn = create_model(args, dict(arch, replace="none", replace_parts="none"), None, say=lambda *a: None).to(device)
+    gdn = create_model(args, dict(arch, replace="none", replace_parts="none", qat=None), None, say=lambda *a: None).to(device)
     count = min(args.gdn_fit_images, len(train_ds))
     images = torch.stack([item for item in (train_ds[i] for i in range(count)) if item is not None]).to(device)
     say(f"init_from_gdn: fitting {len(model.replaced_gdn)} blocks on {len(images)} train crops, "
@@ -548,13 +553,19 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
     say(parameter_table(model))
     custom = [s.strip() for s in args.local_fp32_custom.split(",") if s.strip()]
     say(f"local FP32 ({args.local_fp32}): {', '.join(apply_local_fp32(model, args.local_fp32, custom)) or 'none'}")
+    if arch["qat"]:
+        say(f"QAT: {len(fake_quant_modules(model))} fake-quant modules in {', '.join(arch['qat']['parts'])} "
+            f"(weights {arch['qat']['weights']}, activations {arch['qat']['activations']}); now {qat_state(model)}")
     if dist.enabled:
         # The quantiles learn from the aux loss alone (same on every rank), so DDP ignores them.
         quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantiles)
-        # No BatchNorm here: broadcasting buffers each forward would only add a collective per forward.
+        # Without QAT no buffer changes in training (no BatchNorm): broadcasting them each forward would only
+        # add a collective. With QAT the observers' scales are buffers: rank 0's are broadcast before each
+        # forward, as torch's QAT recipes do, so the ranks differ only by the one moving-average update (weight
+        # 0.01) each makes on its own batch; the checkpoint holds rank 0's.
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
-                                        broadcast_buffers=False)
+                                        broadcast_buffers=bool(arch["qat"]))
     return model
 
 
@@ -615,7 +626,8 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     seed_everything(args.seed)
     train_ds, val_ds = build_datasets(Path(args.coco_dir), args.use_prepared, args.crop_size, args.seed)
     try:
-        arch = make_arch(args.model, args.quality, args.metric, replace, args.replace_parts, enc_kwargs, dec_kwargs)
+        arch = make_arch(args.model, args.quality, args.metric, replace, args.replace_parts, enc_kwargs, dec_kwargs,
+                         qat=args.qat)
     except ValueError as err:
         raise UserError(str(err)) from None
     resume = read_checkpoint(Path(args.resume)) if args.resume else None
@@ -656,6 +668,9 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         if extending:
             say(f"extending from {state.epoch} to {state.epochs_total} epochs: "
                 f"{fast_forward_schedule(tr, args, state, steps)}")
+    if arch["qat"] and resume is None:
+        seen = calibrate(unwrap(model), train_loader.epoch(0), args.qat_calib_steps, device, tr.autocast)
+        say(f"QAT: observers calibrated on {seen} train batches, fake-quant on")
     val_batches = val_loader(val_ds, args.batch_size, args.num_workers, dist, on_cuda)
     summary: Dict[str, Any] = {"epochs": []}
     with tr.stop:  # from here on SIGINT/SIGTERM finish the step and save

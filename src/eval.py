@@ -95,13 +95,14 @@ def load_model(path: Path, device: torch.device):
 
 
 @torch.no_grad()
-def bitstream_roundtrip(model, x: torch.Tensor) -> Dict[str, Any]:
-    """Pad to a multiple of 64, ``compress`` / ``decompress`` with the real entropy coder, crop back.
+def bitstream_roundtrip(model, x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> Dict[str, Any]:
+    """Pad to a multiple of ``multiple``, ``compress`` / ``decompress`` with the real entropy coder, crop back.
 
     Returns the decoded image, the bits written and the coding times; ``x`` is (1, 3, H, W).
+    ``model`` is anything with CompressAI's ``compress``/``decompress`` (``src.onnx_int8.OnnxCodec`` too).
     """
     h, w = x.shape[-2:]
-    pad, unpad = compute_padding(h, w, min_div=PAD_MULTIPLE)
+    pad, unpad = compute_padding(h, w, min_div=multiple)
     x_padded = F.pad(x, pad, mode="constant", value=0)
     start = time.perf_counter()
     enc = model.compress(x_padded)

@@ -5,7 +5,12 @@ The description is a plain dict (it is stored in every checkpoint, and
 
     {"base_model": "bmshj2018-factorized", "quality": 3, "metric": "mse",
      "replace": "none" | "relu" | "npu", "replace_parts": "encoder" | "decoder" | "all" | "none",
-     "enc_kwargs": {...}, "dec_kwargs": {...}}
+     "enc_kwargs": {...}, "dec_kwargs": {...},
+     "qat": None | src.qat.QAT_SCHEME}
+
+``qat`` marks a quantisation-aware model: the same network with fake-quant
+in g_a/g_s, whose scales are in the state dict (older checkpoints have no
+``qat`` key and read as None).
 
 Training, eval, export and resume all rebuild the exact network from it.
 """
@@ -24,6 +29,7 @@ from torch import nn
 from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch
 from src.cli import UserError
 from src.gdn_fit import fit_blocks_to_gdn
+from src.qat import QAT_SCHEME, prepare_qat
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
 from src.replace_gdn_npu import replace_gdn_with_npu
 
@@ -37,8 +43,8 @@ _ENTROPY_TABLE_SUFFIXES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_ta
 
 def make_arch(base_model: str = "bmshj2018-factorized", quality: int = 3, metric: str = "mse",
               replace: str = "relu", replace_parts: str = "all", enc_kwargs: Optional[Dict[str, Any]] = None,
-              dec_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Validate and normalise an architecture description."""
+              dec_kwargs: Optional[Dict[str, Any]] = None, qat: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Validate and normalise an architecture description (``qat``: None/False, or True/``QAT_SCHEME``)."""
     if base_model not in BASE_MODELS:
         raise ValueError(f"base_model must be one of {BASE_MODELS}, got {base_model!r}")
     if quality not in QUALITIES:
@@ -49,11 +55,14 @@ def make_arch(base_model: str = "bmshj2018-factorized", quality: int = 3, metric
         raise ValueError(f"replace_parts must be one of {sorted(REPLACE_MODES)}, got {replace_parts!r}")
     if replace == "none" or replace_parts == "none":
         replace, replace_parts = "none", "none"
+    if qat and qat is not True and dict(qat) != QAT_SCHEME:
+        raise ValueError(f"qat must be None or {QAT_SCHEME}, got {qat!r}")
     return {
         "base_model": base_model, "quality": int(quality), "metric": metric,
         "replace": replace, "replace_parts": replace_parts,
         "enc_kwargs": dict(enc_kwargs or {}) if replace == "npu" else {},
         "dec_kwargs": dict(dec_kwargs or {}) if replace == "npu" else {},
+        "qat": dict(QAT_SCHEME) if qat else None,
     }
 
 
@@ -70,10 +79,15 @@ def apply_replacement(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
     return model
 
 
+def apply_qat(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
+    """Fake-quant in g_a/g_s for a QAT ``arch`` (src/qat.py); other models are returned as they are."""
+    return prepare_qat(model, arch["qat"]["parts"]) if arch.get("qat") else model
+
+
 def build_model(arch: Mapping[str, Any]) -> nn.Module:
     """The network that ``arch`` describes, with random weights (load them next)."""
     arch = make_arch(**arch)
-    return apply_replacement(base_network(arch), arch)
+    return apply_qat(apply_replacement(base_network(arch), arch), arch)
 
 
 def download_pretrained_state(arch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:
@@ -136,7 +150,9 @@ def model_from_base_weights(arch: Mapping[str, Any], base_state: Optional[Mappin
     ``base_arch`` is the description stored with the weights (None for a plain
     zoo state dict, which is a GDN base). GDN weights are loaded before the
     swap, so every untouched layer keeps them; weights of the very same
-    architecture are loaded after it (e.g. continuing a ReLU fine-tune).
+    architecture are loaded after it (e.g. continuing a ReLU fine-tune). A QAT
+    run may also start from the float model of its architecture (the usual
+    order: fine-tune in float, then QAT): its weights load, then fake-quant goes in.
     """
     arch = make_arch(**arch)
     if base_state is None:
@@ -145,9 +161,13 @@ def model_from_base_weights(arch: Mapping[str, Any], base_state: Optional[Mappin
     if base_arch is None or base_arch["replace"] == "none":
         base = base_network(arch)
         base = load_weights(base, base_state if base_arch else rename_zoo_keys(dict(base_state)), source)
-        return apply_replacement(base, arch)
+        return apply_qat(apply_replacement(base, arch), arch)
     if base_arch == arch:
         return load_weights(build_model(arch), base_state, source)
+    if arch["qat"] and base_arch == dict(arch, qat=None):
+        return apply_qat(load_weights(build_model(base_arch), base_state, source), arch)
+    if base_arch["qat"] and not arch["qat"]:
+        raise UserError(f"{source} is a QAT checkpoint; continue it with --qat true (or start from its float base)")
     raise UserError(f"{source} holds a {base_arch['replace']}/{base_arch['replace_parts']} model; it can start "
                     f"a run of that same architecture or a GDN base, not {arch['replace']}/{arch['replace_parts']}")
 

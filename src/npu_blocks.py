@@ -41,6 +41,15 @@ def _check_channels(channels: int) -> None:
         raise ValueError(f"channels must be a positive integer, got {channels!r}")
 
 
+class QuantPoint(nn.Identity):
+    """Marks a tensor that an INT8 graph carries between ops (a product, a gain, a residual sum).
+
+    The identity in float (no weights, nothing in the state dict);
+    quantisation-aware training (src/qat.py) fake-quantises its output, as it
+    does the outputs of convolutions and activations.
+    """
+
+
 class ECAGate(nn.Module):
     """Efficient Channel Attention with a piecewise-linear gate.
 
@@ -56,6 +65,7 @@ class ECAGate(nn.Module):
         self.pool = nn.AdaptiveAvgPool2d(1)
         self.conv = nn.Conv1d(1, 1, kernel_size, padding=kernel_size // 2, bias=True)
         self.gate = nn.Hardsigmoid()
+        self.gated = QuantPoint()
         if init_identity:
             nn.init.zeros_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
@@ -64,7 +74,7 @@ class ECAGate(nn.Module):
         n, c = x.shape[:2]
         pooled = self.pool(x).reshape(n, 1, c)
         gain = 2.0 * self.gate(self.conv(pooled)).reshape(n, c, 1, 1)
-        return x * gain
+        return self.gated(x * gain)
 
 
 class GDNishLiteEnc(nn.Module):
@@ -112,6 +122,7 @@ class GDNishLiteEnc(nn.Module):
         self.act2 = ACTIVATIONS[act_type]()
         self.project = nn.Conv2d(hidden, channels, 1)
         self.eca = ECAGate(eca_kernel, init_identity=init_identity) if use_eca else nn.Identity()
+        self.summed = QuantPoint()
         if init_identity:
             self._init_identity(act_type)
 
@@ -139,7 +150,7 @@ class GDNishLiteEnc(nn.Module):
         h = self.act1(self.bn1(self.expand(x)))
         h = self.act2(self.bn2(self.dw(h)))
         out = self.eca(self.project(h))
-        return x + out if self.residual else out
+        return self.summed(x + out) if self.residual else out
 
 
 class GDNishLiteDec(nn.Module):
@@ -177,7 +188,10 @@ class GDNishLiteDec(nn.Module):
         self.act = ACTIVATIONS[act_type]()
         self.scale = nn.Conv2d(channels, channels, 1, groups=channels)
         self.gate = nn.Hardsigmoid()
+        self.gain_out = QuantPoint()
+        self.gained = QuantPoint()
         self.dw = nn.Conv2d(channels, channels, k, padding=k // 2, groups=channels)
+        self.summed = QuantPoint()
         if init_identity:
             self._init_identity()
 
@@ -195,8 +209,8 @@ class GDNishLiteDec(nn.Module):
 
     def gain(self, x: torch.Tensor) -> torch.Tensor:
         z = self.scale(self.act(self.bn(self.mix(x))))
-        return self.g_min + (self.g_max - self.g_min) * self.gate(z)
+        return self.gain_out(self.g_min + (self.g_max - self.g_min) * self.gate(z))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.dw(x * self.gain(x))
-        return x + out if self.residual else out
+        out = self.dw(self.gained(x * self.gain(x)))
+        return self.summed(x + out) if self.residual else out

@@ -102,6 +102,14 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--amp_warmup_steps", action=_RemovedFlag,
                    replacement="use --lr_warmup_steps (LR warmup), --amp_dtype bf16 (no loss scale to warm up) "
                                "or --local_fp32 (keep fragile modules in FP32)")
+    g = p.add_argument_group("Quantisation-aware training (g_a and g_s; the entropy model stays float)")
+    g.add_argument("--qat", type=str2bool, default=False,
+                   help="fake-quantise g_a/g_s as the INT8 graph will run them: weights INT8 per output channel "
+                        "(symmetric), activations UINT8 per tensor (src/qat.py)")
+    g.add_argument("--qat_calib_steps", type=int, default=32,
+                   help="train batches the observers see before fake-quant is switched on (fresh runs)")
+    g.add_argument("--qat_freeze_after", type=int, default=0,
+                   help="freeze the observers (scales) after this many training steps; 0 = observe to the end")
     g = p.add_argument_group("Output")
     g.add_argument("--save_dir", default=save_dir)
     g.add_argument("--recon_dir", default=recon_dir)
@@ -124,7 +132,10 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be >= 1")
     if args.extend_epochs and not args.resume:
         raise UserError("--extend_epochs needs --resume CHECKPOINT (the finished run to lengthen)")
-    for flag in ("num_workers", "max_steps_per_epoch", "recon_count", "lr_warmup_steps", "extend_epochs"):
+    if args.qat and args.qat_calib_steps < 1:
+        raise UserError("--qat_calib_steps must be >= 1: the observers need real batches before fake-quant starts")
+    for flag in ("num_workers", "max_steps_per_epoch", "recon_count", "lr_warmup_steps", "extend_epochs",
+                 "qat_freeze_after"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0")
     if not 0.0 <= args.alpha_l1 <= 1.0:
@@ -142,7 +153,7 @@ def validate_args(args: argparse.Namespace) -> None:
 RUN_DEFINING_FLAGS = ("epochs", "extend_epochs", "sched", "lr", "lr_warmup_steps", "onecycle_pct_start", "batch_size",
                       "max_steps_per_epoch", "seed", "loss_type", "distortion", "alpha_l1", "lambda_bpp",
                       "train_scope", "amp", "amp_dtype", "optimizer", "weight_decay", "max_grad_norm",
-                      "use_prepared", "crop_size")
+                      "use_prepared", "crop_size", "qat", "qat_calib_steps", "qat_freeze_after")
 LENGTH_FLAGS = ("epochs", "extend_epochs")
 
 

@@ -127,7 +127,9 @@ def test_int8_export_gdn_against_npu(checkpoints, prepared64, tmp_path):
                                    str(tmp_path / f"{name}.onnx"), "--input_size", "64",
                                    "--int8", str(prepared64 / "train"), "--calib_count", "8"])["int8"]
         assert Path(report["int8_path"]).exists() and report["calib_images"] == 8
-        assert math.isfinite(report["psnr_drop"]) and report["psnr_int8"] > 0
+        assert math.isfinite(report["psnr_drop"]) and report["psnr_int8"] > 0 and report["method"] == "ptq"
+        assert report["bpp_fp32"] > 0 and report["bpp_int8"] > 0
+        assert report["rate_change"] == pytest.approx(report["bpp_int8"] / report["bpp_fp32"] - 1)
         ops = export_onnx.op_histogram(Path(report["int8_path"]))
         assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
         reports[name] = report
@@ -157,19 +159,19 @@ def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoi
     from src import onnx_int8
 
     seen = {"calib": [], "eval": []}
-    quantize, roundtrip = onnx_int8.quantize_int8, onnx_int8.roundtrip_psnr
+    quantize, roundtrip = onnx_int8.quantize_int8, onnx_int8.roundtrip
 
     def spy_quantize(fp32, int8_path, calibration):
         if len(calibration) and calibration[0].shape[1] == 3:  # the encoder's calibration: images
             seen["calib"] += list(calibration)
         return quantize(fp32, int8_path, calibration)
 
-    def spy_roundtrip(encoder, decoder, images, medians):
-        seen["eval"] += list(images)
-        return roundtrip(encoder, decoder, images, medians)
+    def spy_roundtrip(codec, images, multiple):
+        seen["eval"] += [image.numpy() for image in images]
+        return roundtrip(codec, images, multiple)
 
     monkeypatch.setattr(onnx_int8, "quantize_int8", spy_quantize)
-    monkeypatch.setattr(onnx_int8, "roundtrip_psnr", spy_roundtrip)
+    monkeypatch.setattr(onnx_int8, "roundtrip", spy_roundtrip)
     argv = ["--ckpt", str(checkpoints["npu"]), "--part", "encoder", "--out", str(tmp_path / "e.onnx"),
             "--input_size", "64", "--int8", str(prepared64 / "train"), "--calib_count", "8"]
     report = export_onnx.main(argv)["int8"]
@@ -178,6 +180,24 @@ def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoi
     assert not any(np.array_equal(c, e) for c in seen["calib"] for e in seen["eval"])
     held_out = export_onnx.main(argv + ["--int8_eval_dir", str(prepared64 / "val")])["int8"]
     assert held_out["eval_images"] == 2 and held_out["eval_from"] == str(prepared64 / "val")
+
+
+def test_onnx_codec_round_trip_matches_the_pytorch_codec(checkpoints, photos, tmp_path):
+    """The INT8 report's codec (ONNX graphs + CompressAI's range coder) is src.eval's codec when the graphs are FP32."""
+    from src import onnx_int8
+
+    model, _, _ = recipe_eval.load_model(checkpoints["npu"], torch.device("cpu"))
+    x = torch.from_numpy(np.asarray(load_rgb(photos / "a.png"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
+    paths = {}
+    for part in ("encoder", "decoder"):
+        paths[part] = tmp_path / f"{part}.onnx"
+        export_onnx.export_graph(model, part, export_onnx.part_input(model, part, x[..., :64, :64]), paths[part],
+                                 13, dynamic=True)
+    codec = onnx_int8.OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck)
+    ours, reference = recipe_eval.bitstream_roundtrip(codec, x), recipe_eval.bitstream_roundtrip(model, x)
+    assert abs(ours["bits"] - reference["bits"]) <= 0.01 * reference["bits"]
+    assert (ours["x_hat"] - reference["x_hat"].clamp(0, 1)).abs().max() < 1e-3
+    assert onnx_int8.roundtrip(codec, [x], 64)["bpp"] == pytest.approx(ours["bits"] / (180 * 250))
 
 
 def test_demo_sheet_decodes_every_stage(checkpoints, photos, tmp_path):

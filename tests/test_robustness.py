@@ -430,6 +430,15 @@ def test_torchrun_init_from_gdn_fits_on_rank_0_and_broadcasts(prepared64, tmp_pa
     assert result.stdout.count("init_from_gdn: fitting 6 blocks") == 1 and "same on all 2 ranks" in result.stdout
 
 
+def test_torchrun_qat_ranks_share_rank_0s_scales(prepared64, tmp_path):
+    """QAT under DDP: parametrised weights, hooks and broadcast observer buffers train to the same weights."""
+    argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all",
+                       "--qat", "true", "--qat_calib_steps", "1", "--amp", "false")
+    result = torchrun("train_finetune_npu.py", argv, 29527)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "QAT: observers calibrated" in result.stdout and "same on all 2 ranks" in result.stdout
+
+
 def _agree_worker(rank, init_file, results):
     import torch.distributed as dist
 
