@@ -26,7 +26,7 @@ from typing import Dict, List, Optional
 import torch
 
 from src import eval as recipe_eval
-from src.data import PreparedCrops
+from src.data import PreparedCrops, to_unit_float
 from src.loaders import epochs_for_steps
 from src.model_factory import swapped_checkpoint
 
@@ -66,7 +66,7 @@ def fit_images(folder: Optional[Path]) -> Optional[torch.Tensor]:
         return None
     crops = PreparedCrops(folder)
     torch.manual_seed(0)
-    return torch.stack([crops[i] for i in range(min(16, len(crops)))])
+    return to_unit_float(torch.stack([crops[i] for i in range(min(16, len(crops)))]), torch.device("cpu"))
 
 
 def main() -> None:

@@ -7,6 +7,10 @@ crop whose offset depends on (seed, epoch, index) only -- not on the worker or
 the rank that loads it -- so a resumed run sees the crops a straight one would
 (the training loader asks for ``(epoch, index)`` keys); val images get a
 center crop. Sorted file names fix the val order, which is the recon index.
+
+Items are uint8 (3, H, W) tensors, as decoded: workers ship a quarter of
+float32's bytes through shared and pinned memory, and ``to_unit_float``
+turns a batch into float in [0, 1] on the device after a non-blocking copy.
 """
 
 from __future__ import annotations
@@ -51,11 +55,18 @@ def read_or_report(path: Path, read) -> Optional[torch.Tensor]:
 
 def _prepared_tensor(path: Path) -> torch.Tensor:
     with Image.open(path) as img:
-        return pil_to_tensor(img.convert("RGB")).float().div_(255.0)
+        return pil_to_tensor(img.convert("RGB"))
+
+
+def to_unit_float(batch: torch.Tensor, device: torch.device,
+                  memory_format: torch.memory_format = torch.contiguous_format) -> torch.Tensor:
+    """uint8 images (N, 3, H, W) -> float32 in [0, 1] on ``device``: copy first (non-blocking), convert there."""
+    batch = batch.to(device, non_blocking=True)
+    return batch.to(dtype=torch.float32, memory_format=memory_format).div_(255.0)
 
 
 class PreparedCrops(Dataset):
-    """Fixed-size PNG crops written by ``scripts.coco_prepare``, as float tensors in [0, 1]."""
+    """Fixed-size PNG crops written by ``scripts.coco_prepare``, as uint8 tensors (3, H, W)."""
 
     def __init__(self, folder: Path):
         self.files = image_files(folder, "prepared")
@@ -96,7 +107,7 @@ class RawCocoCrops(Dataset):
             box = random_crop_box(*img.size, self.crop_size, random.Random(f"{self.seed}/{epoch}/{index}"))
         else:
             box = center_crop_box(*img.size, self.crop_size)
-        return pil_to_tensor(img.crop(box)).float().div_(255.0)
+        return pil_to_tensor(img.crop(box))
 
 
 def build_datasets(coco_dir: Path, use_prepared: bool, crop_size: int, seed: int = 0) -> Tuple[Dataset, Dataset]:

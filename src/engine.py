@@ -30,7 +30,7 @@ from tqdm import tqdm
 from src.atomic import link_or_copy_atomic
 from src.checkpoint import read_checkpoint, restore_rng_state, rng_state, save_checkpoint, state_and_arch, unwrap
 from src.cli import UserError
-from src.data import build_datasets, crop_side
+from src.data import build_datasets, crop_side, to_unit_float
 from src.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
 from src.gdn_fit import fit_blocks_to_gdn
 from src.loaders import EpochLoader, val_loader
@@ -298,7 +298,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
     batches = iter(loader)
     while state.epoch_step < steps:
         x = next(batches, None)
-        x = None if x is None else x.to(tr.device, non_blocking=True)
+        x = None if x is None else to_unit_float(x, tr.device)
         output, parts, verdict = training_step(tr, x, args, state)
         if not verdict.skip:
             values = {k: v.detach() for k, v in parts.items()}
@@ -366,7 +366,7 @@ def evaluate(tr: Trainer, loader: DataLoader) -> Dict[str, float]:
     for x in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not tr.dist.is_main):
         if x is None:
             continue
-        x = x.to(tr.device, non_blocking=True)
+        x = to_unit_float(x, tr.device)
         with tr.autocast():
             output = model(x)
         n, _, h, w = x.shape
@@ -391,7 +391,7 @@ def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str,
     if not items:
         return
     model = unwrap(tr.model).eval()
-    originals = torch.stack(items)
+    originals = to_unit_float(torch.stack(items), torch.device("cpu"))
     recons = []
     for start in range(0, len(originals), args.batch_size):
         with tr.autocast():
@@ -518,7 +518,8 @@ def init_from_gdn(args: argparse.Namespace, arch: Dict[str, Any], model: nn.Modu
     """``--init_from_gdn``: fit the new blocks to the GDN layers of the same starting weights (on ``device``)."""
     gdn = create_model(args, dict(arch, replace="none", replace_parts="none", qat=None), None, say=lambda *a: None).to(device)
     count = min(args.gdn_fit_images, len(train_ds))
-    images = torch.stack([item for item in (train_ds[i] for i in range(count)) if item is not None]).to(device)
+    images = to_unit_float(torch.stack([item for item in (train_ds[i] for i in range(count)) if item is not None]),
+                           device)
     say(f"init_from_gdn: fitting {len(model.replaced_gdn)} blocks on {len(images)} train crops, "
         f"{args.gdn_fit_steps} steps each")
     fit_blocks_to_gdn(gdn, model, images, steps=args.gdn_fit_steps, say=say)

@@ -98,7 +98,10 @@ def epochs_for_steps(steps: int, crops: int, batch_size: int) -> int:
 
 
 def val_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistInfo, pin_memory: bool) -> DataLoader:
-    """Val images split rank::world_size (no padding duplicates, so reduced means are exact)."""
+    """Val images split rank::world_size (no padding duplicates, so reduced means are exact).
+
+    Its workers persist across epochs (no respawn per validation pass).
+    """
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_skipping_bad, pin_memory=pin_memory)
+                      collate_fn=collate_skipping_bad, pin_memory=pin_memory, persistent_workers=num_workers > 0)

@@ -42,6 +42,7 @@ from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver, Mo
                                    disable_fake_quant, disable_observer, enable_fake_quant, enable_observer)
 from torch.nn.utils import parametrize
 
+from src.data import to_unit_float
 from src.npu_blocks import QuantPoint
 
 QAT_PARTS = ("g_a", "g_s")
@@ -152,7 +153,7 @@ def qat_state(model: nn.Module) -> str:
 @torch.no_grad()
 def calibrate(model: nn.Module, batches: Iterable[Optional[torch.Tensor]], steps: int, device: torch.device,
               autocast: Callable) -> int:
-    """Observe ``steps`` batches in train mode (no update), then switch fake-quant on; returns batches seen."""
+    """Observe ``steps`` loader batches (uint8) in train mode (no update), then switch fake-quant on; returns batches seen."""
     model.train()
     set_qat_mode(model, observe=True, fake_quant=False)
     seen = 0
@@ -162,7 +163,7 @@ def calibrate(model: nn.Module, batches: Iterable[Optional[torch.Tensor]], steps
         if x is None:
             continue
         with autocast():
-            model(x.to(device, non_blocking=True))
+            model(to_unit_float(x, device))
         seen += 1
     set_qat_mode(model, fake_quant=True)
     return seen

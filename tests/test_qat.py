@@ -26,7 +26,7 @@ def npu_arch(qat):
 def calibrated_qat_model(seed=0):
     torch.manual_seed(seed)
     model = build_model(npu_arch(True))
-    batches = [torch.rand(2, 3, 64, 64) for _ in range(3)]
+    batches = [torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8) for _ in range(3)]
     calibrate(model, batches, steps=3, device=torch.device("cpu"), autocast=lambda: torch.autocast("cpu", enabled=False))
     return model.eval()
 
