@@ -50,6 +50,7 @@ from src.recon_report import write_report
 from src.replace_gdn import parameter_table, set_trainable_parts
 from src.run_logger import RunLogger
 from src.schedule import LRSchedule, build_schedule
+from src.speed import speed_up_model, use_fused_optimizer, without_host_syncs
 from src.stop_signals import Interrupted, StopRequest
 from src.train_args import resume_flag_changes, validate_args
 
@@ -127,9 +128,9 @@ def split_aux_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.
     return net, aux
 
 
-def build_optimizer(args: argparse.Namespace, params: Sequence[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(args: argparse.Namespace, params: Sequence[nn.Parameter], fused: bool) -> torch.optim.Optimizer:
     cls = torch.optim.AdamW if args.optimizer == "adamw" else torch.optim.Adam
-    return cls(params, lr=args.lr, weight_decay=args.weight_decay)
+    return cls(params, lr=args.lr, weight_decay=args.weight_decay, fused=fused or None)
 
 
 @dataclass
@@ -161,25 +162,28 @@ class Trainer:
     logger: RunLogger
     stop: StopRequest
     placeholder: Optional[torch.Tensor] = None  # stands in for an all-corrupt batch: (1, 3, crop, crop) zeros
+    deferred_skip: bool = False  # skip bad steps on the device, read the verdicts back once per log window
+    memory_format: torch.memory_format = torch.contiguous_format  # of the batches (--channels_last)
 
 
 # ---------------------------------------------------------------- the loop
 
 @dataclass
 class StepVerdict:
-    """What all ranks agreed on after a step's backward (one collective, one host sync)."""
+    """What all ranks agreed on after a step's backward."""
 
-    skip: bool  # some rank had an empty batch, a non-finite loss or non-finite gradients
+    skip: torch.Tensor  # device bool: some rank had an empty batch, a non-finite loss or non-finite gradients
     stop: bool  # a signal asked to stop after this step
     overflow: Optional[str]  # --overflow_check: where the first rank that overflowed saw it
 
 
 def agree_on_step(tr: Trainer, bad: torch.Tensor, overflow: Optional[str]) -> StepVerdict:
-    """Skip, stop and overflow, agreed by all ranks in one collective.
+    """Skip, stop and overflow, agreed by all ranks in one collective read back on the host.
 
-    This is the loop's one per-step host sync: a step with a NaN loss or an inf
-    gradient must not reach the optimizer, and under DDP every rank has to make
-    the same choice, or the ranks' collectives drift apart and hang.
+    A step with a NaN loss or an inf gradient must not reach the optimizer, and
+    under DDP every rank has to make the same choice, or the ranks' collectives
+    drift apart and hang. This path syncs the host every step; the deferred
+    one (``agree_on_device``) does not.
     """
     flags = torch.stack([bad.float(), torch.tensor(float(tr.stop.requested), device=tr.device),
                          torch.tensor(float(overflow is not None), device=tr.device)])
@@ -187,7 +191,25 @@ def agree_on_step(tr: Trainer, bad: torch.Tensor, overflow: Optional[str]) -> St
     where = None
     if flags[2] > 0:
         where = next(w for w in all_gather_objects(overflow or "", tr.dist) if w)
-    return StepVerdict(bool(flags[0] > 0), bool(flags[1] > 0), where)
+    return StepVerdict(torch.tensor(bool(flags[0] > 0), device=tr.device), bool(flags[1] > 0), where)
+
+
+def agree_on_device(tr: Trainer, bad: torch.Tensor) -> StepVerdict:
+    """The skip verdict as a device tensor, all-reduced without a host read (``--log_every`` windows read it).
+
+    A single process sees its stop signal on the host every step; under DDP
+    the ranks agree on stopping at the end of each log window (``agree_to_stop``).
+    """
+    skip = all_reduce_sum(bad.float().reshape(1), tr.dist)[0] > 0
+    return StepVerdict(skip, tr.stop.requested and not tr.dist.enabled, None)
+
+
+def agree_to_stop(tr: Trainer) -> bool:
+    """Whether any rank was asked to stop (one collective; under DDP, once per log window)."""
+    if not tr.dist.enabled:
+        return tr.stop.requested
+    flag = torch.tensor([float(tr.stop.requested)], device=tr.device)
+    return bool(all_reduce_sum(flag, tr.dist).cpu()[0] > 0)
 
 
 def train_step(tr: Trainer, x: torch.Tensor, args: argparse.Namespace,
@@ -224,14 +246,29 @@ def backward_and_clip(tr: Trainer, loss: torch.Tensor, args: argparse.Namespace)
     return torch.isfinite(norm) | torch.tensor(tr.scaler.is_enabled(), device=tr.device)
 
 
-def step_optimizers(tr: Trainer) -> None:
-    """Optimizer step (through the scaler), then the aux (quantiles) step."""
-    tr.scaler.step(tr.optimizer)
+def step_optimizers(tr: Trainer, skip: Optional[torch.Tensor] = None) -> None:
+    """Optimizer step (through the scaler), then the aux (quantiles) step.
+
+    With ``skip`` (a device bool) the fused optimizers skip on the device: it
+    is handed to them as ``found_inf``, the tensor through which GradScaler
+    tells a fused Adam to leave weights, moments and step count untouched.
+    """
+    if skip is not None:
+        tr.optimizer.found_inf = skip.float()
+    try:
+        tr.scaler.step(tr.optimizer)
+    finally:
+        tr.optimizer.__dict__.pop("found_inf", None)
     tr.scaler.update()
     if tr.aux_optimizer is not None:
         tr.aux_optimizer.zero_grad(set_to_none=True)
         unwrap(tr.model).aux_loss().backward()
-        tr.aux_optimizer.step()
+        if skip is not None:
+            tr.aux_optimizer.found_inf = skip.float()
+        try:
+            tr.aux_optimizer.step()
+        finally:
+            tr.aux_optimizer.__dict__.pop("found_inf", None)
 
 
 def drop_step(tr: Trainer) -> None:
@@ -248,88 +285,121 @@ def training_step(tr: Trainer, x: Optional[torch.Tensor], args: argparse.Namespa
     ``x`` is None when every image of this rank's batch was unreadable. Every
     rank still runs forward and backward (on a placeholder whose loss counts
     0): under DDP a rank that skipped them would leave the others waiting in
-    the gradient all-reduce. Then all ranks agree to step or to skip.
+    the gradient all-reduce. Then all ranks agree to step or to skip: on the
+    device with the fused optimizers (``tr.deferred_skip``), else on the host.
     """
     empty = x is None
     x = tr.placeholder.to(tr.device) if empty else x
     output, parts, overflow = train_step(tr, x, args, state)
     finite_grads = backward_and_clip(tr, parts["total"] * (0.0 if empty else 1.0), args)
     bad = torch.tensor(empty, device=tr.device) | ~torch.isfinite(parts["total"]) | ~finite_grads
+    if tr.deferred_skip:
+        verdict = agree_on_device(tr, bad)
+        step_optimizers(tr, skip=verdict.skip)
+        return output, parts, verdict
     verdict = agree_on_step(tr, bad, overflow)
     if verdict.overflow is not None:
         raise TrainingStopped(f"overflow at step {state.step}: {verdict.overflow}; "
                               f"last good checkpoint: {Path(args.save_dir) / 'last.pt'}")
-    count_nonfinite(state, verdict.skip, args, loud=tr.dist.is_main)
-    if verdict.skip:
+    skipped = bool(verdict.skip)  # already on the host: agree_on_step read it back
+    count_nonfinite(state, skipped, args, step=state.step, loud=tr.dist.is_main)
+    if skipped:
         drop_step(tr)
     else:
         step_optimizers(tr)
     return output, parts, verdict
 
 
-def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace, loud: bool = True) -> None:
+def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace, step: int, loud: bool = True) -> None:
+    """Count a skipped ``step``; stop after ``--max_bad_steps`` in a row."""
     if not skipped:
         state.nonfinite_in_a_row = 0
         return
     state.nonfinite_in_a_row += 1
     state.nonfinite_total += 1
     if loud:
-        print(f"warning: step {state.step}: non-finite loss or gradients, or an empty batch, step skipped "
-              f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)", flush=True)
+        tqdm.write(f"warning: step {step}: non-finite loss or gradients, or an empty batch, step skipped "
+                   f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)")
     if state.nonfinite_in_a_row >= args.max_bad_steps:
-        raise TrainingStopped(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {state.step}; "
+        raise TrainingStopped(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {step}; "
                               "rerun with --overflow_check true to find the module, or lower --lr; "
                               f"last good checkpoint: {Path(args.save_dir) / 'last.pt'}")
 
 
 def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.Namespace,
                     state: TrainState) -> Dict[str, float]:
-    """The rest of the current epoch; returns the mean loss parts over the steps run now.
+    """The rest of the current epoch; returns the mean loss parts over the steps run now (skipped ones excluded).
 
-    Loss parts are summed on the device and read back every ``--log_every``
-    steps; the only per-step sync is the skip/stop agreement (``agree_on_step``).
+    Loss parts and skip verdicts stay on the device and are read back every
+    ``--log_every`` steps (and at the epoch's end). With ``tr.deferred_skip``
+    that read-back is the window's one host sync; otherwise each step's
+    skip/stop agreement (``agree_on_step``) syncs too.
     """
     tr.model.train()
-    epoch_sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=tr.device))
-    window_sums: Dict[str, torch.Tensor] = defaultdict(lambda: torch.zeros((), device=tr.device))
-    window = done = 0
+    zero = torch.zeros((), device=tr.device)
+    epoch_sums: Dict[str, torch.Tensor] = defaultdict(lambda: zero.clone())
+    window_sums: Dict[str, torch.Tensor] = defaultdict(lambda: zero.clone())
+    window_skips: List[Tuple[int, torch.Tensor]] = []  # (step, device bool), read back with the window
     bar = tqdm(total=steps, initial=state.epoch_step, desc=f"train {state.epoch + 1}/{state.epochs_total}", leave=False,
                dynamic_ncols=True, disable=not tr.dist.is_main)
     batches = iter(loader)
-    while state.epoch_step < steps:
+    stop = False
+    while state.epoch_step < steps and not stop:
         x = next(batches, None)
-        x = None if x is None else to_unit_float(x, tr.device)
+        x = None if x is None else to_unit_float(x, tr.device, tr.memory_format)
         output, parts, verdict = training_step(tr, x, args, state)
-        if not verdict.skip:
-            values = {k: v.detach() for k, v in parts.items()}
+        kept = (~verdict.skip).float()
+        values = {k: v.detach() for k, v in parts.items()}
+        if x is not None:
             values["psnr"] = psnr_per_image(output["x_hat"].detach(), x).mean()
-            for key, value in values.items():
-                epoch_sums[key] += value
-                window_sums[key] += value
-            window += 1
-            done += 1
+        for key, value in values.items():  # where() and not a product: a skipped step's NaN must not leak in
+            kept_value = torch.where(verdict.skip, zero, value.float())
+            epoch_sums[key] += kept_value
+            window_sums[key] += kept_value
+        epoch_sums["steps"] += kept
+        window_sums["steps"] += kept
+        window_skips.append((state.step, verdict.skip))
         tr.schedule.after_step(state.step)
         state.step += 1
+        state.epoch_step += 1
+        bar.update(1)
         if args.qat and state.step == args.qat_freeze_after:
             set_qat_mode(unwrap(tr.model), observe=False)
             if tr.dist.is_main:
                 tqdm.write(f"QAT: observers frozen after step {state.step}; the scales stay as they are")
-        state.epoch_step += 1
-        bar.update(1)
-        if window and (window == args.log_every or state.epoch_step == steps or verdict.stop):
-            means = {k: v.item() / window for k, v in window_sums.items()}
-            bar.set_postfix(loss=f"{means['total']:.4f}", psnr=f"{means['psnr']:.2f}")
-            tr.logger.log(train_log_entry(means, args.lambda_bpp, tr.optimizer), step=state.step)
+        stop = verdict.stop
+        if len(window_skips) == args.log_every or state.epoch_step == steps or stop:
+            stop = close_window(tr, args, state, window_sums, window_skips, bar) or stop
             window_sums.clear()
-            window = 0
-        if verdict.stop:
-            break
+            window_skips.clear()
     bar.close()
-    counts = torch.tensor(float(done), device=tr.device)
-    keys = sorted(epoch_sums)
-    totals = torch.stack([epoch_sums[k] for k in keys] + [counts]) if keys else counts.reshape(1)
+    keys = sorted(k for k in epoch_sums if k != "steps")
+    totals = torch.stack([epoch_sums[k] for k in keys] + [epoch_sums["steps"]])
     totals = all_reduce_sum(totals, tr.dist).cpu()
     return {k: totals[i].item() / max(1.0, totals[-1].item()) for i, k in enumerate(keys)}
+
+
+def close_window(tr: Trainer, args: argparse.Namespace, state: TrainState, sums: Dict[str, torch.Tensor],
+                 skips: List[Tuple[int, torch.Tensor]], bar: tqdm) -> bool:
+    """Read a log window back (its one host sync): log its means, count its skipped steps; whether to stop.
+
+    With deferred skips the skipped steps are counted here, in order, so
+    ``--max_bad_steps`` in a row stops the run as the per-step path would
+    (up to one window later: skipped steps change no weight).
+    """
+    keys = sorted(sums)
+    flags = [s.float() for _, s in skips] if tr.deferred_skip else []
+    readback = torch.stack([sums[k] for k in keys] + flags).cpu()
+    means_of = dict(zip(keys, readback[: len(keys)].tolist()))
+    if tr.deferred_skip:
+        for (step, _), skipped in zip(skips, readback[len(keys):].tolist()):
+            count_nonfinite(state, bool(skipped), args, step=step, loud=tr.dist.is_main)
+    kept = means_of.pop("steps")
+    if kept > 0:
+        means = {k: v / kept for k, v in means_of.items()}
+        bar.set_postfix(loss=f"{means['total']:.4f}", psnr=f"{means['psnr']:.2f}")
+        tr.logger.log(train_log_entry(means, args.lambda_bpp, tr.optimizer), step=state.step)
+    return tr.deferred_skip and agree_to_stop(tr)
 
 
 def overflow_report(monitor: OverflowMonitor, loss: torch.Tensor, args: argparse.Namespace) -> Optional[str]:
@@ -366,7 +436,7 @@ def evaluate(tr: Trainer, loader: DataLoader) -> Dict[str, float]:
     for x in tqdm(loader, desc="val", leave=False, dynamic_ncols=True, disable=not tr.dist.is_main):
         if x is None:
             continue
-        x = to_unit_float(x, tr.device)
+        x = to_unit_float(x, tr.device, tr.memory_format)
         with tr.autocast():
             output = model(x)
         n, _, h, w = x.shape
@@ -552,8 +622,10 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
     say(f"architecture: {arch}")
     say(f"replaced: {', '.join(getattr(model, 'replaced_gdn', ())) or 'nothing (GDN control)'}")
     say(parameter_table(model))
+    without_host_syncs(model)  # before the FP32 islands, which wrap the class they find
     custom = [s.strip() for s in args.local_fp32_custom.split(",") if s.strip()]
     say(f"local FP32 ({args.local_fp32}): {', '.join(apply_local_fp32(model, args.local_fp32, custom)) or 'none'}")
+    speed_up_model(model, args, device, say)
     if arch["qat"]:
         say(f"QAT: {len(fake_quant_modules(model))} fake-quant modules in {', '.join(arch['qat']['parts'])} "
             f"(weights {arch['qat']['weights']}, activations {arch['qat']['activations']}); now {qat_state(model)}")
@@ -645,7 +717,8 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         raise UserError(f"crops are {side}px, not a multiple of {arch['base_model']}'s stride {stride}")
 
     net_params, aux_params = split_aux_parameters(model)
-    optimizer = build_optimizer(args, net_params)
+    fused = use_fused_optimizer(args, device)
+    optimizer = build_optimizer(args, net_params, fused)
     on_cuda = device.type == "cuda"
     train_loader = EpochLoader(train_ds, args.batch_size, args.num_workers, args.seed, dist, on_cuda, on_cuda)
     steps = len(train_loader) if not args.max_steps_per_epoch else min(len(train_loader), args.max_steps_per_epoch)
@@ -654,7 +727,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                         f"{args.batch_size}")
     tr = Trainer(
         model=model, criterion=RecipeLoss(args.alpha_l1, args.loss_type, args.lambda_bpp, args.distortion), optimizer=optimizer,
-        aux_optimizer=torch.optim.Adam(aux_params, lr=AUX_LR) if aux_params else None,
+        aux_optimizer=torch.optim.Adam(aux_params, lr=AUX_LR, fused=fused or None) if aux_params else None,
         scaler=make_grad_scaler(device.type, args.amp, amp_dtype),
         schedule=build_schedule(optimizer, args.sched, state.epochs_total, steps, args.lr, args.lr_warmup_steps,
                                 args.onecycle_pct_start),
@@ -662,7 +735,10 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         monitor=OverflowMonitor(model, args.overflow_tol) if args.overflow_check else None,
         logger=RunLogger(args.wandb and dist.is_main, vars(args), args.save_dir), stop=StopRequest(),
         placeholder=torch.zeros(1, 3, side, side),
+        memory_format=torch.channels_last if args.channels_last else torch.contiguous_format,
     )
+    # Fused optimizers take the skip verdict as a device tensor; fp16's GradScaler and --overflow_check need the host.
+    tr.deferred_skip = fused and not tr.scaler.is_enabled() and tr.monitor is None
     if resume is not None:
         restore_training_state(resume, tr, state)
         say(f"resumed from {args.resume}: {state.epoch} epochs + {state.epoch_step} steps done, {state.step} in all")

@@ -102,6 +102,14 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--amp_warmup_steps", action=_RemovedFlag,
                    replacement="use --lr_warmup_steps (LR warmup), --amp_dtype bf16 (no loss scale to warm up) "
                                "or --local_fp32 (keep fragile modules in FP32)")
+    g = p.add_argument_group("Speed (GPU path)")
+    g.add_argument("--fused_optimizer", default="auto", choices=("auto", "true", "false"),
+                   help="fused Adam/AdamW; it also lets bf16/fp32 runs skip bad steps on the device without a host "
+                        "sync per step (auto = on for CUDA)")
+    g.add_argument("--channels_last", type=str2bool, default=False,
+                   help="NHWC memory format for the model and the batches (for tensor-core convolutions on CUDA)")
+    g.add_argument("--compile", type=str2bool, default=False,
+                   help="torch.compile g_a and g_s in place (the entropy model stays eager)")
     g = p.add_argument_group("Quantisation-aware training (g_a and g_s; the entropy model stays float)")
     g.add_argument("--qat", type=str2bool, default=False,
                    help="fake-quantise g_a/g_s as the INT8 graph will run them: weights INT8 per output channel "

@@ -1,0 +1,113 @@
+"""The GPU path's switches, checked on the CPU: same results, and no host read per training step."""
+
+import argparse
+import copy
+
+import pytest
+import torch
+from compressai.entropy_models import EntropyBottleneck
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from src import engine, train_finetune_relu
+from src.data import to_unit_float
+from src.model_factory import build_model, make_arch
+from src.speed import EntropyBottleneckWithoutSync, speed_up_model, without_host_syncs
+from tests.test_training import common_args
+
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_entropy_bottleneck_without_sync_is_bit_identical(training):
+    torch.manual_seed(0)
+    model = build_model(make_arch(quality=1, replace="relu", replace_parts="all"))
+    library = model.entropy_bottleneck
+    ours = copy.deepcopy(library)
+    assert without_host_syncs(ours) == 1 and type(ours) is EntropyBottleneckWithoutSync
+    x = torch.randn(2, 192, 4, 6, requires_grad=True)
+    torch.manual_seed(1)
+    expected = library(x, training=training)
+    torch.manual_seed(1)
+    got = ours(x, training=training)
+    assert all(torch.equal(e, g) for e, g in zip(expected, got))
+    assert torch.equal(torch.autograd.grad(expected[1].sum(), x)[0], torch.autograd.grad(got[1].sum(), x)[0])
+    assert type(library) is EntropyBottleneck, "the swap works on the model it is given only"
+
+
+class HostReads(TorchDispatchMode):
+    """Counts ``aten._local_scalar_dense``: every tensor -> Python number read (``item``, ``bool``, an int
+    argument unpacked from a tensor in C++) goes through it, and on a GPU each one is a host sync."""
+
+    def __init__(self):
+        super().__init__()
+        self.reads = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
+
+
+@pytest.mark.parametrize("fused", ["true", "false"])
+def test_training_step_reads_nothing_back_with_the_fused_optimizer(fused, prepared64, tmp_path, monkeypatch):
+    """bf16/fp32 + fused Adam: no host read inside a training step (the log window reads once)."""
+    step = engine.training_step
+    per_step = []
+
+    def counted(*args, **kwargs):
+        with HostReads() as reads:
+            result = step(*args, **kwargs)
+        per_step.append(reads.reads)
+        return result
+
+    monkeypatch.setattr(engine, "training_step", counted)
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "3",
+                                         "--fused_optimizer", fused, "--log_every", "50", "--amp", "false"))
+    assert len(per_step) == 3
+    if fused == "true":
+        assert per_step == [0, 0, 0]
+    else:
+        assert min(per_step) >= 1, "the per-step agreement reads the verdict back"
+
+
+def final_weights(prepared64, tmp_path, *flags):
+    summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch",
+                                                   "3", "--amp", "false", "--train_scope", "all", *flags))
+    return {k: v.detach().clone() for k, v in summary["model"].state_dict().items() if v.is_floating_point()}
+
+
+@pytest.mark.parametrize("flags, tolerance", [(("--fused_optimizer", "true"), 1e-5),
+                                              (("--channels_last", "true"), 1e-5)])
+def test_speed_flags_train_the_same_weights(flags, tolerance, prepared64, tmp_path):
+    """fp32, 3 steps from one seed: the weights agree with the plain path to ``tolerance`` (absolute)."""
+    plain = final_weights(prepared64, tmp_path / "plain")
+    fast = final_weights(prepared64, tmp_path / "fast", *flags)
+    assert plain.keys() == fast.keys()
+    worst = max((plain[k] - fast[k]).abs().max().item() for k in plain)
+    assert worst <= tolerance
+
+
+def test_compiled_transforms_match_eager_and_keep_state_dict_keys():
+    """--compile: g_a/g_s compiled in place; forward to 1e-5 and gradients to 1e-4 of eager (fp32)."""
+    torch.manual_seed(0)
+    eager = build_model(make_arch(quality=1, replace="npu", replace_parts="all")).train()
+    compiled = copy.deepcopy(eager)
+    speed_up_model(compiled, argparse.Namespace(channels_last=False, compile=True), torch.device("cpu"), print)
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    x = torch.rand(2, 3, 64, 64)
+    outputs = []
+    for model in (eager, compiled):
+        torch.manual_seed(1)
+        out = model(x)
+        out["x_hat"].square().mean().backward()
+        outputs.append(out)
+    assert (outputs[0]["x_hat"] - outputs[1]["x_hat"]).abs().max() < 1e-5
+    worst = max((p.grad - q.grad).abs().max().item()
+                for p, q in zip(eager.g_a.parameters(), compiled.g_a.parameters()) if p.grad is not None)
+    assert worst < 1e-4
+
+
+def test_uint8_batches_become_unit_float_on_the_device():
+    batch = torch.tensor([[[[0, 255], [51, 102]]]], dtype=torch.uint8).expand(2, 3, 2, 2)
+    x = to_unit_float(batch, torch.device("cpu"), torch.channels_last)
+    assert x.dtype == torch.float32 and x.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(x[0, 0], torch.tensor([[0.0, 1.0], [0.2, 0.4]]))
