@@ -51,7 +51,7 @@ from src.sample_photos import skimage_photos
 from src.schedule import build_schedule
 from src.stop_signals import StopRequest
 
-SCALES = {"small": (128, 8), "full": (224, 16)}
+SCALES = {"smoke": (64, 2), "small": (128, 8), "full": (224, 16)}
 
 
 def photo_batches(crop: int, batch: int, count: int, device: torch.device) -> List[torch.Tensor]:
@@ -107,7 +107,7 @@ def recipe_step_fn(model, device, amp: bool, criterion: RecipeLoss) -> Callable[
     def step(x):
         nonlocal sums
         _, parts, verdict = training_step(tr, x, args, state)
-        if not verdict.skip:
+        if not bool(verdict.skip):
             sums = sums + parts["total"].detach()
         state.step += 1
     return step
@@ -129,8 +129,8 @@ def compare_steps(args) -> None:
     crop, batch = SCALES[args.scale]
     batches = photo_batches(crop, batch, args.steps, device)
     torch.manual_seed(0)
-    base = build_model(make_arch(quality=3, replace="none"))
-    print(f"steps: GDN bmshj2018-factorized q=3, {crop}px, batch {batch}, {args.rounds} rounds x {args.steps} "
+    base = build_model(make_arch(quality=args.quality, replace="none"))
+    print(f"steps: GDN bmshj2018-factorized q={args.quality}, {crop}px, batch {batch}, {args.rounds} rounds x {args.steps} "
           f"steps per loop, {device}, torch threads {torch.get_num_threads()}")
     print("img/s of: plain = CompressAI's example step; loop = recipe engine, --distortion mse; "
           "recipe = recipe engine, its L1 + MS-SSIM loss")
@@ -213,6 +213,7 @@ def main() -> None:
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="steps per loop per round")
+    parser.add_argument("--quality", type=int, default=3, choices=range(1, 9), help="model size (steps mode)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = parser.add_argument_group("whole process (--compressai_train)")
     g.add_argument("--compressai_train", default=None, help="path to CompressAI's examples/train.py")

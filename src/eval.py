@@ -94,21 +94,31 @@ def load_model(path: Path, device: torch.device):
     return model.to(device).eval(), arch, updated
 
 
+def synchronize(device: torch.device) -> None:
+    """Wait for the device's queued work, so a timer read after it measures the work (CUDA runs asynchronously)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 @torch.no_grad()
 def bitstream_roundtrip(model, x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> Dict[str, Any]:
     """Pad to a multiple of ``multiple``, ``compress`` / ``decompress`` with the real entropy coder, crop back.
 
-    Returns the decoded image, the bits written and the coding times; ``x`` is (1, 3, H, W).
+    Returns the decoded image, the bits written and the coding times (the device synchronised
+    around each, so CUDA times hold the work and not just its launch); ``x`` is (1, 3, H, W).
     ``model`` is anything with CompressAI's ``compress``/``decompress`` (``src.onnx_int8.OnnxCodec`` too).
     """
     h, w = x.shape[-2:]
     pad, unpad = compute_padding(h, w, min_div=multiple)
     x_padded = F.pad(x, pad, mode="constant", value=0)
+    synchronize(x.device)
     start = time.perf_counter()
     enc = model.compress(x_padded)
+    synchronize(x.device)
     enc_s = time.perf_counter() - start
     start = time.perf_counter()
     dec = model.decompress(enc["strings"], enc["shape"])
+    synchronize(x.device)
     dec_s = time.perf_counter() - start
     bits = sum(len(s) for strings in enc["strings"] for s in strings) * 8
     return {"x_hat": F.pad(dec["x_hat"], unpad), "bits": bits, "enc_s": enc_s, "dec_s": dec_s,
