@@ -79,7 +79,6 @@ def environment(device: torch.device) -> None:
 
 def prepare_data(work: Path, crop: int, crops_per_image: int) -> Path:
     """COCO-like folders of scikit-image's photos, then ``scripts.coco_prepare`` crops."""
-
     from src.images import load_rgb
     from src.sample_photos import skimage_photos
 
