@@ -9,7 +9,8 @@ Sections, each timed:
    GDN bmshj2018-factorized at q8, 224 px crops, batch 16, CompressAI's
    objective) for fp32, bf16 and fp16, each plain, ``--channels_last``,
    ``--compile`` and both; the second epoch's img/s (the first pays for
-   compilation and cuDNN autotuning);
+   compilation and cuDNN autotuning); and bf16 with the unfused Adam (a host
+   sync every step) for what the sync-free step saves;
 3. CompressAI's plain training step against the recipe's engine step, same
    batches (``bench.train_speed`` steps mode), for the ratio;
 4. host syncs inside one training step (``torch.cuda.set_sync_debug_mode`` and
@@ -133,6 +134,15 @@ def training_matrix(crops: Path, work: Path, args: argparse.Namespace, device: t
             except SystemExit as err:
                 cells.append("failed: " + str(err).splitlines()[-1][:14])
         print(f"{dtype:<10}" + "".join(f"{cell:>24}" for cell in cells), flush=True)
+    # What the sync-free step saves: bf16 plain with the unfused Adam, whose skip verdict is read every step.
+    save = work / "train" / "bf16_plain_unfused"
+    out = run([sys.executable, "-m", "src.train_finetune_relu", "--device", device.type, "--amp", "true",
+               "--amp_dtype", "bf16", "--fused_optimizer", "false",
+               *training_args(crops, save, args.quality, args.batch, args.steps, args.workers)],
+              work / "train_bf16_plain_unfused.log", timeout=240)
+    rates = re.findall(r"\| ([\d.]+) img/s", out)
+    print(f"bf16 plain with --fused_optimizer false (a host sync every step): "
+          f"{float(rates[-1]):.0f} img/s" if rates else "no epoch line", flush=True)
     done(start)
     return last / "last.pt"
 

@@ -175,6 +175,7 @@ class StepVerdict:
     skip: torch.Tensor  # device bool: some rank had an empty batch, a non-finite loss or non-finite gradients
     stop: bool  # a signal asked to stop after this step
     overflow: Optional[str]  # --overflow_check: where the first rank that overflowed saw it
+    skip_on_host: Optional[bool] = None  # the skip verdict, when it was read back (the per-step path)
 
 
 def agree_on_step(tr: Trainer, bad: torch.Tensor, overflow: Optional[str]) -> StepVerdict:
@@ -191,7 +192,8 @@ def agree_on_step(tr: Trainer, bad: torch.Tensor, overflow: Optional[str]) -> St
     where = None
     if flags[2] > 0:
         where = next(w for w in all_gather_objects(overflow or "", tr.dist) if w)
-    return StepVerdict(torch.tensor(bool(flags[0] > 0), device=tr.device), bool(flags[1] > 0), where)
+    skip = bool(flags[0] > 0)
+    return StepVerdict(torch.tensor(skip, device=tr.device), bool(flags[1] > 0), where, skip_on_host=skip)
 
 
 def agree_on_device(tr: Trainer, bad: torch.Tensor) -> StepVerdict:
@@ -301,9 +303,8 @@ def training_step(tr: Trainer, x: Optional[torch.Tensor], args: argparse.Namespa
     if verdict.overflow is not None:
         raise TrainingStopped(f"overflow at step {state.step}: {verdict.overflow}; "
                               f"last good checkpoint: {Path(args.save_dir) / 'last.pt'}")
-    skipped = bool(verdict.skip)  # already on the host: agree_on_step read it back
-    count_nonfinite(state, skipped, args, step=state.step, loud=tr.dist.is_main)
-    if skipped:
+    count_nonfinite(state, verdict.skip_on_host, args, step=state.step, loud=tr.dist.is_main)
+    if verdict.skip_on_host:
         drop_step(tr)
     else:
         step_optimizers(tr)

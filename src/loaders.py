@@ -103,5 +103,9 @@ def val_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistIn
     Its workers persist across epochs (no respawn per validation pass).
     """
     shard = Subset(dataset, range(dist.rank, len(dataset), dist.world_size)) if dist.enabled else dataset
+    # Its own generator: starting worker processes draws a seed from the loader's generator, and from the
+    # global RNG without one. Persistent workers start once per process, so a resumed run would draw once more
+    # than a straight one and shift the training noise that follows.
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                      collate_fn=collate_skipping_bad, pin_memory=pin_memory, persistent_workers=num_workers > 0)
+                      collate_fn=collate_skipping_bad, pin_memory=pin_memory, persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(0))

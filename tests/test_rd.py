@@ -156,7 +156,7 @@ def test_rd_study_plans_equal_budget_runs(tmp_path, capsys):
     lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("$ ")]
     bases = [line for line in lines if f"--save_dir {tmp_path / 'study' / 'base'}" in line]
     tunes = [line for line in lines if "--base_checkpoint" in line]
-    assert len(bases) == 4 and len(tunes) == 4 * len(rd_study.VARIANTS)
+    assert len(bases) == 4 and len(tunes) == 4 * len(rd_study.GDN_SWAP_VARIANTS)
     for q in (1, 2, 3, 4):  # CompressAI's trade-off per quality, the clip on the same scale, one budget for all
         runs = [line for line in tunes if f"--quality {q} " in line]
         assert len(runs) == 5 and all(f"--lambda_bpp {ZOO_LAMBDA_BPP[q]:.6g} --max_grad_norm" in r for r in runs)
