@@ -52,13 +52,18 @@ class LRSchedule:
             self.warmup.load_state_dict(state["warmup"])
 
 
-def build_schedule(optimizer: Optimizer, kind: str, epochs: int, steps_per_epoch: int, lr: float,
-                   warmup_steps: int = 0, onecycle_pct_start: float = 0.3) -> LRSchedule:
+def check_schedule(kind: str, warmup_steps: int) -> None:
+    """The schedule flags' rules (ValueError): the one place they are written, read at parse time and here."""
     if kind not in SCHEDULES:
         raise ValueError(f"sched must be one of {SCHEDULES}, got {kind!r}")
     if kind == "onecycle" and warmup_steps > 0:
         raise ValueError("--lr_warmup_steps cannot be combined with --sched onecycle "
-                         "(OneCycleLR warms up by itself; use --onecycle_pct_start)")
+                         "(OneCycleLR warms up by itself: use --onecycle_pct_start)")
+
+
+def build_schedule(optimizer: Optimizer, kind: str, epochs: int, steps_per_epoch: int, lr: float,
+                   warmup_steps: int = 0, onecycle_pct_start: float = 0.3) -> LRSchedule:
+    check_schedule(kind, warmup_steps)
     # The warmup multiplies the LR first, so it is built before the main schedule
     # records the optimizer's initial LR.
     warmup = None

@@ -12,7 +12,7 @@ from src.losses import DISTORTIONS, LOSS_TYPES
 from src.model_factory import BASE_MODELS
 from src.precision import AMP_DTYPE_CHOICES, LOCAL_FP32_POLICIES
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
-from src.schedule import SCHEDULES
+from src.schedule import SCHEDULES, check_schedule
 
 
 class _RemovedFlag(argparse.Action):
@@ -132,9 +132,10 @@ def validate_args(args: argparse.Namespace) -> None:
     """Cross-flag rules argparse cannot express; each failure is one line."""
     if args.local_fp32 == "custom" and not args.local_fp32_custom.strip():
         raise UserError("--local_fp32 custom needs --local_fp32_custom NAME[,NAME...] (class-name parts)")
-    if args.sched == "onecycle" and args.lr_warmup_steps > 0:
-        raise UserError("--lr_warmup_steps cannot be combined with --sched onecycle "
-                        "(OneCycleLR warms up by itself: use --onecycle_pct_start)")
+    try:
+        check_schedule(args.sched, args.lr_warmup_steps)
+    except ValueError as err:
+        raise UserError(str(err)) from None
     for flag in ("epochs", "batch_size", "recon_every", "log_every", "max_bad_steps"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag} must be >= 1")

@@ -61,7 +61,10 @@ def test_other_seed_gives_other_train_crops(coco_root, tmp_path):
     run(coco_root, tmp_path / "s1", "--seed", "1")
     name = "train/000000000001_00.png"
     assert (tmp_path / "s0" / name).read_bytes() != (tmp_path / "s1" / name).read_bytes()
-    assert (tmp_path / "s0" / "val").iterdir() is not None
+    val = sorted(p.name for p in (tmp_path / "s0" / "val").iterdir())
+    assert val and val == sorted(p.name for p in (tmp_path / "s1" / "val").iterdir())
+    assert all((tmp_path / "s0" / "val" / n).read_bytes() == (tmp_path / "s1" / "val" / n).read_bytes() for n in val), \
+        "val crops are center crops: the seed must not move them"
 
 
 def make_odd_images(folder: Path):

@@ -105,3 +105,32 @@ def test_blocks_fitted_to_a_nonlinear_gdn_imitate_it_better():
     assert len(report) == 6
     assert all(after <= before for before, after in report.values())
     assert sum(after < 0.8 * before for before, after in report.values()) >= 4, report
+
+
+def test_blocks_compute_their_formula_with_non_identity_weights():
+    """Closed form of both blocks with random weights (as CompressAI's tests check GDN against its formula)."""
+    import torch.nn.functional as F
+
+    torch.manual_seed(0)
+    enc = GDNishLiteEnc(4, t=2.0, k_dw=3, use_eca=True, residual=True, init_identity=False)
+    dec = GDNishLiteDec(4, k=3, g_min=0.5, g_max=2.0, residual=True, init_identity=False)
+    for block in (enc, dec):
+        for param in block.parameters():
+            torch.nn.init.normal_(param, std=0.5)
+    x = torch.randn(2, 4, 8, 8)
+
+    def hardsigmoid(z):
+        return (z / 6 + 0.5).clamp(0, 1)
+
+    h = F.conv2d(x, enc.expand.weight, enc.expand.bias).clamp(0, 6)
+    h = F.conv2d(h, enc.dw.weight, enc.dw.bias, padding=1, groups=8).clamp(0, 6)
+    projected = F.conv2d(h, enc.project.weight, enc.project.bias)
+    z = F.conv1d(projected.mean((2, 3)).reshape(2, 1, 4), enc.eca.conv.weight, enc.eca.conv.bias, padding=1)
+    expected = x + projected * 2 * hardsigmoid(z).reshape(2, 4, 1, 1)
+    torch.testing.assert_close(enc(x), expected)
+
+    z = F.conv2d(F.conv2d(x, dec.mix.weight, dec.mix.bias).clamp(0, 6), dec.scale.weight, dec.scale.bias, groups=4)
+    gain = 0.5 + 1.5 * hardsigmoid(z)
+    expected = x + F.conv2d(x * gain, dec.dw.weight, dec.dw.bias, padding=1, groups=4)
+    torch.testing.assert_close(dec(x), expected)
+    assert not torch.allclose(enc(x), x) and not torch.allclose(dec(x), x), "the weights are not the identity"
