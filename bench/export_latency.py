@@ -20,9 +20,8 @@ import torch
 
 from scripts.export_onnx import center_crop_tensor, export_graph, part_input
 from src import onnx_int8 as int8
-from src.checkpoint import read_checkpoint, state_and_arch
 from src.data import image_files
-from src.model_factory import build_model, make_arch, model_from_checkpoint
+from src.model_factory import build_model, load_checkpoint_model, make_arch
 
 SIZES = ((224, 224), (512, 768))
 
@@ -47,8 +46,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
     if args.ckpt:
-        state, arch = state_and_arch(read_checkpoint(Path(args.ckpt)), Path(args.ckpt))
-        model, arch = model_from_checkpoint(state, arch, args.ckpt)
+        model, arch, _ = load_checkpoint_model(Path(args.ckpt))
     else:
         arch = make_arch(quality=args.quality, replace=args.replace, replace_parts="all")
         model = build_model(arch)

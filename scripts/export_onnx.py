@@ -39,17 +39,14 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from compressai.zoo import load_state_dict as rename_zoo_keys
-from compressai.zoo.image import model_architectures
 from torch import nn
 from torchvision.transforms.functional import pil_to_tensor
 
 from src import onnx_int8 as int8
-from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli
 from src.data import image_files
 from src.images import DECODE_ERRORS, load_rgb, upscale_to_fit
-from src.model_factory import make_arch, model_from_checkpoint
+from src.model_factory import load_checkpoint_model, make_arch
 from src.qat import float_weights_and_activations, is_qat_model, output_step
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
 
@@ -103,14 +100,11 @@ def get_args_parser() -> argparse.ArgumentParser:
 def load_export_model(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dict], Dict]:
     """(model, arch, checkpoint payload); --replace_parts must agree with the checkpoint."""
     path = Path(args.ckpt)
-    payload = read_checkpoint(path)
-    state, arch = state_and_arch(payload, path)
-    if arch is None:  # a plain CompressAI state dict (zoo .pth.tar): old key names are renamed first
-        model = model_architectures["bmshj2018-factorized"].from_state_dict(rename_zoo_keys(dict(state)))
+    model, arch, payload = load_checkpoint_model(path)
+    if arch is None:  # a plain CompressAI state dict (zoo .pth.tar)
         if args.replace_parts not in (None, "none"):
             model = replace_gdn_with_relu(model, args.replace_parts)
         return model.eval(), None, payload
-    model, arch = model_from_checkpoint(state, arch, str(path))
     if args.replace_parts is not None and args.replace_parts != arch["replace_parts"] and arch["replace"] != "none":
         raise UserError(f"--replace_parts {args.replace_parts} contradicts {path}, which holds "
                         f"{arch['replace']}/{arch['replace_parts']}")

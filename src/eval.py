@@ -32,12 +32,11 @@ from compressai.ops import compute_padding
 from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
-from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError, run_cli, str2bool
 from src.data import image_files
 from src.images import DECODE_ERRORS, load_rgb
 from src.losses import bpp_from_likelihoods, quantised_metrics
-from src.model_factory import model_from_checkpoint
+from src.model_factory import load_checkpoint_model
 from src.rd_curves import compare_curves, curve_point, curves_table, parse_curve, plot_curves
 
 METRIC_KEYS = ("psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s")
@@ -83,10 +82,9 @@ def resolve_checkpoint(text: str) -> Path:
 
 def load_model(path: Path, device: torch.device):
     """(model, arch, entropy_tables_present) rebuilt from the checkpoint alone."""
-    state, arch = state_and_arch(read_checkpoint(path), path)
-    tables = [k for k in state if k.endswith("_quantized_cdf")]
-    updated = bool(tables) and all(state[k].numel() > 0 for k in tables)
-    model, arch = model_from_checkpoint(state, arch, str(path))
+    model, arch, _ = load_checkpoint_model(path)
+    tables = [v for k, v in model.state_dict().items() if k.endswith("_quantized_cdf")]
+    updated = bool(tables) and all(t.numel() > 0 for t in tables)
     if not updated:
         print(f"warning: {path} was saved without model.update(): its entropy coder tables are empty; "
               "they are rebuilt here, so real bpp reflects the current quantiles")

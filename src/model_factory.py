@@ -19,10 +19,11 @@ from __future__ import annotations
 
 import urllib.error
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 import torch
 from compressai.zoo import image_models
+from compressai.zoo.image import model_architectures
 from compressai.zoo import load_state_dict as rename_zoo_keys
 from torch import nn
 
@@ -141,6 +142,24 @@ def model_from_checkpoint(state: Mapping[str, torch.Tensor], arch: Optional[Mapp
     except (TypeError, ValueError) as err:
         raise UserError(f"{source}: unusable architecture description ({err})") from None
     return load_weights(build_model(arch), state, source), arch
+
+
+def load_checkpoint_model(path: Path) -> Tuple[nn.Module, Optional[Dict[str, Any]], Dict[str, Any]]:
+    """(model, arch, payload) of a checkpoint file: the one path from a file to a model (eval, export, benches).
+
+    A checkpoint of this project is rebuilt from its architecture description
+    (arch). A plain CompressAI state dict (a zoo ``.pth.tar``, arch None) holds
+    the GDN base the recipe starts from, ``bmshj2018-factorized``; its N and M
+    are read from the weights by CompressAI's ``from_state_dict``.
+    """
+    path = Path(path)
+    payload = read_checkpoint(path)
+    state, arch = state_and_arch(payload, path)
+    if arch is None:
+        model = model_architectures["bmshj2018-factorized"].from_state_dict(rename_zoo_keys(dict(state)))
+        return model, None, payload
+    model, arch = model_from_checkpoint(state, arch, str(path))
+    return model, arch, payload
 
 
 def model_from_base_weights(arch: Mapping[str, Any], base_state: Optional[Mapping[str, torch.Tensor]],
