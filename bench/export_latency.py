@@ -18,8 +18,9 @@ from pathlib import Path
 
 import torch
 
-from scripts.export_onnx import center_crop_tensor, export_graph, part_input
-from src import onnx_int8 as int8
+from src import export as int8
+from src.export import export_graph, part_input
+from src.images import center_crop_tensor
 from src.data import image_files
 from src.model_factory import build_model, load_checkpoint_model, make_arch
 

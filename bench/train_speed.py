@@ -38,11 +38,10 @@ from typing import Callable, List
 
 import torch
 from compressai.losses import RateDistortionLoss
-from torchvision.transforms.functional import pil_to_tensor
 
 from src.distributed import DistInfo
 from src.engine import Trainer, TrainState, split_aux_parameters, training_step
-from src.images import center_crop_box, load_rgb, upscale_to_fit
+from src.images import center_crop_tensor
 from src.losses import RecipeLoss
 from src.model_factory import build_model, make_arch
 from src.precision import apply_local_fp32, autocast_context, make_grad_scaler
@@ -58,9 +57,7 @@ def photo_batches(crop: int, batch: int, count: int, device: torch.device) -> Li
     """Batches of real photo crops (scikit-image's sample photos), preloaded on the device."""
     crops = []
     for path in skimage_photos():
-        img = load_rgb(path)
-        img = upscale_to_fit(img, crop) if min(img.size) < crop else img
-        crops.append(pil_to_tensor(img.crop(center_crop_box(*img.size, crop))).float() / 255)
+        crops.append(center_crop_tensor(path, (crop, crop))[0])
     stacked = torch.stack(crops)
     return [stacked[torch.arange(i, i + batch) % len(stacked)].to(device) for i in range(count)]
 

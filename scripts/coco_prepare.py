@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from src.atomic import write_atomic
 from src.cli import UserError, run_cli, str2bool
-from src.images import center_crop_box, list_images, load_rgb, random_crop_box, upscale_to_fit
+from src.images import center_crop_box, fit_for_crop, list_images, load_rgb, random_crop_box
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 # zlib level 1: lossless like any level, 3x faster to encode than PIL's default 6,
@@ -90,7 +90,7 @@ def process_image(job: CropJob) -> Tuple[str, str, List[str]]:
     if min(img.size) < job.crop_size:
         if not job.upscale_small:
             return "skipped", "too_small", []
-        img = upscale_to_fit(img, job.crop_size)
+        img = fit_for_crop(img, job.crop_size, job.crop_size)
     for path, box in zip(paths, crop_boxes(job, *img.size)):
         if not path.exists():
             crop = img.crop(box)

@@ -32,7 +32,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.eval import bitstream_roundtrip, load_model
-from src.images import center_crop_box, load_rgb
+from src.images import crop_image, load_rgb
 from src.loaders import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
@@ -107,8 +107,7 @@ def trained_base(out: Path, crops: Path, steps: int) -> Path:
 def decode_stages(stages: Dict[str, Path], photo: Path, folder: Path) -> Path:
     """A held-out photo's center coded and decoded (real bitstream) by every stage, as a recon folder + sheet."""
     img = load_rgb(photo)
-    box = center_crop_box(*img.size, min(SHEET_CROP, *img.size))
-    x = pil_to_tensor(img.crop(box)).float().div(255).unsqueeze(0)
+    x = pil_to_tensor(crop_image(img, min(SHEET_CROP, *img.size))).float().div(255).unsqueeze(0)
     write_pngs(x, folder / "origin")
     for index, (name, checkpoint) in enumerate(stages.items(), start=1):
         model = load_model(checkpoint, torch.device("cpu"))[0]

@@ -29,47 +29,21 @@ images whole (padded to 64 like ``src.eval``), else their centre crops at
 from __future__ import annotations
 
 import argparse
-import collections
-import tempfile
-import warnings
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-import numpy as np
 import onnx
-import onnxruntime as ort
 import torch
 from torch import nn
-from torchvision.transforms.functional import pil_to_tensor
 
-from src import onnx_int8 as int8
 from src.cli import UserError, run_cli
 from src.data import image_files
-from src.images import DECODE_ERRORS, load_rgb, upscale_to_fit
+from src.export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, QAT_MAX_STEPS, QAT_MEAN_STEPS, export_graph, int8_report,
+                        op_histogram, output_errors, part_input, qat_export_check)
+from src.images import DECODE_ERRORS, center_crop_tensor
 from src.model_factory import load_checkpoint_model, make_arch
-from src.qat import float_weights_and_activations, is_qat_model, output_step
+from src.qat import is_qat_model, output_step
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
-
-NPU_FORBIDDEN_OPS = ("Div", "Sqrt", "Pow", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softplus")
-MAX_ABS_ERROR = 1e-3
-QAT_MAX_STEPS, QAT_MEAN_STEPS = 4.0, 0.5
-
-
-class FullForward(nn.Module):
-    """``model.forward`` as ONNX can carry it: (y, x_hat, likelihoods of y).
-
-    y (the latent before rounding) is an output too: rounding turns a 1e-7
-    difference at a .5 boundary into a whole quantisation step, so the full
-    graph is verified on y, and x_hat / likelihoods are reported for reference.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.model = model
-
-    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-        out = self.model(x)
-        return self.model.g_a(x), out["x_hat"], next(iter(out["likelihoods"].values()))
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -114,17 +88,6 @@ def load_export_model(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dic
     return model.eval(), arch, payload
 
 
-def center_crop_tensor(path: Path, size: Tuple[int, int]) -> torch.Tensor:
-    """A real photo center-cropped to ``size`` (H, W), as (1, 3, H, W) in [0, 1]."""
-    img = load_rgb(path)
-    h, w = size
-    if img.size[0] < w or img.size[1] < h:
-        img = upscale_to_fit(img, max(h, w))
-    left, top = (img.size[0] - w) // 2, (img.size[1] - h) // 2
-    img = img.crop((left, top, left + w, top + h))
-    return pil_to_tensor(img).float().div(255).unsqueeze(0)
-
-
 def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int, int]) -> torch.Tensor:
     """--image, else the first val image of the run that wrote the checkpoint."""
     if args.image:
@@ -147,53 +110,7 @@ def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int,
                         "pass another --image") from None
 
 
-def export_graph(model: nn.Module, part: str, example: torch.Tensor, out: Path, opset: int,
-                 dynamic: bool) -> Tuple[nn.Module, List[str]]:
-    module = {"encoder": model.g_a, "decoder": model.g_s, "full": FullForward(model)}[part]
-    inputs = ["y_hat"] if part == "decoder" else ["x"]
-    outputs = {"encoder": ["y"], "decoder": ["x_hat"], "full": ["y", "x_hat", "likelihoods"]}[part]
-    axes = {name: {2: "height", 3: "width"} for name in inputs + outputs} if dynamic else None
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        # The TorchScript exporter is deprecated but is the one that targets opset 13 without onnxscript.
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        # QAT's fake-quant branches on its on/off flag, a constant of the exported model.
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(module, (example,), str(out), input_names=inputs, output_names=outputs,
-                          opset_version=opset, dynamic_axes=axes, dynamo=False)
-    return module, outputs
-
-
-def op_histogram(path: Path) -> Dict[str, int]:
-    graph = onnx.load(str(path)).graph
-    return dict(sorted(collections.Counter(node.op_type for node in graph.node).items()))
-
-
 @torch.no_grad()
-def output_errors(module: nn.Module, path: Path, example: torch.Tensor) -> Dict[str, float]:
-    """Max abs error of each graph output, onnxruntime against PyTorch."""
-    expected = module(example)
-    expected = expected if isinstance(expected, tuple) else (expected,)
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    got = session.run(None, {session.get_inputs()[0].name: example.numpy()})
-    names = [o.name for o in session.get_outputs()]
-    return {n: float(np.abs(g - e.numpy()).max()) for n, g, e in zip(names, got, expected)}
-
-
-def latent_medians(model: nn.Module) -> np.ndarray:
-    """Per-channel medians of the entropy bottleneck, shaped (1, M, 1, 1)."""
-    with torch.no_grad():
-        return model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).float().numpy()
-
-
-def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor:
-    """The export input for ``part``: the image, or for the decoder the quantised latent of the image."""
-    if part != "decoder":
-        return image
-    with torch.no_grad():
-        return torch.from_numpy(int8.quantise_latent(model.g_a(image).numpy(), latent_medians(model)))
-
-
 def split_calibration(args: argparse.Namespace, qat: bool) -> Tuple[List[Path], List[Path], str]:
     """(calibration files, round-trip files, where the latter come from): never the same images.
 
@@ -213,88 +130,6 @@ def split_calibration(args: argparse.Namespace, qat: bool) -> Tuple[List[Path], 
     calib = files[: min(args.calib_count, len(files) - max(1, len(files) // 4))]
     rest = files[len(calib):][: args.int8_eval_count]
     return calib, rest, f"the {len(rest)} images of {args.int8} after the {len(calib)} calibration ones"
-
-
-def roundtrip_image(path: Path, args: argparse.Namespace) -> torch.Tensor:
-    """A round-trip image: the whole photo for a --dynamic graph, else its centre crop at --input_size."""
-    if not args.dynamic:
-        return center_crop_tensor(path, (args.input_size, args.input_size))
-    return pil_to_tensor(load_rgb(path)).float().div(255).unsqueeze(0)
-
-
-def export_pair(model: nn.Module, image: torch.Tensor, folder: Path, args: argparse.Namespace, opset: int,
-                keep: Optional[Path] = None) -> Dict[str, Path]:
-    """Encoder and decoder graphs in ``folder``; the part asked for is taken from ``keep`` (already exported)."""
-    paths = {}
-    for part in ("encoder", "decoder"):
-        if keep is not None and part == args.part:
-            paths[part] = keep
-            continue
-        paths[part] = folder / f"{part}.onnx"
-        export_graph(model, part, part_input(model, part, image), paths[part], opset, args.dynamic)
-    return paths
-
-
-def int8_report(model: nn.Module, args: argparse.Namespace, out: Path, opset: int, image: torch.Tensor) -> Dict:
-    """PSNR and real bpp of the INT8 encoder -> entropy coder -> decoder round trip against FP32.
-
-    PTQ: encoder and decoder are quantised on CALIB_DIR crops (the decoder on
-    the encoder's quantised latents); the INT8 model of ``--part`` is kept.
-    QAT: ``out`` is already the QDQ graph; the FP32 graphs are the same
-    weights with fake-quant off. The other half of the pair is exported to a
-    temp folder either way, since the round trip needs both.
-    """
-    qat = is_qat_model(model)
-    calib_files, eval_files, eval_from = split_calibration(args, qat)
-    held_out = [roundtrip_image(f, args) for f in eval_files]
-    multiple = 64 if args.dynamic else int(getattr(model, "downsampling_factor", 16))
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        if qat:
-            int8_paths = export_pair(model, image, tmp, args, opset, keep=out)
-            (tmp / "fp32").mkdir()
-            with float_weights_and_activations(model):
-                fp32_paths = export_pair(model, image, tmp / "fp32", args, opset)
-            int8_path, calib_count = out, 0
-        else:
-            fp32_paths = export_pair(model, image, tmp, args, opset, keep=out)
-            images = [center_crop_tensor(f, (args.input_size, args.input_size)).numpy() for f in calib_files]
-            latents = int8.encoder_latents(fp32_paths["encoder"], images, latent_medians(model))
-            int8_path, calib_count = out.with_suffix(".int8.onnx"), len(images)
-            int8_paths = {part: int8.quantize_int8(fp32_paths[part], int8_path if part == args.part
-                                                   else tmp / f"{part}.int8.onnx", calib)
-                          for part, calib in (("encoder", images), ("decoder", latents))}
-        codecs = {name: int8.OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck)
-                  for name, paths in (("fp32", fp32_paths), ("int8", int8_paths))}
-        points = {name: int8.roundtrip(codec, held_out, multiple) for name, codec in codecs.items()}
-        float_ops = sorted(op for op in op_histogram(int8_paths[args.part]) if op in NPU_FORBIDDEN_OPS)
-    fp32, q8 = points["fp32"], points["int8"]
-    report = {"int8_path": str(int8_path), "method": "qat" if qat else "ptq", "calib_images": calib_count,
-              "eval_images": len(held_out), "eval_from": eval_from, "whole_images": bool(args.dynamic),
-              "psnr_fp32": fp32["psnr"], "psnr_int8": q8["psnr"], "psnr_drop": fp32["psnr"] - q8["psnr"],
-              "bpp_fp32": fp32["bpp"], "bpp_int8": q8["bpp"], "rate_change": q8["bpp"] / fp32["bpp"] - 1,
-              "ms_ssim_fp32": fp32["ms_ssim"], "ms_ssim_int8": q8["ms_ssim"],
-              "float_only_ops": float_ops}
-    origin = ("QAT: learned scales, no calibration" if qat
-              else f"PTQ: calibrated on {calib_count} crops of {args.int8}")
-    print(f"INT8 {args.part} -> {int8_path} ({origin})")
-    print(f"round trip (encoder -> entropy coder -> decoder) on {len(held_out)} held-out "
-          f"{'whole images' if args.dynamic else f'{args.input_size}px crops'} ({eval_from}): "
-          f"FP32 {fp32['psnr']:.3f} dB {fp32['bpp']:.4f} bpp | INT8 {q8['psnr']:.3f} dB {q8['bpp']:.4f} bpp | "
-          f"PSNR {-report['psnr_drop']:+.3f} dB, rate {100 * report['rate_change']:+.2f} %")
-    if float_ops:
-        print(f"ops left in float in the INT8 {args.part}: {', '.join(float_ops)}")
-    return report
-
-
-def qat_export_check(module: nn.Module, path: Path, example: torch.Tensor, step: float) -> Tuple[float, float]:
-    """(max, mean) |onnxruntime - fake-quant PyTorch| of the graph's first output, in output quantisation steps."""
-    with torch.no_grad():
-        expected = module(example)
-    expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()
-    got = int8.run(int8.session(path), example.numpy())
-    off = np.abs(got - expected) / step
-    return float(off.max()), float(off.mean())
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
@@ -343,7 +178,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
         print(f"NPU check passed: no {', '.join(NPU_FORBIDDEN_OPS)}")
     report = {"ops": histogram, "errors": errors, "out": str(out)}
     if args.int8:
-        report["int8"] = int8_report(model, args, out, args.opset, image)
+        calib_files, eval_files, eval_from = split_calibration(args, is_qat_model(model))
+        report["int8"] = int8_report(model, args.part, out, image, calib_files, eval_files, eval_from,
+                                     args.input_size, args.dynamic, args.opset, calib_source=args.int8)
     return report
 
 

@@ -26,7 +26,7 @@ from torch.utils.data import Dataset
 from torchvision.transforms.functional import pil_to_tensor
 
 from src.cli import UserError
-from src.images import DECODE_ERRORS, center_crop_box, list_images, load_rgb, random_crop_box, upscale_to_fit
+from src.images import DECODE_ERRORS, crop_image, list_images, load_rgb
 
 
 def image_files(folder: Path, what: str) -> List[Path]:
@@ -100,14 +100,8 @@ class RawCocoCrops(Dataset):
         return read_or_report(self.files[index], lambda path: self._crop(path, epoch, index))
 
     def _crop(self, path: Path, epoch: Optional[int], index: int) -> torch.Tensor:
-        img = load_rgb(path)
-        if min(img.size) < self.crop_size:
-            img = upscale_to_fit(img, self.crop_size)
-        if self.random_crop and epoch is not None:
-            box = random_crop_box(*img.size, self.crop_size, random.Random(f"{self.seed}/{epoch}/{index}"))
-        else:
-            box = center_crop_box(*img.size, self.crop_size)
-        return pil_to_tensor(img.crop(box))
+        rng = random.Random(f"{self.seed}/{epoch}/{index}") if self.random_crop and epoch is not None else None
+        return pil_to_tensor(crop_image(load_rgb(path), self.crop_size, rng))
 
 
 def build_datasets(coco_dir: Path, use_prepared: bool, crop_size: int, seed: int = 0) -> Tuple[Dataset, Dataset]:

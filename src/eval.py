@@ -104,7 +104,7 @@ def bitstream_roundtrip(model, x: torch.Tensor, multiple: int = PAD_MULTIPLE) ->
 
     Returns the decoded image, the bits written and the coding times (the device synchronised
     around each, so CUDA times hold the work and not just its launch); ``x`` is (1, 3, H, W).
-    ``model`` is anything with CompressAI's ``compress``/``decompress`` (``src.onnx_int8.OnnxCodec`` too).
+    ``model`` is anything with CompressAI's ``compress``/``decompress`` (``src.export.OnnxCodec`` too).
     """
     h, w = x.shape[-2:]
     pad, unpad = compute_padding(h, w, min_div=multiple)

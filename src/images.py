@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import random
 from pathlib import Path
-from typing import List, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.functional import pil_to_tensor
 
 # What PIL raises for an empty, truncated, corrupt or non-image file.
 DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
@@ -56,16 +58,44 @@ def load_rgb(path: Path) -> Image.Image:
         return _to_8bit_rgb(img)
 
 
-def center_crop_box(width: int, height: int, size: int) -> Tuple[int, int, int, int]:
+def center_crop_box(width: int, height: int, size: int, size_h: Optional[int] = None) -> Tuple[int, int, int, int]:
+    """The centered ``size`` x ``size_h`` (default square) box of a ``width`` x ``height`` image, as PIL wants it.
+
+    Offsets round down. torchvision's ``center_crop`` rounds them to nearest,
+    which would move the recipe's existing val crops by a pixel, so it is not used.
+    """
+    size_h = size if size_h is None else size_h
     left = (width - size) // 2
-    top = (height - size) // 2
-    return left, top, left + size, top + size
+    top = (height - size_h) // 2
+    return left, top, left + size, top + size_h
 
 
 def random_crop_box(width: int, height: int, size: int, rng: random.Random) -> Tuple[int, int, int, int]:
     left = rng.randint(0, width - size)
     top = rng.randint(0, height - size)
     return left, top, left + size, top + size
+
+
+def fit_for_crop(img: Image.Image, width: int, height: int) -> Image.Image:
+    """``img``, upscaled (bicubic, aspect kept) when it is smaller than a ``width`` x ``height`` crop."""
+    if img.size[0] < width or img.size[1] < height:
+        return upscale_to_fit(img, max(width, height))
+    return img
+
+
+def crop_image(img: Image.Image, size: int, rng: Optional[random.Random] = None) -> Image.Image:
+    """The recipe's crop of one image: fitted first, then a random box (with ``rng``) or the centered one."""
+    img = fit_for_crop(img, size, size)
+    box = random_crop_box(*img.size, size, rng) if rng is not None else center_crop_box(*img.size, size)
+    return img.crop(box)
+
+
+def center_crop_tensor(path: Path, size: Tuple[int, int]) -> torch.Tensor:
+    """A real photo center-cropped to ``size`` (H, W), as (1, 3, H, W) float in [0, 1]."""
+    h, w = size
+    img = fit_for_crop(load_rgb(path), w, h)
+    img = img.crop(center_crop_box(*img.size, w, h))
+    return pil_to_tensor(img).float().div(255).unsqueeze(0)
 
 
 def upscale_to_fit(img: Image.Image, size: int) -> Image.Image:

@@ -11,6 +11,7 @@ from PIL import Image
 
 import train_finetune_npu
 from scripts import export_onnx
+from src import export as onnx_export
 from src import eval as recipe_eval
 from src import train_finetune_relu
 from src.cli import UserError
@@ -93,7 +94,7 @@ def test_export_npu_encoder_decoder_pass_npu_audit(checkpoints, tmp_path):
         report = export_onnx.main(["--ckpt", str(checkpoints["npu"]), "--part", part, "--out",
                                    str(tmp_path / f"{part}.onnx"), "--input_size", "64", "--dynamic"])
         assert len(report["errors"]) == 2 and all(max(e.values()) < 1e-3 for e in report["errors"].values())
-        assert not set(report["ops"]) & set(export_onnx.NPU_FORBIDDEN_OPS)
+        assert not set(report["ops"]) & set(onnx_export.NPU_FORBIDDEN_OPS)
 
 
 def test_export_full_and_replace_parts_rules(checkpoints, tmp_path):
@@ -130,7 +131,7 @@ def test_int8_export_gdn_against_npu(checkpoints, prepared64, tmp_path):
         assert math.isfinite(report["psnr_drop"]) and report["psnr_int8"] > 0 and report["method"] == "ptq"
         assert report["bpp_fp32"] > 0 and report["bpp_int8"] > 0
         assert report["rate_change"] == pytest.approx(report["bpp_int8"] / report["bpp_fp32"] - 1)
-        ops = export_onnx.op_histogram(Path(report["int8_path"]))
+        ops = onnx_export.op_histogram(Path(report["int8_path"]))
         assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
         reports[name] = report
     assert reports["npu"]["float_only_ops"] == []
@@ -156,10 +157,9 @@ def test_export_plain_compressai_state_dict_with_relu_replacement(photos, tmp_pa
 
 def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoints, prepared64, tmp_path,
                                                                        monkeypatch):
-    from src import onnx_int8
 
     seen = {"calib": [], "eval": []}
-    quantize, roundtrip = onnx_int8.quantize_int8, onnx_int8.roundtrip
+    quantize, roundtrip = onnx_export.quantize_int8, onnx_export.roundtrip
 
     def spy_quantize(fp32, int8_path, calibration):
         if len(calibration) and calibration[0].shape[1] == 3:  # the encoder's calibration: images
@@ -170,8 +170,8 @@ def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoi
         seen["eval"] += [image.numpy() for image in images]
         return roundtrip(codec, images, multiple)
 
-    monkeypatch.setattr(onnx_int8, "quantize_int8", spy_quantize)
-    monkeypatch.setattr(onnx_int8, "roundtrip", spy_roundtrip)
+    monkeypatch.setattr(onnx_export, "quantize_int8", spy_quantize)
+    monkeypatch.setattr(onnx_export, "roundtrip", spy_roundtrip)
     argv = ["--ckpt", str(checkpoints["npu"]), "--part", "encoder", "--out", str(tmp_path / "e.onnx"),
             "--input_size", "64", "--int8", str(prepared64 / "train"), "--calib_count", "8"]
     report = export_onnx.main(argv)["int8"]
@@ -184,20 +184,19 @@ def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoi
 
 def test_onnx_codec_round_trip_matches_the_pytorch_codec(checkpoints, photos, tmp_path):
     """The INT8 report's codec (ONNX graphs + CompressAI's range coder) is src.eval's codec when the graphs are FP32."""
-    from src import onnx_int8
 
     model, _, _ = recipe_eval.load_model(checkpoints["npu"], torch.device("cpu"))
     x = torch.from_numpy(np.asarray(load_rgb(photos / "a.png"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
     paths = {}
     for part in ("encoder", "decoder"):
         paths[part] = tmp_path / f"{part}.onnx"
-        export_onnx.export_graph(model, part, export_onnx.part_input(model, part, x[..., :64, :64]), paths[part],
+        onnx_export.export_graph(model, part, onnx_export.part_input(model, part, x[..., :64, :64]), paths[part],
                                  13, dynamic=True)
-    codec = onnx_int8.OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck)
+    codec = onnx_export.OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck)
     ours, reference = recipe_eval.bitstream_roundtrip(codec, x), recipe_eval.bitstream_roundtrip(model, x)
     assert abs(ours["bits"] - reference["bits"]) <= 0.01 * reference["bits"]
     assert (ours["x_hat"] - reference["x_hat"].clamp(0, 1)).abs().max() < 1e-3
-    assert onnx_int8.roundtrip(codec, [x], 64)["bpp"] == pytest.approx(ours["bits"] / (180 * 250))
+    assert onnx_export.roundtrip(codec, [x], 64)["bpp"] == pytest.approx(ours["bits"] / (180 * 250))
 
 
 def test_demo_sheet_decodes_every_stage(checkpoints, photos, tmp_path):

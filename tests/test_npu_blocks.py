@@ -4,7 +4,7 @@ import onnx
 import pytest
 import torch
 
-from scripts.export_onnx import NPU_FORBIDDEN_OPS
+from src.export import NPU_FORBIDDEN_OPS
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
 
 

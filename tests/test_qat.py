@@ -13,6 +13,7 @@ from scripts import export_onnx
 from src import eval as recipe_eval
 from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError
+from src.export import NPU_FORBIDDEN_OPS
 from src.model_factory import build_model, make_arch, model_from_base_weights, model_from_checkpoint
 from src.npu_blocks import QuantPoint
 from src.qat import calibrate, float_weights_and_activations, output_step, qat_state, set_qat_mode
@@ -143,7 +144,7 @@ def test_qat_export_is_a_qdq_graph_with_learned_scales(qat_run, prepared64, tmp_
                                "--input_size", "64", "--image", image, "--int8", str(prepared64 / "val")])
     ops = report["ops"]
     assert ops["QuantizeLinear"] == ops["DequantizeLinear"] >= 40
-    assert not set(ops) & set(export_onnx.NPU_FORBIDDEN_OPS)
+    assert not set(ops) & set(NPU_FORBIDDEN_OPS)
     int8 = report["int8"]
     assert int8["method"] == "qat" and int8["calib_images"] == 0 and int8["int8_path"] == str(tmp_path / "dec.onnx")
     assert int8["bpp_int8"] > 0 and int8["bpp_fp32"] > 0 and math.isfinite(int8["rate_change"])

@@ -6,7 +6,7 @@ import torch
 from compressai.zoo import image_models
 from torch import nn
 
-from scripts.export_onnx import NPU_FORBIDDEN_OPS
+from src.export import NPU_FORBIDDEN_OPS
 from src.cli import UserError
 from src.model_factory import build_model, load_weights, make_arch
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc

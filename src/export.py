@@ -1,0 +1,271 @@
+"""ONNX export of the encoder/decoder, its checks, and INT8 (PTQ with onnxruntime, QAT's QDQ graphs).
+
+``scripts.export_onnx`` is the command-line front; benches and tests use these
+functions. Every export is checked (onnxruntime against PyTorch on a real
+image); for the NPU variant the graphs must be free of ``NPU_FORBIDDEN_OPS``.
+
+INT8 is why the NPU blocks exist: integer NPUs run convolutions, adds,
+multiplies and clips in INT8, but GDN's division and square root stay in
+float (or do not run at all). Post-training quantisation uses
+``quantize_static`` (QDQ format, per-channel INT8 weights, UINT8 activations,
+MinMax calibration on real image crops); a QAT checkpoint exports as a QDQ
+graph with its learned scales. The encoder -> entropy coder -> decoder round
+trip then measures what INT8 costs, in PSNR and in real bits: the encoder's
+quantisation noise lands in the latent and is paid in rate, so a PSNR drop
+alone hides most of the cost.
+"""
+
+from __future__ import annotations
+
+import collections
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch import nn
+from torchvision.transforms.functional import pil_to_tensor
+
+from src.eval import bitstream_roundtrip
+from src.images import center_crop_tensor, load_rgb
+from src.losses import quantised_metrics
+from src.qat import float_weights_and_activations, is_qat_model
+
+NPU_FORBIDDEN_OPS = ("Div", "Sqrt", "Pow", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softplus")
+MAX_ABS_ERROR = 1e-3
+QAT_MAX_STEPS, QAT_MEAN_STEPS = 4.0, 0.5
+
+
+# ---------------------------------------------------------------- graphs
+
+class FullForward(nn.Module):
+    """``model.forward`` as ONNX can carry it: (y, x_hat, likelihoods of y).
+
+    y (the latent before rounding) is an output too: rounding turns a 1e-7
+    difference at a .5 boundary into a whole quantisation step, so the full
+    graph is verified on y, and x_hat / likelihoods are reported for reference.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        out = self.model(x)
+        return self.model.g_a(x), out["x_hat"], next(iter(out["likelihoods"].values()))
+
+
+def export_graph(model: nn.Module, part: str, example: torch.Tensor, out: Path, opset: int,
+                 dynamic: bool) -> Tuple[nn.Module, List[str]]:
+    module = {"encoder": model.g_a, "decoder": model.g_s, "full": FullForward(model)}[part]
+    inputs = ["y_hat"] if part == "decoder" else ["x"]
+    outputs = {"encoder": ["y"], "decoder": ["x_hat"], "full": ["y", "x_hat", "likelihoods"]}[part]
+    axes = {name: {2: "height", 3: "width"} for name in inputs + outputs} if dynamic else None
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        # The TorchScript exporter is deprecated but is the one that targets opset 13 without onnxscript.
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        # QAT's fake-quant branches on its on/off flag, a constant of the exported model.
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(module, (example,), str(out), input_names=inputs, output_names=outputs,
+                          opset_version=opset, dynamic_axes=axes, dynamo=False)
+    return module, outputs
+
+
+def op_histogram(path: Path) -> Dict[str, int]:
+    graph = onnx.load(str(path)).graph
+    return dict(sorted(collections.Counter(node.op_type for node in graph.node).items()))
+
+
+@torch.no_grad()
+def output_errors(module: nn.Module, path: Path, example: torch.Tensor) -> Dict[str, float]:
+    """Max abs error of each graph output, onnxruntime against PyTorch."""
+    expected = module(example)
+    expected = expected if isinstance(expected, tuple) else (expected,)
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: example.numpy()})
+    names = [o.name for o in session.get_outputs()]
+    return {n: float(np.abs(g - e.numpy()).max()) for n, g, e in zip(names, got, expected)}
+
+
+def qat_export_check(module: nn.Module, path: Path, example: torch.Tensor, step: float) -> Tuple[float, float]:
+    """(max, mean) |onnxruntime - fake-quant PyTorch| of the graph's first output, in output quantisation steps."""
+    with torch.no_grad():
+        expected = module(example)
+    expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()
+    got = run(session(path), example.numpy())
+    off = np.abs(got - expected) / step
+    return float(off.max()), float(off.mean())
+
+
+def latent_medians(model: nn.Module) -> np.ndarray:
+    """Per-channel medians of the entropy bottleneck, shaped (1, M, 1, 1)."""
+    with torch.no_grad():
+        return model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).float().numpy()
+
+
+def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor:
+    """The export input for ``part``: the image, or for the decoder the quantised latent of the image."""
+    if part != "decoder":
+        return image
+    with torch.no_grad():
+        return torch.from_numpy(quantise_latent(model.g_a(image).numpy(), latent_medians(model)))
+
+
+# ---------------------------------------------------------------- INT8
+
+class ArrayReader(CalibrationDataReader):
+    """Feeds calibration arrays (each (1, C, H, W) float32) to the calibrator one by one."""
+
+    def __init__(self, input_name: str, arrays: Sequence[np.ndarray]):
+        self.input_name = input_name
+        self.arrays: Iterator[np.ndarray] = iter(arrays)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        array = next(self.arrays, None)
+        return None if array is None else {self.input_name: array}
+
+
+def session(path: Path) -> ort.InferenceSession:
+    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, array: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: array})[0]
+
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[np.ndarray]) -> Path:
+    """Write a statically quantised copy of ``fp32_path``, calibrated on ``calibration``."""
+    input_name = session(fp32_path).get_inputs()[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8_path), ArrayReader(input_name, calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return int8_path
+
+
+def quantise_latent(y: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    """What the entropy coder hands the decoder: ``round(y - median) + median`` per channel."""
+    return (np.round(y - medians) + medians).astype(np.float32)
+
+
+def encoder_latents(encoder: Path, images: Sequence[np.ndarray], medians: np.ndarray) -> List[np.ndarray]:
+    """Quantised latents of the images: the decoder's calibration data."""
+    enc = session(encoder)
+    return [quantise_latent(run(enc, image), medians) for image in images]
+
+
+class OnnxCodec:
+    """An ONNX encoder and decoder around the model's own entropy coder: ``compress`` / ``decompress``.
+
+    The same two methods as a CompressAI model, so ``src.eval.bitstream_roundtrip``
+    codes an image through the exported (FP32 or INT8) graphs and CompressAI's
+    range coder, and the bits it counts are a real bitstream's.
+    """
+
+    def __init__(self, encoder: Path, decoder: Path, entropy_bottleneck: nn.Module):
+        self.encoder, self.decoder, self.entropy_bottleneck = session(encoder), session(decoder), entropy_bottleneck
+
+    def compress(self, x: torch.Tensor) -> Dict[str, Any]:
+        y = torch.from_numpy(run(self.encoder, x.numpy()))
+        return {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:]}
+
+    def decompress(self, strings: List[List[bytes]], shape) -> Dict[str, torch.Tensor]:
+        y_hat = self.entropy_bottleneck.decompress(strings[0], shape)
+        return {"x_hat": torch.from_numpy(run(self.decoder, y_hat.numpy())).clamp_(0, 1)}
+
+
+def roundtrip(codec: OnnxCodec, images: Sequence[torch.Tensor], multiple: int) -> Dict[str, float]:
+    """Mean PSNR, MS-SSIM (8-bit, as ``src.eval``) and real bpp of image -> encoder -> entropy coder -> decoder.
+
+    Each image (1, 3, H, W) is padded to ``multiple`` for coding and measured
+    on its own area, as ``src.eval`` does.
+    """
+    rows = []
+    for image in images:
+        coded = bitstream_roundtrip(codec, image, multiple)
+        metrics = quantised_metrics(image, coded["x_hat"])
+        rows.append({"psnr": metrics["psnr"], "ms_ssim": metrics["ms_ssim"],
+                     "bpp": coded["bits"] / (image.shape[-2] * image.shape[-1])})
+    return {key: float(np.mean([row[key] for row in rows])) for key in ("psnr", "ms_ssim", "bpp")}
+
+
+def roundtrip_image(path: Path, input_size: int, whole: bool) -> torch.Tensor:
+    """A round-trip image: the whole photo (for a dynamic graph), else its centre crop at ``input_size``."""
+    if not whole:
+        return center_crop_tensor(path, (input_size, input_size))
+    return pil_to_tensor(load_rgb(path)).float().div(255).unsqueeze(0)
+
+
+def export_pair(model: nn.Module, image: torch.Tensor, folder: Path, opset: int, dynamic: bool,
+                keep: Optional[Tuple[str, Path]] = None) -> Dict[str, Path]:
+    """Encoder and decoder graphs in ``folder``; ``keep`` = (part, path) names one already exported."""
+    paths = {}
+    for part in ("encoder", "decoder"):
+        if keep is not None and part == keep[0]:
+            paths[part] = keep[1]
+            continue
+        paths[part] = folder / f"{part}.onnx"
+        export_graph(model, part, part_input(model, part, image), paths[part], opset, dynamic)
+    return paths
+
+
+def int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, calib_files: List[Path],
+                eval_files: List[Path], eval_from: str, input_size: int, dynamic: bool, opset: int = 13,
+                calib_source: str = "") -> Dict:
+    """PSNR and real bpp of the INT8 encoder -> entropy coder -> decoder round trip against FP32.
+
+    PTQ: encoder and decoder are quantised on CALIB_DIR crops (the decoder on
+    the encoder's quantised latents); the INT8 model of ``--part`` is kept.
+    QAT: ``out`` is already the QDQ graph; the FP32 graphs are the same
+    weights with fake-quant off. The other half of the pair is exported to a
+    temp folder either way, since the round trip needs both.
+    """
+    qat = is_qat_model(model)
+    held_out = [roundtrip_image(f, input_size, whole=dynamic) for f in eval_files]
+    multiple = 64 if dynamic else int(getattr(model, "downsampling_factor", 16))
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        if qat:
+            int8_paths = export_pair(model, image, tmp, opset, dynamic, keep=(part, out))
+            (tmp / "fp32").mkdir()
+            with float_weights_and_activations(model):
+                fp32_paths = export_pair(model, image, tmp / "fp32", opset, dynamic)
+            int8_path, calib_count = out, 0
+        else:
+            fp32_paths = export_pair(model, image, tmp, opset, dynamic, keep=(part, out))
+            images = [center_crop_tensor(f, (input_size, input_size)).numpy() for f in calib_files]
+            latents = encoder_latents(fp32_paths["encoder"], images, latent_medians(model))
+            int8_path, calib_count = out.with_suffix(".int8.onnx"), len(images)
+            int8_paths = {half: quantize_int8(fp32_paths[half], int8_path if half == part
+                                              else tmp / f"{half}.int8.onnx", calib)
+                          for half, calib in (("encoder", images), ("decoder", latents))}
+        codecs = {name: OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck)
+                  for name, paths in (("fp32", fp32_paths), ("int8", int8_paths))}
+        points = {name: roundtrip(codec, held_out, multiple) for name, codec in codecs.items()}
+        float_ops = sorted(op for op in op_histogram(int8_paths[part]) if op in NPU_FORBIDDEN_OPS)
+    fp32, q8 = points["fp32"], points["int8"]
+    report = {"int8_path": str(int8_path), "method": "qat" if qat else "ptq", "calib_images": calib_count,
+              "eval_images": len(held_out), "eval_from": eval_from, "whole_images": bool(dynamic),
+              "psnr_fp32": fp32["psnr"], "psnr_int8": q8["psnr"], "psnr_drop": fp32["psnr"] - q8["psnr"],
+              "bpp_fp32": fp32["bpp"], "bpp_int8": q8["bpp"], "rate_change": q8["bpp"] / fp32["bpp"] - 1,
+              "ms_ssim_fp32": fp32["ms_ssim"], "ms_ssim_int8": q8["ms_ssim"],
+              "float_only_ops": float_ops}
+    origin = ("QAT: learned scales, no calibration" if qat
+              else f"PTQ: calibrated on {calib_count} crops of {calib_source}")
+    print(f"INT8 {part} -> {int8_path} ({origin})")
+    print(f"round trip (encoder -> entropy coder -> decoder) on {len(held_out)} held-out "
+          f"{'whole images' if dynamic else f'{input_size}px crops'} ({eval_from}): "
+          f"FP32 {fp32['psnr']:.3f} dB {fp32['bpp']:.4f} bpp | INT8 {q8['psnr']:.3f} dB {q8['bpp']:.4f} bpp | "
+          f"PSNR {-report['psnr_drop']:+.3f} dB, rate {100 * report['rate_change']:+.2f} %")
+    if float_ops:
+        print(f"ops left in float in the INT8 {part}: {', '.join(float_ops)}")
+    return report
