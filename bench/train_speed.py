@@ -40,7 +40,7 @@ import torch
 from compressai.losses import RateDistortionLoss
 
 from src.distributed import DistInfo
-from src.engine import Trainer, TrainState, split_aux_parameters, training_step
+from src.engine import StepConfig, Trainer, TrainState, split_aux_parameters, training_step
 from src.images import center_crop_tensor
 from src.losses import RecipeLoss
 from src.model_factory import build_model, make_arch
@@ -91,22 +91,21 @@ def recipe_step_fn(model, device, amp: bool, criterion: RecipeLoss) -> Callable[
     net, aux = split_aux_parameters(model)
     optimizer = torch.optim.Adam(net, lr=1e-4)
     clip = 1.0 / LMBDA if criterion.distortion == "mse" else 1.0
-    args = argparse.Namespace(max_grad_norm=clip, max_bad_steps=20, overflow_tol=1e8, save_dir=".",
-                              lambda_bpp=criterion.lambda_bpp)
     tr = Trainer(model=model, criterion=criterion, optimizer=optimizer,
                  aux_optimizer=torch.optim.Adam(aux, lr=1e-3), scaler=make_grad_scaler(device.type, amp, "bf16"),
                  schedule=build_schedule(optimizer, "none", 1, 1, 1e-4),
                  autocast=autocast_context(device.type, amp, "bf16"),
-                 device=device, dist=DistInfo(), monitor=None, logger=RunLogger(False, {}, "."), stop=StopRequest())
+                 device=device, dist=DistInfo(), monitor=None, logger=RunLogger(False, {}, "."), stop=StopRequest(),
+                 config=StepConfig(max_grad_norm=clip, lambda_bpp=criterion.lambda_bpp))
     state = TrainState()
     sums = torch.zeros((), device=device)
 
     def step(x):
         nonlocal sums
-        _, parts, verdict = training_step(tr, x, args, state)
+        _, parts, verdict = training_step(tr, x, state)
         if not bool(verdict.skip):
             sums = sums + parts["total"].detach()
-        state.step += 1
+        state.steps_run += 1
     return step
 
 

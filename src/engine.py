@@ -136,13 +136,31 @@ def build_optimizer(args: argparse.Namespace, params: Sequence[nn.Parameter], fu
 @dataclass
 class TrainState:
     epoch: int = 0  # completed epochs
-    step: int = 0  # optimizer steps taken
+    steps_run: int = 0  # training steps run, skipped ones included (checkpoint key "step"; the LR schedule counts them)
     epoch_step: int = 0  # batches done in the current, unfinished epoch (a mid-epoch stop)
     best_msssim: float = -math.inf
     best_loss: float = math.inf  # val value of the trained loss (rate included under --loss_type rd)
     epochs_total: int = 0  # the run's length: --epochs, plus any --extend_epochs of a finished run
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+
+
+@dataclass(frozen=True)
+class StepConfig:
+    """What the training step reads from the flags: the step itself never sees argparse."""
+
+    max_grad_norm: float = 1.0  # <= 0: no clipping
+    max_bad_steps: int = 20  # skipped steps in a row that stop the run
+    overflow_tol: float = 1e8  # --overflow_check: |activation| above this counts as an overflow
+    log_every: int = 50  # steps per logging window (and, on the fused path, per host read)
+    lambda_bpp: float = 0.01  # logged with the rate
+    qat_freeze_after: int = 0  # QAT: freeze the observers after this many steps (0 = never)
+    last_checkpoint: Path = Path("checkpoints/last.pt")  # named in the messages that stop a run
+
+    @classmethod
+    def from_args(cls, args: argparse.Namespace) -> "StepConfig":
+        return cls(args.max_grad_norm, args.max_bad_steps, args.overflow_tol, args.log_every, args.lambda_bpp,
+                   args.qat_freeze_after if args.qat else 0, Path(args.save_dir) / "last.pt")
 
 
 @dataclass
@@ -161,6 +179,7 @@ class Trainer:
     monitor: Optional[OverflowMonitor]
     logger: RunLogger
     stop: StopRequest
+    config: StepConfig = StepConfig()
     placeholder: Optional[torch.Tensor] = None  # stands in for an all-corrupt batch: (1, 3, crop, crop) zeros
     deferred_skip: bool = False  # skip bad steps on the device, read the verdicts back once per log window
     memory_format: torch.memory_format = torch.contiguous_format  # of the batches (--channels_last)
@@ -214,19 +233,18 @@ def agree_to_stop(tr: Trainer) -> bool:
     return bool(all_reduce_sum(flag, tr.dist).cpu()[0] > 0)
 
 
-def train_step(tr: Trainer, x: torch.Tensor, args: argparse.Namespace,
-               state: TrainState) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Optional[str]]:
+def train_step(tr: Trainer, x: torch.Tensor) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], Optional[str]]:
     """Forward under autocast and the loss in FP32: (model output, loss parts, overflow report or None)."""
     if tr.monitor is not None:
         tr.monitor.reset()
     with tr.autocast():
         output = tr.model(x)
     parts = tr.criterion(output, x)
-    overflow = overflow_report(tr.monitor, parts["total"], args) if tr.monitor is not None else None
+    overflow = overflow_report(tr.monitor, parts["total"], tr.config.overflow_tol) if tr.monitor is not None else None
     return output, parts, overflow
 
 
-def backward_and_clip(tr: Trainer, loss: torch.Tensor, args: argparse.Namespace) -> torch.Tensor:
+def backward_and_clip(tr: Trainer, loss: torch.Tensor) -> torch.Tensor:
     """Backward (scaled under fp16), unscale + clip; returns whether the gradients are finite (device bool).
 
     With fp16 the GradScaler owns inf gradients (it skips the step and lowers
@@ -237,9 +255,9 @@ def backward_and_clip(tr: Trainer, loss: torch.Tensor, args: argparse.Namespace)
     params = [p for group in tr.optimizer.param_groups for p in group["params"]]
     tr.optimizer.zero_grad(set_to_none=True)
     tr.scaler.scale(loss).backward()
-    if args.max_grad_norm > 0:
+    if tr.config.max_grad_norm > 0:
         tr.scaler.unscale_(tr.optimizer)
-        norm = torch.nn.utils.clip_grad_norm_(params, args.max_grad_norm)
+        norm = torch.nn.utils.clip_grad_norm_(params, tr.config.max_grad_norm)
     elif not tr.scaler.is_enabled():
         grads = [p.grad for p in params if p.grad is not None]  # get_total_norm is torch >= 2.6 only
         norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads]))
@@ -280,7 +298,7 @@ def drop_step(tr: Trainer) -> None:
         tr.scaler.update()
 
 
-def training_step(tr: Trainer, x: Optional[torch.Tensor], args: argparse.Namespace,
+def training_step(tr: Trainer, x: Optional[torch.Tensor],
                   state: TrainState) -> Tuple[Dict[str, Any], Dict[str, torch.Tensor], StepVerdict]:
     """One optimizer step as the recipe says: forward, loss in FP32, backward, unscale + clip, step, aux step.
 
@@ -292,8 +310,8 @@ def training_step(tr: Trainer, x: Optional[torch.Tensor], args: argparse.Namespa
     """
     empty = x is None
     x = tr.placeholder.to(tr.device) if empty else x
-    output, parts, overflow = train_step(tr, x, args, state)
-    finite_grads = backward_and_clip(tr, parts["total"] * (0.0 if empty else 1.0), args)
+    output, parts, overflow = train_step(tr, x)
+    finite_grads = backward_and_clip(tr, parts["total"] * (0.0 if empty else 1.0))
     bad = torch.tensor(empty, device=tr.device) | ~torch.isfinite(parts["total"]) | ~finite_grads
     if tr.deferred_skip:
         verdict = agree_on_device(tr, bad)
@@ -301,9 +319,9 @@ def training_step(tr: Trainer, x: Optional[torch.Tensor], args: argparse.Namespa
         return output, parts, verdict
     verdict = agree_on_step(tr, bad, overflow)
     if verdict.overflow is not None:
-        raise TrainingStopped(f"overflow at step {state.step}: {verdict.overflow}; "
-                              f"last good checkpoint: {Path(args.save_dir) / 'last.pt'}")
-    count_nonfinite(state, verdict.skip_on_host, args, step=state.step, loud=tr.dist.is_main)
+        raise TrainingStopped(f"overflow at step {state.steps_run}: {verdict.overflow}; "
+                              f"last good checkpoint: {tr.config.last_checkpoint}")
+    count_nonfinite(state, verdict.skip_on_host, tr.config, step=state.steps_run, loud=tr.dist.is_main)
     if verdict.skip_on_host:
         drop_step(tr)
     else:
@@ -311,7 +329,7 @@ def training_step(tr: Trainer, x: Optional[torch.Tensor], args: argparse.Namespa
     return output, parts, verdict
 
 
-def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace, step: int, loud: bool = True) -> None:
+def count_nonfinite(state: TrainState, skipped: bool, config: StepConfig, step: int, loud: bool = True) -> None:
     """Count a skipped ``step``; stop after ``--max_bad_steps`` in a row."""
     if not skipped:
         state.nonfinite_in_a_row = 0
@@ -321,14 +339,13 @@ def count_nonfinite(state: TrainState, skipped: bool, args: argparse.Namespace, 
     if loud:
         tqdm.write(f"warning: step {step}: non-finite loss or gradients, or an empty batch, step skipped "
                    f"({state.nonfinite_in_a_row} in a row, {state.nonfinite_total} in all)")
-    if state.nonfinite_in_a_row >= args.max_bad_steps:
+    if state.nonfinite_in_a_row >= config.max_bad_steps:
         raise TrainingStopped(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {step}; "
                               "rerun with --overflow_check true to find the module, or lower --lr; "
-                              f"last good checkpoint: {Path(args.save_dir) / 'last.pt'}")
+                              f"last good checkpoint: {config.last_checkpoint}")
 
 
-def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.Namespace,
-                    state: TrainState) -> Dict[str, float]:
+def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, state: TrainState) -> Dict[str, float]:
     """The rest of the current epoch; returns the mean loss parts over the steps run now (skipped ones excluded).
 
     Loss parts and skip verdicts stay on the device and are read back every
@@ -348,7 +365,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
     while state.epoch_step < steps and not stop:
         x = next(batches, None)
         x = None if x is None else to_unit_float(x, tr.device, tr.memory_format)
-        output, parts, verdict = training_step(tr, x, args, state)
+        output, parts, verdict = training_step(tr, x, state)
         kept = (~verdict.skip).float()
         values = {k: v.detach() for k, v in parts.items()}
         if x is not None:
@@ -359,18 +376,18 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
             window_sums[key] += kept_value
         epoch_sums["steps"] += kept
         window_sums["steps"] += kept
-        window_skips.append((state.step, verdict.skip))
-        tr.schedule.after_step(state.step)
-        state.step += 1
+        window_skips.append((state.steps_run, verdict.skip))
+        tr.schedule.after_step(state.steps_run)
+        state.steps_run += 1
         state.epoch_step += 1
         bar.update(1)
-        if args.qat and state.step == args.qat_freeze_after:
+        if tr.config.qat_freeze_after and state.steps_run == tr.config.qat_freeze_after:
             set_qat_mode(unwrap(tr.model), observe=False)
             if tr.dist.is_main:
-                tqdm.write(f"QAT: observers frozen after step {state.step}; the scales stay as they are")
+                tqdm.write(f"QAT: observers frozen after step {state.steps_run}; the scales stay as they are")
         stop = verdict.stop
-        if len(window_skips) == args.log_every or state.epoch_step == steps or stop:
-            stop = close_window(tr, args, state, window_sums, window_skips, bar) or stop
+        if len(window_skips) == tr.config.log_every or state.epoch_step == steps or stop:
+            stop = close_window(tr, state, window_sums, window_skips, bar) or stop
             window_sums.clear()
             window_skips.clear()
     bar.close()
@@ -380,7 +397,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, args: argparse.
     return {k: totals[i].item() / max(1.0, totals[-1].item()) for i, k in enumerate(keys)}
 
 
-def close_window(tr: Trainer, args: argparse.Namespace, state: TrainState, sums: Dict[str, torch.Tensor],
+def close_window(tr: Trainer, state: TrainState, sums: Dict[str, torch.Tensor],
                  skips: List[Tuple[int, torch.Tensor]], bar: tqdm) -> bool:
     """Read a log window back (its one host sync): log its means, count its skipped steps; whether to stop.
 
@@ -394,22 +411,22 @@ def close_window(tr: Trainer, args: argparse.Namespace, state: TrainState, sums:
     means_of = dict(zip(keys, readback[: len(keys)].tolist()))
     if tr.deferred_skip:
         for (step, _), skipped in zip(skips, readback[len(keys):].tolist()):
-            count_nonfinite(state, bool(skipped), args, step=step, loud=tr.dist.is_main)
+            count_nonfinite(state, bool(skipped), tr.config, step=step, loud=tr.dist.is_main)
     kept = means_of.pop("steps")
     if kept > 0:
         means = {k: v / kept for k, v in means_of.items()}
         bar.set_postfix(loss=f"{means['total']:.4f}", psnr=f"{means['psnr']:.2f}")
-        tr.logger.log(train_log_entry(means, args.lambda_bpp, tr.optimizer), step=state.step)
+        tr.logger.log(train_log_entry(means, tr.config.lambda_bpp, tr.optimizer), step=state.steps_run)
     return tr.deferred_skip and agree_to_stop(tr)
 
 
-def overflow_report(monitor: OverflowMonitor, loss: torch.Tensor, args: argparse.Namespace) -> Optional[str]:
+def overflow_report(monitor: OverflowMonitor, loss: torch.Tensor, tolerance: float) -> Optional[str]:
     """None when the forward stayed in range; else where it broke (shared with every rank)."""
     bad = monitor.first_bad()
     if bad is None and bool(torch.isfinite(loss)):
         return None
     where = f"first bad output in module '{bad}'" if bad else "the loss is not finite"
-    return f"{where} (NaN/Inf or |x| > {args.overflow_tol:g})"
+    return f"{where} (NaN/Inf or |x| > {tolerance:g})"
 
 
 def train_log_entry(means: Dict[str, float], lambda_bpp: float, optimizer: torch.optim.Optimizer) -> Dict[str, float]:
@@ -502,7 +519,7 @@ def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState, arg
         "optimizer": tr.optimizer.state_dict(),
         "aux_optimizer": tr.aux_optimizer.state_dict() if tr.aux_optimizer else None,
         "scheduler": tr.schedule.state_dict(), "scaler": tr.scaler.state_dict(),
-        "epoch": state.epoch, "step": state.step, "epoch_step": state.epoch_step,
+        "epoch": state.epoch, "step": state.steps_run, "epoch_step": state.epoch_step,
         "best_msssim": state.best_msssim, "best_loss": state.best_loss, "epochs_total": state.epochs_total,
         "world_size": tr.dist.world_size, "args": vars(args), "rng": rng_states[0], "rng_per_rank": rng_states,
     }
@@ -519,7 +536,7 @@ def restore_training_state(ckpt: Dict[str, Any], tr: Trainer, state: TrainState)
         tr.aux_optimizer.load_state_dict(ckpt["aux_optimizer"])
     tr.schedule.load_state_dict(ckpt["scheduler"])
     tr.scaler.load_state_dict(ckpt["scaler"])
-    state.epoch, state.step, state.best_msssim = ckpt["epoch"], ckpt["step"], ckpt["best_msssim"]
+    state.epoch, state.steps_run, state.best_msssim = ckpt["epoch"], ckpt["step"], ckpt["best_msssim"]
     state.epoch_step = ckpt.get("epoch_step", 0)
     state.best_loss = ckpt.get("best_loss", math.inf)
     per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
@@ -554,7 +571,7 @@ def fast_forward_schedule(tr: Trainer, args: argparse.Namespace, state: TrainSta
                                  args.onecycle_pct_start)
     with warnings.catch_warnings():  # stepping schedulers without optimizer steps is the point here
         warnings.simplefilter("ignore")
-        for step in range(state.step):
+        for step in range(state.steps_run):
             tr.schedule.after_step(step)
         for _ in range(state.epoch if args.sched == "cosine" else 0):
             tr.schedule.after_epoch(math.nan)
@@ -735,6 +752,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         autocast=autocast_context(device.type, args.amp, amp_dtype), device=device, dist=dist,
         monitor=OverflowMonitor(model, args.overflow_tol) if args.overflow_check else None,
         logger=RunLogger(args.wandb and dist.is_main, vars(args), args.save_dir), stop=StopRequest(),
+        config=StepConfig.from_args(args),
         placeholder=torch.zeros(1, 3, side, side),
         memory_format=torch.channels_last if args.channels_last else torch.contiguous_format,
     )
@@ -742,7 +760,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     tr.deferred_skip = fused and not tr.scaler.is_enabled() and tr.monitor is None
     if resume is not None:
         restore_training_state(resume, tr, state)
-        say(f"resumed from {args.resume}: {state.epoch} epochs + {state.epoch_step} steps done, {state.step} in all")
+        say(f"resumed from {args.resume}: {state.epoch} epochs + {state.epoch_step} steps done, {state.steps_run} in all")
         if extending:
             say(f"extending from {state.epoch} to {state.epochs_total} epochs: "
                 f"{fast_forward_schedule(tr, args, state, steps)}")
@@ -759,7 +777,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
             for epoch in range(state.epoch, state.epochs_total):
                 start, first_step = time.perf_counter(), state.epoch_step
                 loader = train_loader.epoch(epoch, skip_batches=state.epoch_step)
-                train = train_one_epoch(tr, loader, steps, args, state)
+                train = train_one_epoch(tr, loader, steps, state)
                 img_per_s = (state.epoch_step - first_step) * args.batch_size * dist.world_size / (
                     time.perf_counter() - start)
                 if state.epoch_step < steps:  # stopped by a signal mid-epoch
@@ -771,26 +789,26 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 say(epoch_line(state.epoch, state.epochs_total, args, train, val, img_per_s))
                 tr.logger.log({"val/ms_ssim": val["ms_ssim"], "val/psnr": val["psnr"], "val/bpp": val["bpp"],
                                "val/loss": val["loss"], "epoch": state.epoch, "train/img_per_s": img_per_s},
-                              step=state.step)
+                              step=state.steps_run)
                 bests = improved_selections(state, val)
                 save_epoch_checkpoints(tr, arch, state, args, bests, say)
                 if dist.is_main and (state.epoch % args.recon_every == 0 or state.epoch == state.epochs_total):
-                    dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.step)
+                    dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.steps_run)
                 summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
                 if tr.stop.requested:
                     raise interrupted(tr.stop.signum, state, args)
             if dist.is_main and args.recon_count > 0:
-                write_recon_report(tr, args, state.step, say)
+                write_recon_report(tr, args, state.steps_run, say)
         finally:
             if tr.monitor is not None:
                 tr.monitor.remove()
             tr.logger.finish()
     checksum = weights_checksum(model)
     sums = all_reduce_sum(torch.tensor([checksum], dtype=torch.float64, device=device), dist).item()
-    say(f"done: {state.step} steps; weights checksum {checksum:.6e}"
+    say(f"done: {state.steps_run} steps; weights checksum {checksum:.6e}"
         + (f" (same on all {dist.world_size} ranks)" if dist.enabled and
            math.isclose(sums, checksum * dist.world_size, rel_tol=1e-12) else ""))
-    summary.update(best_msssim=state.best_msssim, best_loss=state.best_loss, steps=state.step, arch=arch, model=unwrap(model),
+    summary.update(best_msssim=state.best_msssim, best_loss=state.best_loss, steps=state.steps_run, arch=arch, model=unwrap(model),
                    checksum=checksum, nonfinite_steps=state.nonfinite_total)
     return summary
 
@@ -799,5 +817,5 @@ def interrupted(signum: int, state: TrainState, args: argparse.Namespace) -> Int
     """The exception that ends a run stopped by ``signum`` after saving, with how to resume."""
     name = signal.Signals(signum).name
     last = Path(args.save_dir) / "last.pt"
-    return Interrupted(f"stopped by {name} after step {state.step} (epoch {state.epoch + 1}, step {state.epoch_step} "
+    return Interrupted(f"stopped by {name} after step {state.steps_run} (epoch {state.epoch + 1}, step {state.epoch_step} "
                        f"of it); saved {last}. Resume with the same flags plus --resume {last}", signum)
