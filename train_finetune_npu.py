@@ -59,7 +59,7 @@ def check_block_flags(parser, args) -> None:
 
 
 def block_kwargs(args):
-    """(enc_kwargs, dec_kwargs) for src.replace_gdn_npu from the NPU flags."""
+    """(enc_kwargs, dec_kwargs) for ``replace_gdn_with_npu`` (src/replace_gdn.py) from the NPU flags."""
     enc = {"t": args.enc_t, "k_dw": args.enc_kdw, "use_eca": args.enc_eca, "residual": args.enc_residual}
     dec = {"k": args.dec_k, "g_min": args.dec_gmin, "g_max": args.dec_gmax, "residual": args.dec_residual}
     return enc, dec

@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 from src.data import PreparedCrops, to_unit_float
 from src.distributed import DistInfo
-from src.loaders import EpochLoader
+from src.data import EpochLoader
 
 
 class Float32Items(Dataset):

@@ -41,7 +41,7 @@ from pathlib import Path
 from typing import Dict, List, Optional
 
 from src.cli import UserError, run_cli
-from src.loaders import epochs_for_steps
+from src.data import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 from src.rd_curves import bd_markdown
 

@@ -27,7 +27,7 @@ import torch
 
 from src import eval as recipe_eval
 from src.data import PreparedCrops, to_unit_float
-from src.loaders import epochs_for_steps
+from src.data import epochs_for_steps
 from src.model_factory import swapped_checkpoint
 
 SCALES = {  # crop, crops per image, batch, base steps, fine-tune steps

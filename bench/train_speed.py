@@ -48,7 +48,7 @@ from src.precision import apply_local_fp32, autocast_context, make_grad_scaler
 from src.run_logger import RunLogger
 from src.sample_photos import skimage_photos
 from src.schedule import build_schedule
-from src.stop_signals import StopRequest
+from src.cli import StopRequest
 
 SCALES = {"smoke": (64, 2), "small": (128, 8), "full": (224, 16)}
 

@@ -25,7 +25,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from src.atomic import write_atomic
+from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli, str2bool
 from src.images import center_crop_box, fit_for_crop, list_images, load_rgb, random_crop_box
 

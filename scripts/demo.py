@@ -33,7 +33,7 @@ from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.eval import bitstream_roundtrip, load_model
 from src.images import crop_image, load_rgb
-from src.loaders import epochs_for_steps
+from src.data import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
 from src.recon import write_pngs

@@ -8,6 +8,7 @@ never as a traceback; everything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import argparse
+import signal
 import sys
 from typing import Callable, Optional, Sequence
 
@@ -30,7 +31,7 @@ def str2bool(value: str) -> bool:
 
 def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Sequence[str]] = None) -> None:
     """Run ``main(argv)`` and turn a ``UserError`` into one line and exit code 2."""
-    from src.stop_signals import Interrupted
+
 
     try:
         main(argv)
@@ -40,3 +41,42 @@ def run_cli(main: Callable[[Optional[Sequence[str]]], object], argv: Optional[Se
     except Interrupted as stop:
         print(str(stop), file=sys.stderr)
         sys.exit(128 + stop.signum)
+
+
+# ---------------------------------------------------------------- stop signals
+# SIGINT / SIGTERM: finish the current step, save ``last.pt``, exit with a resume hint.
+#
+# The handler only records the request; the training loop polls it between
+# steps, so no step is ever cut in half and the saved state is consistent.
+
+class StopRequest:
+    def __init__(self):
+        self.signum: Optional[int] = None
+        self._previous = {}
+
+    def __enter__(self) -> "StopRequest":
+        for signum in (signal.SIGINT, signal.SIGTERM):
+            self._previous[signum] = signal.signal(signum, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum is not None:  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        self.signum = signum
+        print(f"\n{signal.Signals(signum).name} received: finishing this step, then saving last.pt", flush=True)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+
+class Interrupted(Exception):
+    """Training stopped on a signal after saving; the CLI exits 128 + signum."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum

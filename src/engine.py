@@ -27,31 +27,28 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.atomic import link_or_copy_atomic
-from src.checkpoint import read_checkpoint, restore_rng_state, rng_state, save_checkpoint, state_and_arch, unwrap
-from src.cli import UserError
-from src.data import build_datasets, crop_side, to_unit_float
+from src.checkpoint import (link_or_copy_atomic, read_checkpoint, restore_rng_state, rng_state, save_checkpoint,
+                            state_and_arch, unwrap)
+from src.cli import Interrupted, StopRequest, UserError
+from src.data import EpochLoader, build_datasets, crop_side, to_unit_float, val_loader
 from src.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
-from src.gdn_fit import fit_blocks_to_gdn
-from src.loaders import EpochLoader, val_loader
 from src.losses import RecipeLoss, bpp_from_likelihoods, msssim_per_image, psnr_per_image
 from src.model_factory import download_pretrained_state, make_arch, model_from_base_weights
-from src.overflow import OverflowMonitor
-from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
 from src.precision import (
+    OverflowMonitor,
     apply_local_fp32,
     autocast_context,
     check_amp_support,
     make_grad_scaler,
     resolve_amp_dtype,
 )
+from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
 from src.recon import comparison_grid, write_pngs
 from src.recon_report import write_report
-from src.replace_gdn import parameter_table, set_trainable_parts
+from src.replace_gdn import fit_blocks_to_gdn, parameter_table, set_trainable_parts
 from src.run_logger import RunLogger
 from src.schedule import LRSchedule, build_schedule
 from src.speed import speed_up_model, use_fused_optimizer, without_host_syncs
-from src.stop_signals import Interrupted, StopRequest
 from src.train_args import resume_flag_changes, validate_args
 
 AUX_LR = 1e-3  # CompressAI's example trainer uses 1e-3 for the quantiles.

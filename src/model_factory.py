@@ -29,10 +29,8 @@ from torch import nn
 
 from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch
 from src.cli import UserError
-from src.gdn_fit import fit_blocks_to_gdn
 from src.qat import QAT_SCHEME, prepare_qat
-from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
-from src.replace_gdn_npu import replace_gdn_with_npu
+from src.replace_gdn import REPLACE_MODES, fit_blocks_to_gdn, replace_gdn_with_npu, replace_gdn_with_relu
 
 QUALITIES = range(1, 9)
 # Zoo models built from g_a / g_s transforms, where GDN replacement applies.

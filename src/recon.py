@@ -13,7 +13,7 @@ from typing import List
 import torch
 from torchvision.utils import make_grid, save_image
 
-from src.atomic import write_atomic
+from src.checkpoint import write_atomic
 
 
 def write_pngs(images: torch.Tensor, folder: Path, overwrite: bool = True) -> List[Path]:

@@ -11,7 +11,7 @@ from src.cli import UserError
 from src.model_factory import build_model, load_weights, make_arch
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
 from src.replace_gdn import find_gdn_layers, replace_gdn_with_relu, set_trainable_parts
-from src.replace_gdn_npu import replace_gdn_with_npu
+from src.replace_gdn import replace_gdn_with_npu
 
 MODELS = ["bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean"]
 LEFT = {"none": (3, 3), "encoder": (0, 3), "decoder": (3, 0), "all": (0, 0)}

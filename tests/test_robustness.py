@@ -443,7 +443,7 @@ def _agree_worker(rank, init_file, results):
     import torch.distributed as dist
 
     from src.distributed import DistInfo
-    from src.stop_signals import StopRequest
+    from src.cli import StopRequest
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
     tr = argparse.Namespace(device=torch.device("cpu"), dist=DistInfo(rank, 2, rank), stop=StopRequest())
