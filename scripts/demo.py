@@ -12,7 +12,7 @@
    (no training), then both fine-tuned from the base with the same budget;
 4. every stage evaluated by src.eval on the held-out photos at full size (real
    bitstream), a table of PSNR / MS-SSIM / bpp per stage, and one sheet
-   (src.recon_report) with a held-out photo decoded by every stage;
+   (src.recon) with a held-out photo decoded by every stage;
 5. the fine-tuned NPU encoder and decoder exported to ONNX and checked in onnxruntime.
 """
 
@@ -36,8 +36,7 @@ from src.images import crop_image, load_rgb
 from src.data import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
-from src.recon import write_pngs
-from src.recon_report import write_report
+from src.recon import write_pngs, write_report
 from src.sample_photos import skimage_photos
 
 VAL_PHOTOS = ("astronaut", "coffee")

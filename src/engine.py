@@ -43,8 +43,7 @@ from src.precision import (
     resolve_amp_dtype,
 )
 from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
-from src.recon import comparison_grid, write_pngs
-from src.recon_report import write_report
+from src.recon import comparison_grid, write_pngs, write_report
 from src.replace_gdn import fit_blocks_to_gdn, parameter_table, set_trainable_parts
 from src.run_logger import RunLogger
 from src.schedule import LRSchedule, build_schedule

@@ -405,7 +405,7 @@ def synthetic_recon(root, noise=(0.02, 0.05), count=2, size=64):
 def test_recon_report_sheet_and_captions(tmp_path):
     import numpy as np
 
-    from src import recon_report
+    from src import recon as recon_report
 
     originals, tags = synthetic_recon(tmp_path / "recon")
     table = recon_report.main(["--recon_dir", str(tmp_path / "recon"), "--crop", "32"])
@@ -423,7 +423,7 @@ def test_recon_report_sheet_and_captions(tmp_path):
 
 
 def test_recon_report_bad_folders(tmp_path):
-    from src import recon_report
+    from src import recon as recon_report
 
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="has no origin/"):
