@@ -1,5 +1,4 @@
 import json
-import math
 import subprocess
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from src import export as onnx_export
 from src import eval as recipe_eval
 from src import train_finetune_relu
 from src.cli import UserError
-from src.images import load_rgb
+from src.images import center_crop_tensor, load_rgb
 from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -128,9 +127,15 @@ def test_int8_export_gdn_against_npu(checkpoints, prepared64, tmp_path):
                                    str(tmp_path / f"{name}.onnx"), "--input_size", "64",
                                    "--int8", str(prepared64 / "train"), "--calib_count", "8"])["int8"]
         assert Path(report["int8_path"]).exists() and report["calib_images"] == 8
-        assert math.isfinite(report["psnr_drop"]) and report["psnr_int8"] > 0 and report["method"] == "ptq"
-        assert report["bpp_fp32"] > 0 and report["bpp_int8"] > 0
-        assert report["rate_change"] == pytest.approx(report["bpp_int8"] / report["bpp_fp32"] - 1)
+        assert report["method"] == "ptq" and abs(report["psnr_drop"]) < 0.5 and abs(report["rate_change"]) < 0.1
+        assert report["bpp_fp32"] > 0 and report["rate_change"] == pytest.approx(report["bpp_int8"] / report["bpp_fp32"] - 1)
+        # The kept INT8 decoder really is quantised: close to the FP32 graph on a held-out crop, but not equal.
+        image = center_crop_tensor(sorted((prepared64 / "val").iterdir())[0], (64, 64))
+        model, _, _ = recipe_eval.load_model(checkpoints[name], torch.device("cpu"))
+        y_hat = onnx_export.part_input(model, "decoder", image).numpy()
+        fp32, int8 = (onnx_export.run(onnx_export.session(p), y_hat) for p in (tmp_path / f"{name}.onnx",
+                                                                               Path(report["int8_path"])))
+        assert 0 < np.abs(int8 - fp32).max() and np.abs(int8 - fp32).mean() < 0.05
         ops = onnx_export.op_histogram(Path(report["int8_path"]))
         assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
         reports[name] = report
