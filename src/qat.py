@@ -69,6 +69,10 @@ class TrainingFakeQuantize(FakeQuantize):
     """
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
+        if X.dtype != torch.float32:
+            # Under bf16/fp16 autocast: observe and round in float32 (not every backend's fake-quant kernel takes
+            # low-precision inputs), hand the grid values back in the input's dtype.
+            return self.forward(X.float()).to(X.dtype)
         if self.training:
             return super().forward(X)
         if not self.fake_quant_enabled[0] == 1:

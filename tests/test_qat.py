@@ -84,6 +84,17 @@ def test_weights_and_activations_land_on_the_int8_grids():
     assert bool(model.g_a[-1].output_fake_quant.fake_quant_enabled[0]), "flags restored after the block"
 
 
+def test_low_precision_activations_are_rounded_in_float32():
+    model = calibrated_qat_model()
+    fq = model.g_a[-1].output_fake_quant
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        y = model.g_a(x)
+    assert y.dtype == torch.bfloat16
+    q = y.float() / fq.scale + fq.zero_point
+    assert (q - q.round()).abs().max() < 0.6 and q.round().min() >= 0 and q.round().max() <= 255
+
+
 def test_observers_move_in_training_only_and_freeze_on_request():
     model = calibrated_qat_model()
     fq = model.g_a[-1].output_fake_quant
