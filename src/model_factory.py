@@ -154,7 +154,12 @@ def load_checkpoint_model(path: Path) -> Tuple[nn.Module, Optional[Dict[str, Any
     payload = read_checkpoint(path)
     state, arch = state_and_arch(payload, path)
     if arch is None:
-        model = model_architectures["bmshj2018-factorized"].from_state_dict(rename_zoo_keys(dict(state)))
+        try:
+            model = model_architectures["bmshj2018-factorized"].from_state_dict(rename_zoo_keys(dict(state)))
+        except (KeyError, RuntimeError) as err:
+            raise UserError(f"{path} is neither a checkpoint of this project (no architecture description) nor a "
+                            f"CompressAI bmshj2018-factorized state dict ({type(err).__name__}: "
+                            f"{str(err).splitlines()[0][:80]})") from None
         return model, None, payload
     model, arch = model_from_checkpoint(state, arch, str(path))
     return model, arch, payload

@@ -77,7 +77,10 @@ def test_eval_bad_inputs(checkpoints, photos, tmp_path):
     (tmp_path / "empty").mkdir()
     (tmp_path / "other.pt").write_bytes(b"not a checkpoint")
     torch.save({"weights": [1, 2, 3]}, tmp_path / "foreign.pt")
+    torch.save({"encoder.weight": torch.zeros(3)}, tmp_path / "other_model.pt")
     cases = [
+        (["--image_dir", str(photos), "--checkpoint", str(tmp_path / "other_model.pt")],
+         "neither a checkpoint of this project .* nor a CompressAI bmshj2018-factorized"),
         (["--image_dir", str(tmp_path / "empty"), "--checkpoint", str(checkpoints["gdn"])], "holds no images"),
         (["--image_dir", str(photos), "--checkpoint", str(tmp_path / "missing.pt")], "not found"),
         (["--image_dir", str(photos), "--checkpoint", str(tmp_path / "other.pt")], "not a readable"),
@@ -155,6 +158,8 @@ def test_export_plain_compressai_state_dict_with_relu_replacement(photos, tmp_pa
                                str(tmp_path / "enc.onnx"), "--input_size", "64", "--replace_parts", "encoder",
                                "--image", image])
     assert "Relu" in report["ops"] and "Sqrt" not in report["ops"]
+    zoo = recipe_eval.main(["--image_dir", str(photos), "--checkpoint", str(tmp_path / "zoo.pth.tar")])["results"][0]
+    assert zoo["arch"] is None and zoo["mean"]["bpp_real"] > 0, "a zoo state dict is evaluated as it is (GDN)"
     with pytest.raises(UserError, match="pass --image"):
         export_onnx.main(["--ckpt", str(tmp_path / "zoo.pth.tar"), "--part", "encoder", "--out",
                           str(tmp_path / "e2.onnx"), "--input_size", "64"])
