@@ -27,12 +27,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torchvision.transforms.functional import pil_to_tensor
 
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.eval import bitstream_roundtrip, load_model
-from src.images import crop_image, load_rgb
+from src.images import crop_image, image_tensor, load_rgb
 from src.data import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
@@ -106,7 +105,7 @@ def trained_base(out: Path, crops: Path, steps: int) -> Path:
 def decode_stages(stages: Dict[str, Path], photo: Path, folder: Path) -> Path:
     """A held-out photo's center coded and decoded (real bitstream) by every stage, as a recon folder + sheet."""
     img = load_rgb(photo)
-    x = pil_to_tensor(crop_image(img, min(SHEET_CROP, *img.size))).float().div(255).unsqueeze(0)
+    x = image_tensor(crop_image(img, min(SHEET_CROP, *img.size)))
     write_pngs(x, folder / "origin")
     for index, (name, checkpoint) in enumerate(stages.items(), start=1):
         model = load_model(checkpoint, torch.device("cpu"))[0]

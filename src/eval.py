@@ -29,12 +29,11 @@ from typing import Any, Dict, List, Optional, Sequence
 import torch
 import torch.nn.functional as F
 from compressai.ops import compute_padding
-from torchvision.transforms.functional import pil_to_tensor
 from tqdm import tqdm
 
 from src.cli import UserError, run_cli, str2bool
 from src.data import image_files
-from src.images import DECODE_ERRORS, load_rgb
+from src.images import DECODE_ERRORS, image_tensor, load_rgb
 from src.losses import bpp_from_likelihoods, quantised_metrics
 from src.model_factory import load_checkpoint_model
 from src.rd_curves import compare_curves, curve_point, curves_table, parse_curve, plot_curves
@@ -153,7 +152,7 @@ def evaluate_checkpoint(path: Path, files: List[Path], device: torch.device) -> 
     model, arch, updated = load_model(path, device)
     images = []
     for file in tqdm(files, desc=path.name, leave=False):
-        x = pil_to_tensor(load_rgb(file)).float().div(255).unsqueeze(0).to(device)
+        x = image_tensor(load_rgb(file)).to(device)
         images.append({"name": file.name, **code_image(model, x)})
     mean = {k: sum(img[k] for img in images) / len(images) for k in METRIC_KEYS}
     return {"checkpoint": str(path), "arch": arch, "entropy_updated_in_checkpoint": updated,

@@ -30,10 +30,9 @@ import torch
 from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
-from torchvision.transforms.functional import pil_to_tensor
 
 from src.eval import bitstream_roundtrip
-from src.images import center_crop_tensor, load_rgb
+from src.images import center_crop_tensor, image_tensor, load_rgb
 from src.losses import quantised_metrics
 from src.qat import float_weights_and_activations, is_qat_model
 
@@ -202,7 +201,7 @@ def roundtrip_image(path: Path, input_size: int, whole: bool) -> torch.Tensor:
     """A round-trip image: the whole photo (for a dynamic graph), else its centre crop at ``input_size``."""
     if not whole:
         return center_crop_tensor(path, (input_size, input_size))
-    return pil_to_tensor(load_rgb(path)).float().div(255).unsqueeze(0)
+    return image_tensor(load_rgb(path))
 
 
 def export_pair(model: nn.Module, image: torch.Tensor, folder: Path, opset: int, dynamic: bool,

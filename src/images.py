@@ -90,12 +90,16 @@ def crop_image(img: Image.Image, size: int, rng: Optional[random.Random] = None)
     return img.crop(box)
 
 
+def image_tensor(img: Image.Image) -> torch.Tensor:
+    """An 8-bit RGB image as a (1, 3, H, W) float tensor in [0, 1]."""
+    return pil_to_tensor(img).float().div(255).unsqueeze(0)
+
+
 def center_crop_tensor(path: Path, size: Tuple[int, int]) -> torch.Tensor:
     """A real photo center-cropped to ``size`` (H, W), as (1, 3, H, W) float in [0, 1]."""
     h, w = size
     img = fit_for_crop(load_rgb(path), w, h)
-    img = img.crop(center_crop_box(*img.size, w, h))
-    return pil_to_tensor(img).float().div(255).unsqueeze(0)
+    return image_tensor(img.crop(center_crop_box(*img.size, w, h)))
 
 
 def upscale_to_fit(img: Image.Image, size: int) -> Image.Image:

@@ -22,12 +22,11 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 import torch
-from torchvision.transforms.functional import pil_to_tensor
 from torchvision.utils import make_grid, save_image
 
 from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli
-from src.images import DECODE_ERRORS, load_rgb
+from src.images import DECODE_ERRORS, image_tensor, load_rgb
 from src.losses import quantised_metrics
 
 
@@ -68,7 +67,7 @@ class Run:
 
 def read_png(path: Path) -> torch.Tensor:
     try:
-        return pil_to_tensor(load_rgb(path)).float().div(255)
+        return image_tensor(load_rgb(path))[0]
     except DECODE_ERRORS as err:
         raise UserError(f"{path} cannot be read ({str(err).splitlines()[0][:100]})") from None
 
