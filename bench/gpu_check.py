@@ -109,7 +109,22 @@ def training_args(crops: Path, save: Path, quality: int, batch: int, steps: int,
             "--recon_dir", str(save / "recon")]
 
 
+def train_img_per_s(flags: List[str], name: str, crops: Path, work: Path, args: argparse.Namespace,
+                    device: torch.device) -> str:
+    """The training script's img/s of its last epoch with ``flags``, as a table cell ("failed: ..." if it fails)."""
+    save = work / "train" / name
+    cmd = [sys.executable, "-m", "src.train_finetune_relu", "--device", device.type, *flags,
+           *training_args(crops, save, args.quality, args.batch, args.steps, args.workers)]
+    try:
+        out = run(cmd, work / f"train_{name}.log", timeout=240)
+    except SystemExit as err:
+        return "failed: " + str(err).splitlines()[-1][:14]
+    rates = re.findall(r"\| ([\d.]+) img/s", out)
+    return f"{float(rates[-1]):.0f} img/s" if rates else "no epoch line"
+
+
 def training_matrix(crops: Path, work: Path, args: argparse.Namespace, device: torch.device) -> Path:
+    """The dtype x speed-flag table; returns the fp32 plain run's checkpoint (section 7 evaluates it)."""
     start = section(f"2. training img/s, real script: q{args.quality}, {args.crop}px, batch {args.batch}, "
                     f"{args.steps} steps/epoch, epoch 2")
     dtypes = ["fp32", "bf16", "fp16"]
@@ -118,33 +133,17 @@ def training_matrix(crops: Path, work: Path, args: argparse.Namespace, device: t
     if args.cpu_smoke:  # compiling takes a minute on a CPU; the flag is tested in tests/test_speed.py
         variants = variants[:2]
     print(f"{'precision':<10}" + "".join(f"{name:>24}" for name, _ in variants))
-    last = work / "train" / "fp32_plain"
     for dtype in dtypes:
-        cells = []
-        for name, flags in variants:
-            save = work / "train" / f"{dtype}_{name}"
-            amp = ["--amp", "false"] if dtype == "fp32" else ["--amp", "true", "--amp_dtype", dtype]
-            cmd = [sys.executable, "-m", "src.train_finetune_relu", "--device", device.type, *amp, *flags,
-                   *training_args(crops, save, args.quality, args.batch, args.steps, args.workers)]
-            try:
-                out = run(cmd, work / f"train_{dtype}_{name}.log", timeout=240)
-                rates = re.findall(r"\| ([\d.]+) img/s", out)
-                cells.append(f"{float(rates[-1]):.0f} img/s" if rates else "no epoch line")
-                last = save if dtype == "fp32" and name == "plain" else last
-            except SystemExit as err:
-                cells.append("failed: " + str(err).splitlines()[-1][:14])
+        amp = ["--amp", "false"] if dtype == "fp32" else ["--amp", "true", "--amp_dtype", dtype]
+        cells = [train_img_per_s([*amp, *flags], f"{dtype}_{name}", crops, work, args, device)
+                 for name, flags in variants]
         print(f"{dtype:<10}" + "".join(f"{cell:>24}" for cell in cells), flush=True)
     # What the sync-free step saves: bf16 plain with the unfused Adam, whose skip verdict is read every step.
-    save = work / "train" / "bf16_plain_unfused"
-    out = run([sys.executable, "-m", "src.train_finetune_relu", "--device", device.type, "--amp", "true",
-               "--amp_dtype", "bf16", "--fused_optimizer", "false",
-               *training_args(crops, save, args.quality, args.batch, args.steps, args.workers)],
-              work / "train_bf16_plain_unfused.log", timeout=240)
-    rates = re.findall(r"\| ([\d.]+) img/s", out)
-    print(f"bf16 plain with --fused_optimizer false (a host sync every step): "
-          f"{float(rates[-1]):.0f} img/s" if rates else "no epoch line", flush=True)
+    cell = train_img_per_s(["--amp", "true", "--amp_dtype", "bf16", "--fused_optimizer", "false"],
+                           "bf16_plain_unfused", crops, work, args, device)
+    print(f"bf16 plain with --fused_optimizer false (a host sync every step): {cell}", flush=True)
     done(start)
-    return last / "last.pt"
+    return work / "train" / "fp32_plain" / "last.pt"
 
 
 def plain_loop_ratio(work: Path, args: argparse.Namespace, device: torch.device) -> None:
@@ -159,28 +158,18 @@ def plain_loop_ratio(work: Path, args: argparse.Namespace, device: torch.device)
 
 def host_syncs(crops: Path, work: Path, args: argparse.Namespace, device: torch.device) -> None:
     """Syncs inside training_step, for fused and plain Adam (bf16 on CUDA, fp32 on the CPU)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from src import engine, train_finetune_relu
+    from src.speed import HostReads
 
     start = section("4. host syncs inside one training step")
-
-    class Reads(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args_=(), kwargs=None):
-            # A read of a tensor on the training device; a CPU scalar read on a GPU box syncs nothing.
-            self.count += func is torch.ops.aten._local_scalar_dense.default and args_[0].device.type == device.type
-            return func(*args_, **(kwargs or {}))
 
     original = engine.training_step
     for fused in ("true", "false"):
         counts = []
 
         def counted(*a, **k):
-            with warnings.catch_warnings(record=True) as caught, Reads() as reads:
+            # Reads of tensors on the training device only: a CPU scalar read on a GPU box syncs nothing.
+            with warnings.catch_warnings(record=True) as caught, HostReads(device.type) as reads:
                 warnings.simplefilter("always")
                 if device.type == "cuda":
                     torch.cuda.set_sync_debug_mode("warn")
@@ -190,7 +179,7 @@ def host_syncs(crops: Path, work: Path, args: argparse.Namespace, device: torch.
                     if device.type == "cuda":
                         torch.cuda.set_sync_debug_mode("default")
                     syncs = sum("synchronizing" in str(w.message) for w in caught)
-                    counts.append((reads.count, syncs))
+                    counts.append((reads.reads, syncs))
 
         engine.training_step = counted
         log = work / f"syncs_fused_{fused}.log"

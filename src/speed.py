@@ -12,6 +12,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from compressai.entropy_models import EntropyBottleneck
 from torch import Tensor, nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 
 def use_fused_optimizer(args: argparse.Namespace, device: torch.device) -> bool:
@@ -48,6 +49,24 @@ class EntropyBottleneckWithoutSync(EntropyBottleneck):
             likelihood = self.likelihood_lower_bound(likelihood)
         return (outputs.reshape(shape).permute(*perm).contiguous(),
                 likelihood.reshape(shape).permute(*perm).contiguous())
+
+
+class HostReads(TorchDispatchMode):
+    """Counts tensor -> Python number reads of tensors on ``device_type`` (all devices when None).
+
+    Every such read (``item``, ``bool``, an int argument unpacked from a tensor
+    in C++) dispatches ``aten._local_scalar_dense``; on a GPU each read of a
+    device tensor is a host sync. The tests and ``bench/gpu_check.sh`` count them.
+    """
+
+    def __init__(self, device_type: Optional[str] = None):
+        super().__init__()
+        self.device_type, self.reads = device_type, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default and self.device_type in (None, args[0].device.type):
+            self.reads += 1
+        return func(*args, **(kwargs or {}))
 
 
 def without_host_syncs(model: nn.Module) -> int:

@@ -6,12 +6,11 @@ import copy
 import pytest
 import torch
 from compressai.entropy_models import EntropyBottleneck
-from torch.utils._python_dispatch import TorchDispatchMode
 
 from src import engine, train_finetune_relu
 from src.data import to_unit_float
 from src.model_factory import build_model, make_arch
-from src.speed import EntropyBottleneckWithoutSync, speed_up_model, without_host_syncs
+from src.speed import EntropyBottleneckWithoutSync, HostReads, speed_up_model, without_host_syncs
 from tests.test_training import common_args
 
 
@@ -31,20 +30,6 @@ def test_entropy_bottleneck_without_sync_is_bit_identical(training):
     assert all(torch.equal(e, g) for e, g in zip(expected, got))
     assert torch.equal(torch.autograd.grad(expected[1].sum(), x)[0], torch.autograd.grad(got[1].sum(), x)[0])
     assert type(library) is EntropyBottleneck, "the swap works on the model it is given only"
-
-
-class HostReads(TorchDispatchMode):
-    """Counts ``aten._local_scalar_dense``: every tensor -> Python number read (``item``, ``bool``, an int
-    argument unpacked from a tensor in C++) goes through it, and on a GPU each one is a host sync."""
-
-    def __init__(self):
-        super().__init__()
-        self.reads = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.reads += 1
-        return func(*args, **(kwargs or {}))
 
 
 @pytest.mark.parametrize("fused", ["true", "false"])
