@@ -38,7 +38,7 @@ from typing import Dict, List, Optional
 from bench import rd_study
 from scripts import export_onnx
 from src.cli import UserError, run_cli
-from src.rd_curves import bd_markdown, compare_curves, msssim_db
+from src.rd_curves import bd_markdown, compare_curves, curve_point
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -59,10 +59,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def point(report: Dict, which: str, checkpoint: str) -> Dict:
-    """An RD point (``src.rd_curves`` form) from an export_onnx INT8 report: ``which`` is fp32 or int8."""
-    ms_ssim = report[f"ms_ssim_{which}"]
-    return {"checkpoint": checkpoint, "bpp": report[f"bpp_{which}"], "psnr": report[f"psnr_{which}"],
-            "ms_ssim": ms_ssim, "ms_ssim_db": msssim_db(ms_ssim)}
+    """An RD point (``src.rd_curves.curve_point``) from an export_onnx INT8 report: ``which`` is fp32 or int8."""
+    mean = {"bpp_real": report[f"bpp_{which}"], "psnr": report[f"psnr_{which}"], "ms_ssim": report[f"ms_ssim_{which}"]}
+    return curve_point(mean, checkpoint)
 
 
 def int8_round_trip(checkpoint: Path, out: Path, args: argparse.Namespace) -> Dict:

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
-from src.data import PreparedCrops, to_unit_float
+from src.data import EpochLoader, PreparedCrops, to_unit_float
 from src.distributed import DistInfo
-from src.data import EpochLoader
+from src.eval import synchronize
 
 
 class Float32Items(Dataset):
@@ -51,8 +51,7 @@ def images_per_second(dataset: Dataset, batch_size: int, workers: int, epochs: i
                 continue
             x = to_unit_float(batch, device) if batch.dtype == torch.uint8 else batch.to(device, non_blocking=True)
             images += len(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
+        synchronize(device)
         rate = images / (time.perf_counter() - start)
         if workers == 0 or epoch > 0:
             best = max(best, rate)

@@ -39,8 +39,10 @@ from typing import Callable, List
 import torch
 from compressai.losses import RateDistortionLoss
 
+from src.cli import StopRequest
 from src.distributed import DistInfo
 from src.engine import StepConfig, Trainer, TrainState, split_aux_parameters, training_step
+from src.eval import synchronize
 from src.images import center_crop_tensor
 from src.losses import RecipeLoss
 from src.model_factory import build_model, make_arch
@@ -48,7 +50,6 @@ from src.precision import apply_local_fp32, autocast_context, make_grad_scaler
 from src.run_logger import RunLogger
 from src.sample_photos import skimage_photos
 from src.schedule import build_schedule
-from src.cli import StopRequest
 
 SCALES = {"smoke": (64, 2), "small": (128, 8), "full": (224, 16)}
 
@@ -110,13 +111,11 @@ def recipe_step_fn(model, device, amp: bool, criterion: RecipeLoss) -> Callable[
 
 
 def timed(step, batches, device) -> float:
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     start = time.perf_counter()
     for x in batches:
         step(x)
-    if device.type == "cuda":
-        torch.cuda.synchronize()
+    synchronize(device)
     return time.perf_counter() - start
 
 
