@@ -600,7 +600,8 @@ def weights_checksum(model: nn.Module) -> float:
 def init_from_gdn(args: argparse.Namespace, arch: Dict[str, Any], model: nn.Module, train_ds: Dataset,
                   say: Callable[[str], None], device: torch.device) -> None:
     """``--init_from_gdn``: fit the new blocks to the GDN layers of the same starting weights (on ``device``)."""
-    gdn = create_model(args, dict(arch, replace="none", replace_parts="none", qat=None), None, say=lambda *a: None).to(device)
+    gdn_arch = dict(arch, replace="none", replace_parts="none", qat=None)
+    gdn = create_model(args, gdn_arch, None, say=lambda *a: None).to(device)
     count = min(args.gdn_fit_images, len(train_ds))
     images = to_unit_float(torch.stack([item for item in (train_ds[i] for i in range(count)) if item is not None]),
                            device)
