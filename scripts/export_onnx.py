@@ -110,7 +110,6 @@ def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int,
                         "pass another --image") from None
 
 
-@torch.no_grad()
 def split_calibration(args: argparse.Namespace, qat: bool) -> Tuple[List[Path], List[Path], str]:
     """(calibration files, round-trip files, where the latter come from): never the same images.
 
