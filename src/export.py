@@ -60,6 +60,44 @@ class FullForward(nn.Module):
         return self.model.g_a(x), out["x_hat"], next(iter(out["likelihoods"].values()))
 
 
+class SymbolEncoder(nn.Module):
+    """g_a with the entropy coder's centring folded in: image -> ``y - median`` (or its rounding, the symbols).
+
+    The codec's symbols are ``round(y - median)`` per channel (CompressAI's
+    ``EntropyBottleneck.compress``). A graph that ends there hands the host
+    integers: an INT8 graph quantises its last tensor at scale 1, so the
+    quantiser *is* the codec's rounding and no second grid moves a symbol.
+    ``rounded=False`` leaves the rounding to that quantiser (the graph PTQ
+    calibrates); ``rounded=True`` ends with ONNX ``Round`` (the FP32 codec graph).
+    """
+
+    def __init__(self, model: nn.Module, rounded: bool):
+        super().__init__()
+        self.g_a, self.rounded = model.g_a, rounded
+        self.register_buffer("medians", torch.from_numpy(latent_medians(model)), persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = self.g_a(x) - self.medians
+        return torch.round(centred) if self.rounded else centred
+
+
+class SymbolDecoder(nn.Module):
+    """The entropy decoder's symbols -> image: ``g_s(symbols + median)``, the medians inside the graph.
+
+    So the host never requantises y_hat: the symbols are integers any integer
+    type holds exactly, and the graph adds the medians at whatever precision
+    it runs the tensor after them.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.g_s = model.g_s
+        self.register_buffer("medians", torch.from_numpy(latent_medians(model)), persistent=False)
+
+    def forward(self, symbols: torch.Tensor) -> torch.Tensor:
+        return self.g_s(symbols + self.medians)
+
+
 def export_graph(model: nn.Module, part: str, example: torch.Tensor, out: Path, opset: int,
                  dynamic: bool) -> Tuple[nn.Module, List[str]]:
     module = {"encoder": model.g_a, "decoder": model.g_s, "full": FullForward(model)}[part]
