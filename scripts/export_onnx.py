@@ -19,11 +19,17 @@ is checked in steps of its output's quantisation scale (at most
 
 ``--int8`` reports the encoder -> entropy coder -> decoder round trip of the
 INT8 graphs against the FP32 ones, in PSNR and in real bits, on images that
-were not used for calibration: PTQ (``quantize_static``) for a float
-checkpoint, the QDQ graphs themselves against the same weights without
-fake-quant for a QAT checkpoint. With ``--dynamic`` the round trip codes the
+were not used for calibration. For a float checkpoint this is PTQ
+(``src.int8``): symbol-interface graphs (the INT8 encoder outputs the entropy
+coder's symbols ``round(y - median)``, the INT8 decoder takes them and adds
+the medians itself), calibrated on the whole CALIB_DIR images, with the
+``--precision`` profile (``w8a8`` or ``a16w8``) and ranges chosen by
+``--calib_method``; OUT.int8.onnx is the INT8 graph of ``--part`` on that
+interface. For a QAT checkpoint, the QDQ graphs themselves against the same
+weights without fake-quant. With ``--dynamic`` the round trip codes the
 images whole (padded to 64 like ``src.eval``), else their centre crops at
-``--input_size``.
+``--input_size``. ``--int8_sensitivity`` adds, per activation tensor, what
+16 bits on that tensor alone would buy.
 """
 
 from __future__ import annotations
@@ -41,6 +47,7 @@ from src.data import image_files
 from src.export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, QAT_MAX_STEPS, QAT_MEAN_STEPS, export_graph, int8_report,
                         op_histogram, output_errors, part_input, qat_export_check)
 from src.images import DECODE_ERRORS, center_crop_tensor
+from src.int8 import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS
 from src.model_factory import load_checkpoint_model, make_arch
 from src.qat import is_qat_model, output_step
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
@@ -68,6 +75,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="held-out images for the FP32-vs-INT8 round trip (default: CALIB_DIR's images after the "
                         "calibration ones; the report is never measured on the calibration images)")
     p.add_argument("--int8_eval_count", type=int, default=16, help="round-trip images used")
+    p.add_argument("--precision", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
+                   help="INT8 precision profile: " + "; ".join(f"{k} = {v}" for k, v in PROFILES.items()))
+    p.add_argument("--calib_method", default=DEFAULT_RANGE_METHOD, choices=RANGE_METHODS,
+                   help="how each activation's range is chosen from the calibration histograms: mse = the range "
+                        "with the least quantisation error for its bit-width; minmax = the extremes; percentile = "
+                        "0.01 %% clipped on each side")
+    p.add_argument("--int8_sensitivity", action="store_true",
+                   help="also measure, for each activation tensor alone at 16 bits, the round trip's PSNR and rate "
+                        "change (one quantisation and round trip per tensor: slow; use few --int8_eval_count images)")
     return p
 
 
@@ -179,7 +195,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.int8:
         calib_files, eval_files, eval_from = split_calibration(args, is_qat_model(model))
         report["int8"] = int8_report(model, args.part, out, image, calib_files, eval_files, eval_from,
-                                     args.input_size, args.dynamic, args.opset, calib_source=args.int8)
+                                     args.input_size, args.dynamic, args.opset, calib_source=args.int8,
+                                     profile=args.precision, range_method=args.calib_method,
+                                     with_sensitivity=args.int8_sensitivity)
     return report
 
 
