@@ -1,44 +1,54 @@
-"""What does INT8 cost the NPU-all codec, with post-training quantisation (PTQ) and with QAT?
+"""What does INT8 cost the NPU-all codec? Post-training quantisation by profile and range method, in BD-rate.
 
     python -m bench.int8_study --coco_dir ../shared/data/minicoco --eval_dir ../shared/data/kodak \\
         --work_dir bench_out/rd_study
 
 Built on ``bench.rd_study`` (same work folder, same bases, same budget): for
-each rate point it takes the float NPU-all fine-tune of the RD study (run
-first if missing) and fine-tunes a QAT NPU-all run (``--qat true``) from the
-same GDN base with the same flags and steps. Then, on held-out whole photos
-(``--eval_dir``: never trained on, never calibrated on), through
-``scripts.export_onnx --int8 --dynamic`` (ONNX encoder -> CompressAI's range
-coder -> ONNX decoder, real bits):
+each rate point it takes the float NPU-all fine-tune and the GDN control of
+the RD study (trained first if missing). On held-out whole photos
+(``--eval_dir``: never trained on, never calibrated on), ONNX encoder ->
+CompressAI's range coder -> ONNX decoder, real bits, it measures:
 
-- FP32: the float fine-tune's FP32 graphs;
-- PTQ INT8: the same model statically quantised by onnxruntime, calibrated
-  on ``--calib_count`` crops of ``--calib_dir`` (training photos);
-- QAT INT8: the QAT run's QDQ graphs with their learned scales (and, for
-  reference, the same weights without fake-quant).
+- ``npu_fp32``: the NPU codec's FP32 symbol-interface graphs;
+- ``ptq_minmax_latent``: the PTQ this project shipped before (latent
+  interface requantised by the host, UINT8 MinMax on 256-px crops);
+- ``w8a8`` and ``a16w8``: ``src.int8`` with MSE ranges from whole calibration
+  images (``--calib_dir``, default COCO_DIR/train2017), and ``w8a8_minmax``
+  (the same with MinMax ranges) as the range method's ablation;
+- ``gdn_fp32``: the GDN control through ``src.eval`` (CompressAI's own codec).
 
-Each codec is a curve over the rate points; BD-rate and BD-PSNR of each
-INT8 codec against FP32 come from ``src.rd_curves``.
-
-``--phase_steps N`` adds the usual QAT order: from each float NPU-all run,
-N more steps with ``--qat true`` (QAT INT8 after float), and the same N more
-steps in float (FP32 at the same total budget, with its PTQ INT8), so the
-QAT phase is compared with an equal amount of float training. Writes
-``int8_study.json`` and ``int8_study.md`` into the work folder.
+BD-rate / BD-PSNR of each INT8 curve against ``npu_fp32`` and against
+``gdn_fp32`` (``src.rd_curves``). Then, on ``--detail_quality``: the
+stability of the ranges (two disjoint halves of the calibration photos, each
+method, same evaluation photos) and the per-tensor sensitivity report on
+``--sensitivity_images`` evaluation photos. Each model's measurements are
+cached in the work folder (``int8_ptq/``), so a rerun only measures what is
+missing. Writes ``int8_ptq_study.json`` and ``int8_ptq_study.md`` there.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Sequence
+
+import numpy as np
+import torch
 
 from bench import rd_study
-from scripts import export_onnx
-from src.cli import UserError, run_cli
+from src.cli import run_cli
+from src.data import image_files
+from src.eval import evaluate_checkpoint, load_model
+from src.export import minmax_latent_ptq
+from src.images import image_tensor, load_rgb
+from src.int8 import (SymbolCodec, calibrate, pad_to, quantise_pair, roundtrip_points, sensitivity,
+                      sensitivity_markdown, symbol_graphs)
 from src.rd_curves import bd_markdown, compare_curves, curve_point
+
+INT8_VARIANTS = {"w8a8": ("w8a8", "mse"), "a16w8": ("a16w8", "mse"), "w8a8_minmax": ("w8a8", "minmax")}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -46,57 +56,126 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--coco_dir", required=True, help="COCO root (train2017/, val2017/): fine-tuning data")
     p.add_argument("--eval_dir", required=True, help="held-out whole photos (e.g. Kodak)")
-    p.add_argument("--work_dir", default="bench_out/rd_study", help="the RD study's folder (bases, NPU-all runs)")
+    p.add_argument("--work_dir", default="bench_out/rd_study", help="the RD study's folder (bases, runs)")
     p.add_argument("--qualities", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--calib_dir", default=None, help="PTQ calibration photos (default: COCO_DIR/train2017)")
-    p.add_argument("--calib_count", type=int, default=64)
-    p.add_argument("--input_size", type=int, default=256, help="calibration crop side (graphs are dynamic)")
+    p.add_argument("--calib_count", type=int, default=20)
+    p.add_argument("--legacy_crop", type=int, default=256, help="crop side of the old PTQ's calibration")
+    p.add_argument("--detail_quality", type=int, default=2, help="rate point of the stability and sensitivity runs")
+    p.add_argument("--sensitivity_images", type=int, default=2, help="evaluation photos of the sensitivity report")
     p.add_argument("--workers", type=int, default=0)
-    p.add_argument("--phase_steps", type=int, default=0,
-                   help="also continue each float run N steps with QAT and N steps in float (0 = no)")
-    p.add_argument("--phase_lr", type=float, default=1e-4, help="learning rate of those continuations")
     return p
 
 
-def point(report: Dict, which: str, checkpoint: str) -> Dict:
-    """An RD point (``src.rd_curves.curve_point``) from an export_onnx INT8 report: ``which`` is fp32 or int8."""
-    mean = {"bpp_real": report[f"bpp_{which}"], "psnr": report[f"psnr_{which}"], "ms_ssim": report[f"ms_ssim_{which}"]}
-    return curve_point(mean, checkpoint)
+def point(mean: Dict, checkpoint: str) -> Dict:
+    return curve_point({"bpp_real": mean["bpp"], "psnr": mean["psnr"], "ms_ssim": mean["ms_ssim"]}, checkpoint)
 
 
-def int8_round_trip(checkpoint: Path, out: Path, args: argparse.Namespace) -> Dict:
-    """``scripts.export_onnx --int8 --dynamic`` of the encoder; its INT8 report (kept beside OUT, reused while
-    the checkpoint is older than it)."""
-    saved = out.with_suffix(".report.json")
-    if saved.exists() and saved.stat().st_mtime > checkpoint.stat().st_mtime:
-        print(f"# reusing {saved}")
-        return json.loads(saved.read_text())
-    calib_dir = args.calib_dir or str(Path(args.coco_dir) / "train2017")
-    argv = ["--ckpt", str(checkpoint), "--part", "encoder", "--out", str(out), "--dynamic",
-            "--input_size", str(args.input_size), "--image", str(sorted(Path(calib_dir).iterdir())[0]),
-            "--int8", calib_dir, "--calib_count", str(args.calib_count),
-            "--int8_eval_dir", args.eval_dir, "--int8_eval_count", "1000"]
-    print(f"$ python -m scripts.export_onnx {' '.join(argv)}", flush=True)
-    report = export_onnx.main(argv)["int8"]
-    saved.write_text(json.dumps(report))
-    return report
+def whole(files: Sequence[Path]) -> List[np.ndarray]:
+    return [pad_to(image_tensor(load_rgb(f)).numpy(), 64) for f in files]
 
 
-def table(rows: List[Dict], codecs: List[str]) -> str:
-    """One row per rate point: PSNR / bpp of each codec."""
-    lines = ["| q | " + " | ".join(codecs) + " |", "|---|" + "---|" * len(codecs)]
-    for r in rows:
-        lines.append(f"| {r['quality']} | " + " | ".join(f"{r[c]['psnr']:.3f} dB / {r[c]['bpp']:.4f}" for c in codecs)
-                     + " |")
+def cached(path: Path, measure):
+    """``measure()``'s JSON, kept at ``path`` so a rerun reuses it."""
+    if path.exists():
+        print(f"# reusing {path}")
+        return json.loads(path.read_text())
+    result = measure()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
+def measure_ptq(checkpoint: Path, calib_files: List[Path], eval_files: List[Path], legacy_crop: int) -> Dict:
+    """Round-trip points of FP32, each INT8 variant, and the old PTQ, for one float NPU checkpoint."""
+    model, _, _ = load_model(checkpoint, torch.device("cpu"))
+    held_out = [image_tensor(load_rgb(f)) for f in eval_files]
+    eb = model.entropy_bottleneck
+    result: Dict = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        images = whole(calib_files)
+        fp32 = symbol_graphs(model, torch.from_numpy(images[0]), tmp)
+        reference = roundtrip_points(SymbolCodec(fp32["encoder"], fp32["decoder"], eb), held_out)
+        result["npu_fp32"] = {k: reference[k] for k in ("psnr", "ms_ssim", "bpp")}
+        start = time.perf_counter()
+        calib = calibrate(fp32, images, tmp)
+        result["calibration_s"] = time.perf_counter() - start
+        for name, (profile, method) in INT8_VARIANTS.items():
+            pair = quantise_pair(calib, profile, method, tmp / name)
+            got = roundtrip_points(SymbolCodec(pair.encoder, pair.decoder, eb), held_out)
+            differ = np.mean([float((a != b).mean()) for a, b in zip(got["symbols"], reference["symbols"])])
+            result[name] = {"psnr": got["psnr"], "ms_ssim": got["ms_ssim"], "bpp": got["bpp"],
+                            "symbols_differ": float(differ), "symbol_bits": pair.symbol_bits,
+                            "symbols_outside_int8": pair.symbols_outside_int8, "sixteen_bit": pair.sixteen_bit,
+                            "float_islands": pair.float_islands}
+            print(f"{checkpoint} {name}: {got['psnr']:.3f} dB {got['bpp']:.4f} bpp "
+                  f"(FP32 {reference['psnr']:.3f} dB {reference['bpp']:.4f}); symbols differ {100 * differ:.3f} %",
+                  flush=True)
+        image = torch.from_numpy(images[0])[..., :legacy_crop, :legacy_crop]
+        legacy = minmax_latent_ptq(model, image, calib_files, eval_files, legacy_crop)
+        result["ptq_minmax_latent"] = {"psnr": legacy["psnr_int8"], "ms_ssim": legacy["ms_ssim_int8"],
+                                       "bpp": legacy["bpp_int8"]}
+        result["latent_fp32"] = {"psnr": legacy["psnr_fp32"], "ms_ssim": legacy["ms_ssim_fp32"],
+                                 "bpp": legacy["bpp_fp32"]}
+    return result
+
+
+def measure_stability(checkpoint: Path, calib_files: List[Path], eval_files: List[Path]) -> Dict:
+    """INT8 cost (PSNR, rate) of w8a8 per range method, calibrated on each half of the calibration photos."""
+    model, _, _ = load_model(checkpoint, torch.device("cpu"))
+    held_out = [image_tensor(load_rgb(f)) for f in eval_files]
+    eb = model.entropy_bottleneck
+    half = len(calib_files) // 2
+    sets = {"A": calib_files[:half], "B": calib_files[half:2 * half]}
+    rows = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32 = symbol_graphs(model, torch.from_numpy(whole(calib_files[:1])[0]), tmp)
+        reference = roundtrip_points(SymbolCodec(fp32["encoder"], fp32["decoder"], eb), held_out)
+        for set_name, files in sets.items():
+            calib = calibrate(fp32, whole(files), tmp / set_name)
+            for method in ("mse", "minmax", "percentile"):
+                for profile in ("w8a8", "a16w8"):
+                    pair = quantise_pair(calib, profile, method, tmp / set_name / method / profile)
+                    got = roundtrip_points(SymbolCodec(pair.encoder, pair.decoder, eb), held_out)
+                    rows[f"{profile}/{method}/{set_name}"] = {"psnr_change": got["psnr"] - reference["psnr"],
+                                                              "rate_change": got["bpp"] / reference["bpp"] - 1}
+                    print(f"stability {profile} {method} set {set_name}: "
+                          f"{rows[f'{profile}/{method}/{set_name}']}", flush=True)
+    return {"sets": {k: [str(f) for f in v] for k, v in sets.items()}, "rows": rows}
+
+
+def measure_sensitivity(checkpoint: Path, calib_files: List[Path], eval_files: List[Path]) -> Dict:
+    model, _, _ = load_model(checkpoint, torch.device("cpu"))
+    held_out = [image_tensor(load_rgb(f)) for f in eval_files]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        images = whole(calib_files)
+        fp32 = symbol_graphs(model, torch.from_numpy(images[0]), tmp)
+        calib = calibrate(fp32, images, tmp)
+        pair = quantise_pair(calib, "w8a8", "mse", tmp / "w8a8")
+        rows = sensitivity(calib, pair, model.entropy_bottleneck, held_out, tmp / "trials")
+    return {"rows": rows, "eval_images": [str(f) for f in eval_files]}
+
+
+def stability_markdown(stability: Dict) -> str:
+    lines = ["| profile / ranges | set A: PSNR, rate | set B: PSNR, rate | spread (PSNR) |", "| --- | --- | --- | --- |"]
+    for profile in ("w8a8", "a16w8"):
+        for method in ("mse", "minmax", "percentile"):
+            a, b = (stability["rows"][f"{profile}/{method}/{s}"] for s in ("A", "B"))
+            lines.append(f"| {profile} / {method} | {a['psnr_change']:+.3f} dB, {100 * a['rate_change']:+.2f} % | "
+                         f"{b['psnr_change']:+.3f} dB, {100 * b['rate_change']:+.2f} % | "
+                         f"{abs(a['psnr_change'] - b['psnr_change']):.3f} dB |")
     return "\n".join(lines)
 
 
-def continue_run(study: rd_study.Study, name: str, quality: int, start: Path, qat: bool,
-                 args: argparse.Namespace) -> Path:
-    """``--phase_steps`` more steps from a float run's best_loss.pt, with or without QAT."""
-    flags = study.run_flags(quality, args.phase_steps) + [
-        "--replace_parts", "all", "--lr", str(args.phase_lr), "--lr_warmup_steps", "10", "--qat", str(qat).lower()]
-    return study.train("train_finetune_npu.py", study.work / name / f"q{quality}", flags, start)
+def points_table(rows: List[Dict], names: List[str]) -> str:
+    lines = ["| q | " + " | ".join(names) + " |", "|---|" + "---|" * len(names)]
+    for r in rows:
+        lines.append(f"| {r['quality']} | " + " | ".join(
+            f"{r[n]['psnr']:.3f} dB / {r[n]['bpp']:.4f}" for n in names) + " |")
+    return "\n".join(lines)
 
 
 def main(argv: Optional[List[str]] = None) -> Dict:
@@ -108,53 +187,50 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     study = rd_study.Study(rd_args)
     study.work.mkdir(parents=True, exist_ok=True)
     study.prepare()
-    rows = []
-    onnx_dir = study.work / "int8_onnx"
+    calib_files = image_files(Path(args.calib_dir or Path(args.coco_dir) / "train2017"), "calibration")
+    calib_files = calib_files[: args.calib_count]
+    eval_files = image_files(Path(args.eval_dir), "evaluation")
+    cache = study.work / "int8_ptq"
+    rows, detail = [], None
     for q in args.qualities:
         base = study.base(q)
-        float_run = study.finetune("npu_all", q, base)
-        qat_run = study.finetune("npu_all_qat", q, base)
-        ptq = int8_round_trip(float_run, onnx_dir / f"npu_all_q{q}.onnx", args)
-        qat = int8_round_trip(qat_run, onnx_dir / f"npu_all_qat_q{q}.onnx", args)
-        if ptq["method"] != "ptq" or qat["method"] != "qat":
-            raise UserError(f"expected a float and a QAT checkpoint, got {ptq['method']} and {qat['method']}")
-        row = {"quality": q, "fp32": point(ptq, "fp32", str(float_run)),
-               "ptq": point(ptq, "int8", str(float_run)), "qat": point(qat, "int8", str(qat_run)),
-               "qat_float": point(qat, "fp32", str(qat_run)), "reports": {"ptq": ptq, "qat": qat}}
-        if args.phase_steps:
-            more = continue_run(study, "npu_all_more_float", q, float_run, False, args)
-            phase = continue_run(study, "npu_all_then_qat", q, float_run, True, args)
-            more_ptq = int8_round_trip(more, onnx_dir / f"npu_all_more_float_q{q}.onnx", args)
-            phase_qat = int8_round_trip(phase, onnx_dir / f"npu_all_then_qat_q{q}.onnx", args)
-            row.update({"more_fp32": point(more_ptq, "fp32", str(more)), "more_ptq": point(more_ptq, "int8", str(more)),
-                        "then_qat": point(phase_qat, "int8", str(phase))})
-            row["reports"].update(more_ptq=more_ptq, then_qat=phase_qat)
-        rows.append(row)
-    equal = [("npu_all_fp32", "fp32"), ("npu_all_ptq_int8", "ptq"), ("npu_all_qat_int8", "qat"),
-             ("npu_all_qat_float", "qat_float")]
-    curves = {name: [r[key] for r in rows] for name, key in equal}
-    deltas = compare_curves(curves)
-    text = (f"Same budget ({study.scale['steps']} steps from each GDN base):\n\n{table(rows, [k for _, k in equal])}\n\n"
-            f"BD against npu_all_fp32 ({len(rows)} rate points, {rows[0]['reports']['ptq']['eval_images']} whole "
-            f"images of {args.eval_dir}):\n\n{bd_markdown(deltas)}\n")
-    own = compare_curves({"npu_all_qat_float": curves["npu_all_qat_float"],
-                          "npu_all_qat_int8": curves["npu_all_qat_int8"]})
-    text += f"\nQAT INT8 against its own float weights (fake-quant off):\n\n{bd_markdown(own)}\n"
-    result = {"rows": rows, "curves": curves, "bd": deltas, "bd_qat_vs_own_float": own}
-    if args.phase_steps:
-        later = [("npu_all_more_float_fp32", "more_fp32"), ("npu_all_more_float_ptq_int8", "more_ptq"),
-                 ("npu_all_then_qat_int8", "then_qat")]
-        phase_curves = {name: [r[key] for r in rows] for name, key in later}
-        phase_deltas = compare_curves(phase_curves)
-        text += (f"\nThen {args.phase_steps} more steps from each float run (lr {args.phase_lr:g}), in float or with "
-                 f"QAT:\n\n{table(rows, [k for _, k in later])}\n\nBD against npu_all_more_float_fp32:\n\n"
-                 f"{bd_markdown(phase_deltas)}\n")
-        result.update(phase_curves=phase_curves, phase_bd=phase_deltas)
+        npu, gdn = study.finetune("npu_all", q, base), study.finetune("gdn_control", q, base)
+        measured = cached(cache / f"q{q}.json", lambda: measure_ptq(npu, calib_files, eval_files, args.legacy_crop))
+        gdn_mean = cached(cache / f"gdn_q{q}.json",
+                          lambda: evaluate_checkpoint(gdn, eval_files, torch.device("cpu"))["mean"])
+        measured["gdn_fp32"] = {"psnr": gdn_mean["psnr"], "ms_ssim": gdn_mean["ms_ssim"], "bpp": gdn_mean["bpp_real"]}
+        rows.append({"quality": q, "checkpoint": str(npu), **measured})
+        if q == args.detail_quality:
+            detail = npu
+    names = ["npu_fp32", "ptq_minmax_latent", "w8a8_minmax", "w8a8", "a16w8", "gdn_fp32"]
+    curves = {n: [point(r[n], r["checkpoint"]) for r in rows] for n in names}
+    against_npu = compare_curves({n: curves[n] for n in ["npu_fp32", "ptq_minmax_latent", "w8a8_minmax", "w8a8",
+                                                         "a16w8"]})
+    against_gdn = compare_curves({n: curves[n] for n in ["gdn_fp32", "npu_fp32", "ptq_minmax_latent", "w8a8", "a16w8"]})
+    text = (f"Round trips on {len(eval_files)} whole images of {args.eval_dir} (real bits); PTQ calibrated on "
+            f"{len(calib_files)} whole photos of {calib_files[0].parent}:\n\n{points_table(rows, names)}\n\n"
+            f"BD against the FP32 NPU codec (npu_fp32):\n\n{bd_markdown(against_npu)}\n\n"
+            f"BD against the FP32 GDN control (gdn_fp32, CompressAI's own codec):\n\n{bd_markdown(against_gdn)}\n")
+    symbols = "\n".join(f"- q{r['quality']}: symbols that differ from FP32: " + ", ".join(
+        f"{n} {100 * r[n]['symbols_differ']:.3f} %" for n in INT8_VARIANTS) + f"; symbols int{r['w8a8']['symbol_bits']}"
+        f" ({r['w8a8']['symbols_outside_int8']} outside int8 on calibration)" for r in rows)
+    text += f"\nThe symbol interface:\n\n{symbols}\n"
+    result = {"rows": rows, "curves": curves, "bd_vs_npu_fp32": against_npu, "bd_vs_gdn_fp32": against_gdn}
+    if detail is not None:
+        stability = cached(cache / f"stability_q{args.detail_quality}.json",
+                           lambda: measure_stability(detail, calib_files, eval_files))
+        text += (f"\nStability (q{args.detail_quality}): INT8 cost against FP32 on the same {len(eval_files)} photos, "
+                 f"calibrated on two disjoint halves of the calibration photos:\n\n{stability_markdown(stability)}\n")
+        sens = cached(cache / f"sensitivity_q{args.detail_quality}.json",
+                      lambda: measure_sensitivity(detail, calib_files, eval_files[: args.sensitivity_images]))
+        text += (f"\nSensitivity (q{args.detail_quality}, w8a8 with MSE ranges, {len(sens['eval_images'])} photos): "
+                 f"one tensor at a time at 16 bits:\n\n{sensitivity_markdown(sens['rows'])}\n")
+        result.update(stability=stability, sensitivity=sens)
     wall = time.perf_counter() - start
     print("\n" + text + f"\nint8 study: {wall:.0f}s wall")
-    (study.work / "int8_study.md").write_text(text)
+    (study.work / "int8_ptq_study.md").write_text(text)
     result["wall_s"] = wall
-    (study.work / "int8_study.json").write_text(json.dumps(result, indent=1, default=str))
+    (study.work / "int8_ptq_study.json").write_text(json.dumps(result, indent=1, default=str))
     return result
 
 

@@ -227,6 +227,7 @@ class TensorHistogram:
 def prepared(fp32_path: Path, folder: Path) -> Path:
     """onnxruntime's pre-processing (shape inference, constant folding) before calibration and quantisation."""
     out = folder / (fp32_path.stem + ".prepared.onnx")
+    folder.mkdir(parents=True, exist_ok=True)
     quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
     return out
 
