@@ -44,7 +44,8 @@ from src.precision import (
 )
 from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
 from src.recon import comparison_grid, write_pngs, write_report
-from src.replace_gdn import fit_blocks_to_gdn, parameter_table, set_trainable_parts
+from src.replace_gdn import parameter_table, set_trainable_parts
+from src.replace_gdn_npu import fit_blocks_to_gdn
 from src.run_logger import RunLogger
 from src.schedule import LRSchedule, build_schedule
 from src.speed import speed_up_model, use_fused_optimizer, without_host_syncs

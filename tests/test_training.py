@@ -327,7 +327,8 @@ def test_cli_errors_are_single_lines(tmp_path):
 
     removed = run("--coco_dir", "x", "--amp_warmup_steps", "10")
     assert removed.returncode == 2 and "--lr_warmup_steps" in removed.stderr and "--local_fp32" in removed.stderr
-    for argv, needle in ((["--quality", "0"], "invalid choice"), (["--amp", "maybe"], "true or false")):
+    for argv, needle in ((["--quality", "0"], "CompressAI's qualities are 1-8"),
+                         (["--amp", "maybe"], "true or false")):
         result = run("--coco_dir", str(tmp_path), *argv, "--pretrained", "false")
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
     # One error found after parsing, through the real process (the cases themselves: BAD_TRAINING_INPUT).
@@ -436,6 +437,19 @@ def test_recon_report_bad_folders(tmp_path):
     (tmp_path / "r2" / "epoch_001" / "00000.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(UserError, match="00000.png cannot be read"):
         recon_report.main(["--recon_dir", str(tmp_path / "r2")])
+
+
+@pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
+@pytest.mark.parametrize("quality", ["0", "9", "three"])
+def test_quality_outside_compressai_is_one_line(make, quality, capsys):
+    """The recipe says 0〜8; CompressAI's zoo has 1-8: a 0 gets that said, not argparse's bare 'invalid choice'."""
+    with pytest.raises(SystemExit) as exit_info:
+        make().parse_args(["--coco_dir", "x", "--quality", quality])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert "--quality" in errors[0] and "CompressAI's qualities are 1-8" in errors[0]
+    assert "invalid choice" not in errors[0]
+    assert make().parse_args(["--coco_dir", "x", "--quality", "8"]).quality == 8
 
 
 @pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
