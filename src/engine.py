@@ -140,6 +140,15 @@ class TrainState:
     epochs_total: int = 0  # the run's length: --epochs, plus any --extend_epochs of a finished run
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    last_saved: Optional[Path] = None  # the last checkpoint this run wrote (or resumed from): None before any
+
+
+def last_good_checkpoint(state: TrainState, config: "StepConfig") -> str:
+    """What the messages that stop a run say about the saved state: never a file this run did not write."""
+    if state.last_saved is not None:
+        return f"last good checkpoint: {state.last_saved}"
+    earlier = " (the last.pt there is an earlier run's, left as it was)" if config.last_checkpoint.exists() else ""
+    return f"no checkpoint was written by this run{earlier}"
 
 
 @dataclass(frozen=True)
@@ -317,7 +326,7 @@ def training_step(tr: Trainer, x: Optional[torch.Tensor],
     verdict = agree_on_step(tr, bad, overflow)
     if verdict.overflow is not None:
         raise TrainingStopped(f"overflow at step {state.steps_run}: {verdict.overflow}; "
-                              f"last good checkpoint: {tr.config.last_checkpoint}")
+                              f"{last_good_checkpoint(state, tr.config)}")
     count_nonfinite(state, verdict.skip_on_host, tr.config, step=state.steps_run, loud=tr.dist.is_main)
     if verdict.skip_on_host:
         drop_step(tr)
@@ -339,7 +348,7 @@ def count_nonfinite(state: TrainState, skipped: bool, config: StepConfig, step: 
     if state.nonfinite_in_a_row >= config.max_bad_steps:
         raise TrainingStopped(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {step}; "
                               "rerun with --overflow_check true to find the module, or lower --lr; "
-                              f"last good checkpoint: {config.last_checkpoint}")
+                              f"{last_good_checkpoint(state, config)}")
 
 
 def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, state: TrainState) -> Dict[str, float]:
@@ -689,6 +698,7 @@ def save_epoch_checkpoints(tr: Trainer, arch: Dict[str, Any], state: TrainState,
         if "best_loss" in bests:
             say(f"new best val loss {state.best_loss:.4f} -> {save_dir / 'best_loss.pt'}")
     barrier(tr.dist)
+    state.last_saved = Path(args.save_dir) / "last.pt"
 
 
 def run_training(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[str, Any]] = None,
@@ -758,6 +768,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     tr.deferred_skip = fused and not tr.scaler.is_enabled() and tr.monitor is None
     if resume is not None:
         restore_training_state(resume, tr, state)
+        state.last_saved = Path(args.resume)
         say(f"resumed from {args.resume}: {state.epoch} epochs + {state.epoch_step} steps done, {state.steps_run} in all")
         if extending:
             say(f"extending from {state.epoch} to {state.epochs_total} epochs: "

@@ -248,10 +248,21 @@ def test_overflow_check_names_module_and_keeps_last_checkpoint(prepared64, tmp_p
     ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     ckpt["state_dict"]["g_s.2.weight"] *= 1e30  # a decoder layer that blows up
     save_checkpoint(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(engine.TrainingStopped, match=r"step 0: first bad output in module 'g_s\.2'"):
+    with pytest.raises(engine.TrainingStopped, match=r"step 0: first bad output in module 'g_s\.2'") as stopped:
         train_finetune_relu.main(common_args(prepared64, tmp_path, "--base_checkpoint", str(tmp_path / "bad.pt"),
                                              "--overflow_check", "true", "--train_scope", "all"))
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == good
+    # a fresh run that stops before its first save wrote no checkpoint: the last.pt there is not its own
+    assert "no checkpoint was written by this run" in str(stopped.value)
+    assert "last good checkpoint" not in str(stopped.value) and "an earlier run's" in str(stopped.value)
+
+
+def test_stop_message_names_only_checkpoints_of_this_run(tmp_path):
+    config = engine.StepConfig(last_checkpoint=tmp_path / "last.pt")
+    state = engine.TrainState()
+    assert engine.last_good_checkpoint(state, config) == "no checkpoint was written by this run"
+    state.last_saved = tmp_path / "resumed_from.pt"
+    assert engine.last_good_checkpoint(state, config) == f"last good checkpoint: {tmp_path / 'resumed_from.pt'}"
 
 
 def test_gdn_control_checkpoint_is_read_by_compressai_eval_model(prepared64, tmp_path):
