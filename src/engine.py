@@ -43,7 +43,7 @@ from src.precision import (
     resolve_amp_dtype,
 )
 from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
-from src.recon import comparison_grid, write_pngs, write_report
+from src.recon import comparison_grid, write_pngs, write_rate, write_report
 from src.replace_gdn import parameter_table, set_trainable_parts
 from src.replace_gdn_npu import fit_blocks_to_gdn
 from src.run_logger import RunLogger
@@ -478,8 +478,13 @@ def evaluate(tr: Trainer, loader: DataLoader) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str, step: int) -> None:
-    """Write the first ``--recon_count`` val crops and their reconstructions (rank 0)."""
+def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str, step: int,
+               val: Optional[Dict[str, float]] = None) -> None:
+    """Write the first ``--recon_count`` val crops and their reconstructions (rank 0).
+
+    Beside them goes the tag's rate record: the epoch's ``val`` bpp (estimated), with the val set's PSNR and
+    MS-SSIM, which the sheet (``recon/report.png``) shows beside each tile's quality and on its RD plot.
+    """
     items = [val_ds[i] for i in range(min(args.recon_count, len(val_ds)))]
     items = [item for item in items if item is not None]
     if not items:
@@ -494,6 +499,9 @@ def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str,
     recon_dir = Path(args.recon_dir)
     write_pngs(originals, recon_dir / "origin", overwrite=False)
     write_pngs(recons, recon_dir / tag)
+    if val is not None:
+        write_rate(recon_dir, tag, val["bpp"], "estimated", f"the val set ({len(val_ds)} crops)",
+                   psnr=val["psnr"], ms_ssim=val["ms_ssim"])
     tr.logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
 
 
@@ -802,7 +810,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 bests = improved_selections(state, val)
                 save_epoch_checkpoints(tr, arch, state, args, bests, say)
                 if dist.is_main and (state.epoch % args.recon_every == 0 or state.epoch == state.epochs_total):
-                    dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.steps_run)
+                    dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.steps_run, val)
                 summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
                 if tr.stop.requested:
                     raise interrupted(tr.stop.signum, state, args)
