@@ -99,10 +99,15 @@ def read_rate(recon_dir: Path, tag: str) -> Optional[Dict[str, Any]]:
         return None
     try:
         record = json.loads(path.read_text())
-        bpp = float(record["bpp"])
-        if record["kind"] not in RATE_KINDS or not math.isfinite(bpp):
-            raise ValueError(f"kind {record['kind']!r}, bpp {bpp}")
-    except (ValueError, KeyError, TypeError) as err:
+        record["bpp"] = float(record["bpp"])
+        record["per_image"] = {str(k): float(v) for k, v in record.get("per_image", {}).items()}
+        for key in ("psnr", "ms_ssim"):
+            if key in record:
+                record[key] = float(record[key])
+        numbers = [record["bpp"], *record["per_image"].values(), record.get("psnr", 0.0)]
+        if record["kind"] not in RATE_KINDS or not all(math.isfinite(v) for v in numbers):
+            raise ValueError(f"kind {record['kind']!r}, bpp {record['bpp']}")
+    except (ValueError, KeyError, TypeError, AttributeError) as err:
         raise UserError(f"{path} is not a rate record of src.recon ({type(err).__name__}: {err})") from None
     return record
 
@@ -111,14 +116,14 @@ def tile_bpp(rate: Optional[Dict[str, Any]], name: str) -> Optional[float]:
     """A tile's bpp: its own when recorded, else the rate of the set it belongs to, else None (unknown)."""
     if rate is None:
         return None
-    return float(rate.get("per_image", {}).get(name, rate["bpp"]))
+    return rate["per_image"].get(name, rate["bpp"])
 
 
 def rate_caption(rate: Optional[Dict[str, Any]], name: str) -> str:
     if rate is None:
         return "bpp unknown"
     bpp = tile_bpp(rate, name)
-    if name in rate.get("per_image", {}):
+    if name in rate["per_image"]:
         return f"{bpp:.3f} bpp ({'real' if rate['kind'] == 'real' else 'est.'})"
     return f"{bpp:.3f} bpp ({'set mean' if rate['kind'] == 'real' else 'val est.'})"
 
@@ -194,7 +199,7 @@ def rd_point(run: Run, tag: str, metrics: Sequence[Dict[str, Any]]) -> Optional[
     rate = run.rates.get(tag)
     if rate is None:
         return None
-    if "psnr" in rate and not set(run.names) <= set(rate.get("per_image", {})):
+    if "psnr" in rate and not set(run.names) <= set(rate["per_image"]):
         return {"bpp": rate["bpp"], "psnr": rate["psnr"]}
     return {"bpp": sum(m["bpp"] for m in metrics) / len(metrics),
             "psnr": sum(m["psnr"] for m in metrics) / len(metrics)}
