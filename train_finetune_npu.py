@@ -8,11 +8,16 @@ no division or square root, so the result quantises to INT8.
 
 from __future__ import annotations
 
+import argparse
 from typing import Optional, Sequence
+
+from torch import nn
 
 from src.cli import run_cli, str2bool
 from src.engine import run_training
-from src.train_args import get_args_parser, show_every_default
+from src.model_factory import gdn_model
+from src.replace_gdn_npu import replace_gdn_with_npu
+from src.train_args import get_args_parser, replacement_built_by, show_every_default
 
 
 def get_npu_args_parser():
@@ -59,18 +64,29 @@ def check_block_flags(parser, args) -> None:
 
 
 def block_kwargs(args):
-    """(enc_kwargs, dec_kwargs) for ``replace_gdn_with_npu`` (src/replace_gdn.py) from the NPU flags."""
+    """(enc_kwargs, dec_kwargs) for ``replace_gdn_with_npu`` (src/replace_gdn_npu.py) from the NPU flags."""
     enc = {"t": args.enc_t, "k_dw": args.enc_kdw, "use_eca": args.enc_eca, "residual": args.enc_residual}
     dec = {"k": args.dec_k, "g_min": args.dec_gmin, "g_max": args.dec_gmax, "residual": args.dec_residual}
     return enc, dec
+
+
+def build_model(args: argparse.Namespace) -> nn.Module:
+    """The network this script trains: the GDN model with GDN/IGDN swapped for the blocks the flags describe.
+
+    As in ``src/train_finetune_relu.py``: the engine reads the architecture
+    description off this network and rebuilds it from that description with the starting weights.
+    """
+    model = gdn_model(args.model, args.quality, args.metric)
+    enc, dec = block_kwargs(args)
+    return replace_gdn_with_npu(model, mode=args.replace_parts, enc_kwargs=enc, dec_kwargs=dec)
 
 
 def main(argv: Optional[Sequence[str]] = None):
     parser = get_npu_args_parser()
     args = parser.parse_args(argv)
     check_block_flags(parser, args)
-    enc, dec = block_kwargs(args)
-    return run_training(args, replace="npu", enc_kwargs=enc, dec_kwargs=dec)
+    replace, enc_kwargs, dec_kwargs = replacement_built_by(build_model, args)
+    return run_training(args, replace, enc_kwargs, dec_kwargs)
 
 
 if __name__ == "__main__":

@@ -22,7 +22,7 @@ from src import export as int8
 from src.export import export_graph, part_input
 from src.images import center_crop_tensor
 from src.data import image_files
-from src.model_factory import build_model, load_checkpoint_model, make_arch
+from src.model_factory import build_model, load_checkpoint_model, make_arch, quality_index
 
 SIZES = ((224, 224), (512, 768))
 
@@ -43,7 +43,7 @@ def main() -> None:
     parser.add_argument("--calib_dir", required=True)
     parser.add_argument("--ckpt", default=None)
     parser.add_argument("--replace", default="npu", choices=("none", "relu", "npu"))
-    parser.add_argument("--quality", type=int, default=3)
+    parser.add_argument("--quality", type=quality_index, default=3)
     parser.add_argument("--repeat", type=int, default=10)
     args = parser.parse_args()
     if args.ckpt:

@@ -28,7 +28,7 @@ import torch
 from src import eval as recipe_eval
 from src.data import PreparedCrops, to_unit_float
 from src.data import epochs_for_steps
-from src.model_factory import swapped_checkpoint
+from src.model_factory import quality_index, swapped_checkpoint
 
 SCALES = {  # crop, crops per image, batch, base steps, fine-tune steps
     "small": (128, 8, 8, 1500, 300),
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--work_dir", default="bench_out/recovery")
     parser.add_argument("--base_checkpoint", default=None, help="GDN base weights (else trained here)")
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
-    parser.add_argument("--quality", type=int, default=3)
+    parser.add_argument("--quality", type=quality_index, default=3)
     parser.add_argument("--lambda_bpp", type=float, default=0.1)
     parser.add_argument("--train_scope", default="all")
     parser.add_argument("--steps", type=int, default=None, help="fine-tune steps (default: by --scale)")

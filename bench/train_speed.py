@@ -45,7 +45,7 @@ from src.engine import StepConfig, Trainer, TrainState, split_aux_parameters, tr
 from src.eval import synchronize
 from src.images import center_crop_tensor
 from src.losses import RecipeLoss
-from src.model_factory import build_model, make_arch
+from src.model_factory import build_model, make_arch, quality_index
 from src.precision import apply_local_fp32, autocast_context, make_grad_scaler
 from src.run_logger import RunLogger
 from src.sample_photos import skimage_photos
@@ -208,7 +208,7 @@ def main() -> None:
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8, help="steps per loop per round")
-    parser.add_argument("--quality", type=int, default=3, choices=range(1, 9), help="model size (steps mode)")
+    parser.add_argument("--quality", type=quality_index, default=3, help="model size (steps mode)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     g = parser.add_argument_group("whole process (--compressai_train)")
     g.add_argument("--compressai_train", default=None, help="path to CompressAI's examples/train.py")

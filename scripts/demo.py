@@ -12,7 +12,9 @@
    (no training), then both fine-tuned from the base with the same budget;
 4. every stage evaluated by src.eval on the held-out photos at full size (real
    bitstream), a table of PSNR / MS-SSIM / bpp per stage, and one sheet
-   (src.recon) with a held-out photo decoded by every stage;
+   (src.recon) with a held-out photo decoded by every stage, each column
+   captioned with src.eval's PSNR / MS-SSIM / real bpp on that photo, and an
+   RD plot of the stages;
 5. the fine-tuned NPU encoder and decoder exported to ONNX and checked in onnxruntime.
 """
 
@@ -24,25 +26,24 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.eval import bitstream_roundtrip, load_model
-from src.images import crop_image, image_tensor, load_rgb
+from src.images import image_tensor, load_rgb
 from src.data import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
-from src.recon import write_pngs, write_report
+from src.recon import write_pngs, write_rate, write_report
 from src.sample_photos import skimage_photos
 
 VAL_PHOTOS = ("astronaut", "coffee")
 TRAIN_PHOTOS = ("chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "ihc", "retina", "camera",
                 "moon", "brick", "grass", "gravel", "coins", "page", "immunohistochemistry")
 QUALITY = 1
-SHEET_CROP = 256  # the held-out photo's center, decoded by every stage for the sheet
 
 
 def lay_out_coco(root: Path) -> Path:
@@ -102,16 +103,31 @@ def trained_base(out: Path, crops: Path, steps: int) -> Path:
 
 
 @torch.no_grad()
-def decode_stages(stages: Dict[str, Path], photo: Path, folder: Path) -> Path:
-    """A held-out photo's center coded and decoded (real bitstream) by every stage, as a recon folder + sheet."""
-    img = load_rgb(photo)
-    x = image_tensor(crop_image(img, min(SHEET_CROP, *img.size)))
+def decode_stages(stages: Dict[str, Path], photo: Path, folder: Path, bpp: Mapping[str, float]) -> Path:
+    """A held-out photo coded and decoded (real bitstream) by every stage, as a recon folder + sheet.
+
+    The photo is coded whole, as ``src.eval`` codes it, so each column's PSNR
+    and MS-SSIM are src.eval's on that photo; ``bpp[stage]`` is the real
+    bitstream bpp src.eval measured for it (``photo_bpp``), recorded beside
+    the column for its caption and its point on the sheet's RD plot.
+    """
+    x = image_tensor(load_rgb(photo))
     write_pngs(x, folder / "origin")
     for index, (name, checkpoint) in enumerate(stages.items(), start=1):
         model = load_model(checkpoint, torch.device("cpu"))[0]
-        write_pngs(bitstream_roundtrip(model, x)["x_hat"], folder / f"{index}_{name}")
+        tag = f"{index}_{name}"
+        write_pngs(bitstream_roundtrip(model, x)["x_hat"], folder / tag)
+        write_rate(folder, tag, bpp[name], "real", f"{photo.name}, measured by src.eval",
+                   per_image={"00000.png": bpp[name]})
     write_report([folder], folder / "report.png", crop=96)
     return folder / "report.png"
+
+
+def photo_bpp(report: Dict[str, Any], stages: Mapping[str, Path], photo: Path) -> Dict[str, float]:
+    """``{stage: real bpp}`` that src.eval measured on ``photo``, read from its ``--json`` report."""
+    by_checkpoint = {result["checkpoint"]: result for result in report["results"]}
+    return {name: next(img["bpp_real"] for img in by_checkpoint[str(path)]["images"] if img["name"] == photo.name)
+            for name, path in stages.items()}
 
 
 def stage_table(report: Dict, names: Sequence[str]) -> str:
@@ -156,11 +172,14 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  ["-m", "scripts.export_onnx", "--ckpt", str(stages["npu_all_finetuned"]), "--part", part,
                   "--out", str(out / "onnx" / f"npu_{part}.onnx"), "--input_size", "256",
                   "--image", str(sorted(held_out.glob("*.jpg"))[0])])
-    sheet = decode_stages(stages, sorted(held_out.glob("*.jpg"))[0], out / "stages")
+    report = json.loads((out / "eval.json").read_text())
+    photo = sorted(held_out.glob("*.jpg"))[0]
+    sheet = decode_stages(stages, photo, out / "stages", photo_bpp(report, stages, photo))
     print(f"\n=== the story on {len(list(held_out.glob('*.jpg')))} held-out photos "
           f"({'CompressAI pretrained' if zoo else 'GDN base trained here'} q={QUALITY})")
-    print(stage_table(json.loads((out / "eval.json").read_text()), list(stages)))
-    print(f"\nside by side (a held-out photo decoded by every stage): {sheet}")
+    print(stage_table(report, list(stages)))
+    print(f"\nside by side (held-out {photo.name} decoded by every stage, PSNR / MS-SSIM / real bpp, RD plot): "
+          f"{sheet}")
     print(f"demo finished in {time.perf_counter() - start:.0f}s; outputs in {out}/")
 
 

@@ -43,8 +43,9 @@ from src.precision import (
     resolve_amp_dtype,
 )
 from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
-from src.recon import comparison_grid, write_pngs, write_report
-from src.replace_gdn import fit_blocks_to_gdn, parameter_table, set_trainable_parts
+from src.recon import comparison_grid, write_pngs, write_rate, write_report
+from src.replace_gdn import parameter_table, set_trainable_parts
+from src.replace_gdn_npu import fit_blocks_to_gdn
 from src.run_logger import RunLogger
 from src.schedule import LRSchedule, build_schedule
 from src.speed import speed_up_model, use_fused_optimizer, without_host_syncs
@@ -139,6 +140,15 @@ class TrainState:
     epochs_total: int = 0  # the run's length: --epochs, plus any --extend_epochs of a finished run
     nonfinite_in_a_row: int = 0
     nonfinite_total: int = 0
+    last_saved: Optional[Path] = None  # the last checkpoint this run wrote (or resumed from): None before any
+
+
+def last_good_checkpoint(state: TrainState, config: "StepConfig") -> str:
+    """What the messages that stop a run say about the saved state: never a file this run did not write."""
+    if state.last_saved is not None:
+        return f"last good checkpoint: {state.last_saved}"
+    earlier = " (the last.pt there is an earlier run's, left as it was)" if config.last_checkpoint.exists() else ""
+    return f"no checkpoint was written by this run{earlier}"
 
 
 @dataclass(frozen=True)
@@ -316,7 +326,7 @@ def training_step(tr: Trainer, x: Optional[torch.Tensor],
     verdict = agree_on_step(tr, bad, overflow)
     if verdict.overflow is not None:
         raise TrainingStopped(f"overflow at step {state.steps_run}: {verdict.overflow}; "
-                              f"last good checkpoint: {tr.config.last_checkpoint}")
+                              f"{last_good_checkpoint(state, tr.config)}")
     count_nonfinite(state, verdict.skip_on_host, tr.config, step=state.steps_run, loud=tr.dist.is_main)
     if verdict.skip_on_host:
         drop_step(tr)
@@ -338,7 +348,7 @@ def count_nonfinite(state: TrainState, skipped: bool, config: StepConfig, step: 
     if state.nonfinite_in_a_row >= config.max_bad_steps:
         raise TrainingStopped(f"{state.nonfinite_in_a_row} non-finite steps in a row at step {step}; "
                               "rerun with --overflow_check true to find the module, or lower --lr; "
-                              f"last good checkpoint: {config.last_checkpoint}")
+                              f"{last_good_checkpoint(state, config)}")
 
 
 def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, state: TrainState) -> Dict[str, float]:
@@ -468,8 +478,13 @@ def evaluate(tr: Trainer, loader: DataLoader) -> Dict[str, float]:
 
 
 @torch.no_grad()
-def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str, step: int) -> None:
-    """Write the first ``--recon_count`` val crops and their reconstructions (rank 0)."""
+def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str, step: int,
+               val: Optional[Dict[str, float]] = None) -> None:
+    """Write the first ``--recon_count`` val crops and their reconstructions (rank 0).
+
+    Beside them goes the tag's rate record: the epoch's ``val`` bpp (estimated), with the val set's PSNR and
+    MS-SSIM, which the sheet (``recon/report.png``) shows beside each tile's quality and on its RD plot.
+    """
     items = [val_ds[i] for i in range(min(args.recon_count, len(val_ds)))]
     items = [item for item in items if item is not None]
     if not items:
@@ -484,6 +499,9 @@ def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str,
     recon_dir = Path(args.recon_dir)
     write_pngs(originals, recon_dir / "origin", overwrite=False)
     write_pngs(recons, recon_dir / tag)
+    if val is not None:
+        write_rate(recon_dir, tag, val["bpp"], "estimated", f"the val set ({len(val_ds)} crops)",
+                   psnr=val["psnr"], ms_ssim=val["ms_ssim"])
     tr.logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
 
 
@@ -688,6 +706,7 @@ def save_epoch_checkpoints(tr: Trainer, arch: Dict[str, Any], state: TrainState,
         if "best_loss" in bests:
             say(f"new best val loss {state.best_loss:.4f} -> {save_dir / 'best_loss.pt'}")
     barrier(tr.dist)
+    state.last_saved = Path(args.save_dir) / "last.pt"
 
 
 def run_training(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[str, Any]] = None,
@@ -757,6 +776,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     tr.deferred_skip = fused and not tr.scaler.is_enabled() and tr.monitor is None
     if resume is not None:
         restore_training_state(resume, tr, state)
+        state.last_saved = Path(args.resume)
         say(f"resumed from {args.resume}: {state.epoch} epochs + {state.epoch_step} steps done, {state.steps_run} in all")
         if extending:
             say(f"extending from {state.epoch} to {state.epochs_total} epochs: "
@@ -790,7 +810,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 bests = improved_selections(state, val)
                 save_epoch_checkpoints(tr, arch, state, args, bests, say)
                 if dist.is_main and (state.epoch % args.recon_every == 0 or state.epoch == state.epochs_total):
-                    dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.steps_run)
+                    dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.steps_run, val)
                 summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})
                 if tr.stop.requested:
                     raise interrupted(tr.stop.signum, state, args)

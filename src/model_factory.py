@@ -17,6 +17,7 @@ Training, eval, export and resume all rebuild the exact network from it.
 
 from __future__ import annotations
 
+import argparse
 import urllib.error
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
@@ -28,9 +29,13 @@ from compressai.zoo import load_state_dict as rename_zoo_keys
 from torch import nn
 
 from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch
+from compressai.layers import GDN
+
 from src.cli import UserError
+from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
 from src.qat import QAT_SCHEME, prepare_qat
-from src.replace_gdn import REPLACE_MODES, fit_blocks_to_gdn, replace_gdn_with_npu, replace_gdn_with_relu
+from src.replace_gdn import REPLACE_MODES, find_gdn_layers, replace_gdn_with_relu
+from src.replace_gdn_npu import fit_blocks_to_gdn, replace_gdn_with_npu
 
 QUALITIES = range(1, 9)
 # Zoo models built from g_a / g_s transforms, where GDN replacement applies.
@@ -38,6 +43,17 @@ BASE_MODELS = ("bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean", "
 REPLACE_KINDS = ("none", "relu", "npu")
 # Buffers CompressAI resizes itself when loading (their shape depends on update()).
 _ENTROPY_TABLE_SUFFIXES = ("_quantized_cdf", "_offset", "_cdf_length", "scale_table")
+
+
+def quality_index(text: str) -> int:
+    """argparse type of ``--quality``: CompressAI's zoo has qualities 1-8 (the recipe's "0〜8" counts a 0 it lacks)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = None
+    if value not in QUALITIES:
+        raise argparse.ArgumentTypeError(f"CompressAI's qualities are 1-8, got {text}")
+    return value
 
 
 def make_arch(base_model: str = "bmshj2018-factorized", quality: int = 3, metric: str = "mse",
@@ -70,6 +86,11 @@ def base_network(arch: Mapping[str, Any]) -> nn.Module:
     return image_models[arch["base_model"]](quality=arch["quality"], metric=arch["metric"], pretrained=False)
 
 
+def gdn_model(base_model: str = "bmshj2018-factorized", quality: int = 3, metric: str = "mse") -> nn.Module:
+    """The GDN CompressAI network, randomly initialised: what a training script's ``build_model`` starts from."""
+    return base_network(make_arch(base_model, quality, metric, replace="none"))
+
+
 def apply_replacement(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
     if arch["replace"] == "relu":
         return replace_gdn_with_relu(model, arch["replace_parts"])
@@ -87,6 +108,84 @@ def build_model(arch: Mapping[str, Any]) -> nn.Module:
     """The network that ``arch`` describes, with random weights (load them next)."""
     arch = make_arch(**arch)
     return apply_qat(apply_replacement(base_network(arch), arch), arch)
+
+
+def _kind_at(module: nn.Module) -> str:
+    if isinstance(module, GDN):
+        return "none"
+    if isinstance(module, nn.ReLU):
+        return "relu"
+    if isinstance(module, (GDNishLiteEnc, GDNishLiteDec)):
+        return "npu"
+    return type(module).__name__
+
+
+def _options(module: nn.Module) -> Dict[str, Any]:
+    """A module's plain settings (kernel sizes, gain range, residual, ...), not its weights."""
+    plain = (bool, int, float, str, tuple, type(None))
+    return {k: v for k, v in vars(module).items() if not k.startswith("_") and k != "training" and isinstance(v, plain)}
+
+
+def structure_difference(model: nn.Module, other: nn.Module) -> Optional[str]:
+    """The first place where two networks differ in a module's type, settings or parameter shapes; None if nowhere."""
+    mine, theirs = dict(model.named_modules()), dict(other.named_modules())
+    for name in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(name), theirs.get(name)
+        if a is None or b is None or type(a) is not type(b):
+            return f"'{name}' is {type(a).__name__ if a is not None else 'absent'} against " \
+                   f"{type(b).__name__ if b is not None else 'absent'}"
+        if name and _options(a) != _options(b):
+            diff = sorted(k for k in set(_options(a)) | set(_options(b)) if _options(a).get(k) != _options(b).get(k))
+            return f"'{name}' differs in {', '.join(diff)}"
+    shapes = [{k: tuple(v.shape) for k, v in m.state_dict().items() if not k.endswith(_ENTROPY_TABLE_SUFFIXES)}
+              for m in (model, other)]
+    if shapes[0] != shapes[1]:
+        key = next(k for k in sorted(set(shapes[0]) | set(shapes[1])) if shapes[0].get(k) != shapes[1].get(k))
+        return f"parameter '{key}' has shape {shapes[0].get(key)} against {shapes[1].get(key)}"
+    return None
+
+
+def describe_model(model: nn.Module, base_model: str = "bmshj2018-factorized", quality: int = 3,
+                   metric: str = "mse", qat: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """The architecture description of a (float) network, read off its modules, then checked by rebuilding it.
+
+    Where the GDN network of ``base_model``/``quality`` holds GDN/IGDN, ``model``
+    holds GDN (none), ``nn.ReLU`` (relu) or GDNishLite blocks (npu); the swapped
+    transforms give ``replace_parts``, and the blocks' options are those
+    ``replace_gdn_with_npu`` recorded (``model.npu_block_kwargs``). The
+    description is kept only if ``build_model`` of it gives the very same
+    network (types, settings, shapes): what it cannot express (two kinds, half a
+    transform, hand-made blocks with other options) is a ValueError saying where.
+    """
+    positions = find_gdn_layers(gdn_model(base_model, quality, metric))
+    kinds: Dict[str, set] = {"g_a": set(), "g_s": set()}
+    for path, _ in positions:
+        kinds[path.split(".")[0]].add(_kind_at(model.get_submodule(path)))
+    unknown = sorted(k for ks in kinds.values() for k in ks if k not in REPLACE_KINDS)
+    if unknown:
+        raise ValueError(f"a GDN position holds {unknown[0]}: the architecture description knows GDN, ReLU and "
+                         "GDNishLite blocks only")
+    for transform, found in kinds.items():
+        if len(found) > 1:
+            raise ValueError(f"{transform} mixes {' and '.join(sorted(found))}: a transform is swapped whole "
+                             "or not at all")
+    swapped = {t: next(iter(k)) for t, k in kinds.items() if k and k != {"none"}}
+    if len(set(swapped.values())) > 1:
+        raise ValueError(f"g_a holds {swapped['g_a']} and g_s {swapped['g_s']}: one replacement kind per model")
+    parts = {("g_a",): "encoder", ("g_s",): "decoder", ("g_a", "g_s"): "all", (): "none"}[tuple(sorted(swapped))]
+    replace = next(iter(swapped.values()), "none")
+    recorded = getattr(model, "npu_block_kwargs", {})
+    block_kwargs = {}
+    for cls, key in ((GDNishLiteEnc, "enc_kwargs"), (GDNishLiteDec, "dec_kwargs")):
+        options = [recorded.get(path, {}) for path, _ in positions if isinstance(model.get_submodule(path), cls)]
+        block_kwargs[key] = options[0] if options else {}
+        if any(o != options[0] for o in options):
+            raise ValueError(f"the {cls.__name__} blocks were made with different options: {options}")
+    arch = make_arch(base_model, quality, metric, replace, parts, qat=qat, **block_kwargs)
+    difference = structure_difference(model, build_model(dict(arch, qat=None)))
+    if difference:
+        raise ValueError(f"the network does not match what its description ({replace}/{parts}) rebuilds: {difference}")
+    return arch
 
 
 def download_pretrained_state(arch: Mapping[str, Any]) -> Dict[str, torch.Tensor]:

@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Dict, List
+from typing import Any, Callable, Dict, List, Tuple
 
 import torch
+from torch import nn
 
 from src.cli import UserError, str2bool
 from src.losses import DISTORTIONS, LOSS_TYPES
-from src.model_factory import BASE_MODELS
+from src.model_factory import BASE_MODELS, describe_model, quality_index
 from src.precision import AMP_DTYPE_CHOICES, LOCAL_FP32_POLICIES
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
 from src.schedule import SCHEDULES, check_schedule
@@ -52,7 +53,7 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--num_workers", type=int, default=4)
     g = p.add_argument_group("Model")
     g.add_argument("--model", default="bmshj2018-factorized", choices=BASE_MODELS, help="CompressAI zoo model")
-    g.add_argument("--quality", type=int, default=3, choices=range(1, 9), metavar="{1..8}",
+    g.add_argument("--quality", type=quality_index, default=3, metavar="{1..8}",
                    help="CompressAI quality index")
     g.add_argument("--metric", default="mse", choices=("mse", "ms-ssim"), help="which zoo weights")
     g.add_argument("--pretrained", type=str2bool, default=True, help="start from CompressAI's zoo weights")
@@ -126,6 +127,28 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--log_every", type=int, default=50, help="steps between progress/W&B updates")
     g.add_argument("--wandb", type=str2bool, default=False, help="log to W&B (project: $WANDB_PROJECT)")
     return show_every_default(p)
+
+
+def replacement_built_by(build_model: Callable[[argparse.Namespace], nn.Module],
+                         args: argparse.Namespace) -> Tuple[str, Dict[str, Any], Dict[str, Any]]:
+    """``(replace, enc_kwargs, dec_kwargs)`` for ``run_training``, read off the network a script's ``build_model``.
+
+    The network is described by its modules (``src.model_factory.describe_model``),
+    so whatever swap the script's code does is what trains and what every
+    checkpoint's ``arch`` says. One line when the network cannot be described,
+    or when it swaps other transforms than ``--replace_parts`` names (the flag
+    is what ``--train_scope`` and the saved flags read).
+    """
+    try:
+        arch = describe_model(build_model(args), args.model, args.quality, args.metric)
+    except ValueError as err:
+        raise UserError(f"build_model: {err}") from None
+    if arch["replace_parts"] != args.replace_parts:
+        did = (f"swaps GDN for {arch['replace']} in {arch['replace_parts']}" if arch["replace"] != "none"
+               else "leaves every GDN in place")
+        raise UserError(f"build_model {did} but --replace_parts is {args.replace_parts}: pass --replace_parts "
+                        f"{arch['replace_parts']}, or swap with mode=args.replace_parts")
+    return arch["replace"], arch["enc_kwargs"], arch["dec_kwargs"]
 
 
 def validate_args(args: argparse.Namespace) -> None:

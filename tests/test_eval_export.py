@@ -211,12 +211,22 @@ def test_onnx_codec_round_trip_matches_the_pytorch_codec(checkpoints, photos, tm
 
 
 def test_demo_sheet_decodes_every_stage(checkpoints, photos, tmp_path):
-    from scripts.demo import decode_stages
+    """Each column: src.eval's PSNR and real bpp on that photo (the sheet's rate is passed in, not invented)."""
+    from scripts.demo import decode_stages, photo_bpp
+    from src import recon
 
-    sheet = decode_stages({"gdn": checkpoints["gdn"], "relu": checkpoints["relu"], "npu": checkpoints["npu"]},
-                          photos / "a.png", tmp_path / "stages")
+    stages = {"gdn": checkpoints["gdn"], "relu": checkpoints["relu"], "npu": checkpoints["npu"]}
+    report = recipe_eval.main(["--image_dir", str(photos), "--checkpoint", *map(str, stages.values())])
+    bpp = photo_bpp(report, stages, photos / "a.png")
+    sheet = decode_stages(stages, photos / "a.png", tmp_path / "stages", bpp)
     origin = Image.open(tmp_path / "stages" / "origin" / "00000.png")
-    assert origin.size == (180, 180)  # the center of the 250x180 photo, coded at 192 and cropped back
-    for folder in ("1_gdn", "2_relu", "3_npu"):
-        assert Image.open(tmp_path / "stages" / folder / "00000.png").size == origin.size
+    assert origin.size == (250, 180)  # the whole photo, coded as src.eval codes it
+    table = recon.write_report([tmp_path / "stages"], tmp_path / "again.png")["stages"]
+    for index, (name, result) in enumerate(zip(stages, report["results"]), start=1):
+        tag = f"{index}_{name}"
+        assert Image.open(tmp_path / "stages" / tag / "00000.png").size == origin.size
+        measured = next(img for img in result["images"] if img["name"] == "a.png")
+        assert table[tag][0]["bpp"] == measured["bpp_real"] > 0
+        assert table[tag][0]["psnr"] == pytest.approx(measured["psnr"], abs=1e-6)
+        assert recon.read_rate(tmp_path / "stages", tag)["kind"] == "real"
     assert Image.open(sheet).size[0] > 4 * 150

@@ -85,10 +85,10 @@ def test_exported_blocks_use_only_npu_ops(act):
 
 
 def test_blocks_fitted_to_a_nonlinear_gdn_imitate_it_better():
-    from src.replace_gdn import fit_blocks_to_gdn
+    from src.replace_gdn_npu import fit_blocks_to_gdn
     from src.model_factory import build_model, make_arch
     from src.replace_gdn import find_gdn_layers
-    from src.replace_gdn import replace_gdn_with_npu
+    from src.replace_gdn_npu import replace_gdn_with_npu
 
     torch.manual_seed(0)
     gdn = build_model(make_arch(quality=1, replace="none")).eval()

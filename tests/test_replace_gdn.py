@@ -11,7 +11,7 @@ from src.cli import UserError
 from src.model_factory import build_model, load_weights, make_arch
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
 from src.replace_gdn import find_gdn_layers, replace_gdn_with_relu, set_trainable_parts
-from src.replace_gdn import replace_gdn_with_npu
+from src.replace_gdn_npu import replace_gdn_with_npu
 
 MODELS = ["bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean"]
 LEFT = {"none": (3, 3), "encoder": (0, 3), "decoder": (3, 0), "all": (0, 0)}
@@ -155,3 +155,71 @@ def test_npu_transforms_export_without_forbidden_ops(part):
     torch.onnx.export(getattr(gdn, part), (x,), buffer, opset_version=13, dynamo=False)
     gdn_ops = {node.op_type for node in onnx.load_from_string(buffer.getvalue()).graph.node}
     assert gdn_ops & {"Sqrt", "Div", "Pow"}, "the audit must be able to see GDN's ops"
+
+
+def test_npu_replacement_lives_under_the_recipes_module_name():
+    """The recipe's NPU appendix (A) ships ``src/replace_gdn_npu.py`` with ``replace_gdn_with_npu(model, mode=...)``."""
+    import src.replace_gdn_npu as recipe_module
+
+    model = recipe_module.replace_gdn_with_npu(fresh(), mode="encoder")
+    assert {type(model.get_submodule(p)) for p in model.replaced_gdn} == {GDNishLiteEnc}
+    assert callable(recipe_module.fit_blocks_to_gdn)
+    assert model.npu_block_kwargs == {p: {} for p in ("g_a.1", "g_a.3", "g_a.5")}
+
+
+def test_npu_replacement_of_a_model_without_gdn_left_is_an_error():
+    model = replace_gdn_with_relu(fresh(), "all")
+    with pytest.raises(ValueError, match=r"no GDN/IGDN to replace \(g_a\.1, .* were replaced already\)"):
+        replace_gdn_with_npu(model, mode="encoder")
+    assert replace_gdn_with_npu(fresh(), mode="none").replaced_gdn == ()
+
+
+@pytest.mark.parametrize("swap, expected", [
+    (lambda m: m, ("none", "none", {}, {})),
+    (lambda m: replace_gdn_with_relu(m, "decoder"), ("relu", "decoder", {}, {})),
+    (lambda m: replace_gdn_with_relu(replace_gdn_with_npu(m, mode="all"), "all"), ("npu", "all", {}, {})),
+    (lambda m: replace_gdn_with_npu(m, "encoder", {"t": 1.5, "use_eca": False}), ("npu", "encoder",
+                                                                                  {"t": 1.5, "use_eca": False}, {})),
+    (lambda m: replace_gdn_with_npu(m, "all", None, {"g_min": 0.3, "k": 5}), ("npu", "all", {},
+                                                                              {"g_min": 0.3, "k": 5})),
+])
+def test_description_is_read_off_the_modules(swap, expected):
+    from src.model_factory import describe_model
+
+    model = swap(fresh())
+    arch = describe_model(model, quality=1)
+    assert (arch["replace"], arch["replace_parts"], arch["enc_kwargs"], arch["dec_kwargs"]) == expected
+    rebuilt = load_weights(build_model(arch), model.state_dict(), "test")
+    x = torch.rand(1, 3, 64, 64)
+    assert torch.equal(model.eval()(x)["x_hat"], rebuilt.eval()(x)["x_hat"])
+
+
+def test_a_network_the_description_cannot_rebuild_is_refused():
+    from src.model_factory import describe_model
+
+    mixed = replace_gdn_with_npu(replace_gdn_with_relu(fresh(), "decoder"), "encoder")
+    with pytest.raises(ValueError, match="one replacement kind per model"):
+        describe_model(mixed, quality=1)
+    half = fresh()
+    half.g_a[3] = nn.ReLU()
+    with pytest.raises(ValueError, match="g_a mixes none and relu"):
+        describe_model(half, quality=1)
+    by_hand = replace_gdn_with_npu(fresh(), "all")
+    by_hand.g_s[1] = GDNishLiteDec(128, g_min=0.3)  # not made by replace_gdn_with_npu: its options are not recorded
+    with pytest.raises(ValueError, match="'g_s.1' differs in g_min"):
+        describe_model(by_hand, quality=1)
+    odd = fresh()
+    odd.g_a[1] = nn.GELU()
+    with pytest.raises(ValueError, match="holds GELU"):
+        describe_model(odd, quality=1)
+
+
+@pytest.mark.parametrize("text", ["0", "9", "-1", "three"])
+def test_quality_index_says_compressai_has_1_to_8(text):
+    import argparse
+
+    from src.model_factory import quality_index
+
+    with pytest.raises(argparse.ArgumentTypeError, match=f"CompressAI's qualities are 1-8, got {text}"):
+        quality_index(text)
+    assert quality_index("1") == 1

@@ -57,6 +57,11 @@ def test_relu_script_end_to_end(prepared64, tmp_path, capsys):
         assert word in out
     assert "replaced: g_a.1, g_a.3, g_a.5" in out
     assert summary["steps"] == 4
+    from src.recon import read_rate
+    for epoch in summary["epochs"]:  # the sheet's rate: the epoch's val bpp, beside recon/<tag>/
+        rate = read_rate(tmp_path / "recon", f"epoch_{epoch['epoch']:03d}")
+        assert rate["kind"] == "estimated" and rate["bpp"] == pytest.approx(epoch["val"]["bpp"])
+        assert rate["psnr"] == pytest.approx(epoch["val"]["psnr"])
     val0 = PreparedCrops(prepared64 / "val")[0]  # origin PNGs are the first val crops, index for index
     png = pil_to_tensor(Image.open(tmp_path / "recon" / "origin" / "00000.png"))
     assert val0.dtype == torch.uint8 and torch.equal(png, val0)
@@ -248,10 +253,21 @@ def test_overflow_check_names_module_and_keeps_last_checkpoint(prepared64, tmp_p
     ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     ckpt["state_dict"]["g_s.2.weight"] *= 1e30  # a decoder layer that blows up
     save_checkpoint(ckpt, tmp_path / "bad.pt")
-    with pytest.raises(engine.TrainingStopped, match=r"step 0: first bad output in module 'g_s\.2'"):
+    with pytest.raises(engine.TrainingStopped, match=r"step 0: first bad output in module 'g_s\.2'") as stopped:
         train_finetune_relu.main(common_args(prepared64, tmp_path, "--base_checkpoint", str(tmp_path / "bad.pt"),
                                              "--overflow_check", "true", "--train_scope", "all"))
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == good
+    # a fresh run that stops before its first save wrote no checkpoint: the last.pt there is not its own
+    assert "no checkpoint was written by this run" in str(stopped.value)
+    assert "last good checkpoint" not in str(stopped.value) and "an earlier run's" in str(stopped.value)
+
+
+def test_stop_message_names_only_checkpoints_of_this_run(tmp_path):
+    config = engine.StepConfig(last_checkpoint=tmp_path / "last.pt")
+    state = engine.TrainState()
+    assert engine.last_good_checkpoint(state, config) == "no checkpoint was written by this run"
+    state.last_saved = tmp_path / "resumed_from.pt"
+    assert engine.last_good_checkpoint(state, config) == f"last good checkpoint: {tmp_path / 'resumed_from.pt'}"
 
 
 def test_gdn_control_checkpoint_is_read_by_compressai_eval_model(prepared64, tmp_path):
@@ -327,7 +343,8 @@ def test_cli_errors_are_single_lines(tmp_path):
 
     removed = run("--coco_dir", "x", "--amp_warmup_steps", "10")
     assert removed.returncode == 2 and "--lr_warmup_steps" in removed.stderr and "--local_fp32" in removed.stderr
-    for argv, needle in ((["--quality", "0"], "invalid choice"), (["--amp", "maybe"], "true or false")):
+    for argv, needle in ((["--quality", "0"], "CompressAI's qualities are 1-8"),
+                         (["--amp", "maybe"], "true or false")):
         result = run("--coco_dir", str(tmp_path), *argv, "--pretrained", "false")
         assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
     # One error found after parsing, through the real process (the cases themselves: BAD_TRAINING_INPUT).
@@ -422,6 +439,60 @@ def test_recon_report_sheet_and_captions(tmp_path):
     assert means[0] > means[1] + 3  # noise 0.02 vs 0.05
 
 
+def drawn_sheet(monkeypatch):
+    """Keep the figure the sheet saves, to read back what it shows."""
+    from matplotlib.figure import Figure
+
+    kept = []
+    save = Figure.savefig
+    monkeypatch.setattr(Figure, "savefig", lambda fig, *a, **k: (kept.append(fig), save(fig, *a, **k))[1])
+    return kept
+
+
+def test_recon_sheet_shows_rate_beside_quality_and_an_rd_plot(tmp_path, monkeypatch, capsys):
+    import numpy as np
+
+    from src import recon as recon_report
+
+    synthetic_recon(tmp_path / "recon")
+    # an epoch's val bpp (estimated, over the val set, with that set's PSNR) and per-image real bpp
+    recon_report.write_rate(tmp_path / "recon", "epoch_001", 0.61, "estimated", "the val set (8 crops)", psnr=36.2)
+    recon_report.write_rate(tmp_path / "recon", "epoch_002", 0.2, "real", "2 photos",
+                            per_image={"00000.png": 0.15, "00001.png": 0.25})
+    assert sorted(p.name for p in (tmp_path / "recon" / "epoch_001").iterdir()) == ["00000.png", "00001.png"]
+    figures = drawn_sheet(monkeypatch)
+    table = recon_report.main(["--recon_dir", str(tmp_path / "recon")])["recon"]
+    assert [m["bpp"] for m in table["epoch_001"]] == [0.61, 0.61]
+    assert [m["bpp"] for m in table["epoch_002"]] == [0.15, 0.25]
+    texts = [t.get_text() for t in figures[0].findobj(lambda a: hasattr(a, "get_text"))]
+    captions = [t for t in texts if t.startswith("epoch_")]
+    assert any("0.610 bpp (val est.)" in t and "dB / MS-SSIM" in t for t in captions)
+    assert any("0.150 bpp (real)" in t for t in captions) and any("0.250 bpp (real)" in t for t in captions)
+    rd = figures[0].axes[-1]
+    assert rd.get_xlabel().startswith("bpp") and rd.get_ylabel() == "PSNR [dB]"
+    points = {(round(float(line.get_xdata()[0]), 4), round(float(line.get_ydata()[0]), 4)) for line in rd.lines}
+    tile_psnr = np.mean([m["psnr"] for m in table["epoch_002"]])
+    assert points == {(0.61, 36.2), (0.2, round(float(tile_psnr), 4))}  # rate and PSNR of the same images
+    assert {t.get_text() for t in rd.texts} >= {"epoch_001", "epoch_002"}
+    assert "mean bpp 0.2000" in capsys.readouterr().out
+
+
+def test_recon_sheet_without_rate_says_unknown(tmp_path, monkeypatch, capsys):
+    from src import recon as recon_report
+
+    synthetic_recon(tmp_path / "recon")
+    figures = drawn_sheet(monkeypatch)
+    recon_report.main(["--recon_dir", str(tmp_path / "recon")])
+    texts = [t.get_text() for t in figures[0].findobj(lambda a: hasattr(a, "get_text"))]
+    assert sum("bpp unknown" in t for t in texts) == 4 and not any(" bpp (" in t for t in texts)
+    rd = figures[0].axes[-1]
+    assert not rd.lines and any("rate unknown for every tag" in t.get_text() for t in rd.texts)
+    assert capsys.readouterr().out.count("rate unknown") == 2
+    (tmp_path / "recon" / "epoch_001.json").write_text('{"bpp": "lots"}')
+    with pytest.raises(UserError, match="epoch_001.json is not a rate record"):
+        recon_report.main(["--recon_dir", str(tmp_path / "recon")])
+
+
 def test_recon_report_bad_folders(tmp_path):
     from src import recon as recon_report
 
@@ -436,6 +507,19 @@ def test_recon_report_bad_folders(tmp_path):
     (tmp_path / "r2" / "epoch_001" / "00000.png").write_bytes(b"\x89PNG broken")
     with pytest.raises(UserError, match="00000.png cannot be read"):
         recon_report.main(["--recon_dir", str(tmp_path / "r2")])
+
+
+@pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
+@pytest.mark.parametrize("quality", ["0", "9", "three"])
+def test_quality_outside_compressai_is_one_line(make, quality, capsys):
+    """The recipe says 0〜8; CompressAI's zoo has 1-8: a 0 gets that said, not argparse's bare 'invalid choice'."""
+    with pytest.raises(SystemExit) as exit_info:
+        make().parse_args(["--coco_dir", "x", "--quality", quality])
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error:" in line]
+    assert exit_info.value.code == 2 and len(errors) == 1
+    assert "--quality" in errors[0] and "CompressAI's qualities are 1-8" in errors[0]
+    assert "invalid choice" not in errors[0]
+    assert make().parse_args(["--coco_dir", "x", "--quality", "8"]).quality == 8
 
 
 @pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
