@@ -35,18 +35,25 @@ images whole (padded to 64 like ``src.eval``), else their centre crops at
 from __future__ import annotations
 
 import argparse
+import contextlib
+import os
+import re
+import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import onnx
+import onnxruntime.capi.onnxruntime_pybind11_state as ort_errors
 import torch
 from torch import nn
+from torch.onnx import _constants as onnx_constants
 
+from src.checkpoint import current_umask
 from src.cli import UserError, run_cli
 from src.data import image_files
 from src.export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, QAT_MAX_STEPS, QAT_MEAN_STEPS, export_graph, int8_report,
                         op_histogram, output_errors, part_input, qat_export_check)
-from src.images import DECODE_ERRORS, center_crop_tensor
+from src.images import DECODE_ERRORS, center_crop_tensor, load_rgb
 from src.int8 import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS
 from src.model_factory import load_checkpoint_model, make_arch
 from src.qat import is_qat_model, output_step
@@ -85,6 +92,86 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="also measure, for each activation tensor alone at 16 bits, the round trip's PSNR and rate "
                         "change (one quantisation and round trip per tensor: slow; use few --int8_eval_count images)")
     return p
+
+
+# What exporting or checking a graph raises when this torch, onnx or onnxruntime cannot make or run it at an opset.
+EXPORT_FAILURES = (torch.onnx.errors.OnnxExporterError, onnx.checker.ValidationError, ort_errors.Fail,
+                   ort_errors.InvalidGraph, ort_errors.InvalidArgument, ort_errors.NotImplemented,
+                   ort_errors.RuntimeException)
+
+
+# Per-channel QDQ (the axis attribute of QuantizeLinear/DequantizeLinear) came with opset 13.
+INT8_MIN_OPSET = 13
+
+
+def opset_range() -> Tuple[int, int]:
+    """The opsets this torch's TorchScript exporter (``dynamo=False``, as ``export_graph`` uses) targets."""
+    high = getattr(onnx_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", onnx_constants.ONNX_MAX_OPSET)
+    return onnx_constants.ONNX_MIN_OPSET, high
+
+
+def check_arguments(args: argparse.Namespace) -> Path:
+    """One line for a flag that cannot work, before any model is loaded; returns --out."""
+    low, high = opset_range()
+    if not low <= args.opset <= high:
+        raise UserError(f"--opset {args.opset} is outside {low}..{high}, the opsets the TorchScript exporter of "
+                        f"torch {torch.__version__} supports (default 13)")
+    if args.int8 and args.opset < INT8_MIN_OPSET:
+        raise UserError(f"--int8 needs --opset {INT8_MIN_OPSET} or later: its per-channel weights are "
+                        f"QuantizeLinear/DequantizeLinear with an axis, which opset {args.opset} lacks")
+    if args.input_size <= 0:
+        raise UserError(f"--input_size {args.input_size} must be a positive multiple of the model's stride 16")
+    out = Path(args.out)
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder; name the graph file, e.g. {out / (args.part + '.onnx')}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"--out {out}: its folder cannot be created ({err.strerror or err})") from None
+    return out
+
+
+@contextlib.contextmanager
+def verified_output(out: Path, opset: int) -> Iterator[Path]:
+    """A temp file beside ``out`` to export and check; it replaces ``out`` only when the block has passed.
+
+    So an export that fails any check leaves nothing unverified at ``out``,
+    and a good graph already there is not destroyed by a failed one.
+    """
+    kept = f"{out} was left as it was" if out.exists() else f"{out} was not written"
+    try:
+        fd, name = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
+    except OSError as err:
+        raise UserError(f"--out {out} cannot be written ({err.strerror or err})") from None
+    os.close(fd)
+    staged = Path(name)
+    try:
+        yield staged
+        os.chmod(staged, 0o666 & ~current_umask())
+        os.replace(staged, out)
+    except EXPORT_FAILURES as err:
+        reason = (str(err).strip() or type(err).__name__).splitlines()[0].split(" Status Message:")[0]
+        reason = re.sub(r"^\[ONNXRuntimeError\] : \d+ : \w+ : ", "onnxruntime: ", reason)[:160]
+        raise UserError(f"the opset {opset} export does not verify ({reason}); {kept}") from None
+    except UserError as err:
+        raise UserError(f"{err}; {kept}") from None
+    finally:
+        staged.unlink(missing_ok=True)
+
+
+def decodable(files: List[Path], what: str, source: str) -> List[Path]:
+    """The files that decode; each one that does not is skipped on its own warning line, as ``src.eval`` does."""
+    kept = []
+    for path in files:
+        try:
+            load_rgb(path)
+        except DECODE_ERRORS as err:
+            print(f"warning: skipping {path}: cannot be decoded ({(str(err).splitlines() or [''])[0][:120]})")
+            continue
+        kept.append(path)
+    if files and not kept:
+        raise UserError(f"none of the {len(files)} {what} images taken from {source} could be decoded")
+    return kept
 
 
 def load_export_model(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dict], Dict]:
@@ -151,49 +238,53 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
     if args.int8 and args.part == "full":
         raise UserError("--int8 quantises the encoder or the decoder: use --part encoder or --part decoder")
+    out = check_arguments(args)
     model, arch, payload = load_export_model(args)
     stride = int(getattr(model, "downsampling_factor", 16))
     if args.input_size % stride:
-        raise UserError(f"--input_size must be a multiple of the model's stride {stride}")
-    out = Path(args.out)
+        raise UserError(f"--input_size {args.input_size} must be a positive multiple of the model's stride {stride}")
     image = verification_image(args, payload, (args.input_size, args.input_size))
     example = part_input(model, args.part, image)
     if args.part == "decoder":
         print(f"decoder input: M={example.shape[1]} latent {example.shape[2]}x{example.shape[3]} "
               f"(input_size {args.input_size} / stride {stride})")
-    module, _ = export_graph(model, args.part, example, out, args.opset, args.dynamic)
-    onnx.checker.check_model(onnx.load(str(out)))
-    errors = {f"{args.input_size}x{args.input_size}": output_errors(module, out, example)}
-    if args.dynamic:
-        second = (args.input_size + 2 * stride, args.input_size + stride)
-        second_in = part_input(model, args.part, verification_image(args, payload, second))
-        errors[f"{second[0]}x{second[1]}"] = output_errors(module, out, second_in)
-    histogram = op_histogram(out)
-    print(f"exported {args.part} -> {out} (opset {args.opset}{', dynamic H/W' if args.dynamic else ''})")
-    print("ops: " + ", ".join(f"{op}x{n}" for op, n in histogram.items()))
-    for size, errs in errors.items():
-        print(f"onnxruntime vs PyTorch at {size}: max abs error " + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
-    step = output_step(model, "g_s" if args.part == "decoder" else "g_a")
-    if step is not None:
-        steps = qat_export_check(module, out, example, step)
-        print(f"QAT graph: onnxruntime (integer kernels) vs fake-quant PyTorch: {steps[0]:.2f} steps max, "
-              f"{steps[1]:.3f} mean (output step {step:.3g}; tolerance {QAT_MAX_STEPS:g} / {QAT_MEAN_STEPS:g})")
-        if not (steps[0] <= QAT_MAX_STEPS and steps[1] <= QAT_MEAN_STEPS):
-            raise UserError(f"QAT export mismatch: {steps[0]:.2f} output steps max, {steps[1]:.3f} mean "
-                            f"(tolerance {QAT_MAX_STEPS:g} / {QAT_MEAN_STEPS:g})")
-    else:
-        checked = "y" if args.part == "full" else None
-        worst = max(e[checked] if checked else max(e.values()) for e in errors.values())
-        if not worst <= MAX_ABS_ERROR:
-            raise UserError(f"export mismatch: max abs error {worst:.2e} > {MAX_ABS_ERROR:g}")
-    if arch is not None and arch["replace"] == "npu" and args.part != "full":
-        found = sorted(op for op in histogram if op in NPU_FORBIDDEN_OPS)
-        if found:
-            raise UserError(f"NPU export of the {args.part} contains ops integer NPUs cannot run: {found}")
-        print(f"NPU check passed: no {', '.join(NPU_FORBIDDEN_OPS)}")
+    with verified_output(out, args.opset) as staged:
+        module, _ = export_graph(model, args.part, example, staged, args.opset, args.dynamic)
+        onnx.checker.check_model(onnx.load(str(staged)))
+        errors = {f"{args.input_size}x{args.input_size}": output_errors(module, staged, example)}
+        if args.dynamic:
+            second = (args.input_size + 2 * stride, args.input_size + stride)
+            second_in = part_input(model, args.part, verification_image(args, payload, second))
+            errors[f"{second[0]}x{second[1]}"] = output_errors(module, staged, second_in)
+        histogram = op_histogram(staged)
+        print(f"exported {args.part} -> {out} (opset {args.opset}{', dynamic H/W' if args.dynamic else ''})")
+        print("ops: " + ", ".join(f"{op}x{n}" for op, n in histogram.items()))
+        for size, errs in errors.items():
+            print(f"onnxruntime vs PyTorch at {size}: max abs error "
+                  + ", ".join(f"{k} {v:.2e}" for k, v in errs.items()))
+        step = output_step(model, "g_s" if args.part == "decoder" else "g_a")
+        if step is not None:
+            steps = qat_export_check(module, staged, example, step)
+            print(f"QAT graph: onnxruntime (integer kernels) vs fake-quant PyTorch: {steps[0]:.2f} steps max, "
+                  f"{steps[1]:.3f} mean (output step {step:.3g}; tolerance {QAT_MAX_STEPS:g} / {QAT_MEAN_STEPS:g})")
+            if not (steps[0] <= QAT_MAX_STEPS and steps[1] <= QAT_MEAN_STEPS):
+                raise UserError(f"QAT export mismatch: {steps[0]:.2f} output steps max, {steps[1]:.3f} mean "
+                                f"(tolerance {QAT_MAX_STEPS:g} / {QAT_MEAN_STEPS:g})")
+        else:
+            checked = "y" if args.part == "full" else None
+            worst = max(e[checked] if checked else max(e.values()) for e in errors.values())
+            if not worst <= MAX_ABS_ERROR:
+                raise UserError(f"export mismatch: max abs error {worst:.2e} > {MAX_ABS_ERROR:g}")
+        if arch is not None and arch["replace"] == "npu" and args.part != "full":
+            found = sorted(op for op in histogram if op in NPU_FORBIDDEN_OPS)
+            if found:
+                raise UserError(f"NPU export of the {args.part} contains ops integer NPUs cannot run: {found}")
+            print(f"NPU check passed: no {', '.join(NPU_FORBIDDEN_OPS)}")
     report = {"ops": histogram, "errors": errors, "out": str(out)}
     if args.int8:
         calib_files, eval_files, eval_from = split_calibration(args, is_qat_model(model))
+        calib_files = decodable(calib_files, "calibration", args.int8)
+        eval_files = decodable(eval_files, "round-trip", args.int8_eval_dir or args.int8)
         report["int8"] = int8_report(model, args.part, out, image, calib_files, eval_files, eval_from,
                                      args.input_size, args.dynamic, args.opset, calib_source=args.int8,
                                      profile=args.precision, range_method=args.calib_method,

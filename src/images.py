@@ -27,13 +27,43 @@ def list_images(folder: Path) -> List[Path]:
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
-def _to_8bit_rgb(img: Image.Image) -> Image.Image:
-    """Convert any PIL mode to RGB; deep (16/32-bit, float) modes are rescaled, not clipped."""
+def sample_bits(img: Image.Image) -> Optional[int]:
+    """Bits per sample the file declares, read from the raw mode Pillow decodes it with (before ``load``).
+
+    A 16-bit PNG decodes from raw mode ``I;16B`` (gray) or ``RGB;16B`` / ``RGBA;16B`` / ``LA;16B`` on
+    every Pillow, whichever mode (``I;16``, ``I;16B``, ``I``, ``RGB``, ...) the image is then given;
+    16-bit TIFF and PGM use ``I;16*`` raw modes too. None when no tile says (e.g. an image made in memory).
+    """
+    for tile in getattr(img, "tile", None) or ():
+        args = tile[3]
+        rawmode = args if isinstance(args, str) else next((a for a in args or () if isinstance(a, str)), "")
+        if ";16" in rawmode:
+            return 16
+    return 16 if img.mode.startswith("I;16") else None
+
+
+def _to_8bit_rgb(img: Image.Image, bits: Optional[int] = None) -> Image.Image:
+    """Convert any PIL mode to RGB; deep (16/32-bit, float) modes are rescaled, not clipped.
+
+    A sample v of a B-bit file means v / (2**B - 1) of full scale, as the PNG
+    spec and every viewer read it: values 0-255 in a 16-bit file are nearly
+    black, not an 8-bit picture. A 16-bit sample becomes its high byte,
+    ``v >> 8`` (= floor(v / 256)), which is what Pillow's own decoders of
+    16-bit RGB, RGBA and gray+alpha PNGs do; so gray and colour 16-bit files
+    agree, gray gives the same pixels in every mode a Pillow version opens it
+    in (``I;16``, ``I;16B``, ``I``), and 8-bit values widened the standard way
+    (``v * 257``) come back exactly. ``bits`` is the file's depth
+    (``sample_bits``); mode ``I`` or ``F`` without a declared 16-bit depth
+    (32-bit or float TIFF) is scaled by its own range.
+    """
     if img.mode == "RGB":
         return img
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+    if img.mode.startswith("I;16") or (img.mode == "I" and bits == 16):
+        gray = (np.asarray(img).astype(np.uint16) >> 8).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB")
+    if img.mode in ("I", "F"):
         arr = np.asarray(img, dtype=np.float64)
-        peak = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        peak = 65535.0 if arr.max() > 255 else 255.0
         if img.mode == "F" and arr.max() <= 1.0:
             peak = 1.0
         gray = np.clip(np.round(arr / peak * 255.0), 0, 255).astype(np.uint8)
@@ -47,15 +77,16 @@ def _to_8bit_rgb(img: Image.Image) -> Image.Image:
 
 
 def load_rgb(path: Path) -> Image.Image:
-    """Decode ``path`` fully, apply its EXIF orientation and return 8-bit RGB.
+    """Decode ``path`` fully, apply its EXIF orientation and return 8-bit RGB (scaled as ``_to_8bit_rgb`` says).
 
     Raises the PIL/OS error of a corrupt, truncated or non-image file; callers
     decide whether that skips the file or stops the run.
     """
     with Image.open(path) as img:
+        bits = sample_bits(img)
         img.load()
         img = ImageOps.exif_transpose(img)
-        return _to_8bit_rgb(img)
+        return _to_8bit_rgb(img, bits)
 
 
 def center_crop_box(width: int, height: int, size: int, size_h: Optional[int] = None) -> Tuple[int, int, int, int]:

@@ -26,6 +26,8 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence
@@ -173,8 +175,34 @@ def find_run(folder: Path, label: str) -> Run:
 
 
 def read_run(run: Run) -> Dict[str, List[torch.Tensor]]:
-    """Every PNG of a run, read once: ``{"origin" or tag: [image per name]}``."""
-    return {tag: [read_png(run.folder / tag / n) for n in run.names] for tag in ["origin", *run.tags]}
+    """Every PNG of a run, read once: ``{"origin" or tag: [image per name]}``; a tag must match origin's sizes."""
+    images = {tag: [read_png(run.folder / tag / n) for n in run.names] for tag in ["origin", *run.tags]}
+    for tag in run.tags:
+        for name, origin, image in zip(run.names, images["origin"], images[tag]):
+            if image.shape != origin.shape:
+                raise UserError(f"{run.folder / tag / name} is {image.shape[2]}x{image.shape[1]} but origin/{name} is "
+                                f"{origin.shape[2]}x{origin.shape[1]}: a tag must mirror origin/ (was the folder "
+                                "reused by a run with another crop size?)")
+    return images
+
+
+def check_out(out: Path) -> None:
+    """One line for a sheet path that cannot be written, before any image is read."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    if out.is_dir():
+        raise UserError(f"sheet path {out} is a folder; name the sheet file, e.g. {out / 'report.png'}")
+    formats = FigureCanvasBase.get_supported_filetypes()
+    if out.suffix and out.suffix[1:].lower() not in formats:
+        raise UserError(f"sheet path {out}: matplotlib cannot write '{out.suffix}' "
+                        f"(use one of {', '.join(sorted(formats))})")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".probe")
+    except OSError as err:
+        raise UserError(f"sheet path {out} cannot be created ({err.strerror or err})") from None
+    os.close(fd)
+    os.unlink(probe)
 
 
 def measure(runs: Sequence[Run], images: Dict[str, Dict[str, List[torch.Tensor]]]):
@@ -320,6 +348,7 @@ def write_report(recon_dirs: Sequence[Path], out: Path, crop: int = 0) -> Dict:
     """Check the folders, measure every tile and draw the sheet; returns the metrics table."""
     labels = unique_labels([Path(d) for d in recon_dirs])
     runs = [find_run(Path(d), label) for d, label in zip(recon_dirs, labels)]
+    check_out(Path(out))
     images = {run.label: read_run(run) for run in runs}
     table = measure(runs, images)
     draw_sheet(runs, images, table, out, crop)

@@ -1,4 +1,6 @@
+import errno
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -146,3 +148,119 @@ def test_reusing_an_out_dir_with_other_crop_arguments_is_refused(coco_root, tmp_
     for extra, needle in ((["--crop_size", "96"], "--crop_size 64 -> 96"), (["--seed", "5"], "--seed 0 -> 5")):
         with pytest.raises(UserError, match=needle):
             run(coco_root, tmp_path, *extra)  # argparse keeps the last --crop_size
+
+
+def test_interrupted_first_run_keeps_its_parameters(coco_root, tmp_path, monkeypatch):
+    """The manifest's parameters land before the first crop: a rerun with others is refused, not mixed in."""
+    done = []
+    real = coco_prepare.process_image
+
+    def interrupted_after_two(job):
+        if len(done) == 2:
+            raise KeyboardInterrupt
+        done.append(job)
+        return real(job)
+
+    monkeypatch.setattr(coco_prepare, "process_image", interrupted_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        run(coco_root, tmp_path / "out")
+    monkeypatch.undo()
+    assert len(list((tmp_path / "out" / "train").glob("*.png"))) == 2
+    assert json.loads((tmp_path / "out" / "manifest.json").read_text())["args"]["crop_size"] == 64
+    with pytest.raises(UserError, match=r"--crop_size 64 -> 96.*delete .* to start over"):
+        run(coco_root, tmp_path / "out", "--crop_size", "96")
+    completed = run(coco_root, tmp_path / "out")
+    assert completed["counts"]["existing"] == 2 and completed["counts"]["written"] == 6
+    run(coco_root, tmp_path / "fresh")
+    for crop in (tmp_path / "fresh").rglob("*.png"):
+        assert crop.read_bytes() == (tmp_path / "out" / crop.relative_to(tmp_path / "fresh")).read_bytes()
+
+
+def test_crops_without_a_manifest_are_not_added_to(coco_root, tmp_path):
+    (tmp_path / "train").mkdir()
+    Image.new("RGB", (96, 96)).save(tmp_path / "train" / "old_00.png")
+    with pytest.raises(UserError, match="no manifest.json"):
+        run(coco_root, tmp_path)
+
+
+def test_sources_with_one_stem_get_distinct_crops(tmp_path):
+    folder = tmp_path / "coco" / "train2017"
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    names = ["photo.jpg", "photo.png", "photo.JPG", "photo.jpg.png", "other.png"]
+    for name in names:
+        pixels = rng.integers(0, 255, (80, 80, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(folder / name, format="PNG" if name.endswith("png") else "JPEG")
+    manifest = run(tmp_path / "coco", tmp_path / "out", "--include_val", "false")
+    assert manifest["counts"]["written"] == 5 and manifest["counts"]["crops_train"] == 5
+    crops = {name: manifest["crops"][f"train2017/{name}"] for name in names}
+    assert len({c for names_ in crops.values() for c in names_}) == 5
+    assert len(list((tmp_path / "out" / "train").glob("*.png"))) == 5
+    assert crops["other.png"] == ["train/other_00.png"], "a stem no other source shares keeps its name"
+    assert crops["photo.JPG"] == ["train/photo.JPG_00.png"]
+    again = run(tmp_path / "coco", tmp_path / "out", "--include_val", "false", "--max_images", "1")
+    assert again["counts"] == {"existing": 1, "crops_train": 1}, "names do not depend on --max_images"
+
+
+def test_non_utf8_file_names_are_cropped_and_reported(tmp_path):
+    folder = tmp_path / "coco" / "train2017"
+    folder.mkdir(parents=True)
+    good, bad = os.fsdecode(b"caf\xe9.jpg"), os.fsdecode(b"\xff\xfe.jpg")
+    Image.new("RGB", (80, 80), (9, 99, 199)).save(folder / good, format="JPEG")
+    (folder / bad).write_bytes(b"not an image")
+    result = subprocess.run([sys.executable, "-m", "scripts.coco_prepare", "--coco_dir", str(tmp_path / "coco"),
+                             "--out_dir", str(tmp_path / "out"), "--crop_size", "64", "--include_val", "false",
+                             "--workers", "1"], cwd=REPO, capture_output=True, text=True,
+                            env=dict(os.environ, PYTHONIOENCODING="utf-8"))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+    crop = os.fsdecode(b"caf\xe9_00.png")
+    assert (tmp_path / "out" / "train" / crop).is_file()
+    assert "skipped train2017/\\xff\\xfe.jpg: unreadable" in result.stdout
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    assert manifest["crops"][f"train2017/{good}"] == [f"train/{crop}"]
+
+
+def test_full_disk_is_one_line_and_the_rerun_completes(coco_root, tmp_path, monkeypatch):
+    real_save = Image.Image.save
+    written = []
+
+    def save_on_a_disk_that_fills(self, fp, *args, **kwargs):
+        if len(written) == 3:
+            fp.write(b"\x89PNG")
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(fp)
+        return real_save(self, fp, *args, **kwargs)
+
+    monkeypatch.setattr(Image.Image, "save", save_on_a_disk_that_fills)
+    with pytest.raises(UserError, match=r"disk is full .*MiB free.*rerun with the same arguments"):
+        run(coco_root, tmp_path)
+    monkeypatch.undo()
+    assert not list(tmp_path.rglob("*.tmp")), "no half-written crop is left behind"
+    assert json.loads((tmp_path / "manifest.json").read_text())["args"]["crop_size"] == 64
+    assert run(coco_root, tmp_path)["counts"] == {"existing": 3, "written": 5, "crops_train": 6, "crops_val": 2}
+
+
+def test_full_disk_before_the_first_crop_is_one_line(coco_root, tmp_path, monkeypatch):
+    def no_space(path, write, durable=True):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+
+    monkeypatch.setattr(coco_prepare, "write_atomic", no_space)
+    with pytest.raises(UserError, match=r"could not write .*manifest.json: the disk is full"):
+        run(coco_root, tmp_path)
+    assert not list((tmp_path / "train").glob("*.png"))
+
+
+@pytest.mark.parametrize("case, needle", [
+    ("file", "is a file, not a folder"),
+    ("under_a_file", "cannot be created"),
+    ("crop_100", "--crop_size 100 is not a multiple of 16"),
+    ("crop_0", "--crop_size 0 is not a multiple of 16"),
+])
+def test_bad_out_dir_and_crop_size_are_one_line(case, needle, coco_root, tmp_path):
+    (tmp_path / "a_file").write_text("x")
+    out = {"file": tmp_path / "a_file", "under_a_file": tmp_path / "a_file" / "out"}.get(case, tmp_path / "out")
+    size = {"crop_100": "100", "crop_0": "0"}.get(case, "64")
+    with pytest.raises(UserError, match=needle):
+        run(coco_root, out, "--crop_size", size)
+    assert (tmp_path / "a_file").read_text() == "x"
