@@ -123,7 +123,8 @@ def verify_round_trip(bundle: codec.Bundle, images: Sequence[Path], model: nn.Mo
         result[runtime] = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ms_ssim", "bpp", "bpp_file")}
     ort_rows, ov_rows = per_runtime["onnxruntime"], per_runtime["openvino"]
     result["runtime_agreement"] = {
-        "symbols_differing": int(sum(np.count_nonzero(a["symbols"] != b["symbols"]) for a, b in zip(ort_rows, ov_rows))),
+        "symbols_differing": int(sum(np.count_nonzero(a["symbols"] != b["symbols"])
+                                     for a, b in zip(ort_rows, ov_rows))),
         "symbols": int(sum(a["symbols"].size for a in ort_rows)),
         "max_pixel_difference": int(max(np.abs(a["decoded"].astype(int) - b["decoded"].astype(int)).max()
                                         for a, b in zip(ort_rows, ov_rows))),
@@ -232,7 +233,8 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
             "file_format": {"magic": codec.MAGIC.decode(), "version": codec.FORMAT_VERSION,
                             "header_bytes": codec.HEADER.size},
             "entropy": {"file": codec.TABLES_FILE, "sha256": tables.digest()},
-            "graphs": {part: {"file": codec.GRAPH_FILES[part], "sha256": codec.file_sha256(folder / codec.GRAPH_FILES[part]),
+            "graphs": {part: {"file": codec.GRAPH_FILES[part],
+                              "sha256": codec.file_sha256(folder / codec.GRAPH_FILES[part]),
                               "input": "x" if part == "encoder" else "symbols",
                               "output": "symbols" if part == "encoder" else "x_hat",
                               "ops": op_histogram(folder / codec.GRAPH_FILES[part])} for part in codec.GRAPH_FILES},

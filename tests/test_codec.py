@@ -263,7 +263,7 @@ def test_subpixel_rewrite_is_exact_in_fp32(setup, tmp_path):
         for latent in (symbols, symbols[..., :4, :7].contiguous()):  # H/W are dynamic
             with torch.no_grad():
                 expected = model.g_s(latent + medians).numpy()  # the original decoder, ConvTranspose and all
-            # x_hat is O(1), each output a sum of ~128*9 products per layer over 4 layers: 1e-4 is ~100x FP32 reordering.
+            # x_hat is O(1), a sum of ~128*9 products per layer over 4 layers: 1e-4 is ~100x FP32 reordering.
             assert np.abs(graph(latent.numpy()) - expected).max() < 1e-4, runtime
     manifest = json.loads((setup["bundles"]["int8_subpixel"] / "manifest.json").read_text())
     assert manifest["upsample"] == "subpixel" and "ConvTranspose" not in manifest["graphs"]["decoder"]["ops"]
@@ -280,7 +280,8 @@ def test_runtimes_agree_and_the_int8_convtranspose_stays_float_in_onnxruntime(se
         assert codec.psnr(ort_png, ov_png) > 40 and ort_symbols
     fp32_decoder = setup["bundles"]["fp32"] / "decoder.onnx"
     bundle = codec.Codec(codec.load_bundle(setup["bundles"]["fp32"]), parts=("encoder",))
-    calib = [bundle.encoder(codec.padded_input(np.asarray(load_rgb(p)))) for p in sorted((setup["root"] / "calib").iterdir())]
+    calib = [bundle.encoder(codec.padded_input(np.asarray(load_rgb(p))))
+             for p in sorted((setup["root"] / "calib").iterdir())]
     int8 = quantize_int8(fp32_decoder, tmp_path / "decoder.int8.onnx", calib)
     ort_audit = codec.runtime_audit(int8, "onnxruntime")
     assert ort_audit["float"].get("ConvTranspose") == 4 and ort_audit["integer"].get("QLinearConv", 0) == 9
