@@ -19,19 +19,26 @@ is checked in steps of its output's quantisation scale (at most
 
 ``--int8`` reports the encoder -> entropy coder -> decoder round trip of the
 INT8 graphs against the FP32 ones, in PSNR and in real bits, on images that
-were not used for calibration: PTQ (``quantize_static``) for a float
-checkpoint, the QDQ graphs themselves against the same weights without
-fake-quant for a QAT checkpoint. With ``--dynamic`` the round trip codes the
+were not used for calibration. For a float checkpoint this is PTQ
+(``src.int8``): symbol-interface graphs (the INT8 encoder outputs the entropy
+coder's symbols ``round(y - median)``, the INT8 decoder takes them and adds
+the medians itself), calibrated on the whole CALIB_DIR images, with the
+``--precision`` profile (``w8a8`` or ``a16w8``) and ranges chosen by
+``--calib_method``; OUT.int8.onnx is the INT8 graph of ``--part`` on that
+interface. For a QAT checkpoint, the QDQ graphs themselves against the same
+weights without fake-quant. With ``--dynamic`` the round trip codes the
 images whole (padded to 64 like ``src.eval``), else their centre crops at
-``--input_size``.
+``--input_size``. ``--int8_sensitivity`` adds, per activation tensor, what
+16 bits on that tensor alone would buy.
 
 ``--bundle DIR`` writes a codec bundle instead of one graph (``src.bundle``,
 ``src.codec``; decode with ``python -m scripts.codec``): the symbol encoder
 and decoder (dynamic H/W), the entropy tables and a manifest with the
 round trip measured on the verification images (``--image``, or with
 ``--int8`` the held-out images) on onnxruntime and OpenVINO. FP32, or with
-``--int8 CALIB_DIR`` INT8 graphs calibrated there. ``--upsample subpixel``
-rewrites the decoder's stride-2 ConvTransposes as Conv + DepthToSpace.
+``--int8 CALIB_DIR`` INT8 graphs of ``--precision`` calibrated there.
+``--upsample subpixel`` rewrites the decoder's stride-2 ConvTransposes as
+Conv + DepthToSpace.
 """
 
 from __future__ import annotations
@@ -49,7 +56,8 @@ from src.bundle import write_bundle
 from src.data import image_files
 from src.export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, QAT_MAX_STEPS, QAT_MEAN_STEPS, export_graph, int8_report,
                         op_histogram, output_errors, part_input, qat_export_check)
-from src.images import DECODE_ERRORS, center_crop_tensor
+from src.images import DECODE_ERRORS, center_crop_tensor, image_tensor, load_rgb
+from src.int8 import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS, pad_to
 from src.model_factory import load_checkpoint_model, make_arch
 from src.qat import is_qat_model, output_step
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
@@ -78,10 +86,19 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="held-out images for the FP32-vs-INT8 round trip (default: CALIB_DIR's images after the "
                         "calibration ones; the report is never measured on the calibration images)")
     p.add_argument("--int8_eval_count", type=int, default=16, help="round-trip images used")
+    p.add_argument("--precision", default=DEFAULT_PROFILE, choices=sorted(PROFILES),
+                   help="INT8 precision profile: " + "; ".join(f"{k} = {v}" for k, v in PROFILES.items()))
+    p.add_argument("--calib_method", default=DEFAULT_RANGE_METHOD, choices=RANGE_METHODS,
+                   help="how each activation's range is chosen from the calibration histograms: mse = the range "
+                        "with the least quantisation error for its bit-width; minmax = the extremes; percentile = "
+                        "0.01 %% clipped on each side")
+    p.add_argument("--int8_sensitivity", action="store_true",
+                   help="also measure, for each activation tensor alone at 16 bits, the round trip's PSNR and rate "
+                        "change (one quantisation and round trip per tensor: slow; use few --int8_eval_count images)")
     g = p.add_argument_group("Codec bundle")
     g.add_argument("--bundle", default=None, metavar="DIR",
                    help="write a codec bundle (encoder, decoder, entropy tables, manifest) to DIR instead of --out; "
-                        "INT8 (w8a8) with --int8 CALIB_DIR")
+                        "INT8 (--precision) with --int8 CALIB_DIR")
     g.add_argument("--upsample", default="convtranspose", choices=UPSAMPLE_MODES,
                    help="decoder upsampling in the bundle: ConvTranspose as trained, or its exact sub-pixel rewrite")
     return p
@@ -153,19 +170,19 @@ def split_calibration(args: argparse.Namespace, qat: bool) -> Tuple[List[Path], 
 
 
 def export_bundle(args: argparse.Namespace, model: nn.Module, arch: Optional[Dict], payload: Dict) -> Dict:
-    """--bundle: FP32, or INT8 calibrated on --int8's images and verified on its held-out ones."""
+    """--bundle: FP32, or INT8 calibrated on --int8's whole images and verified on its held-out ones."""
     calibration, eval_from = [], ""
     if args.int8:
         calib_files, verification, eval_from = split_calibration(args, is_qat_model(model))
-        calibration = [center_crop_tensor(f, (args.input_size, args.input_size)).numpy() for f in calib_files]
+        calibration = [pad_to(image_tensor(load_rgb(f)).numpy(), 64) for f in calib_files]
     elif args.int8_eval_dir:
         verification = image_files(Path(args.int8_eval_dir), "verification")[: args.int8_eval_count]
         eval_from = args.int8_eval_dir
     else:
         verification = [verification_file(args, payload)]
     manifest = write_bundle(model, arch, Path(args.bundle), verification, calibration,
-                            "w8a8" if args.int8 else "fp32", args.upsample, args.opset, source=args.ckpt,
-                            calibration_from=args.int8 or "")
+                            args.precision if args.int8 else "fp32", args.upsample, args.opset, source=args.ckpt,
+                            calibration_from=args.int8 or "", range_method=args.calib_method)
     return {"bundle": args.bundle, "manifest": manifest, "eval_from": eval_from}
 
 
@@ -222,7 +239,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     if args.int8:
         calib_files, eval_files, eval_from = split_calibration(args, is_qat_model(model))
         report["int8"] = int8_report(model, args.part, out, image, calib_files, eval_files, eval_from,
-                                     args.input_size, args.dynamic, args.opset, calib_source=args.int8)
+                                     args.input_size, args.dynamic, args.opset, calib_source=args.int8,
+                                     profile=args.precision, range_method=args.calib_method,
+                                     with_sensitivity=args.int8_sensitivity)
     return report
 
 

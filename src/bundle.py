@@ -1,10 +1,11 @@
 """Write a codec bundle (``src.codec``) from a model: symbol graphs, entropy tables, verified round trip, op audit.
 
 ``scripts.export_onnx --bundle DIR`` calls ``write_bundle``. The graphs are
-the symbol interface of ``src.export`` (``SymbolEncoder`` with its Round,
-``SymbolDecoder``), with dynamic H/W; the decoder's stride-2 ConvTransposes
-become sub-pixel convolutions with ``upsample="subpixel"`` (``src.subpixel``).
-INT8 bundles quantise those FP32 graphs through ``int8_symbol_pair``. Before
+the symbol interface of ``src.int8`` (``symbol_graphs``: the encoder ends with
+Round, the decoder adds the medians), with dynamic H/W; the decoder's stride-2
+ConvTransposes become sub-pixel convolutions with ``upsample="subpixel"``
+(``src.subpixel``). INT8 bundles quantise those FP32 graphs with ``src.int8``'s
+profiles (``int8_symbol_pair``). Before
 the manifest is written the bundle codes its verification images (whole,
 any size) on both runtimes, and each graph's executed ops are audited on both.
 """
@@ -26,46 +27,31 @@ from torch import nn
 
 from src import codec
 from src.cli import UserError
-from src.export import MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, SymbolDecoder, SymbolEncoder, op_histogram, quantize_int8
+from src.export import MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, op_histogram
+from src.int8 import DEFAULT_RANGE_METHOD, PROFILES as INT8_PROFILES, calibrate, quantise_pair, symbol_graphs
 from src.losses import quantised_metrics
 from src.qat import is_qat_model
 from src.subpixel import UPSAMPLE_MODES, subpixel_rewrite
 
-PROFILES = ("fp32", "w8a8")
-INTERIM_INT8_METHOD = ("onnxruntime quantize_static of the FP32 symbol graphs: QDQ, MinMax calibration, "
-                       "per-channel int8 weights, per-tensor uint8 activations")
+PROFILES = ("fp32", *sorted(INT8_PROFILES))
 # Export check of the rounded encoder: a symbol may differ from PyTorch's only where PyTorch's centred
 # latent lies this close to a rounding boundary (FP32 sums in another order move it by ~1e-6).
 BOUNDARY_TOLERANCE = 1e-3
 
 
-def export_module(module: nn.Module, example: torch.Tensor, out: Path, input_name: str, output_name: str,
-                  opset: int) -> Path:
-    """One graph with dynamic H/W, as ``src.export.export_graph`` writes them."""
-    axes = {input_name: {2: "height", 3: "width"}, output_name: {2: "height", 3: "width"}}
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(module, (example,), str(out), input_names=[input_name], output_names=[output_name],
-                          opset_version=opset, dynamic_axes=axes, dynamo=False)
-    onnx.checker.check_model(onnx.load(str(out)))
-    return out
+def int8_symbol_pair(fp32: Dict[str, Path], calibration_images: Sequence[np.ndarray], profile: str,
+                     range_method: str, out_dir: Path) -> Dict[str, Any]:
+    """INT8 encoder and decoder of the symbol interface (``src.int8``), calibrated on whole images.
 
-
-def int8_symbol_pair(model: nn.Module, fp32_encoder_path: Path, fp32_decoder_path: Path,
-                     calibration_images: Sequence[np.ndarray], profile: str, out_dir: Path) -> Dict[str, Path]:
-    """INT8 encoder and decoder of the symbol interface: ``{"encoder": path, "decoder": path}``.
-
-    Interim: onnxruntime PTQ (``src.export.quantize_int8``) of the FP32 symbol
-    graphs, the decoder calibrated on the FP32 encoder's symbols of the same
-    images. Same signature as ``src.int8.quantize_symbol_pair``, which replaces it.
+    ``fp32`` is ``src.int8.symbol_graphs``' dict; returns the paths and what
+    the pair was quantised with (for the manifest).
     """
-    if profile != "w8a8":
-        raise UserError(f"precision profile {profile!r} is not available for bundles yet (have: w8a8)")
-    encoder = codec.load_graph(fp32_encoder_path, "onnxruntime")
-    symbols = [encoder(image) for image in calibration_images]
-    return {"encoder": quantize_int8(fp32_encoder_path, out_dir / "encoder.int8.onnx", calibration_images),
-            "decoder": quantize_int8(fp32_decoder_path, out_dir / "decoder.int8.onnx", symbols)}
+    pair = quantise_pair(calibrate(fp32, calibration_images, out_dir), profile, range_method, out_dir / "int8")
+    return {"encoder": pair.encoder, "decoder": pair.decoder,
+            "precision": {"profile": profile, "description": INT8_PROFILES[profile], "range_method": range_method,
+                          "sixteen_bit": pair.sixteen_bit, "symbol_bits": pair.symbol_bits,
+                          "symbols_outside_int8_calibration": pair.symbols_outside_int8,
+                          "float_islands": pair.float_islands}}
 
 
 def check_factorized(model: nn.Module) -> None:
@@ -75,25 +61,27 @@ def check_factorized(model: nn.Module) -> None:
 
 
 @torch.no_grad()
-def check_export(model: nn.Module, decoder_module: nn.Module, paths: Dict[str, Path], image: torch.Tensor) -> Dict:
-    """The FP32 symbol graphs against PyTorch on a real image: symbols (up to rounding boundaries), x_hat."""
-    centred = (model.g_a(image) - torch.from_numpy(codec_medians(model))).numpy()
-    reference = np.round(centred)
+def check_export(model: nn.Module, paths: Dict[str, Path], image: torch.Tensor) -> Dict:
+    """The FP32 symbol graphs against the PyTorch model itself (ConvTranspose and HardSigmoid as trained).
+
+    Symbols must be PyTorch's ``round(g_a(x) - median)`` except where that
+    value lies within ``BOUNDARY_TOLERANCE`` of a rounding boundary; the
+    decoder's image must be ``g_s(symbols + median)`` within ``MAX_ABS_ERROR``.
+    """
+    medians = model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+    centred = (model.g_a(image) - medians).numpy()
+    reference = np.round(centred).astype(np.float32)
     got = codec.load_graph(paths["encoder"], "onnxruntime")(image.numpy())
     differ = got != reference
     near_boundary = np.abs(np.abs(centred - np.floor(centred)) - 0.5) < BOUNDARY_TOLERANCE
     if np.any(np.abs(got - reference) > 1) or np.any(differ & ~near_boundary):
         raise UserError(f"export mismatch: {int(differ.sum())} symbols differ from PyTorch away from a rounding "
                         "boundary")
-    x_hat = codec.load_graph(paths["decoder"], "onnxruntime")(reference.astype(np.float32))
-    error = float(np.abs(x_hat - decoder_module(torch.from_numpy(reference.astype(np.float32))).numpy()).max())
+    x_hat = codec.load_graph(paths["decoder"], "onnxruntime")(reference)
+    error = float(np.abs(x_hat - model.g_s(torch.from_numpy(reference) + medians).numpy()).max())
     if not error <= MAX_ABS_ERROR:
         raise UserError(f"export mismatch: decoder max abs error {error:.2e} > {MAX_ABS_ERROR:g}")
     return {"symbols_differing": int(differ.sum()), "symbols": int(differ.size), "decoder_max_abs_error": error}
-
-
-def codec_medians(model: nn.Module) -> np.ndarray:
-    return model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1).float().numpy()
 
 
 def verify_round_trip(bundle: codec.Bundle, images: Sequence[Path], model: nn.Module) -> Dict[str, Any]:
@@ -164,11 +152,13 @@ def replace_folder(built: Path, target: Path) -> None:
 
 def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification: Sequence[Path],
                  calibration: Sequence[np.ndarray] = (), profile: str = "fp32", upsample: str = "convtranspose",
-                 opset: int = 13, source: str = "", calibration_from: str = "") -> Dict[str, Any]:
+                 opset: int = 13, source: str = "", calibration_from: str = "",
+                 range_method: str = DEFAULT_RANGE_METHOD) -> Dict[str, Any]:
     """Write the bundle at ``out`` and return its manifest.
 
-    ``profile``: fp32, or w8a8 (the FP32 symbol graphs quantised by
-    ``int8_symbol_pair``, calibrated on ``calibration`` (1, 3, h, w) arrays).
+    ``profile``: fp32, or an INT8 profile of ``src.int8`` (w8a8, a16w8): the
+    FP32 symbol graphs quantised by ``int8_symbol_pair``, calibrated on
+    ``calibration``, whole images as (1, 3, H, W) arrays padded to 64.
     A QAT checkpoint's graphs are already QDQ with learned scales (profile qat).
     """
     check_factorized(model)
@@ -191,13 +181,12 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
         print("note: the checkpoint has no entropy tables (saved without model.update()); building them now")
         model.update(force=True)
     tables = codec.EntropyTables.from_entropy_bottleneck(eb)
-    decoder_model = model
+    coded = nn.Module()  # what the graphs are made of: g_a, g_s (maybe rewritten) and the medians
+    coded.g_a, coded.g_s, coded.entropy_bottleneck = model.g_a, model.g_s, eb
     if upsample == "subpixel":
-        g_s, count = subpixel_rewrite(model.g_s)
+        coded.g_s, count = subpixel_rewrite(model.g_s)
         if not count:
             raise UserError("--upsample subpixel: the decoder has no stride-s ConvTranspose2d to rewrite")
-        decoder_model = nn.Module()
-        decoder_model.g_s, decoder_model.entropy_bottleneck = g_s, eb
         print(f"sub-pixel rewrite: {count} ConvTranspose2d -> Conv2d + DepthToSpace")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -206,24 +195,22 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
         folder = tmp / "bundle"
         folder.mkdir()
         example = torch.from_numpy(codec.padded_input(codec.image_array(verification[0])))
-        encoder_module = SymbolEncoder(model, rounded=True).eval()
-        decoder_module = SymbolDecoder(decoder_model).eval()
-        with torch.no_grad():
-            symbols = encoder_module(example)
-        fp32 = {"encoder": export_module(encoder_module, example, tmp / "encoder.fp32.onnx", "x", "symbols", opset),
-                "decoder": export_module(decoder_module, symbols, tmp / "decoder.fp32.onnx", "symbols", "x_hat", opset)}
-        checked = None if qat else check_export(model, decoder_module, fp32, example)
-        graphs = fp32 if profile == "fp32" else int8_symbol_pair(model, fp32["encoder"], fp32["decoder"],
-                                                                 calibration, profile, tmp)
-        for part, path in graphs.items():
-            shutil.copyfile(path, folder / codec.GRAPH_FILES[part])
-        tables.save(folder / codec.TABLES_FILE)
-        precision = {"profile": "qat" if qat else profile}
+        fp32 = symbol_graphs(coded, example, tmp / "fp32", opset)
+        for path in fp32.values():
+            onnx.checker.check_model(onnx.load(str(path)))
+        checked = None if qat else check_export(model, fp32, example)
+        precision: Dict[str, Any] = {"profile": "qat" if qat else profile}
+        graphs = {part: fp32[part] for part in codec.GRAPH_FILES}
         if qat:
             precision["method"] = "QAT checkpoint: QDQ graphs with the learned scales"
         elif profile != "fp32":
-            precision.update(method=INTERIM_INT8_METHOD, calibration_images=len(calibration),
+            pair = int8_symbol_pair(fp32, calibration, profile, range_method, tmp)
+            graphs = {part: pair[part] for part in codec.GRAPH_FILES}
+            precision = dict(pair["precision"], calibration_images=len(calibration),
                              calibration_from=calibration_from)
+        for part, path in graphs.items():
+            shutil.copyfile(path, folder / codec.GRAPH_FILES[part])
+        tables.save(folder / codec.TABLES_FILE)
         manifest = {
             "format": codec.BUNDLE_FORMAT, "version": codec.BUNDLE_VERSION, "source": source, "arch": arch,
             "base_model": (arch or {}).get("base_model", "bmshj2018-factorized"),

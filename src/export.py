@@ -18,6 +18,7 @@ alone hides most of the cost.
 from __future__ import annotations
 
 import collections
+import shutil
 import tempfile
 import warnings
 from pathlib import Path
@@ -33,6 +34,9 @@ from torch import nn
 
 from src.eval import bitstream_roundtrip
 from src.images import center_crop_tensor, image_tensor, load_rgb
+from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, SymbolCodec, SymbolDecoder,  # noqa: F401
+                      SymbolEncoder, calibrate, pad_to, quantise_pair, roundtrip_points, sensitivity,
+                      sensitivity_markdown, symbol_bits, symbol_graphs)
 from src.losses import quantised_metrics
 from src.qat import float_weights_and_activations, is_qat_model
 
@@ -58,44 +62,6 @@ class FullForward(nn.Module):
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         out = self.model(x)
         return self.model.g_a(x), out["x_hat"], next(iter(out["likelihoods"].values()))
-
-
-class SymbolEncoder(nn.Module):
-    """g_a with the entropy coder's centring folded in: image -> ``y - median`` (or its rounding, the symbols).
-
-    The codec's symbols are ``round(y - median)`` per channel (CompressAI's
-    ``EntropyBottleneck.compress``). A graph that ends there hands the host
-    integers: an INT8 graph quantises its last tensor at scale 1, so the
-    quantiser *is* the codec's rounding and no second grid moves a symbol.
-    ``rounded=False`` leaves the rounding to that quantiser (the graph PTQ
-    calibrates); ``rounded=True`` ends with ONNX ``Round`` (the FP32 codec graph).
-    """
-
-    def __init__(self, model: nn.Module, rounded: bool):
-        super().__init__()
-        self.g_a, self.rounded = model.g_a, rounded
-        self.register_buffer("medians", torch.from_numpy(latent_medians(model)), persistent=False)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = self.g_a(x) - self.medians
-        return torch.round(centred) if self.rounded else centred
-
-
-class SymbolDecoder(nn.Module):
-    """The entropy decoder's symbols -> image: ``g_s(symbols + median)``, the medians inside the graph.
-
-    So the host never requantises y_hat: the symbols are integers any integer
-    type holds exactly, and the graph adds the medians at whatever precision
-    it runs the tensor after them.
-    """
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.g_s = model.g_s
-        self.register_buffer("medians", torch.from_numpy(latent_medians(model)), persistent=False)
-
-    def forward(self, symbols: torch.Tensor) -> torch.Tensor:
-        return self.g_s(symbols + self.medians)
 
 
 def export_graph(model: nn.Module, part: str, example: torch.Tensor, out: Path, opset: int,
@@ -257,52 +223,119 @@ def export_pair(model: nn.Module, image: torch.Tensor, folder: Path, opset: int,
 
 def int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, calib_files: List[Path],
                 eval_files: List[Path], eval_from: str, input_size: int, dynamic: bool, opset: int = 13,
-                calib_source: str = "") -> Dict:
+                calib_source: str = "", profile: str = DEFAULT_PROFILE, range_method: str = DEFAULT_RANGE_METHOD,
+                with_sensitivity: bool = False) -> Dict:
     """PSNR and real bpp of the INT8 encoder -> entropy coder -> decoder round trip against FP32.
 
-    PTQ: encoder and decoder are quantised on CALIB_DIR crops (the decoder on
-    the encoder's quantised latents); the INT8 model of ``--part`` is kept.
+    PTQ (``src.int8``): symbol-interface graphs, calibrated on the whole
+    CALIB_DIR images, quantised with the precision ``profile`` and per-tensor
+    ranges by ``range_method``; the INT8 graph of ``--part`` is kept at
+    OUT.int8.onnx (input ``x`` -> output ``symbols`` for the encoder, ``symbols``
+    -> ``x_hat`` for the decoder). FP32 is the same symbol interface in float,
+    so the two codecs differ by quantisation alone.
     QAT: ``out`` is already the QDQ graph; the FP32 graphs are the same
-    weights with fake-quant off. The other half of the pair is exported to a
-    temp folder either way, since the round trip needs both.
+    weights with fake-quant off (``qat_int8_report``).
     """
-    qat = is_qat_model(model)
+    if is_qat_model(model):
+        return qat_int8_report(model, part, out, image, eval_files, eval_from, input_size, dynamic, opset)
+    held_out = [roundtrip_image(f, input_size, whole=dynamic) for f in eval_files]
+    calibration = [pad_to(image_tensor(load_rgb(f)).numpy(), 64) for f in calib_files]
+    int8_path = out.with_suffix(".int8.onnx")
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32 = symbol_graphs(model, image, tmp, opset)
+        calib = calibrate(fp32, calibration, tmp)
+        pair = quantise_pair(calib, profile, range_method, tmp / "int8")
+        shutil.copyfile(pair.encoder if part == "encoder" else pair.decoder, int8_path)
+        eb = model.entropy_bottleneck
+        points = {"fp32": roundtrip_points(SymbolCodec(fp32["encoder"], fp32["decoder"], eb), held_out),
+                  "int8": roundtrip_points(SymbolCodec(pair.encoder, pair.decoder, eb), held_out)}
+        rows = sensitivity(calib, pair, eb, held_out, tmp / "trials") if with_sensitivity else None
+        float_ops = sorted(op for op in op_histogram(int8_path) if op in NPU_FORBIDDEN_OPS)
+    fp32_points, q8 = points["fp32"], points["int8"]
+    total = sum(s.size for s in fp32_points["symbols"])
+    differ = sum(int((a != b).sum()) for a, b in zip(q8["symbols"], fp32_points["symbols"]))
+    report = points_report(fp32_points, q8, int8_path, "ptq", len(calibration), len(held_out), eval_from, dynamic)
+    report.update(float_only_ops=float_ops, interface="symbols", profile=profile, range_method=range_method,
+                  sixteen_bit=pair.sixteen_bit, symbol_bits=pair.symbol_bits,
+                  symbols_outside_int8_calibration=pair.symbols_outside_int8,
+                  symbols_outside_int8_eval=symbol_bits(fp32_points["symbols"])[1],
+                  symbols_differ=differ / max(total, 1), float_islands=pair.float_islands[part],
+                  float_islands_other_half=pair.float_islands["decoder" if part == "encoder" else "encoder"],
+                  sensitivity=rows)
+    sixteen = sum(len(v) for v in pair.sixteen_bit.values())
+    print(f"INT8 {part} -> {int8_path} (PTQ {profile}: {PROFILES[profile]}; ranges by {range_method} on "
+          f"{len(calibration)} whole images of {calib_source}; {sixteen} tensors at 16 bits; symbols int"
+          f"{pair.symbol_bits}, {pair.symbols_outside_int8} outside int8 on the calibration images)")
+    print_round_trip(report, part, input_size)
+    print(f"symbols that differ from the FP32 codec's: {100 * report['symbols_differ']:.3f} % of {total:,}")
+    for half, islands in pair.float_islands.items():
+        if islands:
+            print(f"float islands in the INT8 {half} (ops outside DequantizeLinear -> op -> QuantizeLinear): "
+                  + ", ".join(islands))
+    if float_ops:
+        print(f"ops left in float in the INT8 {part}: {', '.join(float_ops)}")
+    if rows is not None:
+        print("sensitivity (one tensor at a time at 16 bits, against this graph):\n" + sensitivity_markdown(rows))
+    return report
+
+
+def points_report(fp32: Dict, q8: Dict, int8_path: Path, method: str, calib_count: int, eval_count: int,
+                  eval_from: str, whole: bool) -> Dict:
+    """The FP32-vs-INT8 round trip as the report's flat keys."""
+    return {"int8_path": str(int8_path), "method": method, "calib_images": calib_count, "eval_images": eval_count,
+            "eval_from": eval_from, "whole_images": bool(whole),
+            "psnr_fp32": fp32["psnr"], "psnr_int8": q8["psnr"], "psnr_drop": fp32["psnr"] - q8["psnr"],
+            "bpp_fp32": fp32["bpp"], "bpp_int8": q8["bpp"], "rate_change": q8["bpp"] / fp32["bpp"] - 1,
+            "ms_ssim_fp32": fp32["ms_ssim"], "ms_ssim_int8": q8["ms_ssim"]}
+
+
+def print_round_trip(report: Dict, part: str, input_size: int) -> None:
+    print(f"round trip (encoder -> entropy coder -> decoder) on {report['eval_images']} held-out "
+          f"{'whole images' if report['whole_images'] else f'{input_size}px crops'} ({report['eval_from']}): "
+          f"FP32 {report['psnr_fp32']:.3f} dB {report['bpp_fp32']:.4f} bpp | INT8 {report['psnr_int8']:.3f} dB "
+          f"{report['bpp_int8']:.4f} bpp | PSNR {-report['psnr_drop']:+.3f} dB, rate {100 * report['rate_change']:+.2f} %")
+
+
+def qat_int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, eval_files: List[Path],
+                    eval_from: str, input_size: int, dynamic: bool, opset: int) -> Dict:
+    """A QAT checkpoint's QDQ graphs (learned scales, latent interface) against the same weights in float."""
     held_out = [roundtrip_image(f, input_size, whole=dynamic) for f in eval_files]
     multiple = 64 if dynamic else int(getattr(model, "downsampling_factor", 16))
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        if qat:
-            int8_paths = export_pair(model, image, tmp, opset, dynamic, keep=(part, out))
-            (tmp / "fp32").mkdir()
-            with float_weights_and_activations(model):
-                fp32_paths = export_pair(model, image, tmp / "fp32", opset, dynamic)
-            int8_path, calib_count = out, 0
-        else:
-            fp32_paths = export_pair(model, image, tmp, opset, dynamic, keep=(part, out))
-            images = [center_crop_tensor(f, (input_size, input_size)).numpy() for f in calib_files]
-            latents = encoder_latents(fp32_paths["encoder"], images, latent_medians(model))
-            int8_path, calib_count = out.with_suffix(".int8.onnx"), len(images)
-            int8_paths = {half: quantize_int8(fp32_paths[half], int8_path if half == part
-                                              else tmp / f"{half}.int8.onnx", calib)
-                          for half, calib in (("encoder", images), ("decoder", latents))}
-        codecs = {name: OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck)
+        int8_paths = export_pair(model, image, tmp, opset, dynamic, keep=(part, out))
+        (tmp / "fp32").mkdir()
+        with float_weights_and_activations(model):
+            fp32_paths = export_pair(model, image, tmp / "fp32", opset, dynamic)
+        points = {name: roundtrip(OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck),
+                                  held_out, multiple)
                   for name, paths in (("fp32", fp32_paths), ("int8", int8_paths))}
-        points = {name: roundtrip(codec, held_out, multiple) for name, codec in codecs.items()}
-        float_ops = sorted(op for op in op_histogram(int8_paths[part]) if op in NPU_FORBIDDEN_OPS)
-    fp32, q8 = points["fp32"], points["int8"]
-    report = {"int8_path": str(int8_path), "method": "qat" if qat else "ptq", "calib_images": calib_count,
-              "eval_images": len(held_out), "eval_from": eval_from, "whole_images": bool(dynamic),
-              "psnr_fp32": fp32["psnr"], "psnr_int8": q8["psnr"], "psnr_drop": fp32["psnr"] - q8["psnr"],
-              "bpp_fp32": fp32["bpp"], "bpp_int8": q8["bpp"], "rate_change": q8["bpp"] / fp32["bpp"] - 1,
-              "ms_ssim_fp32": fp32["ms_ssim"], "ms_ssim_int8": q8["ms_ssim"],
-              "float_only_ops": float_ops}
-    origin = ("QAT: learned scales, no calibration" if qat
-              else f"PTQ: calibrated on {calib_count} crops of {calib_source}")
-    print(f"INT8 {part} -> {int8_path} ({origin})")
-    print(f"round trip (encoder -> entropy coder -> decoder) on {len(held_out)} held-out "
-          f"{'whole images' if dynamic else f'{input_size}px crops'} ({eval_from}): "
-          f"FP32 {fp32['psnr']:.3f} dB {fp32['bpp']:.4f} bpp | INT8 {q8['psnr']:.3f} dB {q8['bpp']:.4f} bpp | "
-          f"PSNR {-report['psnr_drop']:+.3f} dB, rate {100 * report['rate_change']:+.2f} %")
+        float_ops = sorted(op for op in op_histogram(out) if op in NPU_FORBIDDEN_OPS)
+    report = points_report(points["fp32"], points["int8"], out, "qat", 0, len(held_out), eval_from, dynamic)
+    report.update(float_only_ops=float_ops, interface="latent")
+    print(f"INT8 {part} -> {out} (QAT: learned scales, no calibration)")
+    print_round_trip(report, part, input_size)
     if float_ops:
         print(f"ops left in float in the INT8 {part}: {', '.join(float_ops)}")
     return report
+
+
+def minmax_latent_ptq(model: nn.Module, image: torch.Tensor, calib_files: List[Path], eval_files: List[Path],
+                      input_size: int, opset: int = 13) -> Dict:
+    """The PTQ this project shipped before the symbol interface, kept as the study's baseline: the latent
+    interface (y out, y_hat in, both requantised by the host's grid), onnxruntime's MinMax on UINT8, calibrated
+    on centre crops at ``input_size``. Returns the FP32 and INT8 round-trip points on whole images."""
+    held_out = [roundtrip_image(f, input_size, whole=True) for f in eval_files]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32_paths = export_pair(model, image, tmp, opset, dynamic=True)
+        images = [center_crop_tensor(f, (input_size, input_size)).numpy() for f in calib_files]
+        latents = encoder_latents(fp32_paths["encoder"], images, latent_medians(model))
+        int8_paths = {half: quantize_int8(fp32_paths[half], tmp / f"{half}.int8.onnx", calib)
+                      for half, calib in (("encoder", images), ("decoder", latents))}
+        points = {name: roundtrip(OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck),
+                                  held_out, 64)
+                  for name, paths in (("fp32", fp32_paths), ("int8", int8_paths))}
+    return points_report(points["fp32"], points["int8"], Path("-"), "ptq-minmax-latent", len(images),
+                         len(held_out), "", True)

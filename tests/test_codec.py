@@ -18,11 +18,11 @@ from scripts import codec as codec_cli
 from scripts import export_onnx
 from src import codec
 from src import eval as recipe_eval
-from src.bundle import export_module
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
-from src.export import SymbolDecoder, op_histogram, quantize_int8
+from src.export import op_histogram, quantize_int8
 from src.images import image_tensor, load_rgb
+from src.int8 import SymbolDecoder, export_module
 from src.model_factory import build_model, make_arch
 from src.subpixel import can_rewrite, subpixel_from_convtranspose, subpixel_rewrite
 from tests.conftest import photo_paths

@@ -132,12 +132,14 @@ def test_int8_export_gdn_against_npu(checkpoints, prepared64, tmp_path):
         assert Path(report["int8_path"]).exists() and report["calib_images"] == 8
         assert report["method"] == "ptq" and abs(report["psnr_drop"]) < 0.5 and abs(report["rate_change"]) < 0.1
         assert report["bpp_fp32"] > 0 and report["rate_change"] == pytest.approx(report["bpp_int8"] / report["bpp_fp32"] - 1)
-        # The kept INT8 decoder really is quantised: close to the FP32 graph on a held-out crop, but not equal.
+        # The kept INT8 decoder (symbols in) really is quantised: close to the FP32 decoder on a held-out crop's
+        # symbols, but not equal.
         image = center_crop_tensor(sorted((prepared64 / "val").iterdir())[0], (64, 64))
         model, _, _ = recipe_eval.load_model(checkpoints[name], torch.device("cpu"))
-        y_hat = onnx_export.part_input(model, "decoder", image).numpy()
-        fp32, int8 = (onnx_export.run(onnx_export.session(p), y_hat) for p in (tmp_path / f"{name}.onnx",
-                                                                               Path(report["int8_path"])))
+        with torch.no_grad():
+            symbols = onnx_export.SymbolEncoder(model, rounded=True)(image)
+            fp32 = onnx_export.SymbolDecoder(model)(symbols).numpy()
+        int8 = onnx_export.run(onnx_export.session(Path(report["int8_path"])), symbols.numpy())
         assert 0 < np.abs(int8 - fp32).max() and np.abs(int8 - fp32).mean() < 0.05
         ops = onnx_export.op_histogram(Path(report["int8_path"]))
         assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
@@ -169,19 +171,18 @@ def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoi
                                                                        monkeypatch):
 
     seen = {"calib": [], "eval": []}
-    quantize, roundtrip = onnx_export.quantize_int8, onnx_export.roundtrip
+    calibrate, roundtrip_points = onnx_export.calibrate, onnx_export.roundtrip_points
 
-    def spy_quantize(fp32, int8_path, calibration):
-        if len(calibration) and calibration[0].shape[1] == 3:  # the encoder's calibration: images
-            seen["calib"] += list(calibration)
-        return quantize(fp32, int8_path, calibration)
+    def spy_calibrate(fp32, images, folder):
+        seen["calib"] += list(images)
+        return calibrate(fp32, images, folder)
 
-    def spy_roundtrip(codec, images, multiple):
+    def spy_roundtrip(codec, images):
         seen["eval"] += [image.numpy() for image in images]
-        return roundtrip(codec, images, multiple)
+        return roundtrip_points(codec, images)
 
-    monkeypatch.setattr(onnx_export, "quantize_int8", spy_quantize)
-    monkeypatch.setattr(onnx_export, "roundtrip", spy_roundtrip)
+    monkeypatch.setattr(onnx_export, "calibrate", spy_calibrate)
+    monkeypatch.setattr(onnx_export, "roundtrip_points", spy_roundtrip)
     argv = ["--ckpt", str(checkpoints["npu"]), "--part", "encoder", "--out", str(tmp_path / "e.onnx"),
             "--input_size", "64", "--int8", str(prepared64 / "train"), "--calib_count", "8"]
     report = export_onnx.main(argv)["int8"]

@@ -2,6 +2,7 @@
 
 import argparse
 import copy
+import math
 
 import pytest
 import torch
@@ -54,25 +55,52 @@ def test_training_step_reads_nothing_back_with_the_fused_optimizer(fused, prepar
         assert min(per_step) >= 1, "the per-step agreement reads the verdict back"
 
 
-def final_weights(prepared64, tmp_path, *flags):
+def run_weights(prepared64, tmp_path, monkeypatch, *flags):
+    """(initial, final) floating-point weights of a 3-step fp32 run from one seed."""
+    prepare = engine.prepare_model
+    initial = {}
+
+    def recorded(*args, **kwargs):
+        model = prepare(*args, **kwargs)
+        initial.update({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
+        return model
+
+    monkeypatch.setattr(engine, "prepare_model", recorded)
     summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch",
                                                    "3", "--amp", "false", "--train_scope", "all", *flags))
-    return {k: v.detach().clone() for k, v in summary["model"].state_dict().items() if v.is_floating_point()}
+    final = {k: v.detach().clone() for k, v in summary["model"].state_dict().items() if v.is_floating_point()}
+    return initial, final
 
 
-@pytest.mark.parametrize("flags, tolerance", [(("--fused_optimizer", "true"), 1e-5),
-                                              (("--channels_last", "true"), 1e-5)])
-def test_speed_flags_train_the_same_weights(flags, tolerance, prepared64, tmp_path):
-    """fp32, 3 steps from one seed: the weights agree with the plain path to ``tolerance`` (absolute)."""
-    plain = final_weights(prepared64, tmp_path / "plain")
-    fast = final_weights(prepared64, tmp_path / "fast", *flags)
-    assert plain.keys() == fast.keys()
-    worst = max((plain[k] - fast[k]).abs().max().item() for k in plain)
-    assert worst <= tolerance
+def global_norm(tensors) -> float:
+    return math.sqrt(sum(float(t.double().square().sum()) for t in tensors))
+
+
+# How far apart two "same" trainings may end, as a share of how far training moved the weights. Another
+# convolution kernel (oneDNN picks them per CPU: channels-last, AVX-512 or AVX2) or another Adam arithmetic
+# (fused) changes gradients in their last bits; Adam divides by sqrt(v), so on elements whose gradient is
+# near zero that can flip the sign of a whole lr-sized update. Those elements are few: over all weights the
+# difference stays a small share of the update (measured on an AVX-512 Xeon: 1.2e-6 fused, 1.5e-5 channels-last,
+# where the worst single weight moved 1.1e-6). A real bug (wrong layout,
+# wrong lr, a skipped step) moves the weights by a share of order 1.
+SAME_TRAINING_SHARE = 0.02
+
+
+@pytest.mark.parametrize("flags", [("--fused_optimizer", "true"), ("--channels_last", "true")])
+def test_speed_flags_train_the_same_weights(flags, prepared64, tmp_path, monkeypatch):
+    """fp32, 3 steps from one seed: the same start, and the same end relative to the size of the update."""
+    initial, plain = run_weights(prepared64, tmp_path / "plain", monkeypatch)
+    initial_fast, fast = run_weights(prepared64, tmp_path / "fast", monkeypatch, *flags)
+    assert plain.keys() == fast.keys() == initial.keys()
+    assert all(torch.equal(initial[k], initial_fast[k]) for k in initial), "both runs start from the same weights"
+    update = global_norm(plain[k] - initial[k] for k in plain)
+    apart = global_norm(plain[k] - fast[k] for k in plain)
+    assert update > 0, "the plain run trained"
+    assert apart <= SAME_TRAINING_SHARE * update, f"runs differ by {apart / update:.2e} of the update"
 
 
 def test_compiled_transforms_match_eager_and_keep_state_dict_keys():
-    """--compile: g_a/g_s compiled in place; forward to 1e-5 and gradients to 1e-4 of eager (fp32)."""
+    """--compile: g_a/g_s compiled in place; forward to 1e-5 and gradients to 1e-4 (relative) of eager (fp32)."""
     torch.manual_seed(0)
     eager = build_model(make_arch(quality=1, replace="npu", replace_parts="all")).train()
     compiled = copy.deepcopy(eager)
@@ -86,9 +114,9 @@ def test_compiled_transforms_match_eager_and_keep_state_dict_keys():
         out["x_hat"].square().mean().backward()
         outputs.append(out)
     assert (outputs[0]["x_hat"] - outputs[1]["x_hat"]).abs().max() < 1e-5
-    worst = max((p.grad - q.grad).abs().max().item()
-                for p, q in zip(eager.g_a.parameters(), compiled.g_a.parameters()) if p.grad is not None)
-    assert worst < 1e-4
+    pairs = [(p.grad, q.grad) for p, q in zip(eager.g_a.parameters(), compiled.g_a.parameters()) if p.grad is not None]
+    # Relative to the gradient's size: inductor's kernels sum in another order than oneDNN's, on every CPU differently.
+    assert global_norm(p - q for p, q in pairs) <= 1e-4 * global_norm(p for p, _ in pairs)
 
 
 def test_uint8_batches_become_unit_float_on_the_device():

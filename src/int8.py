@@ -1,0 +1,552 @@
+"""Post-training INT8 of the codec: symbols across the interface, precision profiles, ranges chosen by their cost.
+
+Three things decide what INT8 costs a learned codec, and each has its place here:
+
+- **The latent interface.** The entropy coder codes ``round(y - median)``.
+  The INT8 encoder graph ends at exactly that tensor (``-median`` folded into
+  the last convolution's bias) and quantises it at scale 1, zero point 0: the
+  quantiser *is* the codec's rounding, and the graph's output are the symbols.
+  The decoder graph takes the symbols and adds the medians itself. So the host
+  never puts y or y_hat on a grid that does not hold the symbols. Symbols
+  outside int8 are counted on the calibration images; a 16-bit interface is
+  used where they would clip.
+- **Which tensors get 16 bits** (``PROFILES``): ``w8a8`` keeps every
+  activation at 8 bits (strict integer NPUs); ``a16w8`` gives 16 bits to the
+  main path, the tensors between the stages of g_a / g_s (strided-conv and
+  ConvTranspose outputs, the blocks' residual sums) and y_hat, and keeps the
+  blocks' insides at 8 bits. Weights are INT8 per output channel in both. This
+  is the precision Qualcomm's HTP calls A16W8; ``sensitivity`` measures, tensor
+  by tensor, what 16 bits buy, for toolchains that choose their own set.
+- **Each activation's range** (``RANGE_METHODS``), from histograms of the
+  FP32 graph's tensors on whole calibration images (never the training
+  crops, whose statistics differ from the images the codec codes). ``mse``
+  (the default) picks per tensor the clipping range whose quantisation error
+  (rounding inside, clipping outside) is smallest for that tensor's
+  bit-width; ``minmax`` is onnxruntime's default, set by a few outlier pixels;
+  ``percentile`` clips a fixed 0.01 % tail on each side. The ranges,
+  16-bit types and the fixed symbol scale go to onnxruntime's
+  ``quantize_static`` as ``TensorQuantOverrides``: the graphs are written by
+  onnxruntime, not edited by hand.
+
+Before export the NPU blocks' HardSigmoid gates are rewritten into the
+convolution before them (``gates_as_clips``): ``a + b * HardSigmoid(conv(x))``
+is ``Clip(conv'(x), a, a + b)`` with conv' scaled, exactly in real
+arithmetic. Conv + Clip is one quantised node in every QDQ toolchain, whereas
+onnxruntime leaves HardSigmoid in float (a float island between two integer
+ops). ``float_islands`` audits the written graph for any op left outside a
+DequantizeLinear -> op -> QuantizeLinear frame.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import torch
+from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.calibrate import create_calibrator
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from compressai.entropy_models import EntropyModel
+from compressai.ops import compute_padding
+from torch import nn
+
+from src.npu_blocks import ECAGate, GDNishLiteDec
+
+PROFILES = {
+    "w8a8": "every activation 8-bit, weights 8-bit (strict integer NPUs)",
+    "a16w8": "16-bit activations on the main path (stage outputs, residual sums, y_hat), 8-bit inside the blocks; "
+             "weights 8-bit (Qualcomm HTP's A16W8)",
+}
+RANGE_METHODS = ("mse", "minmax", "percentile")
+DEFAULT_PROFILE, DEFAULT_RANGE_METHOD = "w8a8", "mse"
+HISTOGRAM_BINS = 4096
+PERCENTILE_TAIL = 1e-4
+# Ops that only move or reshape shapes; they compute nothing an integer NPU must quantise.
+SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Constant", "Cast", "Squeeze", "Slice", "ConstantOfShape"}
+QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
+ENCODER_OUTPUT, DECODER_INPUT = "symbols", "symbols"
+
+
+# ---------------------------------------------------------------- graphs in the form integer NPUs quantise
+
+class ClippedConvGate(nn.Module):
+    """``Clip(conv(x), low, high)``: an NPU block's HardSigmoid gate folded into the convolution before it."""
+
+    def __init__(self, conv: nn.Module, low: float, high: float):
+        super().__init__()
+        self.conv, self.low, self.high = conv, low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.conv(x), self.low, self.high)
+
+
+def fold_gate(conv: nn.Module, offset: float, span: float) -> ClippedConvGate:
+    """``offset + span * HardSigmoid(conv(x))`` as ``Clip(conv'(x), offset, offset + span)``.
+
+    HardSigmoid(z) = clip(z / 6 + 1/2, 0, 1), so the whole is
+    clip(conv(x) * span / 6 + offset + span / 2, offset, offset + span): conv'
+    has weights * span / 6 and bias * span / 6 + offset + span / 2.
+    """
+    folded = copy.deepcopy(conv)
+    with torch.no_grad():
+        folded.weight.mul_(span / 6.0)
+        folded.bias.mul_(span / 6.0).add_(offset + span / 2.0)
+    return ClippedConvGate(folded, offset, offset + span)
+
+
+class ExportECAGate(nn.Module):
+    """``ECAGate`` with its gate ``2 * HardSigmoid(conv1d(.))`` as ``Clip(conv1d'(.), 0, 2)``."""
+
+    def __init__(self, gate: ECAGate):
+        super().__init__()
+        self.pool, self.gated = gate.pool, gate.gated
+        self.gate = fold_gate(gate.conv, 0.0, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        gain = self.gate(self.pool(x).reshape(n, 1, c)).reshape(n, c, 1, 1)
+        return self.gated(x * gain)
+
+
+def gates_as_clips(module: nn.Module) -> nn.Module:
+    """A copy of ``module`` whose NPU-block gates are Conv + Clip (same function; see the module docstring)."""
+    module = copy.deepcopy(module)
+    for name, child in list(module.named_modules()):
+        if isinstance(child, ECAGate):
+            parent, attr = _parent(module, name)
+            setattr(parent, attr, ExportECAGate(child))
+        elif isinstance(child, GDNishLiteDec):
+            folded = fold_gate(child.scale, child.g_min, child.g_max - child.g_min)
+            child.scale, child.gate = folded, nn.Identity()
+            child.g_min, child.g_max = 0.0, 1.0  # gain() = g_min + (g_max - g_min) * gate(z) = the clipped z
+    return module
+
+
+def _parent(root: nn.Module, name: str) -> Tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (root.get_submodule(path) if path else root), attr
+
+
+class SymbolEncoder(nn.Module):
+    """g_a with ``-median`` folded into its last convolution's bias: image -> ``y - median`` [-> rounded].
+
+    Folded, not subtracted: a Sub after the convolution would be one more
+    quantised tensor, requantised onto a grid that does not hold the symbols.
+    ``rounded=True`` ends with ``Round`` (the FP32 codec's encoder graph);
+    without it the INT8 graph's output quantiser at scale 1 rounds.
+    """
+
+    def __init__(self, model: nn.Module, rounded: bool):
+        super().__init__()
+        self.g_a, self.rounded = gates_as_clips(model.g_a), rounded
+        last = self.g_a[-1]
+        if not isinstance(last, nn.Conv2d) or last.bias is None:
+            raise ValueError("g_a must end with a convolution with a bias to fold the medians into")
+        with torch.no_grad():
+            last.bias.sub_(latent_medians(model).reshape(-1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        centred = self.g_a(x)
+        return torch.round(centred) if self.rounded else centred
+
+
+class SymbolDecoder(nn.Module):
+    """Symbols -> image: ``g_s(symbols + median)``, the medians added inside the graph."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.g_s = gates_as_clips(model.g_s)
+        self.register_buffer("medians", latent_medians(model).reshape(1, -1, 1, 1), persistent=False)
+
+    def forward(self, symbols: torch.Tensor) -> torch.Tensor:
+        return self.g_s(symbols + self.medians)
+
+
+def latent_medians(model: nn.Module) -> torch.Tensor:
+    """Per-channel medians of the entropy bottleneck, (M,)."""
+    with torch.no_grad():
+        return model.entropy_bottleneck._get_medians().reshape(-1).detach().float().cpu()
+
+
+def export_module(module: nn.Module, example: torch.Tensor, out: Path, input_name: str, output_name: str,
+                  opset: int) -> Path:
+    """A dynamic-H/W ONNX graph of ``module`` (TorchScript exporter, as ``src.export``)."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=DeprecationWarning)
+        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
+        torch.onnx.export(module.eval(), (example,), str(out), input_names=[input_name], output_names=[output_name],
+                          opset_version=opset, dynamic_axes={input_name: {2: "h", 3: "w"}, output_name: {2: "h", 3: "w"}},
+                          dynamo=False)
+    return out
+
+
+@torch.no_grad()
+def symbol_graphs(model: nn.Module, example: torch.Tensor, folder: Path, opset: int = 13) -> Dict[str, Path]:
+    """FP32 graphs of the symbol interface: ``encoder`` (rounded), ``encoder_centred`` (for PTQ), ``decoder``."""
+    model = model.eval()
+    symbols = SymbolEncoder(model, rounded=True)(example)
+    return {"encoder": export_module(SymbolEncoder(model, True), example, folder / "encoder.onnx", "x",
+                                     ENCODER_OUTPUT, opset),
+            "encoder_centred": export_module(SymbolEncoder(model, False), example, folder / "encoder_centred.onnx",
+                                             "x", ENCODER_OUTPUT, opset),
+            "decoder": export_module(SymbolDecoder(model), symbols, folder / "decoder.onnx", DECODER_INPUT, "x_hat",
+                                     opset)}
+
+
+# ---------------------------------------------------------------- activation statistics and ranges
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def run(sess: ort.InferenceSession, array: np.ndarray) -> np.ndarray:
+    return sess.run(None, {sess.get_inputs()[0].name: array})[0]
+
+
+@dataclass
+class TensorHistogram:
+    """Counts of one tensor's values over fixed bins (the tensor's min..max on the calibration images)."""
+    low: float
+    high: float
+    counts: np.ndarray = field(default=None)
+
+    def edges(self) -> np.ndarray:
+        return np.linspace(self.low, self.high, len(self.counts) + 1)
+
+
+def prepared(fp32_path: Path, folder: Path) -> Path:
+    """onnxruntime's pre-processing (shape inference, constant folding) before calibration and quantisation."""
+    out = folder / (fp32_path.stem + ".prepared.onnx")
+    quant_pre_process(str(fp32_path), str(out), skip_symbolic_shape=True)
+    return out
+
+
+def activation_histograms(model_path: Path, inputs: Sequence[np.ndarray], bins: int = HISTOGRAM_BINS
+                          ) -> Dict[str, TensorHistogram]:
+    """Histograms of every tensor ``quantize_static`` quantises, over ``inputs`` (two passes: range, then counts).
+
+    onnxruntime's own calibrator chooses the tensors and runs the graph with
+    them as extra outputs (``create_calibrator``); one input at a time, so
+    whole images fit in memory.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(str(model_path), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.Percentile)
+        names = sorted(calibrator.tensors_to_calibrate)
+        sess = calibrator.infer_session
+        input_name = sess.get_inputs()[0].name
+        outputs = [o.name for o in sess.get_outputs()]
+        wanted = [outputs.index(n) for n in names]
+
+        def tensors(array):
+            got = sess.run(None, {input_name: array})
+            return {n: got[i] for n, i in zip(names, wanted)}
+
+        low = {n: np.inf for n in names}
+        high = {n: -np.inf for n in names}
+        for array in inputs:
+            for n, t in tensors(array).items():
+                low[n], high[n] = min(low[n], float(t.min())), max(high[n], float(t.max()))
+        hists = {n: TensorHistogram(low[n], high[n] if high[n] > low[n] else low[n] + 1e-6,
+                                    np.zeros(bins, dtype=np.int64)) for n in names}
+        for array in inputs:
+            for n, t in tensors(array).items():
+                h = hists[n]
+                h.counts += np.histogram(t, bins=bins, range=(h.low, h.high))[0]
+    return hists
+
+
+def quantisation_error(hist: TensorHistogram, lows: np.ndarray, highs: np.ndarray, bits: int) -> np.ndarray:
+    """Mean squared error of quantising the histogram's values on each [low, high] (arrays of candidates).
+
+    Inside the range the rounding error is uniform (step^2 / 12); outside, a
+    value costs its squared distance to the range's edge. Prefix sums of the
+    counts and of the first two moments make each candidate O(1).
+    """
+    edges = hist.edges()
+    centres, counts = (edges[:-1] + edges[1:]) / 2, hist.counts.astype(np.float64)
+    zero = np.zeros(1)
+    n, s1, s2 = (np.concatenate([zero, np.cumsum(v)]) for v in (counts, counts * centres, counts * centres ** 2))
+    lows, highs = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
+    below = np.searchsorted(centres, lows)            # bins whose centre lies under low
+    above = np.searchsorted(centres, highs, "right")  # bins whose centre lies at or under high
+    total = n[-1]
+    err_below = lows ** 2 * n[below] - 2 * lows * s1[below] + s2[below]
+    err_above = (highs ** 2 * (total - n[above]) - 2 * highs * (s1[-1] - s1[above]) + (s2[-1] - s2[above]))
+    step = (highs - lows) / (2 ** bits - 1)
+    err_inside = (n[above] - n[below]) * step ** 2 / 12.0
+    return (err_below + err_above + err_inside) / max(total, 1.0)
+
+
+def choose_range(hist: TensorHistogram, bits: int, method: str) -> Tuple[float, float]:
+    """The [low, high] an activation is quantised on (0 always inside, as onnxruntime requires)."""
+    low, high = min(hist.low, 0.0), max(hist.high, 0.0)
+    if method == "minmax":
+        return low, high
+    cumulative = np.cumsum(hist.counts) / max(hist.counts.sum(), 1)
+    edges = hist.edges()
+    if method == "percentile":
+        lo = edges[np.searchsorted(cumulative, PERCENTILE_TAIL)]
+        hi = edges[min(np.searchsorted(cumulative, 1 - PERCENTILE_TAIL) + 1, len(edges) - 1)]
+        return min(float(lo), 0.0), max(float(hi), 0.0)
+    if method != "mse":
+        raise ValueError(f"range method must be one of {RANGE_METHODS}, got {method!r}")
+    # Candidates: each end shrunk towards 0 on its own, 2 % steps down to 5 % of the full range.
+    shrink = np.linspace(1.0, 0.05, 48)
+    lows, highs = np.meshgrid(low * shrink, high * shrink, indexing="ij")
+    errors = quantisation_error(hist, lows.ravel(), highs.ravel(), bits)
+    best = int(np.argmin(errors))
+    return float(lows.ravel()[best]), float(highs.ravel()[best])
+
+
+# ---------------------------------------------------------------- profiles and quantisation
+
+def stage_outputs(model_path: Path, transform: str) -> List[str]:
+    """The main path of a transform: the output tensor of each top-level stage of g_a / g_s.
+
+    The exporter names nodes by module path (``/g_s/g_s.3/...``): the last
+    node of stage i holds its output (a strided conv or ConvTranspose, or a
+    block's residual sum). For the decoder the medians' Add before stage 0
+    (y_hat) belongs to the main path too.
+    """
+    graph = onnx.load(str(model_path)).graph
+    last: Dict[int, str] = {}
+    prefix = f"/{transform}/{transform}."
+    for node in graph.node:
+        if node.name.startswith(prefix):
+            stage = int(node.name[len(prefix):].split("/")[0])
+            last[stage] = node.output[0]
+    tensors = [last[i] for i in sorted(last)]
+    if transform == "g_s":
+        tensors += [n.output[0] for n in graph.node if n.op_type == "Add" and DECODER_INPUT in n.input]
+    return tensors
+
+
+def symbol_bits(symbols: Iterable[np.ndarray]) -> Tuple[int, int]:
+    """(bits of the symbol interface, symbols outside int8): int8 where every symbol fits, else int16."""
+    outside = sum(int(((s < -128) | (s > 127)).sum()) for s in symbols)
+    return (8 if outside == 0 else 16), outside
+
+
+@dataclass
+class QuantPlan:
+    """What one graph is quantised with: a range per activation, and which activations get 16 bits."""
+    ranges: Dict[str, Tuple[float, float]]
+    sixteen_bit: List[str]
+    symbol_tensor: str
+    symbol_bits: int
+
+    def overrides(self) -> Dict[str, List[Dict]]:
+        table = {}
+        for name, (low, high) in self.ranges.items():
+            entry = {"rmin": np.float32(low), "rmax": np.float32(high)}
+            if name in self.sixteen_bit:
+                entry["quant_type"] = QuantType.QUInt16
+            table[name] = [entry]
+        # The symbol tensor: integers at scale 1, zero point 0 (rounding = the codec's rounding).
+        table[self.symbol_tensor] = [{"quant_type": QuantType.QInt8 if self.symbol_bits == 8 else QuantType.QInt16,
+                                      "scale": np.array(1.0, np.float32),
+                                      "zero_point": np.array(0, np.int8 if self.symbol_bits == 8 else np.int16)}]
+        return table
+
+
+class OneInput(CalibrationDataReader):
+    """The one input ``quantize_static`` needs to run; every activation's range comes from ``QuantPlan``."""
+
+    def __init__(self, name: str, array: np.ndarray):
+        self.items = iter([{name: array}])
+
+    def get_next(self):
+        return next(self.items, None)
+
+
+def plan(hists: Dict[str, TensorHistogram], sixteen_bit: Sequence[str], symbol_tensor: str, sym_bits: int,
+         method: str) -> QuantPlan:
+    ranges = {name: choose_range(h, 16 if name in sixteen_bit else 8, method)
+              for name, h in hists.items() if name != symbol_tensor}
+    return QuantPlan(ranges, [n for n in sixteen_bit if n in ranges], symbol_tensor, sym_bits)
+
+
+def quantise(model_path: Path, out: Path, qplan: QuantPlan, example: np.ndarray) -> Path:
+    """onnxruntime's ``quantize_static`` (QDQ, INT8 weights per channel) with the plan as tensor overrides."""
+    input_name = session(model_path).get_inputs()[0].name
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantize_static(str(model_path), str(out), OneInput(input_name, example), quant_format=QuantFormat.QDQ,
+                        per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
+                        extra_options={"TensorQuantOverrides": qplan.overrides()})
+    return out
+
+
+def float_islands(path: Path) -> List[str]:
+    """Compute ops of a QDQ graph that read a float tensor not from DequantizeLinear, or write one not to
+    QuantizeLinear: the places an integer NPU would have to fall back to float. Shape-only ops are exempt."""
+    graph = onnx.load(str(path)).graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: Dict[str, List[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    constants = {i.name for i in graph.initializer}
+    outputs = {o.name for o in graph.output}
+    islands = []
+    for node in graph.node:
+        if node.op_type in QDQ_OPS or node.op_type in SHAPE_OPS:
+            continue
+        reads_float = [i for i in node.input if i and i not in constants and i in producer
+                       and producer[i].op_type not in QDQ_OPS | {"Constant"} | SHAPE_OPS]
+        reads_input = [i for i in node.input if i in {g.name for g in graph.input}]
+        writes_float = [o for o in node.output if o in outputs or any(
+            c.op_type not in {"QuantizeLinear"} | SHAPE_OPS for c in consumers.get(o, []))]
+        if reads_float or reads_input or writes_float:
+            islands.append(f"{node.op_type} {node.name}")
+    return islands
+
+
+# ---------------------------------------------------------------- the INT8 pair
+
+@dataclass
+class Int8Pair:
+    """The INT8 encoder and decoder of one profile, and what they were quantised with."""
+    encoder: Path
+    decoder: Path
+    profile: str
+    method: str
+    sixteen_bit: Dict[str, List[str]]
+    symbol_bits: int
+    symbols_outside_int8: int
+    float_islands: Dict[str, List[str]]
+
+
+def pad_to(array: np.ndarray, multiple: int) -> np.ndarray:
+    """Zero-pad (1, C, H, W) to multiples of ``multiple``, centred, exactly as ``src.eval`` pads what it codes."""
+    left, right, top, bottom = compute_padding(*array.shape[-2:], min_div=multiple)[0]
+    return np.pad(array, ((0, 0), (0, 0), (top, bottom), (left, right)))
+
+
+@dataclass
+class Calibration:
+    """Histograms of the FP32 encoder's and decoder's tensors on whole calibration images (one profile-free pass)."""
+    encoder: Dict[str, TensorHistogram]
+    decoder: Dict[str, TensorHistogram]
+    symbols: List[np.ndarray]
+    images: List[np.ndarray]
+    sources: Dict[str, Path]
+
+
+def calibrate(fp32: Dict[str, Path], images: Sequence[np.ndarray], folder: Path) -> Calibration:
+    """Histograms of both halves: the encoder on the images, the decoder on the FP32 encoder's symbols of them."""
+    enc = session(fp32["encoder"])
+    symbols = [run(enc, image) for image in images]
+    sources = {"encoder": prepared(fp32["encoder_centred"], folder), "decoder": prepared(fp32["decoder"], folder)}
+    return Calibration(activation_histograms(sources["encoder"], images),
+                       activation_histograms(sources["decoder"], symbols), symbols, list(images), sources)
+
+
+def quantise_half(calib: Calibration, half: str, profile: str, method: str, out: Path,
+                  extra_sixteen_bit: Sequence[str] = ()) -> QuantPlan:
+    """Write the INT8 ``half`` (encoder or decoder) of ``profile`` to ``out``; returns what it was quantised with."""
+    if profile not in PROFILES:
+        raise ValueError(f"precision profile must be one of {sorted(PROFILES)}, got {profile!r}")
+    source = calib.sources[half]
+    hists, example = (calib.encoder, calib.images[0]) if half == "encoder" else (calib.decoder, calib.symbols[0])
+    symbol_tensor = ENCODER_OUTPUT if half == "encoder" else DECODER_INPUT
+    sixteen = ([t for t in stage_outputs(source, "g_a" if half == "encoder" else "g_s") if t != symbol_tensor]
+               if profile == "a16w8" else [])
+    sixteen += [t for t in extra_sixteen_bit if t in hists and t not in sixteen]
+    qplan = plan(hists, sixteen, symbol_tensor, symbol_bits(calib.symbols)[0], method)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    quantise(source, out, qplan, example)
+    return qplan
+
+
+def quantise_pair(calib: Calibration, profile: str, method: str, folder: Path) -> Int8Pair:
+    """INT8 encoder and decoder of ``profile`` (``PROFILES``) with ``method`` ranges, written into ``folder``."""
+    paths = {half: folder / f"{half}.int8.onnx" for half in ("encoder", "decoder")}
+    plans = {half: quantise_half(calib, half, profile, method, path) for half, path in paths.items()}
+    bits, outside = symbol_bits(calib.symbols)
+    return Int8Pair(paths["encoder"], paths["decoder"], profile, method,
+                    {half: q.sixteen_bit for half, q in plans.items()}, bits, outside,
+                    {half: float_islands(path) for half, path in paths.items()})
+
+
+# ---------------------------------------------------------------- the codec around the graphs, and its round trip
+
+class SymbolCodec:
+    """Symbol-interface ONNX graphs around the model's range coder, with CompressAI's ``compress``/``decompress``.
+
+    The encoder graph hands over the symbols themselves; they are coded with
+    the entropy bottleneck's tables as they are (no medians, no rounding on the
+    host), and the decoder graph receives them as decoded. So
+    ``src.eval.bitstream_roundtrip`` measures real bits through these graphs.
+    """
+
+    def __init__(self, encoder: Path, decoder: Path, entropy_bottleneck: nn.Module):
+        self.encoder, self.decoder, self.entropy_bottleneck = session(encoder), session(decoder), entropy_bottleneck
+
+    def symbols(self, x: np.ndarray) -> np.ndarray:
+        return run(self.encoder, x)
+
+    def compress(self, x: torch.Tensor) -> Dict:
+        symbols = torch.from_numpy(self.symbols(x.numpy()))
+        eb = self.entropy_bottleneck
+        strings = EntropyModel.compress(eb, symbols, eb._build_indexes(symbols.size()))
+        return {"strings": [strings], "shape": symbols.shape[-2:], "symbols": symbols}
+
+    def decompress(self, strings: List[List[bytes]], shape) -> Dict[str, torch.Tensor]:
+        eb = self.entropy_bottleneck
+        size = (len(strings[0]), eb.channels if hasattr(eb, "channels") else eb.quantiles.shape[0], *shape)
+        symbols = EntropyModel.decompress(eb, strings[0], eb._build_indexes(size), torch.float32)
+        return {"x_hat": torch.from_numpy(run(self.decoder, symbols.numpy())).clamp_(0, 1)}
+
+
+def roundtrip_points(codec: SymbolCodec, images: Sequence[torch.Tensor]) -> Dict:
+    """Mean PSNR / MS-SSIM (8-bit) and real bpp of image -> encoder graph -> range coder -> decoder graph,
+    and each image's symbols (for comparing two encoders)."""
+    from src.eval import bitstream_roundtrip
+    from src.losses import quantised_metrics
+    rows, symbols = [], []
+    for image in images:
+        coded = bitstream_roundtrip(codec, image, 64)
+        metrics = quantised_metrics(image, coded["x_hat"])
+        rows.append({"psnr": metrics["psnr"], "ms_ssim": metrics["ms_ssim"],
+                     "bpp": coded["bits"] / (image.shape[-2] * image.shape[-1])})
+        symbols.append(codec.symbols(pad_to(image.numpy(), 64)))
+    mean = {key: float(np.mean([row[key] for row in rows])) for key in ("psnr", "ms_ssim", "bpp")}
+    return {**mean, "per_image": rows, "symbols": symbols}
+
+
+def sensitivity(calib: Calibration, pair: Int8Pair, entropy_bottleneck: nn.Module, images: Sequence[torch.Tensor],
+                folder: Path) -> List[Dict]:
+    """What 16 bits buy, tensor by tensor: the round trip with one activation of ``pair`` at 16 bits, against
+    ``pair`` itself (PSNR gain in dB, rate change), most valuable first. A user reads it to choose which
+    tensors go to 16 bits on an NPU that allows mixed precision."""
+    base = roundtrip_points(SymbolCodec(pair.encoder, pair.decoder, entropy_bottleneck), images)
+    rows = []
+    for half, hists in (("encoder", calib.encoder), ("decoder", calib.decoder)):
+        kept = set(pair.sixteen_bit[half]) | {ENCODER_OUTPUT if half == "encoder" else DECODER_INPUT}
+        for name in sorted(set(hists) - kept):
+            trial = folder / f"{half}.trial.onnx"
+            quantise_half(calib, half, pair.profile, pair.method, trial, extra_sixteen_bit=[name])
+            encoder, decoder = (trial, pair.decoder) if half == "encoder" else (pair.encoder, trial)
+            point = roundtrip_points(SymbolCodec(encoder, decoder, entropy_bottleneck), images)
+            rows.append({"half": half, "tensor": name, "psnr_gain": point["psnr"] - base["psnr"],
+                         "rate_change": point["bpp"] / base["bpp"] - 1})
+    return sorted(rows, key=lambda r: r["psnr_gain"], reverse=True)
+
+
+def sensitivity_markdown(rows: Sequence[Dict], top: int = 15) -> str:
+    lines = ["| half | tensor at 16 bits | PSNR gain | rate change |", "| --- | --- | --- | --- |"]
+    lines += [f"| {r['half']} | `{r['tensor']}` | {r['psnr_gain']:+.4f} dB | {100 * r['rate_change']:+.3f} % |"
+              for r in rows[:top]]
+    return "\n".join(lines)
