@@ -7,8 +7,8 @@
         --work_dir bench_out/codec --json docs/codec_rd.json --plot docs/codec_rd.png
 
 Each checkpoint (or run folder: its ``best_loss.pt``) is exported twice with
-``scripts.export_onnx --bundle``: FP32, and INT8 (w8a8, calibrated on
-``--calib_count`` crops of ``--calib_dir``, never the eval images). Every eval
+``scripts.export_onnx --bundle``: FP32, and INT8 (``--int8_profile``, calibrated on
+``--calib_count`` whole images of ``--calib_dir``, never the eval images). Every eval
 image is coded whole by ``scripts.codec``'s path (``src.codec.Codec`` on
 ``--runtime``): rate is the file's size with its 43-byte header, over the
 image's pixels. JPEG (Pillow, ``optimize=True``, 4:2:0) and WebP (Pillow,
@@ -39,11 +39,12 @@ from src.cli import UserError, run_cli
 from src.data import image_files
 from src.eval import resolve_checkpoint
 from src.images import load_rgb
+from src.int8 import PROFILES
 from src.losses import quantised_metrics
 from src.rd_curves import bd_markdown, compare_curves, curve_point, plot_curves
 
-JPEG_QUALITIES = list(range(5, 100, 5))
-WEBP_QUALITIES = list(range(0, 100, 5))
+JPEG_QUALITIES = [5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 90]
+WEBP_QUALITIES = [0, 5, 10, 20, 30, 40, 50, 60, 75, 90]
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -52,13 +53,19 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_dir", required=True, help="whole images to code (e.g. Kodak 1-12)")
     p.add_argument("--curve", action="append", default=[], metavar="NAME=CKPT[,CKPT...]",
                    help="a learned codec: one checkpoint or run folder per rate point (repeat per codec)")
+    p.add_argument("--eval_json", default=None,
+                   help="instead of bundles, the FP32 curves of an src.eval --curve report on the same images "
+                        "(e.g. the RD study's rd_study.json): its real-bitstream bits plus the codec's header are "
+                        "the codec's files (tests/test_codec.py checks the two agree)")
     p.add_argument("--calib_dir", default=None, help="INT8 calibration photos (not the eval images)")
     p.add_argument("--calib_count", type=int, default=32)
-    p.add_argument("--input_size", type=int, default=256, help="calibration crop side")
+    p.add_argument("--input_size", type=int, default=256, help="export check crop side")
     p.add_argument("--verify_dir", default=None, help="the bundles' verification images (default: calib_dir)")
     p.add_argument("--work_dir", default="bench_out/codec", help="bundles are written (and reused) here")
     p.add_argument("--max_images", type=int, default=0, help="first N eval images (0 = all)")
     p.add_argument("--runtime", default="onnxruntime", choices=codec.RUNTIMES)
+    p.add_argument("--int8_profile", default="w8a8", choices=sorted(PROFILES),
+                   help="the INT8 bundles' precision profile (src.int8)")
     p.add_argument("--no_int8", action="store_true", help="FP32 bundles only")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
@@ -66,9 +73,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def ensure_bundle(checkpoint: Path, out: Path, int8: bool, args: argparse.Namespace,
+def ensure_bundle(checkpoint: Path, out: Path, precision: str, args: argparse.Namespace,
                   upsample: str = "convtranspose") -> Path:
-    """``scripts.export_onnx --bundle OUT`` for ``checkpoint`` (FP32, or INT8 calibrated on --calib_dir)."""
+    """``scripts.export_onnx --bundle OUT`` for ``checkpoint``: ``precision`` fp32, or an INT8 profile
+    (``src.int8.PROFILES``) calibrated on --calib_dir."""
+    int8 = precision != "fp32"
     manifest = out / codec.MANIFEST
     if manifest.is_file() and manifest.stat().st_mtime > checkpoint.stat().st_mtime:
         return out
@@ -79,14 +88,19 @@ def ensure_bundle(checkpoint: Path, out: Path, int8: bool, args: argparse.Namesp
     if int8:
         if not args.calib_dir:
             raise UserError("INT8 bundles need --calib_dir (or pass --no_int8)")
-        argv += ["--int8", args.calib_dir, "--calib_count", str(args.calib_count)]
+        argv += ["--int8", args.calib_dir, "--calib_count", str(args.calib_count), "--precision", precision]
     if verify:
-        argv += ["--int8_eval_dir", verify, "--int8_eval_count", "4"]
+        argv += ["--int8_eval_dir", verify, "--int8_eval_count", "1"]
     elif not int8:
         raise UserError("FP32 bundles need verification images: pass --verify_dir or --calib_dir")
     print(f"$ python -m scripts.export_onnx {' '.join(argv)}", flush=True)
     export_onnx.main(argv)
     return out
+
+
+def bundle_folder(work: Path, checkpoint: Path, precision: str, upsample: str = "convtranspose") -> Path:
+    """Where the benches keep a checkpoint's bundle (``bench.codec_speed`` reuses these)."""
+    return work / f"{checkpoint.parent.name}_{precision}_{upsample}"
 
 
 def metrics(original: np.ndarray, decoded: np.ndarray, size_bytes: int) -> Dict[str, float]:
@@ -127,17 +141,38 @@ def learned_curves(args: argparse.Namespace, images: Sequence[np.ndarray]) -> Di
         checkpoints = [resolve_checkpoint(p) for p in paths.split(",") if p]
         if not name or not checkpoints:
             raise UserError(f"--curve {text!r}: expected NAME=CKPT[,CKPT...]")
-        for precision in ("fp32",) if args.no_int8 else ("fp32", "int8"):
+        for precision in ("fp32",) if args.no_int8 else ("fp32", args.int8_profile):
             points = []
             for ckpt in checkpoints:
                 if not ckpt.is_file():
                     raise UserError(f"{ckpt} not found")
-                folder = ensure_bundle(ckpt, Path(args.work_dir) / name / f"{ckpt.parent.name}_{precision}",
-                                       precision == "int8", args)
+                folder = ensure_bundle(ckpt, bundle_folder(Path(args.work_dir) / name, ckpt, precision), precision,
+                                       args)
                 points.append(bundle_point(folder, images, args.runtime))
                 print(f"{name} {precision} {ckpt}: {points[-1]['bpp']:.4f} bpp, {points[-1]['psnr']:.3f} dB, "
                       f"MS-SSIM {points[-1]['ms_ssim']:.4f}", flush=True)
             curves[f"{name}_{precision}"] = points
+    return curves
+
+
+def eval_report_curves(path: Path, files: Sequence[Path], images: Sequence[np.ndarray]) -> Dict[str, List[Dict]]:
+    """FP32 curves from an ``src.eval`` JSON report, each image's rate raised by the codec's header."""
+    report = json.loads(Path(path).read_text())
+    if not report.get("curves"):
+        raise UserError(f"{path} holds no curves (run src.eval with --curve)")
+    names = [f.name for f in files]
+    pixels = {f.name: a.shape[0] * a.shape[1] for f, a in zip(files, images)}
+    results = {r["checkpoint"]: r for r in report["results"]}
+    curves = {}
+    for name, points in report["curves"]["points"].items():
+        curve = []
+        for point in points:
+            rows = results[point["checkpoint"]]["images"]
+            if [r["name"] for r in rows] != names:
+                raise UserError(f"{path} was measured on other images than {len(names)} of the eval folder")
+            rows = [dict(r, bpp_real=r["bpp_real"] + 8 * codec.HEADER.size / pixels[r["name"]]) for r in rows]
+            curve.append(mean_point(rows, point["checkpoint"]))
+        curves[f"{name}_fp32"] = curve
     return curves
 
 
@@ -158,7 +193,8 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     images = [np.array(load_rgb(f)) for f in files]
     classic = {"jpeg": [pillow_point(images, "JPEG", q) for q in JPEG_QUALITIES],
                "webp": [pillow_point(images, "WEBP", q) for q in WEBP_QUALITIES]}
-    learned = learned_curves(args, images)
+    learned = eval_report_curves(Path(args.eval_json), files, images) if args.eval_json else {}
+    learned.update(learned_curves(args, images))
     against = {anchor: compare_curves({anchor: classic[anchor], **learned}) if learned else {} for anchor in classic}
     if learned:
         against["jpeg"]["webp"] = compare_curves({"jpeg": classic["jpeg"], "webp": classic["webp"]})["webp"]

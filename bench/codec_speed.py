@@ -5,7 +5,7 @@
 
 Rows: the PyTorch model through ``compress`` / ``decompress`` (``src.eval``'s
 path), then the bundle (``scripts.codec``'s path: pad, graph, rANS, header /
-header, rANS, graph, crop) for FP32 and INT8 (w8a8), with the decoder's
+header, rANS, graph, crop) for FP32 and INT8 (w8a8, a16w8), with the decoder's
 ConvTranspose as trained and with its sub-pixel rewrite, on onnxruntime and
 OpenVINO. Each figure is the median over ``--repeat`` passes (after one
 warm-up pass) of the time to code the first ``--max_images`` images whole,
@@ -25,14 +25,14 @@ from typing import Callable, Dict, List, Optional, Sequence
 import numpy as np
 import torch
 
-from bench.classic_codecs import ensure_bundle
+from bench.classic_codecs import bundle_folder, ensure_bundle
 from src import codec
 from src.cli import run_cli
 from src.data import image_files
 from src.eval import bitstream_roundtrip, load_model
 from src.images import load_rgb
 
-CONFIGS = [(precision, upsample) for precision in ("fp32", "int8") for upsample in ("convtranspose", "subpixel")]
+PRECISIONS, UPSAMPLES = ("fp32", "w8a8", "a16w8"), ("convtranspose", "subpixel")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,6 +42,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval_dir", required=True, help="whole images to time (e.g. Kodak)")
     p.add_argument("--max_images", type=int, default=4)
     p.add_argument("--repeat", type=int, default=5)
+    p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--build_only", action="store_true",
+                   help="only write the bundles (slow, run it niced); a later run times them")
     p.add_argument("--calib_dir", required=True, help="INT8 calibration photos (not the eval images)")
     p.add_argument("--calib_count", type=int, default=32)
     p.add_argument("--input_size", type=int, default=256)
@@ -94,12 +97,18 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     megapixels = sum(a.shape[0] * a.shape[1] for a in images) / 1e6
     print(f"{ckpt}: {len(images)} images of {args.eval_dir} ({megapixels:.3f} MP), median of {args.repeat} passes, "
           f"torch threads {torch.get_num_threads()}")
+    configs = [(precision, upsample) for precision in args.precisions for upsample in UPSAMPLES]
+    if args.build_only:
+        for precision, upsample in configs:
+            ensure_bundle(ckpt, bundle_folder(Path(args.work_dir), ckpt, precision, upsample), precision, args,
+                          upsample)
+        return {}
     rows: List[Dict] = []
     reference = time_pytorch(ckpt, images, args.repeat)
     rows.append({"codec": "CompressAI compress/decompress (PyTorch)", **reference})
-    for precision, upsample in CONFIGS:
-        folder = ensure_bundle(ckpt, Path(args.work_dir) / f"{ckpt.parent.name}_{precision}_{upsample}",
-                               precision == "int8", args, upsample)
+    for precision, upsample in configs:
+        folder = ensure_bundle(ckpt, bundle_folder(Path(args.work_dir), ckpt, precision, upsample), precision, args,
+                               upsample)
         for runtime in codec.RUNTIMES:
             rows.append({"codec": f"bundle {precision} {upsample} {runtime}", "precision": precision,
                          "upsample": upsample, "runtime": runtime,
