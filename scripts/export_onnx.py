@@ -30,6 +30,15 @@ weights without fake-quant. With ``--dynamic`` the round trip codes the
 images whole (padded to 64 like ``src.eval``), else their centre crops at
 ``--input_size``. ``--int8_sensitivity`` adds, per activation tensor, what
 16 bits on that tensor alone would buy.
+
+``--bundle DIR`` writes a codec bundle instead of one graph (``src.bundle``,
+``src.codec``; decode with ``python -m scripts.codec``): the symbol encoder
+and decoder (dynamic H/W), the entropy tables and a manifest with the
+round trip measured on the verification images (``--image``, or with
+``--int8`` the held-out images) on onnxruntime and OpenVINO. FP32, or with
+``--int8 CALIB_DIR`` INT8 graphs of ``--precision`` calibrated there.
+``--upsample subpixel`` rewrites the decoder's stride-2 ConvTransposes as
+Conv + DepthToSpace.
 """
 
 from __future__ import annotations
@@ -50,14 +59,16 @@ from torch.onnx import _constants as onnx_constants
 
 from src.checkpoint import current_umask
 from src.cli import UserError, run_cli
+from src.bundle import write_bundle
 from src.data import image_files
 from src.export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, QAT_MAX_STEPS, QAT_MEAN_STEPS, export_graph, int8_report,
                         op_histogram, output_errors, part_input, qat_export_check)
-from src.images import DECODE_ERRORS, center_crop_tensor, load_rgb
-from src.int8 import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS
+from src.images import DECODE_ERRORS, center_crop_tensor, image_tensor, load_rgb
+from src.int8 import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS, pad_to
 from src.model_factory import load_checkpoint_model, make_arch
 from src.qat import is_qat_model, output_step
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
+from src.subpixel import UPSAMPLE_MODES
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -65,7 +76,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint of this project, or a plain CompressAI state dict")
     p.add_argument("--part", default="full", choices=("full", "encoder", "decoder"))
-    p.add_argument("--out", required=True, help="output .onnx path")
+    p.add_argument("--out", default=None, help="output .onnx path (required unless --bundle)")
     p.add_argument("--input_size", type=int, default=224, help="image side the graph is traced at")
     p.add_argument("--dynamic", action="store_true", help="dynamic H/W axes (also verified at a second size)")
     p.add_argument("--opset", type=int, default=13)
@@ -91,6 +102,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--int8_sensitivity", action="store_true",
                    help="also measure, for each activation tensor alone at 16 bits, the round trip's PSNR and rate "
                         "change (one quantisation and round trip per tensor: slow; use few --int8_eval_count images)")
+    g = p.add_argument_group("Codec bundle")
+    g.add_argument("--bundle", default=None, metavar="DIR",
+                   help="write a codec bundle (encoder, decoder, entropy tables, manifest) to DIR instead of --out; "
+                        "INT8 (--precision) with --int8 CALIB_DIR")
+    g.add_argument("--upsample", default="convtranspose", choices=UPSAMPLE_MODES,
+                   help="decoder upsampling in the bundle: ConvTranspose as trained, or its exact sub-pixel rewrite")
     return p
 
 
@@ -191,7 +208,7 @@ def load_export_model(args: argparse.Namespace) -> Tuple[nn.Module, Optional[Dic
     return model.eval(), arch, payload
 
 
-def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int, int]) -> torch.Tensor:
+def verification_file(args: argparse.Namespace, payload: Dict) -> Path:
     """--image, else the first val image of the run that wrote the checkpoint."""
     if args.image:
         path = Path(args.image)
@@ -206,6 +223,11 @@ def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int,
             raise UserError(f"the training run's val folder {folder} (used to verify the export) is not here; "
                             "pass --image PATH")
         path = image_files(folder, "verification")[0]
+    return path
+
+
+def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int, int]) -> torch.Tensor:
+    path = verification_file(args, payload)
     try:
         return center_crop_tensor(path, size)
     except DECODE_ERRORS as err:
@@ -234,8 +256,30 @@ def split_calibration(args: argparse.Namespace, qat: bool) -> Tuple[List[Path], 
     return calib, rest, f"the {len(rest)} images of {args.int8} after the {len(calib)} calibration ones"
 
 
+def export_bundle(args: argparse.Namespace, model: nn.Module, arch: Optional[Dict], payload: Dict) -> Dict:
+    """--bundle: FP32, or INT8 calibrated on --int8's whole images and verified on its held-out ones."""
+    calibration, eval_from = [], ""
+    if args.int8:
+        calib_files, verification, eval_from = split_calibration(args, is_qat_model(model))
+        calibration = [pad_to(image_tensor(load_rgb(f)).numpy(), 64) for f in calib_files]
+    elif args.int8_eval_dir:
+        verification = image_files(Path(args.int8_eval_dir), "verification")[: args.int8_eval_count]
+        eval_from = args.int8_eval_dir
+    else:
+        verification = [verification_file(args, payload)]
+    manifest = write_bundle(model, arch, Path(args.bundle), verification, calibration,
+                            args.precision if args.int8 else "fp32", args.upsample, args.opset, source=args.ckpt,
+                            calibration_from=args.int8 or "", range_method=args.calib_method)
+    return {"bundle": args.bundle, "manifest": manifest, "eval_from": eval_from}
+
+
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
+    if args.bundle:
+        model, arch, payload = load_export_model(args)
+        return export_bundle(args, model, arch, payload)
+    if not args.out:
+        raise UserError("give --out PATH (one graph) or --bundle DIR (a codec bundle)")
     if args.int8 and args.part == "full":
         raise UserError("--int8 quantises the encoder or the decoder: use --part encoder or --part decoder")
     out = check_arguments(args)

@@ -1,0 +1,91 @@
+"""Image -> file -> PNG with an exported codec bundle (``scripts.export_onnx --bundle DIR``).
+
+    python -m scripts.codec encode -b bundle/ photo.jpg -o photo.npcf [--runtime openvino]
+    python -m scripts.codec decode -b bundle/ photo.npcf -o photo.png
+    python -m scripts.codec audit -b bundle/ [--runtime openvino]
+
+Needs only the bundle, onnxruntime or OpenVINO, and CompressAI's range coder:
+no checkpoint, no training code. Any image size (padded to 64, cropped back).
+The file format and the bundle are described in ``src/codec.py`` and
+``docs/codec.md``. A file decodes with any bundle of the same model and
+entropy tables (FP32 or INT8, either runtime); a file made with other
+tables, a truncated or corrupt file and a wrong magic are refused in one line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Dict, Optional, Sequence
+
+from src import codec
+from src.checkpoint import write_atomic
+from src.cli import UserError, run_cli
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Encode an image to a file, or decode a file to a PNG, with a bundle.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    for name, help_text, source in (("encode", "image -> file", "IMAGE"), ("decode", "file -> PNG", "FILE")):
+        cmd = sub.add_parser(name, help=help_text, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        cmd.add_argument("source", metavar=source)
+        cmd.add_argument("-o", "--out", required=True, help="output file" + (" (PNG)" if name == "decode" else ""))
+    sub.add_parser("audit", help="what the runtime executes for each graph, in integer or float",
+                   formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for cmd in sub.choices.values():
+        cmd.add_argument("-b", "--bundle", required=True, help="bundle folder (scripts.export_onnx --bundle)")
+        cmd.add_argument("--runtime", default="onnxruntime", choices=codec.RUNTIMES)
+    return p
+
+
+def read_bytes(path: Path) -> bytes:
+    if not path.is_file():
+        raise UserError(f"{path} not found")
+    return path.read_bytes()
+
+
+def encode(args: argparse.Namespace, bundle: codec.Bundle) -> Dict:
+    image = codec.image_array(Path(args.source))
+    coder = codec.Codec(bundle, args.runtime, parts=("encoder",))
+    start = time.perf_counter()
+    data = coder.encode(image, args.source)
+    seconds = time.perf_counter() - start
+    write_atomic(Path(args.out), lambda handle: handle.write(data))
+    height, width = image.shape[:2]
+    print(f"{args.source} ({width}x{height}) -> {args.out}: {len(data)} bytes, "
+          f"{8 * len(data) / (height * width):.4f} bpp ({codec.HEADER.size}-byte header), "
+          f"{seconds:.2f} s on {args.runtime}")
+    return {"bytes": len(data), "seconds": seconds}
+
+
+def decode(args: argparse.Namespace, bundle: codec.Bundle) -> Dict:
+    from PIL import Image
+
+    data = read_bytes(Path(args.source))
+    coder = codec.Codec(bundle, args.runtime, parts=("decoder",))
+    start = time.perf_counter()
+    image = coder.decode(data, args.source)
+    seconds = time.perf_counter() - start
+    write_atomic(Path(args.out), lambda handle: Image.fromarray(image).save(handle, format="PNG"))
+    print(f"{args.source} -> {args.out} ({image.shape[1]}x{image.shape[0]}), {seconds:.2f} s on {args.runtime}")
+    return {"shape": image.shape, "seconds": seconds}
+
+
+def audit(args: argparse.Namespace, bundle: codec.Bundle) -> Dict:
+    report = {}
+    for part, name in codec.GRAPH_FILES.items():
+        report[part] = codec.runtime_audit(bundle.folder / name, args.runtime)
+        print(f"{part} on {args.runtime}: {codec.audit_line(report[part])}")
+    return report
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Dict:
+    args = get_args_parser().parse_args(argv)
+    bundle = codec.load_bundle(Path(args.bundle))
+    return {"encode": encode, "decode": decode, "audit": audit}[args.command](args, bundle)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,256 @@
+"""Write a codec bundle (``src.codec``) from a model: symbol graphs, entropy tables, verified round trip, op audit.
+
+``scripts.export_onnx --bundle DIR`` calls ``write_bundle``. The graphs are
+the symbol interface of ``src.int8`` (``symbol_graphs``: the encoder ends with
+Round, the decoder adds the medians), with dynamic H/W; the decoder's stride-2
+ConvTransposes become sub-pixel convolutions with ``upsample="subpixel"``
+(``src.subpixel``). INT8 bundles quantise those FP32 graphs with ``src.int8``'s
+profiles (``int8_symbol_pair``). Before
+the manifest is written the bundle codes its verification images (whole,
+any size) on both runtimes, and each graph's executed ops are audited on both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from src import codec
+from src.cli import UserError
+from src.export import MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, op_histogram
+from src.int8 import DEFAULT_RANGE_METHOD, PROFILES as INT8_PROFILES, calibrate, quantise_pair, symbol_graphs
+from src.losses import quantised_metrics
+from src.qat import is_qat_model
+from src.subpixel import UPSAMPLE_MODES, subpixel_rewrite
+
+PROFILES = ("fp32", *sorted(INT8_PROFILES))
+# Export check of the rounded encoder: a symbol may differ from PyTorch's only where PyTorch's centred
+# latent lies this close to a rounding boundary (FP32 sums in another order move it by ~1e-6).
+BOUNDARY_TOLERANCE = 1e-3
+
+
+def int8_symbol_pair(fp32: Dict[str, Path], calibration_images: Sequence[np.ndarray], profile: str,
+                     range_method: str, out_dir: Path) -> Dict[str, Any]:
+    """INT8 encoder and decoder of the symbol interface (``src.int8``), calibrated on whole images.
+
+    ``fp32`` is ``src.int8.symbol_graphs``' dict; returns the paths and what
+    the pair was quantised with (for the manifest).
+    """
+    pair = quantise_pair(calibrate(fp32, calibration_images, out_dir), profile, range_method, out_dir / "int8")
+    return {"encoder": pair.encoder, "decoder": pair.decoder,
+            "precision": {"profile": profile, "description": INT8_PROFILES[profile], "range_method": range_method,
+                          "sixteen_bit": pair.sixteen_bit, "symbol_bits": pair.symbol_bits,
+                          "symbols_outside_int8_calibration": pair.symbols_outside_int8,
+                          "float_islands": pair.float_islands}}
+
+
+def check_factorized(model: nn.Module) -> None:
+    if not hasattr(model, "entropy_bottleneck") or hasattr(model, "gaussian_conditional"):
+        raise UserError("a codec bundle holds a factorized-prior model (bmshj2018-factorized); this checkpoint "
+                        f"is a {type(model).__name__}")
+
+
+@torch.no_grad()
+def check_export(model: nn.Module, paths: Dict[str, Path], image: torch.Tensor) -> Dict:
+    """The FP32 symbol graphs against the PyTorch model itself (ConvTranspose and HardSigmoid as trained).
+
+    Symbols must be PyTorch's ``round(g_a(x) - median)`` except where that
+    value lies within ``BOUNDARY_TOLERANCE`` of a rounding boundary; the
+    decoder's image must be ``g_s(symbols + median)`` within ``MAX_ABS_ERROR``.
+    """
+    medians = model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+    centred = (model.g_a(image) - medians).numpy()
+    reference = np.round(centred).astype(np.float32)
+    got = codec.load_graph(paths["encoder"], "onnxruntime")(image.numpy())
+    differ = got != reference
+    near_boundary = np.abs(np.abs(centred - np.floor(centred)) - 0.5) < BOUNDARY_TOLERANCE
+    if np.any(np.abs(got - reference) > 1) or np.any(differ & ~near_boundary):
+        raise UserError(f"export mismatch: {int(differ.sum())} symbols differ from PyTorch away from a rounding "
+                        "boundary")
+    x_hat = codec.load_graph(paths["decoder"], "onnxruntime")(reference)
+    error = float(np.abs(x_hat - model.g_s(torch.from_numpy(reference) + medians).numpy()).max())
+    if not error <= MAX_ABS_ERROR:
+        raise UserError(f"export mismatch: decoder max abs error {error:.2e} > {MAX_ABS_ERROR:g}")
+    return {"symbols_differing": int(differ.sum()), "symbols": int(differ.size), "decoder_max_abs_error": error}
+
+
+def verify_round_trip(bundle: codec.Bundle, images: Sequence[Path], model: nn.Module) -> Dict[str, Any]:
+    """Code each verification image whole on both runtimes; PSNR, MS-SSIM, bpp and how the runtimes agree.
+
+    ``pytorch_bpp``: the bits ``src.eval`` counts for the same image with the PyTorch model (``compress``).
+    """
+    from src.eval import bitstream_roundtrip
+    from src.images import image_tensor, load_rgb
+
+    result: Dict[str, Any] = {"images": [str(p) for p in images]}
+    per_runtime = {}
+    for runtime in codec.RUNTIMES:
+        coder = codec.Codec(bundle, runtime)
+        rows = []
+        for path in images:
+            image = codec.image_array(path)
+            data, symbols = coder.encode(image, str(path), return_symbols=True)
+            decoded = coder.decode(data, str(path))
+            x, x_hat = (torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255 for a in (image, decoded))
+            metrics = quantised_metrics(x, x_hat)
+            pixels = image.shape[0] * image.shape[1]
+            rows.append({"psnr": metrics["psnr"], "ms_ssim": metrics["ms_ssim"],
+                         "bpp": 8 * (len(data) - codec.HEADER.size) / pixels, "bpp_file": 8 * len(data) / pixels,
+                         "symbols": symbols, "decoded": decoded})
+        per_runtime[runtime] = rows
+        result[runtime] = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ms_ssim", "bpp", "bpp_file")}
+    ort_rows, ov_rows = per_runtime["onnxruntime"], per_runtime["openvino"]
+    result["runtime_agreement"] = {
+        "symbols_differing": int(sum(np.count_nonzero(a["symbols"] != b["symbols"])
+                                     for a, b in zip(ort_rows, ov_rows))),
+        "symbols": int(sum(a["symbols"].size for a in ort_rows)),
+        "max_pixel_difference": int(max(np.abs(a["decoded"].astype(int) - b["decoded"].astype(int)).max()
+                                        for a, b in zip(ort_rows, ov_rows))),
+        "psnr_difference": result["openvino"]["psnr"] - result["onnxruntime"]["psnr"],
+        "bpp_ratio": result["openvino"]["bpp"] / result["onnxruntime"]["bpp"] - 1,
+    }
+    bits = [bitstream_roundtrip(model, image_tensor(load_rgb(p)))["bits"] for p in images]
+    pixels = [np.prod(codec.image_array(p).shape[:2]) for p in images]
+    result["pytorch_bpp"] = float(np.mean([b / n for b, n in zip(bits, pixels)]))
+    return result
+
+
+def audit(paths: Dict[str, Path]) -> Dict[str, Any]:
+    """Ops integer NPUs cannot run (in the ONNX graphs), and what each runtime executes, in which precision."""
+    return {part: {"npu_forbidden_ops": sorted(op for op in op_histogram(path) if op in NPU_FORBIDDEN_OPS),
+                   **{runtime: codec.runtime_audit(path, runtime) for runtime in codec.RUNTIMES}}
+            for part, path in paths.items()}
+
+
+def check_target(target: Path) -> None:
+    """A bundle may replace an earlier bundle or an empty folder, nothing else the user has."""
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / codec.MANIFEST).is_file())):
+        raise UserError(f"--bundle {target} exists and is not a codec bundle: not overwriting it")
+
+
+def replace_folder(built: Path, target: Path) -> None:
+    """Put the finished bundle ``built`` at ``target``; an earlier bundle there is replaced, anything else kept."""
+    check_target(target)
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+        os.replace(target, old / "bundle")
+        os.replace(built, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(built, target)
+
+
+def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification: Sequence[Path],
+                 calibration: Sequence[np.ndarray] = (), profile: str = "fp32", upsample: str = "convtranspose",
+                 opset: int = 13, source: str = "", calibration_from: str = "",
+                 range_method: str = DEFAULT_RANGE_METHOD) -> Dict[str, Any]:
+    """Write the bundle at ``out`` and return its manifest.
+
+    ``profile``: fp32, or an INT8 profile of ``src.int8`` (w8a8, a16w8): the
+    FP32 symbol graphs quantised by ``int8_symbol_pair``, calibrated on
+    ``calibration``, whole images as (1, 3, H, W) arrays padded to 64.
+    A QAT checkpoint's graphs are already QDQ with learned scales (profile qat).
+    """
+    check_factorized(model)
+    check_target(Path(out))
+    if upsample not in UPSAMPLE_MODES:
+        raise UserError(f"--upsample must be one of {UPSAMPLE_MODES}")
+    qat = is_qat_model(model)
+    if qat and (profile != "fp32" or upsample != "convtranspose"):
+        raise UserError("a QAT checkpoint's bundle holds its own QDQ graphs: no --int8 calibration, no "
+                        "--upsample subpixel (the rewrite would drop its learned weight quantisers)")
+    if profile not in PROFILES:
+        raise UserError(f"precision profile must be one of {PROFILES}, got {profile!r}")
+    if profile != "fp32" and not calibration:
+        raise UserError(f"the {profile} bundle needs calibration images (--int8 CALIB_DIR)")
+    if not verification:
+        raise UserError("a bundle needs at least one verification image")
+    model = model.eval()
+    eb = model.entropy_bottleneck
+    if eb._quantized_cdf.numel() == 0:
+        print("note: the checkpoint has no entropy tables (saved without model.update()); building them now")
+        model.update(force=True)
+    tables = codec.EntropyTables.from_entropy_bottleneck(eb)
+    coded = nn.Module()  # what the graphs are made of: g_a, g_s (maybe rewritten) and the medians
+    coded.g_a, coded.g_s, coded.entropy_bottleneck = model.g_a, model.g_s, eb
+    if upsample == "subpixel":
+        coded.g_s, count = subpixel_rewrite(model.g_s)
+        if not count:
+            raise UserError("--upsample subpixel: the decoder has no stride-s ConvTranspose2d to rewrite")
+        print(f"sub-pixel rewrite: {count} ConvTranspose2d -> Conv2d + DepthToSpace")
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build.") as tmp:
+        tmp = Path(tmp)
+        folder = tmp / "bundle"
+        folder.mkdir()
+        example = torch.from_numpy(codec.padded_input(codec.image_array(verification[0])))
+        fp32 = symbol_graphs(coded, example, tmp / "fp32", opset)
+        for path in fp32.values():
+            onnx.checker.check_model(onnx.load(str(path)))
+        checked = None if qat else check_export(model, fp32, example)
+        precision: Dict[str, Any] = {"profile": "qat" if qat else profile}
+        graphs = {part: fp32[part] for part in codec.GRAPH_FILES}
+        if qat:
+            precision["method"] = "QAT checkpoint: QDQ graphs with the learned scales"
+        elif profile != "fp32":
+            pair = int8_symbol_pair(fp32, calibration, profile, range_method, tmp)
+            graphs = {part: pair[part] for part in codec.GRAPH_FILES}
+            precision = dict(pair["precision"], calibration_images=len(calibration),
+                             calibration_from=calibration_from)
+        for part, path in graphs.items():
+            shutil.copyfile(path, folder / codec.GRAPH_FILES[part])
+        tables.save(folder / codec.TABLES_FILE)
+        manifest = {
+            "format": codec.BUNDLE_FORMAT, "version": codec.BUNDLE_VERSION, "source": source, "arch": arch,
+            "base_model": (arch or {}).get("base_model", "bmshj2018-factorized"),
+            "quality": (arch or {}).get("quality"), "latent_channels": tables.channels,
+            "latent_stride": codec.LATENT_STRIDE, "pad_multiple": codec.PAD_MULTIPLE, "precision": precision,
+            "upsample": upsample, "opset": opset,
+            "file_format": {"magic": codec.MAGIC.decode(), "version": codec.FORMAT_VERSION,
+                            "header_bytes": codec.HEADER.size},
+            "entropy": {"file": codec.TABLES_FILE, "sha256": tables.digest()},
+            "graphs": {part: {"file": codec.GRAPH_FILES[part],
+                              "sha256": codec.file_sha256(folder / codec.GRAPH_FILES[part]),
+                              "input": "x" if part == "encoder" else "symbols",
+                              "output": "symbols" if part == "encoder" else "x_hat",
+                              "ops": op_histogram(folder / codec.GRAPH_FILES[part])} for part in codec.GRAPH_FILES},
+            "export_check": checked,
+        }
+        (folder / codec.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        bundle = codec.load_bundle(folder)
+        manifest["verification"] = verify_round_trip(bundle, verification, model)
+        manifest["audit"] = audit({part: folder / name for part, name in codec.GRAPH_FILES.items()})
+        (folder / codec.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        replace_folder(folder, out)
+    print_summary(manifest, out)
+    return manifest
+
+
+def print_summary(manifest: Dict[str, Any], out: Path) -> None:
+    v = manifest["verification"]
+    print(f"bundle -> {out} ({manifest['precision']['profile']}, upsample {manifest['upsample']}, "
+          f"M={manifest['latent_channels']}, tables {manifest['entropy']['sha256'][:12]})")
+    for runtime in codec.RUNTIMES:
+        r = v[runtime]
+        print(f"round trip on {len(v['images'])} verification image(s), {runtime}: {r['psnr']:.3f} dB, "
+              f"MS-SSIM {r['ms_ssim']:.4f}, {r['bpp']:.4f} bpp (file with header {r['bpp_file']:.4f})")
+    agree = v["runtime_agreement"]
+    print(f"onnxruntime vs openvino: {agree['symbols_differing']} of {agree['symbols']} symbols differ, decoded "
+          f"pixels within {agree['max_pixel_difference']} levels, PSNR {agree['psnr_difference']:+.4f} dB; "
+          f"PyTorch compress: {v['pytorch_bpp']:.4f} bpp")
+    for part, found in manifest["audit"].items():
+        for runtime in codec.RUNTIMES:
+            print(f"audit {part} {runtime}: {codec.audit_line(found[runtime])}")
+        if found["npu_forbidden_ops"]:
+            print(f"audit {part}: ops integer NPUs cannot run: {', '.join(found['npu_forbidden_ops'])}")

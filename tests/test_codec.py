@@ -1,0 +1,294 @@
+"""The shipped codec: bundles from scripts.export_onnx, image -> file -> PNG with scripts.codec, on both runtimes."""
+
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from PIL import Image
+from torch import nn
+
+from scripts import codec as codec_cli
+from scripts import export_onnx
+from src import codec
+from src import eval as recipe_eval
+from src.checkpoint import save_checkpoint
+from src.cli import UserError, run_cli
+from src.export import op_histogram, quantize_int8
+from src.images import image_tensor, load_rgb
+from src.int8 import SymbolDecoder, export_module
+from src.model_factory import build_model, make_arch
+from src.subpixel import can_rewrite, subpixel_from_convtranspose, subpixel_rewrite
+from tests.conftest import photo_paths
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def tiny_checkpoint(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    arch = make_arch(quality=1, replace="npu", replace_parts="all")
+    model = build_model(arch)
+    model.update(force=True)
+    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    """A q1 NPU-all checkpoint (random weights, tables built), photos of odd sizes, and two bundles of it."""
+    root = tmp_path_factory.mktemp("codec")
+    photos = photo_paths()
+    (root / "calib").mkdir()
+    load_rgb(photos[0]).resize((150, 110)).save(root / "a.png")
+    load_rgb(photos[1]).resize((90, 130)).save(root / "b.png")
+    for index, path in enumerate(photos[2:7]):
+        img = load_rgb(path)
+        img.thumbnail((96, 96))
+        img.save(root / "calib" / f"{index}.png")
+    ckpt = tiny_checkpoint(root / "model.pt", seed=0)
+    base = ["--ckpt", str(ckpt), "--input_size", "64"]
+    bundles = {"fp32": root / "fp32", "int8_subpixel": root / "int8_sub"}
+    manifests = {
+        "fp32": export_onnx.main(base + ["--bundle", str(bundles["fp32"]), "--image", str(root / "a.png")]),
+        "int8_subpixel": export_onnx.main(base + ["--bundle", str(bundles["int8_subpixel"]), "--int8",
+                                                  str(root / "calib"), "--calib_count", "4", "--upsample",
+                                                  "subpixel"]),
+    }
+    model, _, _ = recipe_eval.load_model(ckpt, torch.device("cpu"))
+    return {"root": root, "ckpt": ckpt, "bundles": bundles, "reports": manifests, "model": model}
+
+
+def encode_decode(bundle: Path, image: Path, tmp: Path, runtime: str = "onnxruntime", decoder_bundle=None):
+    tmp.mkdir(parents=True, exist_ok=True)
+    file, png = tmp / f"{image.stem}.{runtime}.npcf", tmp / f"{image.stem}.{runtime}.png"
+    codec_cli.main(["encode", "-b", str(bundle), str(image), "-o", str(file), "--runtime", runtime])
+    codec_cli.main(["decode", "-b", str(decoder_bundle or bundle), str(file), "-o", str(png), "--runtime", runtime])
+    return file.read_bytes(), np.asarray(Image.open(png).convert("RGB"))
+
+
+def test_bundle_contents_and_manifest(setup):
+    folder = setup["bundles"]["fp32"]
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["arch"]["replace"] == "npu" and manifest["quality"] == 1 and manifest["latent_channels"] == 192
+    assert manifest["precision"]["profile"] == "fp32" and manifest["upsample"] == "convtranspose"
+    for part in ("encoder", "decoder"):
+        assert manifest["graphs"][part]["sha256"] == hashlib.sha256((folder / f"{part}.onnx").read_bytes()).hexdigest()
+    tables = codec.EntropyTables.load(folder / "entropy.npz")
+    eb = setup["model"].entropy_bottleneck
+    assert np.array_equal(tables.cdfs, eb._quantized_cdf.numpy()) and np.array_equal(tables.offsets, eb._offset.numpy())
+    assert tables.digest() == manifest["entropy"]["sha256"]
+    v = manifest["verification"]
+    assert v["onnxruntime"]["bpp"] > 0 and np.isfinite(v["onnxruntime"]["psnr"])
+    graph = onnx.load(str(folder / "encoder.onnx")).graph
+    assert [i.name for i in graph.input] == ["x"] and [o.name for o in graph.output] == ["symbols"]
+    assert not set(manifest["graphs"]["encoder"]["ops"]) & {"Div", "Sqrt", "Pow"}  # NPU-all
+    assert manifest["audit"]["decoder"]["npu_forbidden_ops"] == []
+
+
+def test_round_trip_any_size_and_file_is_the_bits_eval_counts(setup, tmp_path):
+    model = setup["model"]
+    medians = model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+    for name, (w, h) in (("a", (150, 110)), ("b", (90, 130))):
+        image = setup["root"] / f"{name}.png"
+        data, decoded = encode_decode(setup["bundles"]["fp32"], image, tmp_path)
+        assert decoded.shape == (h, w, 3)
+        header, payload = codec.unpack(data, "file")
+        assert (header.height, header.width, header.latent_h, header.latent_w) == (h, w, *codec.latent_size(h, w))
+        # The payload is byte for byte what CompressAI's EntropyBottleneck writes for these symbols...
+        bundle = codec.load_bundle(setup["bundles"]["fp32"])
+        symbols = bundle.coder().decode(payload, header.latent_h, header.latent_w)
+        assert payload == model.entropy_bottleneck.compress(torch.from_numpy(symbols) + medians)[0]
+        # ... and the symbols are PyTorch's, except where FP32 sums in another order cross a rounding boundary.
+        x = image_tensor(load_rgb(image))
+        coded = recipe_eval.bitstream_roundtrip(model, x)
+        with torch.no_grad():
+            centred = (model.g_a(torch.from_numpy(codec.padded_input(np.asarray(load_rgb(image))))) - medians).numpy()
+        differ = np.round(centred) != symbols
+        assert not np.any(differ & (np.abs(np.abs(centred % 1) - 0.5) > 1e-3))
+        assert abs(8 * len(payload) - coded["bits"]) <= 32 * int(differ.sum())
+        assert len(data) == codec.HEADER.size + len(payload)
+        # The PNG is the PyTorch model's reconstruction, to 8 bits.
+        reference = np.rint(coded["x_hat"][0].clamp(0, 1).permute(1, 2, 0).numpy() * 255)
+        assert np.abs(decoded.astype(int) - reference).max() <= 1
+
+
+def test_decode_needs_no_checkpoint_nor_training_code(setup, tmp_path):
+    file = tmp_path / "a.npcf"
+    codec_cli.main(["encode", "-b", str(setup["bundles"]["fp32"]), str(setup["root"] / "a.png"), "-o", str(file)])
+    script = ("import sys; from scripts import codec; codec.main(sys.argv[1:]); "
+              "print(sorted(m for m in sys.modules if m.startswith(('src.', 'train_finetune', 'bench'))))")
+    result = subprocess.run([sys.executable, "-c", script, "decode", "-b", str(setup["bundles"]["fp32"]), str(file),
+                             "-o", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=REPO)
+    assert result.returncode == 0, result.stderr[-1500:]
+    loaded = eval(result.stdout.strip().splitlines()[-1])
+    assert set(loaded) <= {"src.codec", "src.cli", "src.checkpoint"}, loaded
+    assert Image.open(tmp_path / "a.png").size == (150, 110)
+
+
+def other_tables_file(setup, tmp_path) -> Path:
+    """A real file of another model's tables: same encoder graph, entropy coded with a second model's prior."""
+    torch.manual_seed(1)
+    other = build_model(make_arch(quality=1, replace="npu", replace_parts="all"))
+    with torch.no_grad():
+        other.entropy_bottleneck.quantiles.add_(0.7)
+    other.update(force=True)
+    bundle = codec.load_bundle(setup["bundles"]["fp32"])
+    tables = codec.EntropyTables.from_entropy_bottleneck(other.entropy_bottleneck)
+    manifest = dict(bundle.manifest, entropy={"sha256": tables.digest()})
+    foreign = codec.Codec(codec.Bundle(bundle.folder, manifest, tables), parts=("encoder",))
+    path = tmp_path / "other.npcf"
+    path.write_bytes(foreign.encode(np.asarray(load_rgb(setup["root"] / "a.png"))))
+    return path
+
+
+def test_bad_files_and_images_are_one_line_refusals(setup, tmp_path, capsys):
+    bundle = str(setup["bundles"]["fp32"])
+    good = tmp_path / "good.npcf"
+    codec_cli.main(["encode", "-b", bundle, str(setup["root"] / "b.png"), "-o", str(good)])
+    data = good.read_bytes()
+    cases = {
+        "truncated.npcf": (data[:-5], "is truncated"),
+        "header_only.npcf": (data[:20], "is truncated: 20 bytes"),
+        "empty.npcf": (b"", "is truncated: 0 bytes"),
+        "extended.npcf": (data + b"\0", "longer than its header says"),
+        "flipped.npcf": (data[:60] + bytes([data[60] ^ 0x10]) + data[61:], "is corrupt: its CRC-32"),
+        "size.npcf": (data[:21] + bytes([data[21] ^ 1]) + data[22:], "is corrupt"),
+        "magic.npcf": (b"JFIF" + data[4:], "not a file of this codec"),
+        "version.npcf": (data[:4] + b"\x07" + data[5:], "format version 7"),
+    }
+    for name, (content, needle) in cases.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(UserError, match=needle):
+            codec_cli.main(["decode", "-b", bundle, str(tmp_path / name), "-o", str(tmp_path / "x.png")])
+    with pytest.raises(UserError, match="made with other entropy tables"):
+        codec_cli.main(["decode", "-b", bundle, str(other_tables_file(setup, tmp_path)), "-o", str(tmp_path / "x.png")])
+    assert not (tmp_path / "x.png").exists()
+    (tmp_path / "text.png").write_text("not an image")
+    for image, needle in ((tmp_path / "text.png", "cannot be read as an image"), (tmp_path / "no.png", "not found")):
+        with pytest.raises(UserError, match=needle):
+            codec_cli.main(["encode", "-b", bundle, str(image), "-o", str(tmp_path / "y.npcf")])
+    with pytest.raises(UserError, match="not a codec bundle"):
+        codec_cli.main(["decode", "-b", str(tmp_path), str(good), "-o", str(tmp_path / "x.png")])
+    with pytest.raises(SystemExit) as stop:
+        run_cli(codec_cli.main, ["decode", "-b", bundle, str(tmp_path / "flipped.npcf"), "-o", str(tmp_path / "x.png")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and "CRC-32" in err
+
+
+def resigned_copy(folder: Path, out: Path, edit) -> Path:
+    """A copy of a bundle whose encoder graph ``edit`` changed, with the manifest's hash updated to match."""
+    shutil.copytree(folder, out)
+    graph = onnx.load(str(out / "encoder.onnx"))
+    edit(graph)
+    onnx.save(graph, str(out / "encoder.onnx"))
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["graphs"]["encoder"]["sha256"] = codec.file_sha256(out / "encoder.onnx")
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    return out
+
+
+def test_non_finite_latents_and_altered_bundles_are_refused(setup, tmp_path):
+    def poison(graph):
+        weight = next(t for t in graph.graph.initializer if len(t.dims) == 4)
+        values = onnx.numpy_helper.to_array(weight).copy()
+        values[0, 0, 0, 0] = np.nan
+        weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
+
+    broken = resigned_copy(setup["bundles"]["fp32"], tmp_path / "broken", poison)
+    with pytest.raises(UserError, match="non-finite latent values"):
+        codec_cli.main(["encode", "-b", str(broken), str(setup["root"] / "a.png"), "-o", str(tmp_path / "n.npcf")])
+    assert not (tmp_path / "n.npcf").exists()
+    altered = tmp_path / "altered"
+    shutil.copytree(setup["bundles"]["fp32"], altered)
+    (altered / "decoder.onnx").write_bytes((altered / "decoder.onnx").read_bytes()[:-10])
+    with pytest.raises(UserError, match="does not match the hash"):
+        codec_cli.main(["audit", "-b", str(altered)])
+    (tmp_path / "keep").mkdir()
+    (tmp_path / "keep" / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="not a codec bundle: not overwriting"):
+        export_onnx.main(["--ckpt", str(setup["ckpt"]), "--bundle", str(tmp_path / "keep"), "--image",
+                          str(setup["root"] / "a.png")])
+    assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
+
+
+def test_fp32_and_int8_bundles_decode_each_others_files(setup, tmp_path):
+    fp32, int8 = setup["bundles"]["fp32"], setup["bundles"]["int8_subpixel"]
+    manifest = json.loads((int8 / "manifest.json").read_text())
+    assert manifest["precision"]["profile"] == "w8a8"
+    assert manifest["entropy"]["sha256"] == json.loads((fp32 / "manifest.json").read_text())["entropy"]["sha256"]
+    image = setup["root"] / "a.png"
+    fp32_file, fp32_png = encode_decode(fp32, image, tmp_path / "fp32")
+    int8_file, int8_png = encode_decode(int8, image, tmp_path / "int8")
+    cross = {name: encode_decode(file_bundle, image, tmp_path / name, decoder_bundle=decoder)[1]
+             for name, (file_bundle, decoder) in {"fp32->int8": (fp32, int8), "int8->fp32": (int8, fp32)}.items()}
+    # The INT8 decoder is really quantised, and close to the FP32 decoder on the same file.
+    for same, other in ((fp32_png, cross["fp32->int8"]), (int8_png, cross["int8->fp32"])):
+        diff = np.abs(same.astype(int) - other.astype(int))
+        assert diff.max() > 0 and diff.mean() < 0.05 * 255
+    # The INT8 encoder's symbols are the FP32 ones but for its quantisation noise (the INT8 issue's bound: < 5 %).
+    coder = codec.load_bundle(fp32).coder()
+    fp32_symbols, int8_symbols = (coder.decode(codec.unpack(f, "f")[1], *codec.latent_size(110, 150))
+                                  for f in (fp32_file, int8_file))
+    assert np.mean(fp32_symbols != int8_symbols) < 0.05
+    # Symbols are identical across runs and across fresh sessions of the same encoder.
+    for folder, first in ((fp32, fp32_file), (int8, int8_file)):
+        again = codec.Codec(codec.load_bundle(folder), parts=("encoder",)).encode(np.asarray(load_rgb(image)))
+        assert again == first
+    audit = manifest["audit"]["decoder"]["onnxruntime"]
+    assert audit["integer"].get("QLinearConv", 0) == 13 and not {"Conv", "ConvTranspose"} & set(audit["float"])
+
+
+def test_subpixel_rewrite_is_exact_in_fp32(setup, tmp_path):
+    torch.manual_seed(0)
+    for kernel, stride, padding, output_padding in ((5, 2, 2, 1), (3, 2, 1, 1), (4, 2, 1, 0), (6, 3, 2, 1)):
+        layer = nn.ConvTranspose2d(5, 4, kernel, stride, padding, output_padding)
+        assert can_rewrite(layer)
+        x = torch.randn(1, 5, 7, 9)
+        with torch.no_grad():
+            expected, got = layer(x), subpixel_from_convtranspose(layer)(x)
+        # One output is a sum of <= 5*ceil(K/s)^2 products of O(1) terms: FP32 reordering moves it by ~1e-6.
+        assert got.shape == expected.shape and (got - expected).abs().max() < 1e-5
+    assert not can_rewrite(nn.ConvTranspose2d(4, 4, 5, 2, 2, 0))  # output 2H - 1: no sub-pixel form
+    model = setup["model"]
+    rewritten = nn.Module()
+    rewritten.g_s, rewritten.entropy_bottleneck = subpixel_rewrite(model.g_s)[0], model.entropy_bottleneck
+    symbols = torch.randint(-3, 4, (1, 192, 6, 5)).float()
+    path = export_module(SymbolDecoder(rewritten), symbols, tmp_path / "decoder.onnx", "symbols", "x_hat", 13)
+    ops = op_histogram(path)
+    assert ops.get("DepthToSpace") == 4 and "ConvTranspose" not in ops
+    medians = model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
+    for runtime in codec.RUNTIMES:
+        graph = codec.load_graph(path, runtime)
+        for latent in (symbols, symbols[..., :4, :7].contiguous()):  # H/W are dynamic
+            with torch.no_grad():
+                expected = model.g_s(latent + medians).numpy()  # the original decoder, ConvTranspose and all
+            # x_hat is O(1), a sum of ~128*9 products per layer over 4 layers: 1e-4 is ~100x FP32 reordering.
+            assert np.abs(graph(latent.numpy()) - expected).max() < 1e-4, runtime
+    manifest = json.loads((setup["bundles"]["int8_subpixel"] / "manifest.json").read_text())
+    assert manifest["upsample"] == "subpixel" and "ConvTranspose" not in manifest["graphs"]["decoder"]["ops"]
+
+
+def test_runtimes_agree_and_the_int8_convtranspose_stays_float_in_onnxruntime(setup, tmp_path):
+    for name, levels in (("fp32", 1), ("int8_subpixel", 8)):
+        folder = setup["bundles"][name]
+        ort_file, ort_png = encode_decode(folder, setup["root"] / "b.png", tmp_path / name, "onnxruntime")
+        ov_file, ov_png = encode_decode(folder, setup["root"] / "b.png", tmp_path / name, "openvino")
+        ort_symbols = codec.unpack(ort_file, "f")[1]
+        assert abs(len(ov_file) - len(ort_file)) <= 0.01 * len(ort_file) + 8
+        assert np.abs(ort_png.astype(int) - ov_png.astype(int)).max() <= levels, name
+        assert codec.psnr(ort_png, ov_png) > 40 and ort_symbols
+    fp32_decoder = setup["bundles"]["fp32"] / "decoder.onnx"
+    bundle = codec.Codec(codec.load_bundle(setup["bundles"]["fp32"]), parts=("encoder",))
+    calib = [bundle.encoder(codec.padded_input(np.asarray(load_rgb(p))))
+             for p in sorted((setup["root"] / "calib").iterdir())]
+    int8 = quantize_int8(fp32_decoder, tmp_path / "decoder.int8.onnx", calib)
+    ort_audit = codec.runtime_audit(int8, "onnxruntime")
+    assert ort_audit["float"].get("ConvTranspose") == 4 and ort_audit["integer"].get("QLinearConv", 0) == 9
+    ov_audit = codec.runtime_audit(int8, "openvino")  # which of them OpenVINO runs in INT8 depends on the CPU
+    assert sum(ov_audit[kind].get("Deconvolution", 0) for kind in ("integer", "float")) == 4
