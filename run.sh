@@ -22,6 +22,10 @@ echo "installing requirements into .venv (first time: a few minutes)"
 
 case "${1:-}" in
   demo) shift; exec .venv/bin/python -m scripts.demo "$@" ;;
-  test) shift; exec .venv/bin/python -m pytest -q tests "$@" ;;
+  # The codec tests load OpenVINO (a second runtime with its own thread pool); in one process with the rest of
+  # the suite, a later test segfaulted (exit 139) on this machine, so they run in a process of their own.
+  test) shift
+        .venv/bin/python -m pytest -q tests --ignore=tests/test_codec.py "$@"
+        exec .venv/bin/python -m pytest -q tests/test_codec.py "$@" ;;
   *) echo "usage: ./run.sh demo|test" >&2; exit 2 ;;
 esac
