@@ -250,8 +250,8 @@ def test_overflow_check_names_module_and_keeps_last_checkpoint(prepared64, tmp_p
     save_checkpoint(ckpt, tmp_path / "bad.pt")
     with pytest.raises(engine.TrainingStopped, match=r"step 0: first bad output in module 'g_s\.2'"):
         train_finetune_relu.main(common_args(prepared64, tmp_path, "--base_checkpoint", str(tmp_path / "bad.pt"),
-                                             "--overflow_check", "true", "--train_scope", "all"))
-    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == good
+                                             "--overflow_check", "true", "--train_scope", "all", "--overwrite", "true"))
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == good, "--overwrite replaces a run only at its first save"
 
 
 def test_gdn_control_checkpoint_is_read_by_compressai_eval_model(prepared64, tmp_path):
