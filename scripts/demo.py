@@ -85,7 +85,8 @@ def training_flags(crops: Path, steps: int, lr: str, save: Path) -> List[str]:
             "--epochs", str(epochs), "--recon_every", str(epochs), "--batch_size", str(BATCH),
             "--num_workers", "0", "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam,
             "--max_grad_norm", lam, "--amp", "false", "--train_scope", "all", "--lr", lr,
-            "--save_dir", str(save), "--recon_dir", str(save / "recon"), "--recon_count", "2", "--log_every", "20"]
+            "--save_dir", str(save), "--recon_dir", str(save / "recon"), "--recon_count", "2", "--log_every", "20",
+            "--overwrite", "true"]  # a second demo run trains its stages again in the same folders
 
 
 def trained_base(out: Path, crops: Path, steps: int) -> Path:
@@ -109,7 +110,8 @@ def decode_stages(stages: Dict[str, Path], photo: Path, folder: Path) -> Path:
     write_pngs(x, folder / "origin")
     for index, (name, checkpoint) in enumerate(stages.items(), start=1):
         model = load_model(checkpoint, torch.device("cpu"))[0]
-        write_pngs(bitstream_roundtrip(model, x)["x_hat"], folder / f"{index}_{name}")
+        write_pngs(bitstream_roundtrip(model, x, source=f"{checkpoint} on {photo.name}")["x_hat"],
+                   folder / f"{index}_{name}")
     write_report([folder], folder / "report.png", crop=96)
     return folder / "report.png"
 
