@@ -40,7 +40,7 @@ def get_npu_args_parser():
 
 
 def check_block_flags(parser, args) -> None:
-    """The NPU blocks' rules, as one-line argparse errors naming the flag (before any model is built).
+    """The NPU blocks' rules (and ``--init_from_gdn``'s), as one-line argparse errors naming the flag.
 
     Without a residual a block must start as the identity some other way: the
     encoder carries +x and -x through its ReLU6 on 2C hidden channels (so
@@ -61,6 +61,10 @@ def check_block_flags(parser, args) -> None:
     if not args.dec_residual and not args.dec_gmin < 1 < args.dec_gmax:
         parser.error(f"--dec_residual false needs --dec_gmin < 1 < --dec_gmax (identity init needs gain 1), "
                      f"got [{args.dec_gmin:g}, {args.dec_gmax:g}]")
+    for flag in ("gdn_fit_steps", "gdn_fit_images"):
+        value = getattr(args, flag)
+        if value < 0 or (args.init_from_gdn and value < 1):
+            parser.error(f"--{flag} must be >= 1 with --init_from_gdn true (and never negative), got {value}")
 
 
 def block_kwargs(args):

@@ -106,7 +106,7 @@ def training_args(crops: Path, save: Path, quality: int, batch: int, steps: int,
             "--train_scope", "all", "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam,
             "--max_grad_norm", lam, "--epochs", "2", "--max_steps_per_epoch", str(steps), "--batch_size", str(batch),
             "--num_workers", str(workers), "--recon_count", "0", "--log_every", "50", "--save_dir", str(save),
-            "--recon_dir", str(save / "recon")]
+            "--recon_dir", str(save / "recon"), "--overwrite", "true"]
 
 
 def train_img_per_s(flags: List[str], name: str, crops: Path, work: Path, args: argparse.Namespace,

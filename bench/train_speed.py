@@ -185,7 +185,8 @@ def compare_processes(args) -> None:
             "--pretrained", "false", "--replace_parts", "none", "--train_scope", "all", "--loss_type", "rd",
             "--distortion", "mse", "--lambda_bpp", f"{1 / LMBDA:g}", "--max_grad_norm", f"{1 / LMBDA:g}",
             "--sched", "plateau", "--lr", "1e-4", "--recon_count", "0", "--log_every", "10",
-            "--device", args.device, "--save_dir", str(work / "recipe_ckpt"), *common]
+            "--device", args.device, "--save_dir", str(work / "recipe_ckpt"), "--overwrite", "true",  # both runs
+            *common]
     train_images = len(list((crops / "train").glob("*.png")))
     images = args.epochs * (train_images // args.batch) * args.batch
     print(f"whole process: {train_images} train crops of {args.crop}px, batch {args.batch}, {args.epochs} epochs, "

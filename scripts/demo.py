@@ -86,7 +86,8 @@ def training_flags(crops: Path, steps: int, lr: str, save: Path) -> List[str]:
             "--epochs", str(epochs), "--recon_every", str(epochs), "--batch_size", str(BATCH),
             "--num_workers", "0", "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam,
             "--max_grad_norm", lam, "--amp", "false", "--train_scope", "all", "--lr", lr,
-            "--save_dir", str(save), "--recon_dir", str(save / "recon"), "--recon_count", "2", "--log_every", "20"]
+            "--save_dir", str(save), "--recon_dir", str(save / "recon"), "--recon_count", "2", "--log_every", "20",
+            "--overwrite", "true"]  # a second demo run trains its stages again in the same folders
 
 
 def trained_base(out: Path, crops: Path, steps: int) -> Path:
@@ -116,7 +117,7 @@ def decode_stages(stages: Dict[str, Path], photo: Path, folder: Path, bpp: Mappi
     for index, (name, checkpoint) in enumerate(stages.items(), start=1):
         model = load_model(checkpoint, torch.device("cpu"))[0]
         tag = f"{index}_{name}"
-        write_pngs(bitstream_roundtrip(model, x)["x_hat"], folder / tag)
+        write_pngs(bitstream_roundtrip(model, x, source=f"{checkpoint} on {photo.name}")["x_hat"], folder / tag)
         write_rate(folder, tag, bpp[name], "real", f"{photo.name}, measured by src.eval",
                    per_image={"00000.png": bpp[name]})
     write_report([folder], folder / "report.png", crop=96)

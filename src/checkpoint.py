@@ -9,13 +9,16 @@ plain containers and numbers (``vars(args)``, never the Namespace).
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import pickle
 import random
+import re
 import shutil
+import socket
 import tempfile
 from pathlib import Path
-from typing import Any, BinaryIO, Callable, Dict
+from typing import Any, BinaryIO, Callable, Dict, Iterable, List, Optional
 
 import numpy as np
 import torch
@@ -58,6 +61,8 @@ def save_checkpoint(payload: Dict[str, Any], path: Path) -> None:
 def read_checkpoint(path: Path) -> Dict[str, Any]:
     """Load a checkpoint or a plain state dict safely; bad files become one-line errors."""
     path = Path(path)
+    if path.is_dir():
+        raise UserError(f"checkpoint {path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise UserError(f"checkpoint {path} not found")
     try:
@@ -132,7 +137,8 @@ def write_atomic(path: Path, write: Callable[[BinaryIO], None], durable: bool = 
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # The writer's pid is in the name, so a temp file orphaned by a kill -9 can be told from one being written.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.{os.getpid()}.", suffix=".tmp")
     try:
         os.fchmod(fd, 0o666 & ~current_umask())  # mkstemp's 0600 would otherwise survive the rename
         with os.fdopen(fd, "wb") as handle:
@@ -165,3 +171,96 @@ def link_or_copy_atomic(src: Path, dst: Path) -> None:
         write_atomic(dst, copy)
         return
     os.replace(tmp, dst)
+
+
+# ---------------------------------------------------------------- output folders
+# A run owns its --save_dir and --recon_dir: created and checked at start, locked against a second run
+# at the same time, cleaned of the temp files a killed run left there.
+
+def prepare_output_dir(folder: Path, flag: str) -> None:
+    """Create ``folder`` (an output folder given as ``flag``) or say in one line why it cannot be used."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise UserError(f"{flag} {folder} is a file, not a folder; pass a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(f"{flag} {folder} cannot be created ({type(err).__name__}: {err.strerror or err}); "
+                        "pass a folder you can write") from None
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UserError(f"{flag} {folder} is not writable; pass a folder you can write")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
+class RunLock:
+    """``<folder>/.train.lock``: one training run at a time per output folder.
+
+    The file holds the owner's pid and host (for the message); what makes it a
+    lock is ``flock``, which the kernel drops when its process dies, however it
+    dies: a lock left by a dead pid (SIGKILL, a crash) is simply taken over. It
+    is removed on release.
+    """
+
+    NAME = ".train.lock"
+
+    def __init__(self, folder: Path, flag: str):
+        self.path, self.flag, self.fd = Path(folder) / self.NAME, flag, None
+
+    def acquire(self) -> "RunLock":
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o666)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = os.read(fd, 200).decode("utf-8", "replace").strip() or "unknown"
+                os.close(fd)
+                raise UserError(f"{self.flag} {self.path.parent} is in use by another training run ({holder}; lock "
+                                f"{self.path}); wait for it to end or pass another {self.flag}") from None
+            try:  # the file may have been released and removed between our open and our flock: lock the new one
+                same = os.fstat(fd).st_ino == os.stat(self.path).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"pid {os.getpid()} on {socket.gethostname()}\n".encode())
+        self.fd = fd
+        return self
+
+    def release(self) -> None:
+        if self.fd is not None:
+            self.path.unlink(missing_ok=True)
+            os.close(self.fd)
+            self.fd = None
+
+
+_TEMP_NAME = re.compile(r"^\.(?P<target>.+?)\.(?:(?P<pid>\d+)\.)?[^.]+\.tmp$|^\.(?P<link>.+)\.(?P<lpid>\d+)\.link$")
+
+
+def orphan_temp_files(folder: Path, targets: Optional[Iterable[str]] = None) -> List[Path]:
+    """Temp files of ``write_atomic`` / ``link_or_copy_atomic`` in ``folder`` whose writer is dead.
+
+    ``targets``: only temps of these file names. Called by the owner of the
+    folder's ``RunLock``, so no live run of this project writes there; a temp
+    without a pid in its name predates the pid naming and is an orphan too.
+    """
+    wanted = set(targets) if targets is not None else None
+    found = []
+    for path in Path(folder).glob(".*"):
+        match = _TEMP_NAME.match(path.name)
+        if not match or not path.is_file():
+            continue
+        target, pid = (match["target"], match["pid"]) if match["target"] else (match["link"], match["lpid"])
+        if (wanted is None or target in wanted) and not (pid and pid_alive(int(pid))):
+            found.append(path)
+    return found

@@ -57,6 +57,7 @@ from compressai.ans import RansDecoder, RansEncoder
 from compressai.ops import compute_padding
 
 from src.cli import UserError
+from src.latents import check_codable
 
 MAGIC = b"NPCF"
 FORMAT_VERSION = 1
@@ -69,9 +70,6 @@ BUNDLE_VERSION = 1
 MANIFEST, TABLES_FILE = "manifest.json", "entropy.npz"
 GRAPH_FILES = {"encoder": "encoder.onnx", "decoder": "decoder.onnx"}
 RUNTIMES = ("onnxruntime", "openvino")
-# Symbols beyond this are no image latent (a trained model's stay within a few hundred): a broken encoder
-# or a bad input; the range coder would spend ~2*log2|s| bits on each in its bypass mode.
-MAX_ABS_SYMBOL = 2 ** 15
 TABLE_KEYS = ("cdfs", "cdf_lengths", "offsets", "medians")
 TABLE_DTYPES = {"cdfs": np.int32, "cdf_lengths": np.int32, "offsets": np.int32, "medians": np.float32}
 
@@ -146,21 +144,6 @@ class RangeCoder:
         """The rANS string -> symbols (1, M, h, w) float32."""
         values = RansDecoder().decode_with_indexes(payload, self._indexes(h, w), self.cdfs, self.lengths, self.offsets)
         return np.asarray(values, dtype=np.float32).reshape(1, self.channels, h, w)
-
-
-def check_codable(latent: np.ndarray, source: str) -> None:
-    """Refuse latents the range coder must not see: non-finite values, or values no image produces.
-
-    (The same contract as ``src.latents.check_codable``; this copy keeps the codec free of the training code.)
-    """
-    bad = int(np.count_nonzero(~np.isfinite(latent)))
-    if bad:
-        raise UserError(f"{source}: the encoder produced {bad} non-finite latent values (NaN or inf); "
-                        "the bundle's encoder is broken for this input")
-    peak = float(np.abs(latent).max()) if latent.size else 0.0
-    if peak > MAX_ABS_SYMBOL:
-        raise UserError(f"{source}: the encoder produced a latent value of magnitude {peak:.3g} "
-                        f"(codable: up to {MAX_ABS_SYMBOL}); the bundle's encoder is broken for this input")
 
 
 # ---------------------------------------------------------------- runtimes

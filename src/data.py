@@ -15,11 +15,13 @@ turns a batch into float in [0, 1] on the device after a non-blocking copy.
 
 from __future__ import annotations
 
+import collections
+import hashlib
 import itertools
 import random
 import sys
 from pathlib import Path
-from typing import Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 from PIL import Image
@@ -32,10 +34,15 @@ from src.distributed import DistInfo
 from src.images import DECODE_ERRORS, crop_image, list_images, load_rgb
 
 
+def not_a_folder(path: Path) -> str:
+    """Why ``path`` is not a folder we can read: "not found" or "is a file, not a folder"."""
+    return "is a file, not a folder" if Path(path).exists() else "not found"
+
+
 def image_files(folder: Path, what: str) -> List[Path]:
     folder = Path(folder)
     if not folder.is_dir():
-        raise UserError(f"{what} folder {folder} not found")
+        raise UserError(f"{what} folder {folder} {not_a_folder(folder)}")
     files = list_images(folder)
     if not files:
         raise UserError(f"{what} folder {folder} holds no images")
@@ -111,22 +118,108 @@ def build_datasets(coco_dir: Path, use_prepared: bool, crop_size: int, seed: int
     """(train, val) datasets; a missing folder or one without images is a UserError."""
     coco_dir = Path(coco_dir)
     if not coco_dir.is_dir():
-        raise UserError(f"--coco_dir {coco_dir} not found")
+        raise UserError(f"--coco_dir {coco_dir} {not_a_folder(coco_dir)}")
     if use_prepared:
         if not (coco_dir / "train").is_dir():
-            raise UserError(f"{coco_dir}/train not found: --use_prepared true expects the --out_dir of "
-                            "scripts.coco_prepare (or pass --use_prepared false for raw COCO)")
+            raise UserError(f"{coco_dir}/train {not_a_folder(coco_dir / 'train')}: --use_prepared true expects the "
+                            "--out_dir of scripts.coco_prepare (or pass --use_prepared false for raw COCO)")
         return PreparedCrops(coco_dir / "train"), PreparedCrops(coco_dir / "val")
     return (RawCocoCrops(coco_dir / "train2017", crop_size, random_crop=True, seed=seed),
             RawCocoCrops(coco_dir / "val2017", crop_size, random_crop=False))
 
 
-def crop_side(dataset: Dataset) -> int:
+def crop_side(dataset: Dataset, what: str = "train") -> int:
     """Side of the (square) crops a dataset yields, read from its first readable item."""
     first = next((item for item in (dataset[i] for i in range(len(dataset))) if item is not None), None)
     if first is None:
-        raise UserError("no image of the dataset could be decoded")
+        raise UserError(f"no image of the {what} set ({Path(dataset.files[0]).parent}) could be decoded")
     return int(min(first.shape[-2:]))
+
+
+def header_size(path: Path) -> Optional[Tuple[int, int]]:
+    """(width, height) from the file's header (nothing decoded), or None when it cannot be read."""
+    try:
+        with Image.open(path) as img:
+            return img.size
+    except DECODE_ERRORS:
+        return None
+
+
+def prepared_side(dataset: "PreparedCrops", what: str) -> int:
+    """The one square size of every crop of a prepared folder, read from the headers (a UserError otherwise).
+
+    Batches stack crops: a folder that mixes sizes (an interrupted
+    ``coco_prepare`` rerun with another ``--crop_size``) or holds non-square
+    crops would stop the run in ``torch.stack`` at some batch; this finds it
+    before the first step. Unreadable headers are left to the loader, which
+    skips such files by name.
+    """
+    sizes = collections.Counter()
+    example = {}
+    for path in dataset.files:
+        size = header_size(path)
+        if size is not None:
+            sizes[size] += 1
+            example.setdefault(size, path)
+    if not sizes:
+        return crop_side(dataset, what)  # no header reads: crop_side names the folder that cannot be decoded
+    (width, height), _ = sizes.most_common(1)[0]
+    folder = Path(dataset.files[0]).parent
+    if len(sizes) > 1:
+        counts = ", ".join(f"{w}x{h}: {n} (e.g. {example[(w, h)].name})" for (w, h), n in sizes.most_common(4))
+        raise UserError(f"prepared {what} folder {folder} mixes crop sizes ({counts}); prepare it again into an "
+                        "empty --out_dir")
+    if width != height:
+        raise UserError(f"prepared {what} folder {folder} holds {width}x{height} crops; training needs square crops "
+                        "(prepare them with scripts.coco_prepare)")
+    return width
+
+
+def check_crop_fits(dataset: "RawCocoCrops", what: str) -> None:
+    """Refuse a ``--crop_size`` larger than every image of a raw COCO folder, reading headers only.
+
+    Smaller images are upscaled to the crop, so a crop beyond every image
+    would upscale all of them (a 4096-px crop of 640-px photos takes ~50 MiB
+    per image, the OOM killer's business) before any message. The scan stops
+    at the first image large enough, usually the first.
+    """
+    largest = 0
+    for path in dataset.files:
+        size = header_size(path)
+        if size is not None:
+            if min(size) >= dataset.crop_size:
+                return
+            largest = max(largest, min(size))
+    if largest:
+        raise UserError(f"--crop_size {dataset.crop_size} is larger than every image of "
+                        f"{Path(dataset.files[0]).parent} "
+                        f"(the largest short side is {largest}px); pass --crop_size {largest // 16 * 16} or less")
+
+
+def data_fingerprint(train: Dataset, val: Dataset) -> Dict[str, Any]:
+    """What identifies a dataset for ``--resume``: file counts and a hash of (name, size) of every file.
+
+    A resumed run must see the data it started on: another folder changes the
+    steps per epoch, the samples of each step and the val set that
+    ``best_*.pt`` are chosen on. Names and sizes are read from the directory
+    (no file is opened), so moving the data elsewhere keeps the fingerprint.
+    """
+    digest = hashlib.sha256()
+    for split, dataset in (("train", train), ("val", val)):
+        for path in dataset.files:
+            line = f"{split}/{Path(path).name}\t{Path(path).stat().st_size}\n"
+            digest.update(line.encode("utf-8", "surrogateescape"))
+    return {"train_files": len(train), "val_files": len(val), "sha256": digest.hexdigest()[:16]}
+
+
+def fingerprint_change(saved: Dict[str, Any], now: Dict[str, Any]) -> Optional[str]:
+    """``train 24 -> 30 files, ...`` when the data differs from the fingerprint a run saved, else None."""
+    if saved == now:
+        return None
+    parts = [f"{split} {saved.get(key)} -> {now[key]} files" for split, key in (("train", "train_files"),
+                                                                                ("val", "val_files"))
+             if saved.get(key) != now[key]]
+    return "; ".join(parts) or "same counts, other file names or sizes"
 
 
 # ---------------------------------------------------------------- loaders
@@ -153,8 +246,11 @@ class ResumableBatchSampler(BatchSampler):
         self.skip, self.epoch, self.keyed_by_epoch = 0, 0, keyed_by_epoch
 
     def __iter__(self) -> Iterator[List]:
-        skip, self.skip = self.skip, 0
-        batches = itertools.islice(super().__iter__(), skip, None)
+        # ``skip`` holds for every iterator made in this epoch (``EpochLoader.epoch`` sets it): a DataLoader with
+        # workers calls ``iter()`` on its batch sampler twice (in ``_BaseDataLoaderIter.__init__`` and again in
+        # ``_MultiProcessingDataLoaderIter._reset``) and reads the second, so a skip consumed by the first would
+        # restart a resumed epoch from its first batch.
+        batches = itertools.islice(super().__iter__(), self.skip, None)
         if not self.keyed_by_epoch:
             return batches
         return ([(self.epoch, index) for index in batch] for batch in batches)
@@ -171,13 +267,15 @@ class EpochLoader:
 
     def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, seed: int, dist: DistInfo,
                  pin_memory: bool, persistent_workers: bool):
-        self.seed = seed
+        self.seed, self.rank = seed, dist.rank
+        # Its own generator under DDP too: each iter() draws the workers' base seed from the loader's generator,
+        # or from the global RNG without one, which would shift the training noise that follows; a resumed
+        # epoch draws it again (the draw of the straight run happened before the saved RNG state).
+        self.generator = torch.Generator()
         if dist.enabled:
             self.sampler = DistributedSampler(dataset, num_replicas=dist.world_size, rank=dist.rank, shuffle=True,
                                               seed=seed, drop_last=True)
-            self.generator = None
         else:
-            self.generator = torch.Generator()
             self.sampler = RandomSampler(dataset, generator=self.generator)
         per_rank = len(dataset) // dist.world_size
         self.batch_sampler = ResumableBatchSampler(self.sampler, batch_size, drop_last=per_rank > batch_size,
@@ -192,9 +290,8 @@ class EpochLoader:
 
     def epoch(self, epoch: int, skip_batches: int = 0) -> DataLoader:
         """The loader, positioned at the start of ``epoch`` (plus ``skip_batches``)."""
-        if self.generator is not None:
-            self.generator.manual_seed(self.seed * 1_000_003 + epoch)
-        else:
+        self.generator.manual_seed(self.seed * 1_000_003 + epoch + self.rank * 1_000_000_007)
+        if isinstance(self.sampler, DistributedSampler):
             self.sampler.set_epoch(epoch)
         self.batch_sampler.skip, self.batch_sampler.epoch = skip_batches, epoch
         return self.loader

@@ -59,6 +59,16 @@ def all_gather_objects(obj, info: DistInfo) -> list:
     return gathered
 
 
+def agree_on_error(message: str, info: DistInfo) -> str:
+    """The first rank's non-empty ``message`` ("" when no rank has one), known to every rank.
+
+    A check that only rank 0 makes (a lock, the output folders) must stop
+    every rank, and at the same point: a rank left waiting in a later
+    collective would hang, or die with gloo's own traceback.
+    """
+    return next((m for m in all_gather_objects(message, info) if m), "")
+
+
 def barrier(info: DistInfo) -> None:
     if info.enabled:
         dist.barrier()

@@ -10,8 +10,12 @@ autocast, loss in FP32, backward, unscale + clip, step, aux step.
 from __future__ import annotations
 
 import argparse
+import contextlib
+import errno
 import math
 import random
+import re
+import shutil
 import signal
 import time
 import warnings
@@ -27,12 +31,15 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from src.checkpoint import (link_or_copy_atomic, read_checkpoint, restore_rng_state, rng_state, save_checkpoint,
-                            state_and_arch, unwrap)
+from src.checkpoint import (RunLock, link_or_copy_atomic, orphan_temp_files, prepare_output_dir, read_checkpoint,
+                            restore_rng_state, rng_state, save_checkpoint, state_and_arch, unwrap)
 from src.cli import Interrupted, StopRequest, UserError
-from src.data import EpochLoader, build_datasets, crop_side, to_unit_float, val_loader
-from src.distributed import DistInfo, all_gather_objects, all_reduce_sum, barrier, init_distributed, shutdown
-from src.losses import RecipeLoss, bpp_from_likelihoods, msssim_per_image, psnr_per_image
+from src.data import (EpochLoader, PreparedCrops, build_datasets, check_crop_fits, crop_side, data_fingerprint,
+                      fingerprint_change, prepared_side, to_unit_float, val_loader)
+from src.distributed import (DistInfo, agree_on_error, all_gather_objects, all_reduce_sum, barrier, init_distributed,
+                             shutdown)
+from src.latents import codable_latents
+from src.losses import RecipeLoss, bpp_from_likelihoods, msssim_per_image, msssim_window, psnr_per_image
 from src.model_factory import download_pretrained_state, make_arch, model_from_base_weights
 from src.precision import (
     OverflowMonitor,
@@ -43,7 +50,7 @@ from src.precision import (
     resolve_amp_dtype,
 )
 from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
-from src.recon import comparison_grid, write_pngs, write_rate, write_report
+from src.recon import comparison_grid, read_png, write_pngs, write_rate, write_report
 from src.replace_gdn import parameter_table, set_trainable_parts
 from src.replace_gdn_npu import fit_blocks_to_gdn
 from src.run_logger import RunLogger
@@ -55,8 +62,12 @@ AUX_LR = 1e-3  # CompressAI's example trainer uses 1e-3 for the quantiles.
 
 
 class TrainingStopped(UserError):
-    """The run stopped on purpose (overflow check, or too many non-finite steps); the last good checkpoint is intact.
+    """The run stopped on purpose (overflow check, non-finite steps, a diverged model); the last good checkpoint stays.
 
+    Every checkpoint a run writes is *good*: its weights are finite, its val
+    metrics are finite and the latents of its first val batch are codable
+    (``src.latents.check_codable``). These are checked before each save
+    (``unfit_to_save``); a model that fails them stops the run instead.
     Its exit code (3) tells a scheduler "the run diverged" apart from "the command was wrong" (2).
     """
 
@@ -77,19 +88,54 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+def checked_arch(raw: Any, source: str) -> Dict[str, Any]:
+    """A checkpoint's architecture description, normalised; one line when it is malformed."""
+    try:
+        return make_arch(**raw)
+    except (TypeError, ValueError) as err:
+        raise UserError(f"{source}: unusable architecture description ({str(err)[:160]})") from None
+
+
+RESUME_KEYS = ("args", "arch", "epoch", "step", "optimizer", "scheduler", "scaler", "best_msssim", "rng")
+
+
+def check_resume(resume: Dict[str, Any], args: argparse.Namespace) -> Dict[str, Any]:
+    """A --resume checkpoint must be a training checkpoint of this project; returns its architecture.
+
+    Checked before anything else reads it, so a bad file is named as such
+    (and not, say, as a finished run).
+    """
+    state_and_arch(resume, Path(args.resume))
+    missing = [key for key in RESUME_KEYS if key not in resume]
+    if missing:
+        raise UserError(f"--resume {args.resume} is not a training checkpoint of this project (no "
+                        f"{', '.join(repr(k) for k in missing[:4])}); to start from its weights, pass it as "
+                        "--base_checkpoint instead")
+    if not isinstance(resume["args"], dict):
+        raise UserError(f"--resume {args.resume}: its 'args' is a {type(resume['args']).__name__}, not the flags "
+                        "of a run")
+    return checked_arch(resume["arch"], f"--resume {args.resume}")
+
+
+def check_resume_arch(resume: Dict[str, Any], args: argparse.Namespace, arch: Dict[str, Any]) -> None:
+    """The --resume checkpoint holds the architecture these flags build."""
+    ckpt_arch = check_resume(resume, args)
+    if ckpt_arch != arch:
+        raise UserError(f"--resume {args.resume} holds {ckpt_arch['replace']}/{ckpt_arch['replace_parts']} "
+                        f"q={ckpt_arch['quality']}; rerun with the flags of that run")
+
+
 def create_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optional[Dict[str, Any]],
                  say: Callable[[str], None] = print) -> nn.Module:
     """The model of ``arch``, starting from --resume, --base_checkpoint, the zoo, or random init."""
     if resume is not None:
+        check_resume_arch(resume, args, arch)
         state, ckpt_arch = state_and_arch(resume, Path(args.resume))
-        if ckpt_arch is None:
-            raise UserError(f"--resume {args.resume} is not a checkpoint of this project (no architecture)")
-        if make_arch(**ckpt_arch) != arch:
-            raise UserError(f"--resume {args.resume} holds {ckpt_arch['replace']}/{ckpt_arch['replace_parts']} "
-                            f"q={ckpt_arch['quality']}; rerun with the flags of that run")
         return model_from_base_weights(arch, state, ckpt_arch, args.resume)
     if args.base_checkpoint:
         state, base_arch = state_and_arch(read_checkpoint(args.base_checkpoint), Path(args.base_checkpoint))
+        if base_arch is not None:
+            base_arch = checked_arch(base_arch, f"--base_checkpoint {args.base_checkpoint}")
         say(f"weights: {args.base_checkpoint}")
         return model_from_base_weights(arch, state, base_arch, args.base_checkpoint)
     if args.pretrained:
@@ -354,6 +400,11 @@ def count_nonfinite(state: TrainState, skipped: bool, config: StepConfig, step: 
 def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, state: TrainState) -> Dict[str, float]:
     """The rest of the current epoch; returns the mean loss parts over the steps run now (skipped ones excluded).
 
+    Empty when every step was skipped: there is no mean to show (not zeros).
+    Every rank sums the same keys whatever its data (a rank whose batches were
+    all unreadable counts a skipped PSNR too), so the epoch's one all-reduce
+    has the same shape everywhere.
+
     Loss parts and skip verdicts stay on the device and are read back every
     ``--log_every`` steps (and at the epoch's end). With ``tr.deferred_skip``
     that read-back is the window's one host sync; otherwise each step's
@@ -374,8 +425,7 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, state: TrainSta
         output, parts, verdict = training_step(tr, x, state)
         kept = (~verdict.skip).float()
         values = {k: v.detach() for k, v in parts.items()}
-        if x is not None:
-            values["psnr"] = psnr_per_image(output["x_hat"].detach(), x).mean()
+        values["psnr"] = zero if x is None else psnr_per_image(output["x_hat"].detach(), x).mean()
         for key, value in values.items():  # where() and not a product: a skipped step's NaN must not leak in
             kept_value = torch.where(verdict.skip, zero, value.float())
             epoch_sums[key] += kept_value
@@ -400,7 +450,9 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, state: TrainSta
     keys = sorted(k for k in epoch_sums if k != "steps")
     totals = torch.stack([epoch_sums[k] for k in keys] + [epoch_sums["steps"]])
     totals = all_reduce_sum(totals, tr.dist).cpu()
-    return {k: totals[i].item() / max(1.0, totals[-1].item()) for i, k in enumerate(keys)}
+    if totals[-1].item() == 0:
+        return {}
+    return {k: totals[i].item() / totals[-1].item() for i, k in enumerate(keys)}
 
 
 def close_window(tr: Trainer, state: TrainState, sums: Dict[str, torch.Tensor],
@@ -497,11 +549,17 @@ def dump_recon(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, tag: str,
             recons.append(model(originals[start:start + args.batch_size].to(tr.device))["x_hat"].float())
     recons = torch.cat(recons).clamp(0, 1).cpu()
     recon_dir = Path(args.recon_dir)
-    write_pngs(originals, recon_dir / "origin", overwrite=False)
-    write_pngs(recons, recon_dir / tag)
-    if val is not None:
-        write_rate(recon_dir, tag, val["bpp"], "estimated", f"the val set ({len(val_ds)} crops)",
-                   psnr=val["psnr"], ms_ssim=val["ms_ssim"])
+    try:
+        write_pngs(originals, recon_dir / "origin", overwrite=False)
+        write_pngs(recons, recon_dir / tag)
+        if val is not None:
+            write_rate(recon_dir, tag, val["bpp"], "estimated", f"the val set ({len(val_ds)} crops)",
+                       psnr=val["psnr"], ms_ssim=val["ms_ssim"])
+    except OSError as err:
+        reason = "the disk is full" if err.errno == errno.ENOSPC else f"{type(err).__name__}: {err.strerror or err}"
+        raise UserError(f"could not write the recon PNGs of {tag} under {recon_dir} ({reason}); this epoch's "
+                        f"checkpoint is saved: free space (or pass another --recon_dir) and continue with --resume "
+                        f"{Path(args.save_dir) / 'last.pt'}") from None
     tr.logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
 
 
@@ -513,8 +571,8 @@ def write_recon_report(tr: Trainer, args: argparse.Namespace, step: int, say: Ca
     report = recon_dir / "report.png"
     try:
         write_report([recon_dir], report)
-    except UserError as err:  # e.g. tags of an older run in the same folder: the training itself succeeded
-        say(f"warning: recon sheet not written: {err}")
+    except (UserError, OSError) as err:  # e.g. a full disk: the training itself succeeded
+        say(f"warning: recon sheet not written: {str(err).splitlines()[0] if str(err) else type(err).__name__}")
         return
     say(f"recon sheet: {report}")
     tr.logger.log_image_file("recon/report", report, step=step)
@@ -557,8 +615,12 @@ def restore_training_state(ckpt: Dict[str, Any], tr: Trainer, state: TrainState)
     restore_rng_state(per_rank[tr.dist.rank] if len(per_rank) == tr.dist.world_size else per_rank[0])
 
 
-def planned_epochs(ckpt: Dict[str, Any], args: argparse.Namespace, dist: DistInfo) -> Tuple[int, bool]:
-    """(the resumed run's length, whether it is being extended); refuses changed run-defining flags."""
+def planned_epochs(ckpt: Dict[str, Any], args: argparse.Namespace, dist: DistInfo,
+                   amp_dtypes: Optional[Tuple[str, str]] = None) -> Tuple[int, bool]:
+    """(the resumed run's length, whether it is being extended); refuses changed run-defining flags.
+
+    ``amp_dtypes``: (saved, current) AMP dtype as resolved, which ``--amp_dtype`` is compared by.
+    """
     saved_total = int(ckpt.get("epochs_total", ckpt["args"].get("epochs", args.epochs)))
     finished = ckpt["epoch"] >= saved_total
     if finished and not args.extend_epochs:
@@ -566,7 +628,7 @@ def planned_epochs(ckpt: Dict[str, Any], args: argparse.Namespace, dist: DistInf
                         "to train N more (changing --epochs would change the schedule of the epochs already run)")
     extending = finished and args.extend_epochs > 0
     changes = resume_flag_changes(ckpt.get("args", {}), args, extending, int(ckpt.get("world_size", 1)),
-                                  dist.world_size)
+                                  dist.world_size, amp_dtypes)
     if changes:
         raise UserError(f"--resume {args.resume} was run with other flags ({'; '.join(changes)}); resume with the "
                         "saved flags" + ("" if finished else ", or let it finish and then use --extend_epochs"))
@@ -597,14 +659,17 @@ def fast_forward_schedule(tr: Trainer, args: argparse.Namespace, state: TrainSta
 
 def epoch_line(epoch: int, epochs: int, args: argparse.Namespace, train: Dict[str, float], val: Dict[str, float],
                img_per_s: float) -> str:
-    train = train or defaultdict(lambda: float("nan"))
-    if args.distortion == "mse":
-        dist = f"MSE {train['mse']:.6f}"
+    if not train:  # every step was skipped: no train means to show
+        head = "every train step of this epoch was skipped (non-finite loss or gradients, or unreadable batches)"
     else:
-        dist = f"L1 {train['l1']:.4f} | 1-MSSSIM {train['1-msssim']:.4f}"
-    train_ms = "" if args.distortion == "mse" else f"MSSSIM {train['msssim']:.4f} | "
-    return (f"epoch {epoch}/{epochs} | RD {train['total']:.4f} | {dist} | BPP {train['bpp']:.4f} | "
-            f"λ {args.lambda_bpp:g} | {train_ms}PSNR {train['psnr']:.2f} dB || val loss {val['loss']:.4f} | "
+        if args.distortion == "mse":
+            dist = f"MSE {train['mse']:.6f}"
+        else:
+            dist = f"L1 {train['l1']:.4f} | 1-MSSSIM {train['1-msssim']:.4f}"
+        train_ms = "" if args.distortion == "mse" else f"MSSSIM {train['msssim']:.4f} | "
+        head = (f"RD {train['total']:.4f} | {dist} | BPP {train['bpp']:.4f} | λ {args.lambda_bpp:g} | {train_ms}"
+                f"PSNR {train['psnr']:.2f} dB")
+    return (f"epoch {epoch}/{epochs} | {head} || val loss {val['loss']:.4f} | "
             f"val MSSSIM {val['ms_ssim']:.4f} | val PSNR {val['psnr']:.2f} dB | val BPP {val['bpp']:.4f} | "
             f"{img_per_s:.1f} img/s")
 
@@ -621,8 +686,11 @@ def init_from_gdn(args: argparse.Namespace, arch: Dict[str, Any], model: nn.Modu
     gdn_arch = dict(arch, replace="none", replace_parts="none", qat=None)
     gdn = create_model(args, gdn_arch, None, say=lambda *a: None).to(device)
     count = min(args.gdn_fit_images, len(train_ds))
-    images = to_unit_float(torch.stack([item for item in (train_ds[i] for i in range(count)) if item is not None]),
-                           device)
+    items = [item for item in (train_ds[i] for i in range(count)) if item is not None]
+    if not items:
+        raise UserError(f"--init_from_gdn: none of the first {count} train crops could be decoded; "
+                        "raise --gdn_fit_images")
+    images = to_unit_float(torch.stack(items), device)
     say(f"init_from_gdn: fitting {len(model.replaced_gdn)} blocks on {len(images)} train crops, "
         f"{args.gdn_fit_steps} steps each")
     fit_blocks_to_gdn(gdn, model, images, steps=args.gdn_fit_steps, say=say)
@@ -709,6 +777,201 @@ def save_epoch_checkpoints(tr: Trainer, arch: Dict[str, Any], state: TrainState,
     state.last_saved = Path(args.save_dir) / "last.pt"
 
 
+# ---------------------------------------------------------------- start checks and run outputs
+# Everything a run can find wrong with its data and its output folders is found before the first step,
+# and said in one line: not after an epoch, and not as a traceback.
+
+RUN_CHECKPOINTS = ("last.pt", "best_msssim.pt", "best_loss.pt")
+RECON_TAG = re.compile(r"^epoch_\d{3,}$")
+
+
+def check_datasets(train_ds: Dataset, val_ds: Dataset, args: argparse.Namespace) -> Tuple[int, int]:
+    """(train crop side, val crop side), once train and val are known to be usable.
+
+    Prepared folders must hold one square size each (read from the headers);
+    ``--crop_size`` may not contradict it. Raw COCO needs an image at least
+    as large as the crop. Either way one image of each split must decode: an
+    unreadable val set would otherwise show only after a whole epoch.
+    """
+    if isinstance(train_ds, PreparedCrops):
+        side = prepared_side(train_ds, "train")
+        prepared_side(val_ds, "val")  # val too must be one square size
+        if args.crop_size is not None and args.crop_size != side:
+            raise UserError(f"--crop_size {args.crop_size} contradicts the prepared crops in {args.coco_dir} "
+                            f"({side}px): prepared crops keep the size they were made at; drop --crop_size, or "
+                            "prepare crops of that size")
+    else:
+        check_crop_fits(train_ds, "train")
+        check_crop_fits(val_ds, "val")
+    sides = crop_side(train_ds, "train"), crop_side(val_ds, "val")
+    for what, side in zip(("train", "val"), sides):
+        try:
+            msssim_window(side)  # val MS-SSIM is measured whatever the loss
+        except ValueError as err:
+            raise UserError(f"{what} crops of {side}px are too small for MS-SSIM's 5 scales ({err}); "
+                            "use larger crops") from None
+    return sides
+
+
+def check_same_data(resume: Dict[str, Any], args: argparse.Namespace) -> None:
+    """A resumed run must see the data its checkpoint was trained on (``data_fingerprint``)."""
+    saved = resume["args"].get("data_fingerprint")
+    change = fingerprint_change(saved, args.data_fingerprint) if saved else None
+    if change:
+        raise UserError(f"--resume {args.resume} was trained on other data than --coco_dir {args.coco_dir} "
+                        f"({change}): steps per epoch, samples and the val set of best_*.pt would change; resume "
+                        "with the data of that run")
+
+
+def output_folders(args: argparse.Namespace) -> List[Tuple[str, Path]]:
+    """(flag, folder) of the run's outputs: --save_dir, and --recon_dir when recon PNGs are written."""
+    folders = [("--save_dir", Path(args.save_dir))]
+    if args.recon_count > 0 and Path(args.recon_dir).resolve() != Path(args.save_dir).resolve():
+        folders.append(("--recon_dir", Path(args.recon_dir)))
+    return folders
+
+
+def previous_run_outputs(args: argparse.Namespace) -> List[Path]:
+    """The outputs of an earlier run already in --save_dir / --recon_dir (what a fresh run would replace)."""
+    save_dir, recon_dir = Path(args.save_dir), Path(args.recon_dir)
+    found = [save_dir / name for name in RUN_CHECKPOINTS if (save_dir / name).exists()]
+    if args.recon_count > 0 and recon_dir.is_dir():
+        found += sorted(p for p in recon_dir.iterdir()
+                        if (p.is_dir() and (p.name == "origin" or RECON_TAG.match(p.name))) or p.name == "report.png"
+                        or (p.is_file() and p.suffix == ".json" and RECON_TAG.match(p.stem)))  # rate records
+    return found
+
+
+@contextlib.contextmanager
+def claim_outputs(args: argparse.Namespace, dist: DistInfo):
+    """Own the output folders for the run: usable, locked, not another run's, free of orphan temp files.
+
+    Rank 0 does it; every rank stops if it fails. A fresh run refuses folders
+    that hold another run's outputs (``--overwrite true`` replaces them, see
+    ``clear_previous_run``); ``--resume`` continues the run that is there.
+    """
+    locks: List[RunLock] = []
+    error = ""
+    if dist.is_main:
+        try:
+            for flag, folder in output_folders(args):
+                prepare_output_dir(folder, flag)
+            for flag, folder in output_folders(args):
+                locks.append(RunLock(folder, flag).acquire())
+            previous = previous_run_outputs(args)
+            if previous and not args.resume and not args.overwrite:
+                shown = ", ".join(str(p) for p in previous[:3]) + (f", ... ({len(previous)} in all)"
+                                                                    if len(previous) > 3 else "")
+                raise UserError(f"the output folders hold another run ({shown}); continue it with --resume "
+                                f"{Path(args.save_dir) / 'last.pt'}, pass another --save_dir/--recon_dir, or "
+                                "--overwrite true to replace it")
+            orphans = orphan_temp_files(Path(args.save_dir), RUN_CHECKPOINTS)
+            if args.recon_count > 0:
+                orphans += [p for sub in Path(args.recon_dir).iterdir()
+                            if sub.is_dir() and (sub.name == "origin" or RECON_TAG.match(sub.name))
+                            for p in orphan_temp_files(sub)]
+            for orphan in orphans:
+                orphan.unlink(missing_ok=True)
+            if orphans:
+                print(f"removed {len(orphans)} temp file(s) left by a killed run: "
+                      f"{', '.join(p.name for p in orphans[:3])}{', ...' if len(orphans) > 3 else ''}")
+        except UserError as err:
+            error = str(err)
+            for lock in locks:
+                lock.release()
+    error = agree_on_error(error, dist)
+    if error:
+        raise UserError(error)
+    try:
+        yield
+    finally:
+        for lock in locks:
+            lock.release()
+
+
+def clear_previous_run(args: argparse.Namespace, say: Callable[[str], None]) -> bool:
+    """``--overwrite true``: remove the earlier run's checkpoints, recon folders and sheet; returns False (done).
+
+    Called (rank 0) right before the new run's first save, so a run that
+    stops before it has anything to save leaves the earlier one whole. Only
+    what a run writes is removed, so the new run never shows or selects the
+    earlier run's epochs (``best_*.pt``, recon tags, ``origin/``, the sheet).
+    """
+    previous = previous_run_outputs(args)
+    for path in previous:
+        if path.is_dir():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    if previous:
+        say(f"--overwrite true: removed the earlier run's {', '.join(p.name for p in previous[:6])}"
+            + (", ..." if len(previous) > 6 else ""))
+    return False
+
+
+def recon_originals(val_ds: Dataset, count: int) -> torch.Tensor:
+    """The first ``count`` readable val crops as float (N, 3, H, W) in [0, 1]: what ``origin/`` holds."""
+    items = [val_ds[i] for i in range(min(count, len(val_ds)))]
+    items = [item for item in items if item is not None]
+    return to_unit_float(torch.stack(items), torch.device("cpu")) if items else torch.zeros(0)
+
+
+def check_recon_origin(val_ds: Dataset, args: argparse.Namespace, fresh: bool) -> None:
+    """``<recon_dir>/origin`` must hold this run's val crops (checked at start of a resumed run).
+
+    Reconstructions are only comparable with the originals they were made
+    from; a resumed run whose recon folder holds other originals (another
+    run's, another crop size) stops here rather than mixing them.
+    """
+    origin = Path(args.recon_dir) / "origin"
+    if fresh or not origin.is_dir():
+        return
+    for index, image in enumerate(recon_originals(val_ds, args.recon_count)):
+        path = origin / f"{index:05d}.png"
+        if path.exists() and not torch.equal(read_png(path), image):
+            raise UserError(f"{path} is not this run's val crop {index}: {origin} holds another run's originals; "
+                            "pass the --recon_dir of this run")
+
+
+def unfit_to_save(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, val: Optional[Dict[str, float]]) -> str:
+    """Why the model must not be saved ("" when it is good), agreed by every rank.
+
+    Good means: finite weights, finite val metrics (when ``val`` is given)
+    and codable latents (``src.latents``) on the first val batch, which the
+    recon PNGs also show. A model that fails would write a checkpoint that
+    cannot be evaluated (a range coder that never returns), exported or resumed.
+    """
+    model = unwrap(tr.model)
+    problem = ""
+    nonfinite = int(torch.stack([(~torch.isfinite(p.detach())).sum() for p in model.parameters()]).sum())
+    if nonfinite:
+        problem = f"{nonfinite} weights are NaN/Inf"
+    elif val is not None and not all(math.isfinite(v) for v in val.values()):
+        problem = "val metrics are not finite (" + ", ".join(f"{k} {v:.4g}" for k, v in val.items()) + ")"
+    else:
+        x = recon_originals(val_ds, args.batch_size).to(tr.device)
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.no_grad(), codable_latents(model, f"on val crops 0-{len(x) - 1}"):
+                if len(x):
+                    model(x)
+        except UserError as err:
+            problem = str(err)
+        finally:
+            model.train(was_training)
+    return agree_on_error(problem, tr.dist)
+
+
+def refuse_unfit(tr: Trainer, val_ds: Dataset, args: argparse.Namespace, val: Optional[Dict[str, float]],
+                 when: str, kept: str) -> None:
+    """Stop the run (exit 3) instead of saving a model that is not good (``unfit_to_save``)."""
+    problem = unfit_to_save(tr, val_ds, args, val)
+    if problem:
+        raise TrainingStopped(f"the model diverged {when} and is not saved ({problem}); {kept}; lower --lr or "
+                              "rerun with --overflow_check true to find the module")
+
+
 def run_training(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[str, Any]] = None,
                  dec_kwargs: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Train as the flags say; returns a summary (per-epoch metrics, best val MS-SSIM, the model)."""
@@ -716,7 +979,8 @@ def run_training(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Di
     device = resolve_device(args.device)
     dist = init_distributed(device.type)
     try:
-        return _train(args, replace, enc_kwargs, dec_kwargs, device, dist)
+        with claim_outputs(args, dist):
+            return _train(args, replace, enc_kwargs, dec_kwargs, device, dist)
     finally:
         shutdown(dist)
 
@@ -729,9 +993,12 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         check_amp_support(device, args.amp, amp_dtype)
     except ValueError as err:
         raise UserError(str(err)) from None
+    args.amp_dtype_resolved = amp_dtype  # saved with the flags: "auto" on resume is compared by what it became
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed)
     train_ds, val_ds = build_datasets(Path(args.coco_dir), args.use_prepared, args.crop_size, args.seed)
+    side, val_side = check_datasets(train_ds, val_ds, args)
+    args.data_fingerprint = data_fingerprint(train_ds, val_ds)  # saved with the flags: --resume needs the same data
     try:
         arch = make_arch(args.model, args.quality, args.metric, replace, args.replace_parts, enc_kwargs, dec_kwargs,
                          qat=args.qat)
@@ -741,14 +1008,27 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     state = TrainState(epochs_total=args.epochs)
     extending = False
     if resume is not None:
-        state.epochs_total, extending = planned_epochs(resume, args, dist)
+        check_resume(resume, args)  # the architecture is compared later: a changed flag says more than "holds q=3"
+        check_same_data(resume, args)
+        saved_dtype = resume["args"].get("amp_dtype_resolved") or resolve_amp_dtype(
+            device, resume["args"].get("amp_dtype", args.amp_dtype))[0]
+        state.epochs_total, extending = planned_epochs(resume, args, dist, amp_dtypes=(saved_dtype, amp_dtype))
+    error = ""
+    if dist.is_main and args.recon_count > 0:
+        try:
+            check_recon_origin(val_ds, args, fresh=resume is None)
+        except UserError as err:
+            error = str(err)
+    error = agree_on_error(error, dist)  # every rank stops, not only the one that checked
+    if error:
+        raise UserError(error)
     model = prepare_model(args, arch, resume, device, dist, say, train_ds)
     if dist.enabled:  # the same weights everywhere, but each rank its own quantisation noise and worker seeds
         seed_everything(args.seed + dist.rank)
-    side = crop_side(train_ds)
     stride = int(getattr(unwrap(model), "downsampling_factor", 16))
-    if side % stride:
-        raise UserError(f"crops are {side}px, not a multiple of {arch['base_model']}'s stride {stride}")
+    for what, crop in (("train", side), ("val", val_side)):
+        if crop % stride:
+            raise UserError(f"{what} crops are {crop}px, not a multiple of {arch['base_model']}'s stride {stride}")
 
     net_params, aux_params = split_aux_parameters(model)
     fused = use_fused_optimizer(args, device)
@@ -774,6 +1054,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     )
     # Fused optimizers take the skip verdict as a device tensor; fp16's GradScaler and --overflow_check need the host.
     tr.deferred_skip = fused and not tr.scaler.is_enabled() and tr.monitor is None
+    kept = f"nothing was saved in {args.save_dir}"
     if resume is not None:
         restore_training_state(resume, tr, state)
         state.last_saved = Path(args.resume)
@@ -781,10 +1062,13 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         if extending:
             say(f"extending from {state.epoch} to {state.epochs_total} epochs: "
                 f"{fast_forward_schedule(tr, args, state, steps)}")
+        if (Path(args.save_dir) / "last.pt").resolve() == Path(args.resume).resolve():
+            kept = f"{args.resume} is kept as it was (step {state.steps_run})"
     if arch["qat"] and resume is None:
         seen = calibrate(unwrap(model), train_loader.epoch(0), args.qat_calib_steps, device, tr.autocast)
         say(f"QAT: observers calibrated on {seen} train batches, fake-quant on")
     val_batches = val_loader(val_ds, args.batch_size, args.num_workers, dist, on_cuda)
+    replaces = dist.is_main and resume is None and args.overwrite  # the earlier run goes at this run's first save
     summary: Dict[str, Any] = {"epochs": []}
     with tr.stop:  # from here on SIGINT/SIGTERM finish the step and save
         say(f"training on {device} x{dist.world_size} | {len(train_ds)} train / {len(val_ds)} val crops of "
@@ -798,6 +1082,8 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 img_per_s = (state.epoch_step - first_step) * args.batch_size * dist.world_size / (
                     time.perf_counter() - start)
                 if state.epoch_step < steps:  # stopped by a signal mid-epoch
+                    refuse_unfit(tr, val_ds, args, None, f"at step {state.steps_run}", kept)
+                    replaces = replaces and clear_previous_run(args, say)
                     save_epoch_checkpoints(tr, arch, state, args, bests=(), say=say)
                     raise interrupted(tr.stop.signum, state, args)
                 val = evaluate(tr, val_batches)
@@ -807,8 +1093,11 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
                 tr.logger.log({"val/ms_ssim": val["ms_ssim"], "val/psnr": val["psnr"], "val/bpp": val["bpp"],
                                "val/loss": val["loss"], "epoch": state.epoch, "train/img_per_s": img_per_s},
                               step=state.steps_run)
+                refuse_unfit(tr, val_ds, args, val, f"after epoch {state.epoch}", kept)
+                replaces = replaces and clear_previous_run(args, say)
                 bests = improved_selections(state, val)
                 save_epoch_checkpoints(tr, arch, state, args, bests, say)
+                kept = f"{Path(args.save_dir) / 'last.pt'} (epoch {state.epoch}) is kept"
                 if dist.is_main and (state.epoch % args.recon_every == 0 or state.epoch == state.epochs_total):
                     dump_recon(tr, val_ds, args, f"epoch_{state.epoch:03d}", state.steps_run, val)
                 summary["epochs"].append({"epoch": state.epoch, "train": train, "val": val, "img_per_s": img_per_s})

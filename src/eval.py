@@ -34,6 +34,7 @@ from tqdm import tqdm
 from src.cli import UserError, run_cli, str2bool
 from src.data import image_files
 from src.images import DECODE_ERRORS, image_tensor, load_rgb
+from src.latents import codable_latents
 from src.losses import bpp_from_likelihoods, quantised_metrics
 from src.model_factory import load_checkpoint_model
 from src.rd_curves import compare_curves, curve_point, curves_table, parse_curve, plot_curves
@@ -98,19 +99,23 @@ def synchronize(device: torch.device) -> None:
 
 
 @torch.no_grad()
-def bitstream_roundtrip(model, x: torch.Tensor, multiple: int = PAD_MULTIPLE) -> Dict[str, Any]:
+def bitstream_roundtrip(model, x: torch.Tensor, multiple: int = PAD_MULTIPLE, *,
+                        source: str = "the model") -> Dict[str, Any]:
     """Pad to a multiple of ``multiple``, ``compress`` / ``decompress`` with the real entropy coder, crop back.
 
     Returns the decoded image, the bits written and the coding times (the device synchronised
     around each, so CUDA times hold the work and not just its launch); ``x`` is (1, 3, H, W).
     ``model`` is anything with CompressAI's ``compress``/``decompress`` (``src.export.OnnxCodec`` too).
+    A CompressAI model's latents are checked before its range coder sees them (``src.latents``; a
+    diverged checkpoint is one line naming ``source``, not a coder that never returns).
     """
     h, w = x.shape[-2:]
     pad, unpad = compute_padding(h, w, min_div=multiple)
     x_padded = F.pad(x, pad, mode="constant", value=0)
     synchronize(x.device)
     start = time.perf_counter()
-    enc = model.compress(x_padded)
+    with codable_latents(model, source):
+        enc = model.compress(x_padded)
     synchronize(x.device)
     enc_s = time.perf_counter() - start
     start = time.perf_counter()
@@ -123,10 +128,10 @@ def bitstream_roundtrip(model, x: torch.Tensor, multiple: int = PAD_MULTIPLE) ->
 
 
 @torch.no_grad()
-def code_image(model, x: torch.Tensor) -> Dict[str, float]:
+def code_image(model, x: torch.Tensor, source: str = "the model") -> Dict[str, float]:
     """Real bitstream round trip and the likelihood estimate, for one image (1, 3, H, W)."""
     h, w = x.shape[-2:]
-    coded = bitstream_roundtrip(model, x)
+    coded = bitstream_roundtrip(model, x, source=source)
     bpp_est = bpp_from_likelihoods(model(coded["x_padded"])["likelihoods"], h * w).item()
     return {**quantised_metrics(x, coded["x_hat"]), "bpp_est": bpp_est, "bpp_real": coded["bits"] / (h * w),
             "enc_s": coded["enc_s"], "dec_s": coded["dec_s"]}
@@ -153,7 +158,7 @@ def evaluate_checkpoint(path: Path, files: List[Path], device: torch.device) -> 
     images = []
     for file in tqdm(files, desc=path.name, leave=False):
         x = image_tensor(load_rgb(file)).to(device)
-        images.append({"name": file.name, **code_image(model, x)})
+        images.append({"name": file.name, **code_image(model, x, source=f"{path} on {file.name}")})
     mean = {k: sum(img[k] for img in images) / len(images) for k in METRIC_KEYS}
     return {"checkpoint": str(path), "arch": arch, "entropy_updated_in_checkpoint": updated,
             "mean": mean, "images": images}

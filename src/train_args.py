@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import argparse
-from typing import Any, Callable, Dict, List, Tuple
+import math
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
@@ -40,6 +41,8 @@ def show_every_default(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 # ---------------------------------------------------------------- arguments
 
+RAW_CROP_SIZE = 224  # --crop_size of raw COCO when not given
+
 def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir: str = "./recon",
                     replace_parts: str = "encoder") -> argparse.ArgumentParser:
     """The flags both training scripts share, grouped by concern (``--help`` reads as a contents page)."""
@@ -48,7 +51,9 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--coco_dir", required=True,
                    help="prepared crops (with train/ val/) when --use_prepared true, else the COCO root")
     g.add_argument("--use_prepared", type=str2bool, default=True, help="read scripts.coco_prepare output")
-    g.add_argument("--crop_size", type=int, default=224, help="crop side for raw COCO (--use_prepared false)")
+    g.add_argument("--crop_size", type=int, default=None,
+                   help=f"crop side for raw COCO (--use_prepared false; {RAW_CROP_SIZE} when not given); prepared "
+                        "crops keep the size they were made at (a --crop_size that differs is refused)")
     g.add_argument("--batch_size", type=int, default=16)
     g.add_argument("--num_workers", type=int, default=4)
     g = p.add_argument_group("Model")
@@ -122,6 +127,9 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g = p.add_argument_group("Output")
     g.add_argument("--save_dir", default=save_dir)
     g.add_argument("--recon_dir", default=recon_dir)
+    g.add_argument("--overwrite", type=str2bool, default=False,
+                   help="let a fresh run replace the run already in --save_dir/--recon_dir (its checkpoints, recon "
+                        "folders and sheet are removed at start); without it such folders are refused")
     g.add_argument("--recon_every", type=int, default=1, help="epochs between recon dumps (and the last)")
     g.add_argument("--recon_count", type=int, default=8)
     g.add_argument("--log_every", type=int, default=50, help="steps between progress/W&B updates")
@@ -152,7 +160,11 @@ def replacement_built_by(build_model: Callable[[argparse.Namespace], nn.Module],
 
 
 def validate_args(args: argparse.Namespace) -> None:
-    """Cross-flag rules argparse cannot express; each failure is one line."""
+    """Cross-flag rules argparse cannot express; each failure is one line.
+
+    Resolves ``--crop_size`` of raw COCO to its default (prepared crops have
+    their own size, which ``src.engine.check_datasets`` reads).
+    """
     if args.local_fp32 == "custom" and not args.local_fp32_custom.strip():
         raise UserError("--local_fp32 custom needs --local_fp32_custom NAME[,NAME...] (class-name parts)")
     try:
@@ -172,8 +184,20 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be >= 0")
     if not 0.0 <= args.alpha_l1 <= 1.0:
         raise UserError("--alpha_l1 must be in [0, 1]")
-    if args.lr <= 0:
-        raise UserError("--lr must be > 0")
+    for flag, lowest, strict in (("lr", 0.0, True), ("weight_decay", 0.0, False), ("lambda_bpp", 0.0, False),
+                                 ("overflow_tol", 0.0, True)):
+        value = getattr(args, flag)
+        if not math.isfinite(value) or value < lowest or (strict and value == lowest):
+            raise UserError(f"--{flag} must be a finite number {'>' if strict else '>='} {lowest:g}, got {value:g}")
+    if math.isnan(args.max_grad_norm):
+        raise UserError("--max_grad_norm must be a number (<= 0 disables clipping), got nan")
+    if not 0.0 < args.onecycle_pct_start < 1.0:
+        raise UserError(f"--onecycle_pct_start must be in (0, 1) (the share of steps spent raising the LR), "
+                        f"got {args.onecycle_pct_start:g}")
+    if args.crop_size is None and not args.use_prepared:
+        args.crop_size = RAW_CROP_SIZE
+    if args.crop_size is not None and args.crop_size < 1:
+        raise UserError(f"--crop_size must be >= 1, got {args.crop_size}")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise UserError("--device cuda but no CUDA device is available (use --device cpu or auto)")
     if args.base_checkpoint and args.resume:
@@ -190,17 +214,28 @@ LENGTH_FLAGS = ("epochs", "extend_epochs")
 
 
 def resume_flag_changes(saved: Dict[str, Any], args: argparse.Namespace, extending: bool,
-                        saved_world_size: int, world_size: int) -> List[str]:
+                        saved_world_size: int, world_size: int,
+                        amp_dtypes: Optional[Tuple[str, str]] = None) -> List[str]:
     """``--flag old -> new`` for each run-defining flag that differs from the saved run.
 
     When a finished run is extended (``--extend_epochs``), its length flags
     may differ: the new length is the saved one plus the extension.
+    ``amp_dtypes`` (saved, current), as resolved: ``--amp_dtype`` is compared
+    by what it runs, so ``auto`` and ``bf16`` are the same where auto is bf16.
+    ``--crop_size`` only matters to raw COCO: prepared crops have their own
+    size (the data fingerprint covers them).
     """
     changes = []
     for flag in RUN_DEFINING_FLAGS:
         if flag not in saved or (extending and flag in LENGTH_FLAGS):
             continue
+        if flag == "crop_size" and saved.get("use_prepared", True):
+            continue
         old, new = saved[flag], getattr(args, flag)
+        if flag == "amp_dtype" and amp_dtypes is not None:
+            if amp_dtypes[0] != amp_dtypes[1]:
+                changes.append(f"--amp_dtype {old} ({amp_dtypes[0]}) -> {new} ({amp_dtypes[1]})")
+            continue
         if old != new:
             changes.append(f"--{flag} {old} -> {new}")
     if saved_world_size != world_size:

@@ -201,7 +201,7 @@ def test_non_finite_latents_and_altered_bundles_are_refused(setup, tmp_path):
         weight.CopyFrom(onnx.numpy_helper.from_array(values, weight.name))
 
     broken = resigned_copy(setup["bundles"]["fp32"], tmp_path / "broken", poison)
-    with pytest.raises(UserError, match="non-finite latent values"):
+    with pytest.raises(UserError, match="latent values are NaN/Inf"):
         codec_cli.main(["encode", "-b", str(broken), str(setup["root"] / "a.png"), "-o", str(tmp_path / "n.npcf")])
     assert not (tmp_path / "n.npcf").exists()
     altered = tmp_path / "altered"

@@ -117,8 +117,10 @@ def test_resume_refuses_changed_flags(prepared64, tmp_path):
         train_finetune_relu.main(common_args(prepared64, tmp_path, "--extend_epochs", "1"))
 
 
-def test_sigterm_saves_mid_epoch_and_resume_is_exact(prepared64, tmp_path):
-    flags = [*EXACT[:-1], "6", "--epochs", "2"]
+@pytest.mark.parametrize("workers", ["0", "2"])
+def test_sigterm_saves_mid_epoch_and_resume_is_exact(workers, prepared64, tmp_path):
+    """With workers too: a DataLoader with workers must resume the epoch after its done batches, not at its start."""
+    flags = [*EXACT[:-1], "6", "--epochs", "2", "--num_workers", workers]
     train_finetune_relu.main(common_args(prepared64, tmp_path / "straight", *flags))
     argv = common_args(prepared64, tmp_path / "stopped", *flags)
     proc = subprocess.Popen([sys.executable, "-u", "-m", "src.train_finetune_relu", *argv], cwd=REPO,
@@ -202,6 +204,52 @@ def test_torchrun_rank_with_an_all_corrupt_batch_does_not_hang(prepared64, tmp_p
     result = torchrun("src.train_finetune_relu", argv, 29519)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "an empty batch, step skipped" in result.stdout and "same on all 2 ranks" in result.stdout
+
+
+def test_torchrun_rank_with_a_whole_corrupt_epoch_does_not_abort(prepared64, tmp_path):
+    """Every file rank 1 draws in epoch 0 cut to 200 bytes: the epoch's metric reduce has one shape on every rank."""
+    from torch.utils.data import DistributedSampler
+
+    from src.data import PreparedCrops
+
+    data = tmp_path / "data"
+    shutil.copytree(prepared64, data)
+    dataset = PreparedCrops(data / "train")
+    sampler = DistributedSampler(dataset, num_replicas=2, rank=1, shuffle=True, seed=0, drop_last=True)
+    sampler.set_epoch(0)
+    for index in sampler:
+        victim = dataset.files[index]
+        victim.write_bytes(victim.read_bytes()[:200])
+    argv = common_args(data, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all")
+    result = torchrun("src.train_finetune_relu", argv, 29529)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "every train step of this epoch was skipped" in result.stdout and "same on all 2 ranks" in result.stdout
+
+
+def test_torchrun_sigterm_resume_is_exact(prepared64, tmp_path):
+    flags = [*EXACT[:-1], "4", "--epochs", "2", "--device", "cpu", "--num_workers", "1"]
+    straight = torchrun("src.train_finetune_relu", common_args(prepared64, tmp_path / "straight", *flags), 29531)
+    assert straight.returncode == 0, straight.stderr[-3000:]
+    argv = common_args(prepared64, tmp_path / "stopped", *flags)
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                             "29533", "-m", "src.train_finetune_relu", *argv], cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    progress = ""
+    while "| 1/4 [" not in progress:  # rank 0's first step is done, so both ranks are in the loop
+        progress += proc.stderr.read(1) or pytest.fail(f"the run ended before its first step: {progress[-3000:]}")
+    # To the ranks, as a cluster's scheduler sends it: torchrun forwards a SIGTERM of its own, but SIGKILLs
+    # ranks still saving 30 s later, which a loaded 2-core test machine can exceed.
+    ranks = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
+    for rank in ranks:
+        os.kill(int(rank), signal.SIGTERM)
+    out, err = proc.communicate(timeout=300)
+    assert len(ranks) == 2 and err.count("stopped by SIGTERM after step") == 2, err[-3000:]
+    last = tmp_path / "stopped" / "ckpt" / "last.pt"
+    saved = torch.load(last, weights_only=True)
+    assert saved["epoch"] == 0 and saved["epoch_step"] >= 1
+    resumed = torchrun("src.train_finetune_relu", argv + ["--resume", str(last)], 29535)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert_same_weights(final_state(tmp_path / "straight" / "ckpt" / "last.pt"), final_state(last))
 
 
 def test_corrupt_prepared_file_is_reported_and_skipped(prepared64, tmp_path, capfd):

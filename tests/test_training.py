@@ -255,8 +255,8 @@ def test_overflow_check_names_module_and_keeps_last_checkpoint(prepared64, tmp_p
     save_checkpoint(ckpt, tmp_path / "bad.pt")
     with pytest.raises(engine.TrainingStopped, match=r"step 0: first bad output in module 'g_s\.2'") as stopped:
         train_finetune_relu.main(common_args(prepared64, tmp_path, "--base_checkpoint", str(tmp_path / "bad.pt"),
-                                             "--overflow_check", "true", "--train_scope", "all"))
-    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == good
+                                             "--overflow_check", "true", "--train_scope", "all", "--overwrite", "true"))
+    assert (tmp_path / "ckpt" / "last.pt").read_bytes() == good, "--overwrite replaces a run only at its first save"
     # a fresh run that stops before its first save wrote no checkpoint: the last.pt there is not its own
     assert "no checkpoint was written by this run" in str(stopped.value)
     assert "last good checkpoint" not in str(stopped.value) and "an earlier run's" in str(stopped.value)
