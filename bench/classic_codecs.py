@@ -23,9 +23,9 @@ Where exporting a bundle per rate point is too slow (each export verifies
 on both runtimes), two measured sources stand in, rate raised by the 43-byte
 header: ``--eval_json`` (an ``src.eval --curve`` report: the FP32 codec's
 files are its bits plus the header, ``tests/test_codec.py``) and
-``--int8_study NAME=DIR`` (``bench.int8_study``'s per-quality w8a8 / a16w8
-round trips through ``src.int8``'s graphs and the range coder, the bundles'
-INT8 path).
+``--int8_study NAME=DIR`` (``bench.int8_study``'s per-quality FP32 / w8a8 /
+a16w8 round trips through ``src.int8``'s graphs and the range coder, the
+bundles' path, and its GDN-control evals).
 """
 
 from __future__ import annotations
@@ -66,9 +66,9 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "(e.g. the RD study's rd_study.json): its real-bitstream bits plus the codec's header are "
                         "the codec's files (tests/test_codec.py checks the two agree)")
     p.add_argument("--int8_study", default=None, metavar="NAME=DIR",
-                   help="INT8 curves from bench.int8_study's per-quality reports DIR/q<Q>.json (NPU-all, whole "
-                        "images of the same eval folder, src.int8's graphs + range coder): one curve per profile, "
-                        "rate raised by the codec's header")
+                   help="curves from bench.int8_study's per-quality reports on the same eval images: DIR/q<Q>.json "
+                        "(NPU-all through src.int8's graphs + range coder: FP32 and each INT8 profile) and "
+                        "DIR/gdn_q<Q>.json (the GDN control, src.eval); rate raised by the codec's header")
     p.add_argument("--calib_dir", default=None, help="INT8 calibration photos (not the eval images)")
     p.add_argument("--qualities", type=int, nargs="+", default=[1, 2, 3, 4], help="for --int8_study")
     p.add_argument("--calib_count", type=int, default=32)
@@ -190,19 +190,32 @@ def eval_report_curves(path: Path, files: Sequence[Path], images: Sequence[np.nd
 
 
 def int8_study_curves(text: str, qualities: Sequence[int], images: Sequence[np.ndarray]) -> Dict[str, List[Dict]]:
-    """``NAME=DIR``: the w8a8 / a16w8 means of ``DIR/q<Q>.json`` (written by bench.int8_study), plus the header."""
+    """``NAME=DIR``: bench.int8_study's reports, the header added to each rate.
+
+    ``DIR/q<Q>.json``: the NPU-all codec through ``src.int8``'s symbol graphs
+    and the range coder, FP32 (``npu_fp32``) and each INT8 profile;
+    ``DIR/gdn_q<Q>.json`` (where present): the GDN control's ``src.eval`` means.
+    """
     name, _, folder = text.partition("=")
     header_bpp = float(np.mean([8 * codec.HEADER.size / (a.shape[0] * a.shape[1]) for a in images]))
     curves: Dict[str, List[Dict]] = {}
+
+    def add(curve: str, mean: Dict, label: str) -> None:
+        point = {"psnr": mean["psnr"], "ms_ssim": mean["ms_ssim"],
+                 "bpp_real": mean.get("bpp", mean.get("bpp_real")) + header_bpp}
+        curves.setdefault(curve, []).append(curve_point(point, label))
+
     for q in qualities:
         path = Path(folder) / f"q{q}.json"
         if not path.is_file():
             raise UserError(f"{path} not found (bench.int8_study has not measured q{q} yet)")
         report = json.loads(path.read_text())
-        for profile in sorted(PROFILES):
-            mean = {"psnr": report[profile]["psnr"], "ms_ssim": report[profile]["ms_ssim"],
-                    "bpp_real": report[profile]["bpp"] + header_bpp}
-            curves.setdefault(f"{name}_{profile}", []).append(curve_point(mean, f"{path} {profile}"))
+        for key, suffix in (("npu_fp32", "fp32"), *((p, p) for p in sorted(PROFILES))):
+            add(f"{name}_{suffix}", report[key], f"{path} {key}")
+    if all((Path(folder) / f"gdn_q{q}.json").is_file() for q in qualities):
+        for q in qualities:
+            add("gdn_control_fp32", json.loads((Path(folder) / f"gdn_q{q}.json").read_text()),
+                str(Path(folder) / f"gdn_q{q}.json"))
     return curves
 
 
@@ -221,9 +234,9 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     files = image_files(Path(args.eval_dir), "eval image")
     files = files[: args.max_images] if args.max_images > 0 else files
     images = [np.array(load_rgb(f)) for f in files]
-    learned = eval_report_curves(Path(args.eval_json), files, images) if args.eval_json else {}
-    if args.int8_study:
-        learned.update(int8_study_curves(args.int8_study, args.qualities, images))
+    learned = int8_study_curves(args.int8_study, args.qualities, images) if args.int8_study else {}
+    if args.eval_json:
+        learned.update(eval_report_curves(Path(args.eval_json), files, images))
     learned.update(learned_curves(args, images))
     classic = {"jpeg": [pillow_point(images, "JPEG", q) for q in JPEG_QUALITIES],
                "webp": [pillow_point(images, "WEBP", q) for q in WEBP_QUALITIES]}
