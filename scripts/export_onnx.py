@@ -51,8 +51,8 @@ import onnx
 import torch
 from torch import nn
 
-from src.cli import UserError, run_cli
 from src.bundle import write_bundle
+from src.cli import UserError, run_cli
 from src.data import image_files
 from src.export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, QAT_MAX_STEPS, QAT_MEAN_STEPS, export_graph, int8_report,
                         op_histogram, output_errors, part_input, qat_export_check)

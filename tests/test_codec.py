@@ -215,6 +215,13 @@ def test_non_finite_latents_and_altered_bundles_are_refused(setup, tmp_path):
         export_onnx.main(["--ckpt", str(setup["ckpt"]), "--bundle", str(tmp_path / "keep"), "--image",
                           str(setup["root"] / "a.png")])
     assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
+    qat_arch = make_arch(quality=1, replace="npu", replace_parts="all", qat=True)
+    qat_model = build_model(qat_arch)
+    qat_model.update(force=True)
+    save_checkpoint({"state_dict": qat_model.state_dict(), "arch": qat_arch}, tmp_path / "qat.pt")
+    with pytest.raises(UserError, match="does not take a QAT checkpoint"):
+        export_onnx.main(["--ckpt", str(tmp_path / "qat.pt"), "--bundle", str(tmp_path / "qat_bundle"), "--image",
+                          str(setup["root"] / "a.png")])
 
 
 def test_fp32_and_int8_bundles_decode_each_others_files(setup, tmp_path):
