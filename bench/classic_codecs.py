@@ -18,6 +18,14 @@ image (PSNR, MS-SSIM), averaged over images as ``src.eval`` does. BD-rate and
 BD-PSNR come from ``src.rd_curves`` (pchip), each curve against JPEG and
 against WebP. Bundles already in ``--work_dir`` and newer than their
 checkpoint are reused.
+
+Where exporting a bundle per rate point is too slow (each export verifies
+on both runtimes), two measured sources stand in, rate raised by the 43-byte
+header: ``--eval_json`` (an ``src.eval --curve`` report: the FP32 codec's
+files are its bits plus the header, ``tests/test_codec.py``) and
+``--int8_study NAME=DIR`` (``bench.int8_study``'s per-quality FP32 / w8a8 /
+a16w8 round trips through ``src.int8``'s graphs and the range coder, the
+bundles' path, and its GDN-control evals).
 """
 
 from __future__ import annotations
@@ -57,7 +65,12 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="instead of bundles, the FP32 curves of an src.eval --curve report on the same images "
                         "(e.g. the RD study's rd_study.json): its real-bitstream bits plus the codec's header are "
                         "the codec's files (tests/test_codec.py checks the two agree)")
+    p.add_argument("--int8_study", default=None, metavar="NAME=DIR",
+                   help="curves from bench.int8_study's per-quality reports on the same eval images: DIR/q<Q>.json "
+                        "(NPU-all through src.int8's graphs + range coder: FP32 and each INT8 profile) and "
+                        "DIR/gdn_q<Q>.json (the GDN control, src.eval); rate raised by the codec's header")
     p.add_argument("--calib_dir", default=None, help="INT8 calibration photos (not the eval images)")
+    p.add_argument("--qualities", type=int, nargs="+", default=[1, 2, 3, 4], help="for --int8_study")
     p.add_argument("--calib_count", type=int, default=32)
     p.add_argument("--input_size", type=int, default=256, help="export check crop side")
     p.add_argument("--verify_dir", default=None, help="the bundles' verification images (default: calib_dir)")
@@ -120,7 +133,7 @@ def pillow_point(images: Sequence[np.ndarray], fmt: str, quality: int) -> Dict:
     for image in images:
         buffer = io.BytesIO()
         Image.fromarray(image).save(buffer, format=fmt, quality=quality, **options)
-        decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+        decoded = np.array(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
         rows.append(metrics(image, decoded, buffer.tell()))
     return mean_point(rows, f"{fmt.lower()} q{quality}")
 
@@ -176,6 +189,36 @@ def eval_report_curves(path: Path, files: Sequence[Path], images: Sequence[np.nd
     return curves
 
 
+def int8_study_curves(text: str, qualities: Sequence[int], images: Sequence[np.ndarray]) -> Dict[str, List[Dict]]:
+    """``NAME=DIR``: bench.int8_study's reports, the header added to each rate.
+
+    ``DIR/q<Q>.json``: the NPU-all codec through ``src.int8``'s symbol graphs
+    and the range coder, FP32 (``npu_fp32``) and each INT8 profile;
+    ``DIR/gdn_q<Q>.json`` (where present): the GDN control's ``src.eval`` means.
+    """
+    name, _, folder = text.partition("=")
+    header_bpp = float(np.mean([8 * codec.HEADER.size / (a.shape[0] * a.shape[1]) for a in images]))
+    curves: Dict[str, List[Dict]] = {}
+
+    def add(curve: str, mean: Dict, label: str) -> None:
+        point = {"psnr": mean["psnr"], "ms_ssim": mean["ms_ssim"],
+                 "bpp_real": mean.get("bpp", mean.get("bpp_real")) + header_bpp}
+        curves.setdefault(curve, []).append(curve_point(point, label))
+
+    for q in qualities:
+        path = Path(folder) / f"q{q}.json"
+        if not path.is_file():
+            raise UserError(f"{path} not found (bench.int8_study has not measured q{q} yet)")
+        report = json.loads(path.read_text())
+        for key, suffix in (("npu_fp32", "fp32"), *((p, p) for p in sorted(PROFILES))):
+            add(f"{name}_{suffix}", report[key], f"{path} {key}")
+    if all((Path(folder) / f"gdn_q{q}.json").is_file() for q in qualities):
+        for q in qualities:
+            add("gdn_control_fp32", json.loads((Path(folder) / f"gdn_q{q}.json").read_text()),
+                str(Path(folder) / f"gdn_q{q}.json"))
+    return curves
+
+
 def points_table(curves: Dict[str, List[Dict]]) -> str:
     lines = ["| codec | point | bpp (file) | PSNR | MS-SSIM | MS-SSIM dB |", "|---|---|---|---|---|---|"]
     for name, points in curves.items():
@@ -191,10 +234,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     files = image_files(Path(args.eval_dir), "eval image")
     files = files[: args.max_images] if args.max_images > 0 else files
     images = [np.array(load_rgb(f)) for f in files]
+    learned = int8_study_curves(args.int8_study, args.qualities, images) if args.int8_study else {}
+    if args.eval_json:
+        learned.update(eval_report_curves(Path(args.eval_json), files, images))
+    learned.update(learned_curves(args, images))
     classic = {"jpeg": [pillow_point(images, "JPEG", q) for q in JPEG_QUALITIES],
                "webp": [pillow_point(images, "WEBP", q) for q in WEBP_QUALITIES]}
-    learned = eval_report_curves(Path(args.eval_json), files, images) if args.eval_json else {}
-    learned.update(learned_curves(args, images))
     against = {anchor: compare_curves({anchor: classic[anchor], **learned}) if learned else {} for anchor in classic}
     if learned:
         against["jpeg"]["webp"] = compare_curves({"jpeg": classic["jpeg"], "webp": classic["webp"]})["webp"]

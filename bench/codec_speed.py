@@ -43,6 +43,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--max_images", type=int, default=4)
     p.add_argument("--repeat", type=int, default=5)
     p.add_argument("--precisions", nargs="+", default=list(PRECISIONS), choices=PRECISIONS)
+    p.add_argument("--skip_missing", action="store_true", help="time only the bundles already in --work_dir")
     p.add_argument("--build_only", action="store_true",
                    help="only write the bundles (slow, run it niced); a later run times them")
     p.add_argument("--calib_dir", required=True, help="INT8 calibration photos (not the eval images)")
@@ -107,6 +108,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     reference = time_pytorch(ckpt, images, args.repeat)
     rows.append({"codec": "CompressAI compress/decompress (PyTorch)", **reference})
     for precision, upsample in configs:
+        if args.skip_missing and not (bundle_folder(Path(args.work_dir), ckpt, precision, upsample)
+                                      / codec.MANIFEST).is_file():
+            print(f"skipping {precision} {upsample}: no bundle in {args.work_dir}")
+            continue
         folder = ensure_bundle(ckpt, bundle_folder(Path(args.work_dir), ckpt, precision, upsample), precision, args,
                                upsample)
         for runtime in codec.RUNTIMES:

@@ -58,8 +58,8 @@ from torch import nn
 from torch.onnx import _constants as onnx_constants
 
 from src.checkpoint import current_umask
-from src.cli import UserError, run_cli
 from src.bundle import write_bundle
+from src.cli import UserError, run_cli
 from src.data import image_files
 from src.export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, QAT_MAX_STEPS, QAT_MEAN_STEPS, export_graph, int8_report,
                         op_histogram, output_errors, part_input, qat_export_check)

@@ -16,9 +16,8 @@ import json
 import os
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Dict, Optional, Sequence
 
 import numpy as np
 import onnx
@@ -159,16 +158,15 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
     ``profile``: fp32, or an INT8 profile of ``src.int8`` (w8a8, a16w8): the
     FP32 symbol graphs quantised by ``int8_symbol_pair``, calibrated on
     ``calibration``, whole images as (1, 3, H, W) arrays padded to 64.
-    A QAT checkpoint's graphs are already QDQ with learned scales (profile qat).
+    QAT checkpoints are refused (not wired yet).
     """
     check_factorized(model)
     check_target(Path(out))
     if upsample not in UPSAMPLE_MODES:
         raise UserError(f"--upsample must be one of {UPSAMPLE_MODES}")
-    qat = is_qat_model(model)
-    if qat and (profile != "fp32" or upsample != "convtranspose"):
-        raise UserError("a QAT checkpoint's bundle holds its own QDQ graphs: no --int8 calibration, no "
-                        "--upsample subpixel (the rewrite would drop its learned weight quantisers)")
+    if is_qat_model(model):
+        raise UserError("--bundle does not take a QAT checkpoint yet (its QDQ graphs with learned scales are not "
+                        "wired into the symbol interface): bundle the float model with --int8 CALIB_DIR")
     if profile not in PROFILES:
         raise UserError(f"precision profile must be one of {PROFILES}, got {profile!r}")
     if profile != "fp32" and not calibration:
@@ -198,12 +196,10 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
         fp32 = symbol_graphs(coded, example, tmp / "fp32", opset)
         for path in fp32.values():
             onnx.checker.check_model(onnx.load(str(path)))
-        checked = None if qat else check_export(model, fp32, example)
-        precision: Dict[str, Any] = {"profile": "qat" if qat else profile}
+        checked = check_export(model, fp32, example)
+        precision: Dict[str, Any] = {"profile": profile}
         graphs = {part: fp32[part] for part in codec.GRAPH_FILES}
-        if qat:
-            precision["method"] = "QAT checkpoint: QDQ graphs with the learned scales"
-        elif profile != "fp32":
+        if profile != "fp32":
             pair = int8_symbol_pair(fp32, calibration, profile, range_method, tmp)
             graphs = {part: pair[part] for part in codec.GRAPH_FILES}
             precision = dict(pair["precision"], calibration_images=len(calibration),

@@ -215,6 +215,13 @@ def test_non_finite_latents_and_altered_bundles_are_refused(setup, tmp_path):
         export_onnx.main(["--ckpt", str(setup["ckpt"]), "--bundle", str(tmp_path / "keep"), "--image",
                           str(setup["root"] / "a.png")])
     assert (tmp_path / "keep" / "notes.txt").read_text() == "mine"
+    qat_arch = make_arch(quality=1, replace="npu", replace_parts="all", qat=True)
+    qat_model = build_model(qat_arch)
+    qat_model.update(force=True)
+    save_checkpoint({"state_dict": qat_model.state_dict(), "arch": qat_arch}, tmp_path / "qat.pt")
+    with pytest.raises(UserError, match="does not take a QAT checkpoint"):
+        export_onnx.main(["--ckpt", str(tmp_path / "qat.pt"), "--bundle", str(tmp_path / "qat_bundle"), "--image",
+                          str(setup["root"] / "a.png")])
 
 
 def test_fp32_and_int8_bundles_decode_each_others_files(setup, tmp_path):
@@ -275,14 +282,17 @@ def test_subpixel_rewrite_is_exact_in_fp32(setup, tmp_path):
 
 
 def test_runtimes_agree_and_the_int8_convtranspose_stays_float_in_onnxruntime(setup, tmp_path):
-    for name, levels in (("fp32", 1), ("int8_subpixel", 8)):
+    """The stated tolerance (docs/codec.md): FP32 decodes within 1 level (the same float sums in another order
+    round to 8 bits differently only at a .5 boundary); INT8 decodes, whose integer kernels requantise in
+    different orders and may differ by several levels at a few pixels, above 40 dB of each other; files within 1 %."""
+    for name in ("fp32", "int8_subpixel"):
         folder = setup["bundles"][name]
         ort_file, ort_png = encode_decode(folder, setup["root"] / "b.png", tmp_path / name, "onnxruntime")
         ov_file, ov_png = encode_decode(folder, setup["root"] / "b.png", tmp_path / name, "openvino")
-        ort_symbols = codec.unpack(ort_file, "f")[1]
         assert abs(len(ov_file) - len(ort_file)) <= 0.01 * len(ort_file) + 8
-        assert np.abs(ort_png.astype(int) - ov_png.astype(int)).max() <= levels, name
-        assert codec.psnr(ort_png, ov_png) > 40 and ort_symbols
+        if name == "fp32":
+            assert np.abs(ort_png.astype(int) - ov_png.astype(int)).max() <= 1
+        assert codec.psnr(ort_png, ov_png) > 40, name
     fp32_decoder = setup["bundles"]["fp32"] / "decoder.onnx"
     bundle = codec.Codec(codec.load_bundle(setup["bundles"]["fp32"]), parts=("encoder",))
     calib = [bundle.encoder(codec.padded_input(np.asarray(load_rgb(p))))
