@@ -127,7 +127,7 @@ def test_decode_needs_no_checkpoint_nor_training_code(setup, tmp_path):
                              "-o", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-1500:]
     loaded = eval(result.stdout.strip().splitlines()[-1])
-    assert set(loaded) <= {"src.codec", "src.cli", "src.checkpoint"}, loaded
+    assert set(loaded) <= {"src.codec", "src.cli", "src.checkpoint", "src.latents"}, loaded
     assert Image.open(tmp_path / "a.png").size == (150, 110)
 
 
