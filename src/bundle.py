@@ -29,7 +29,7 @@ from src.cli import UserError
 from src.export import MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, op_histogram
 from src.int8 import DEFAULT_RANGE_METHOD, PROFILES as INT8_PROFILES, calibrate, quantise_pair, symbol_graphs
 from src.losses import quantised_metrics
-from src.qat import is_qat_model
+from src.qat import activation_precision as qat_model_precision, export_pair, float_twin, is_qat_model
 from src.subpixel import UPSAMPLE_MODES, subpixel_rewrite
 
 PROFILES = ("fp32", *sorted(INT8_PROFILES))
@@ -50,6 +50,16 @@ def int8_symbol_pair(fp32: Dict[str, Path], calibration_images: Sequence[np.ndar
             "precision": {"profile": profile, "description": INT8_PROFILES[profile], "range_method": range_method,
                           "sixteen_bit": pair.sixteen_bit, "symbol_bits": pair.symbol_bits,
                           "symbols_outside_int8_calibration": pair.symbols_outside_int8,
+                          "float_islands": pair.float_islands}}
+
+
+def qat_symbol_pair(qat_model: nn.Module, images: Sequence[np.ndarray], out_dir: Path, opset: int) -> Dict[str, Any]:
+    """A QAT model's INT8 symbol pair with its own scales (``src.qat.export_pair``), as ``int8_symbol_pair``."""
+    pair = export_pair(qat_model, images, out_dir, opset)
+    return {"encoder": pair.encoder, "decoder": pair.decoder,
+            "precision": {"profile": pair.precision, "description": INT8_PROFILES[pair.precision],
+                          "scales": "QAT checkpoint's own (no calibration)", "symbol_bits": pair.symbol_bits,
+                          "symbols_outside_int8_verification": pair.symbols_outside_int8,
                           "float_islands": pair.float_islands}}
 
 
@@ -158,18 +168,27 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
     ``profile``: fp32, or an INT8 profile of ``src.int8`` (w8a8, a16w8): the
     FP32 symbol graphs quantised by ``int8_symbol_pair``, calibrated on
     ``calibration``, whole images as (1, 3, H, W) arrays padded to 64.
-    QAT checkpoints are refused (not wired yet).
+    A QAT checkpoint bundles its float weights (fp32) or, with its own
+    profile, the INT8 pair of ``src.qat.export_pair`` (PTQ's graphs with its
+    weights and scales; nothing is calibrated).
     """
     check_factorized(model)
     check_target(Path(out))
     if upsample not in UPSAMPLE_MODES:
         raise UserError(f"--upsample must be one of {UPSAMPLE_MODES}")
-    if is_qat_model(model):
-        raise UserError("--bundle does not take a QAT checkpoint yet (its QDQ graphs with learned scales are not "
-                        "wired into the symbol interface): bundle the float model with --int8 CALIB_DIR")
+    qat_model = model if is_qat_model(model) else None
+    if qat_model is not None:
+        trained = qat_model_precision(qat_model)
+        if profile not in ("fp32", trained):
+            raise UserError(f"this QAT checkpoint was trained for {trained}: bundle it with --precision {trained} "
+                            f"(its own scales) or without --int8 (its float weights)")
+        if profile != "fp32" and upsample != "convtranspose":
+            raise UserError("a QAT checkpoint's INT8 bundle keeps the ConvTransposes it was trained with: "
+                            "drop --upsample subpixel")
+        model = float_twin(qat_model)
     if profile not in PROFILES:
         raise UserError(f"precision profile must be one of {PROFILES}, got {profile!r}")
-    if profile != "fp32" and not calibration:
+    if profile != "fp32" and not calibration and qat_model is None:
         raise UserError(f"the {profile} bundle needs calibration images (--int8 CALIB_DIR)")
     if not verification:
         raise UserError("a bundle needs at least one verification image")
@@ -199,7 +218,12 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
         checked = check_export(model, fp32, example)
         precision: Dict[str, Any] = {"profile": profile}
         graphs = {part: fp32[part] for part in codec.GRAPH_FILES}
-        if profile != "fp32":
+        if profile != "fp32" and qat_model is not None:
+            images = list(calibration) or [codec.padded_input(codec.image_array(f)) for f in verification]
+            pair = qat_symbol_pair(qat_model, images, tmp / "qat", opset)
+            graphs = {part: pair[part] for part in codec.GRAPH_FILES}
+            precision = pair["precision"]
+        elif profile != "fp32":
             pair = int8_symbol_pair(fp32, calibration, profile, range_method, tmp)
             graphs = {part: pair[part] for part in codec.GRAPH_FILES}
             precision = dict(pair["precision"], calibration_images=len(calibration),

@@ -49,7 +49,7 @@ from src.precision import (
     make_grad_scaler,
     resolve_amp_dtype,
 )
-from src.qat import calibrate, fake_quant_modules, qat_state, set_qat_mode
+from src.qat import activation_quantisers, fake_quant_modules, qat_arch, qat_state, start_phase
 from src.recon import comparison_grid, read_png, write_pngs, write_rate, write_report
 from src.replace_gdn import parameter_table, set_trainable_parts
 from src.replace_gdn_npu import fit_blocks_to_gdn
@@ -206,13 +206,12 @@ class StepConfig:
     overflow_tol: float = 1e8  # --overflow_check: |activation| above this counts as an overflow
     log_every: int = 50  # steps per logging window (and, on the fused path, per host read)
     lambda_bpp: float = 0.01  # logged with the rate
-    qat_freeze_after: int = 0  # QAT: freeze the observers after this many steps (0 = never)
     last_checkpoint: Path = Path("checkpoints/last.pt")  # named in the messages that stop a run
 
     @classmethod
     def from_args(cls, args: argparse.Namespace) -> "StepConfig":
         return cls(args.max_grad_norm, args.max_bad_steps, args.overflow_tol, args.log_every, args.lambda_bpp,
-                   args.qat_freeze_after if args.qat else 0, Path(args.save_dir) / "last.pt")
+                   Path(args.save_dir) / "last.pt")
 
 
 @dataclass
@@ -437,10 +436,6 @@ def train_one_epoch(tr: Trainer, loader: DataLoader, steps: int, state: TrainSta
         state.steps_run += 1
         state.epoch_step += 1
         bar.update(1)
-        if tr.config.qat_freeze_after and state.steps_run == tr.config.qat_freeze_after:
-            set_qat_mode(unwrap(tr.model), observe=False)
-            if tr.dist.is_main:
-                tqdm.write(f"QAT: observers frozen after step {state.steps_run}; the scales stay as they are")
         stop = verdict.stop
         if len(window_skips) == tr.config.log_every or state.epoch_step == steps or stop:
             stop = close_window(tr, state, window_sums, window_skips, bar) or stop
@@ -728,8 +723,9 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
     say(f"local FP32 ({args.local_fp32}): {', '.join(apply_local_fp32(model, args.local_fp32, custom)) or 'none'}")
     speed_up_model(model, args, device, say)
     if arch["qat"]:
-        say(f"QAT: {len(fake_quant_modules(model))} fake-quant modules in {', '.join(arch['qat']['parts'])} "
-            f"(weights {arch['qat']['weights']}, activations {arch['qat']['activations']}); now {qat_state(model)}")
+        say(f"QAT: {len(activation_quantisers(model))} activation and {len(fake_quant_modules(model)) - len(activation_quantisers(model))} "
+            f"weight quantisers in {', '.join(arch['qat']['parts'])} ({arch['qat']['precision']}, "
+            f"{arch['qat']['scales']} scales); now {qat_state(model)}")
     if dist.enabled:
         # The quantiles learn from the aux loss alone (same on every rank), so DDP ignores them.
         quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]
@@ -1001,7 +997,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
     args.data_fingerprint = data_fingerprint(train_ds, val_ds)  # saved with the flags: --resume needs the same data
     try:
         arch = make_arch(args.model, args.quality, args.metric, replace, args.replace_parts, enc_kwargs, dec_kwargs,
-                         qat=args.qat)
+                         qat=qat_arch(args))
     except ValueError as err:
         raise UserError(str(err)) from None
     resume = read_checkpoint(Path(args.resume)) if args.resume else None
@@ -1065,8 +1061,7 @@ def _train(args, replace, enc_kwargs, dec_kwargs, device: torch.device, dist: Di
         if (Path(args.save_dir) / "last.pt").resolve() == Path(args.resume).resolve():
             kept = f"{args.resume} is kept as it was (step {state.steps_run})"
     if arch["qat"] and resume is None:
-        seen = calibrate(unwrap(model), train_loader.epoch(0), args.qat_calib_steps, device, tr.autocast)
-        say(f"QAT: observers calibrated on {seen} train batches, fake-quant on")
+        start_phase(unwrap(model), Path(args.qat_calib_dir), args.qat_calib_count, args.qat_range, say)
     val_batches = val_loader(val_ds, args.batch_size, args.num_workers, dist, on_cuda)
     replaces = dist.is_main and resume is None and args.overwrite  # the earlier run goes at this run's first save
     summary: Dict[str, Any] = {"epochs": []}

@@ -38,11 +38,10 @@ from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, SymbolCod
                       SymbolEncoder, calibrate, pad_to, quantise_pair, roundtrip_points, sensitivity,
                       sensitivity_markdown, symbol_bits, symbol_graphs)
 from src.losses import quantised_metrics
-from src.qat import float_weights_and_activations, is_qat_model
+from src.qat import activation_quantisers, export_pair as qat_export_pair, is_qat_model
 
 NPU_FORBIDDEN_OPS = ("Div", "Sqrt", "Pow", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softplus")
 MAX_ABS_ERROR = 1e-3
-QAT_MAX_STEPS, QAT_MEAN_STEPS = 4.0, 0.5
 
 
 # ---------------------------------------------------------------- graphs
@@ -95,16 +94,6 @@ def output_errors(module: nn.Module, path: Path, example: torch.Tensor) -> Dict[
     got = session.run(None, {session.get_inputs()[0].name: example.numpy()})
     names = [o.name for o in session.get_outputs()]
     return {n: float(np.abs(g - e.numpy()).max()) for n, g, e in zip(names, got, expected)}
-
-
-def qat_export_check(module: nn.Module, path: Path, example: torch.Tensor, step: float) -> Tuple[float, float]:
-    """(max, mean) |onnxruntime - fake-quant PyTorch| of the graph's first output, in output quantisation steps."""
-    with torch.no_grad():
-        expected = module(example)
-    expected = (expected[0] if isinstance(expected, tuple) else expected).numpy()
-    got = run(session(path), example.numpy())
-    off = np.abs(got - expected) / step
-    return float(off.max()), float(off.mean())
 
 
 def latent_medians(model: nn.Module) -> np.ndarray:
@@ -233,8 +222,8 @@ def int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, cal
     OUT.int8.onnx (input ``x`` -> output ``symbols`` for the encoder, ``symbols``
     -> ``x_hat`` for the decoder). FP32 is the same symbol interface in float,
     so the two codecs differ by quantisation alone.
-    QAT: ``out`` is already the QDQ graph; the FP32 graphs are the same
-    weights with fake-quant off (``qat_int8_report``).
+    QAT: the same graphs and pipeline with the checkpoint's own scales
+    (``qat_int8_report``); FP32 is its float weights.
     """
     if is_qat_model(model):
         return qat_int8_report(model, part, out, image, eval_files, eval_from, input_size, dynamic, opset)
@@ -299,22 +288,24 @@ def print_round_trip(report: Dict, part: str, input_size: int) -> None:
 
 def qat_int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, eval_files: List[Path],
                     eval_from: str, input_size: int, dynamic: bool, opset: int) -> Dict:
-    """A QAT checkpoint's QDQ graphs (learned scales, latent interface) against the same weights in float."""
+    """A QAT checkpoint's INT8 pair (``src.qat.export_pair``: PTQ's graphs and pipeline, QAT's weights and scales)
+    against its float weights' symbol graphs; OUT.int8.onnx is the ``part`` half. Nothing is calibrated."""
     held_out = [roundtrip_image(f, input_size, whole=dynamic) for f in eval_files]
-    multiple = 64 if dynamic else int(getattr(model, "downsampling_factor", 16))
+    int8_path = out.with_suffix(".int8.onnx")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        int8_paths = export_pair(model, image, tmp, opset, dynamic, keep=(part, out))
-        (tmp / "fp32").mkdir()
-        with float_weights_and_activations(model):
-            fp32_paths = export_pair(model, image, tmp / "fp32", opset, dynamic)
-        points = {name: roundtrip(OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck),
-                                  held_out, multiple)
-                  for name, paths in (("fp32", fp32_paths), ("int8", int8_paths))}
-        float_ops = sorted(op for op in op_histogram(out) if op in NPU_FORBIDDEN_OPS)
-    report = points_report(points["fp32"], points["int8"], out, "qat", 0, len(held_out), eval_from, dynamic)
-    report.update(float_only_ops=float_ops, interface="latent")
-    print(f"INT8 {part} -> {out} (QAT: learned scales, no calibration)")
+        pair = qat_export_pair(model, [pad_to(t.numpy(), 64) for t in [image, *held_out]], tmp, opset)
+        shutil.copyfile(pair.encoder if part == "encoder" else pair.decoder, int8_path)
+        eb = model.entropy_bottleneck
+        points = {"fp32": roundtrip_points(SymbolCodec(pair.fp32["encoder"], pair.fp32["decoder"], eb), held_out),
+                  "int8": roundtrip_points(SymbolCodec(pair.encoder, pair.decoder, eb), held_out)}
+        float_ops = sorted(op for op in op_histogram(int8_path) if op in NPU_FORBIDDEN_OPS)
+    report = points_report(points["fp32"], points["int8"], int8_path, "qat", 0, len(held_out), eval_from, dynamic)
+    report.update(float_only_ops=float_ops, interface="symbols", profile=pair.precision,
+                  quantisers=len(activation_quantisers(model)), symbol_bits=pair.symbol_bits,
+                  float_islands=pair.float_islands[part])
+    print(f"INT8 {part} -> {int8_path} (QAT {pair.precision}: the PTQ graph with the checkpoint's weights and "
+          f"{report['quantisers']} activation scales, no calibration; symbols int{pair.symbol_bits})")
     print_round_trip(report, part, input_size)
     if float_ops:
         print(f"ops left in float in the INT8 {part}: {', '.join(float_ops)}")

@@ -6,7 +6,7 @@ The description is a plain dict (it is stored in every checkpoint, and
     {"base_model": "bmshj2018-factorized", "quality": 3, "metric": "mse",
      "replace": "none" | "relu" | "npu", "replace_parts": "encoder" | "decoder" | "all" | "none",
      "enc_kwargs": {...}, "dec_kwargs": {...},
-     "qat": None | src.qat.QAT_SCHEME}
+     "qat": None | src.qat.qat_scheme(precision, scales)}
 
 ``qat`` marks a quantisation-aware model: the same network with fake-quant
 in g_a/g_s, whose scales are in the state dict (older checkpoints have no
@@ -33,7 +33,7 @@ from compressai.layers import GDN
 
 from src.cli import UserError
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
-from src.qat import QAT_SCHEME, prepare_qat
+from src.qat import normalise_scheme, prepare_qat
 from src.replace_gdn import REPLACE_MODES, find_gdn_layers, replace_gdn_with_relu
 from src.replace_gdn_npu import fit_blocks_to_gdn, replace_gdn_with_npu
 
@@ -59,7 +59,7 @@ def quality_index(text: str) -> int:
 def make_arch(base_model: str = "bmshj2018-factorized", quality: int = 3, metric: str = "mse",
               replace: str = "relu", replace_parts: str = "all", enc_kwargs: Optional[Dict[str, Any]] = None,
               dec_kwargs: Optional[Dict[str, Any]] = None, qat: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
-    """Validate and normalise an architecture description (``qat``: None/False, or True/``QAT_SCHEME``)."""
+    """Validate and normalise an architecture description (``qat``: None/False, True or a ``qat_scheme()``)."""
     if base_model not in BASE_MODELS:
         raise ValueError(f"base_model must be one of {BASE_MODELS}, got {base_model!r}")
     if quality not in QUALITIES:
@@ -70,14 +70,13 @@ def make_arch(base_model: str = "bmshj2018-factorized", quality: int = 3, metric
         raise ValueError(f"replace_parts must be one of {sorted(REPLACE_MODES)}, got {replace_parts!r}")
     if replace == "none" or replace_parts == "none":
         replace, replace_parts = "none", "none"
-    if qat and qat is not True and dict(qat) != QAT_SCHEME:
-        raise ValueError(f"qat must be None or {QAT_SCHEME}, got {qat!r}")
+    qat = normalise_scheme(qat)
     return {
         "base_model": base_model, "quality": int(quality), "metric": metric,
         "replace": replace, "replace_parts": replace_parts,
         "enc_kwargs": dict(enc_kwargs or {}) if replace == "npu" else {},
         "dec_kwargs": dict(dec_kwargs or {}) if replace == "npu" else {},
-        "qat": dict(QAT_SCHEME) if qat else None,
+        "qat": qat,
     }
 
 
@@ -101,7 +100,7 @@ def apply_replacement(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
 
 def apply_qat(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
     """Fake-quant in g_a/g_s for a QAT ``arch`` (src/qat.py); other models are returned as they are."""
-    return prepare_qat(model, arch["qat"]["parts"]) if arch.get("qat") else model
+    return prepare_qat(model, arch["qat"]) if arch.get("qat") else model
 
 
 def build_model(arch: Mapping[str, Any]) -> nn.Module:
@@ -280,6 +279,10 @@ def model_from_base_weights(arch: Mapping[str, Any], base_state: Optional[Mappin
         return build_model(arch)
     base_arch = make_arch(**base_arch) if base_arch is not None else None
     if base_arch is None or base_arch["replace"] == "none":
+        if arch["qat"]:
+            raise UserError(f"{source} is {'a GDN' if base_arch else 'a zoo'} model: QAT is a phase after float "
+                            f"training; start --qat true from a float checkpoint of this architecture "
+                            f"({arch['replace']}/{arch['replace_parts']})")
         base = base_network(arch)
         base = load_weights(base, base_state if base_arch else rename_zoo_keys(dict(base_state)), source)
         return apply_qat(apply_replacement(base, arch), arch)

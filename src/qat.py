@@ -1,193 +1,539 @@
-"""Quantisation-aware training (QAT) of the transforms that run on the NPU: ``g_a`` and ``g_s``.
+"""Quantisation-aware training (QAT): a short phase after float training, rounding where the INT8 graph rounds.
 
-The entropy model stays in float on the host; the encoder and decoder are
-what an integer NPU runs. QAT trains them with the rounding of the INT8
-graph they will be exported to, using PyTorch's own fake-quant modules and
-observers (``torch.ao.quantization.FakeQuantize``, moving-average min/max):
+The NPU runs g_a (image -> symbols) and g_s (symbols -> image); the entropy
+model stays in float on the host. QAT is run the way the field runs it: the
+float model is trained first, then a short phase at a low learning rate
+(``--qat true --base_checkpoint FLOAT.pt``) trains it with the rounding of the
+very graph it will be exported to. Three things make that graph and the
+trained model the same:
 
-- weights of every convolution: INT8, symmetric, one scale per output
-  channel (axis 0 for Conv, axis 1 for ConvTranspose), zero point 0, range
-  [-128, 127] (PyTorch's default per-channel weight scheme; ONNX's
-  QuantizeLinear takes no narrower signed range);
-- activations: UINT8, affine, one scale per tensor, as ``onnxruntime``'s
-  static quantiser writes them for PTQ: the input of each transform and the
-  output of every convolution, activation, pooling, GDN and every
-  ``QuantPoint`` (the products, gains and residual sums inside the NPU blocks).
+- **Placement = the exported graph.** PTQ (``src.int8``) writes the INT8 pair
+  with onnxruntime's ``quantize_static`` on the symbol-interface graphs. Here
+  each tensor that graph quantises is one *site* of the PyTorch model
+  (``qat_sites``): one quantiser after each fused Conv + activation
+  (onnxruntime removes the ReLU6 / Clip and quantises once, on the
+  activation's range), after pooling, on the NPU blocks' products, gains and
+  residual sums (``QuantPoint``), on each ECA gate (``2 * HardSigmoid`` is
+  ``Clip(conv')`` in the graph: the site quantises 2x the HardSigmoid), on
+  the decoder's input ``y_hat = symbols + medians`` and on ``x_hat``. Nothing
+  quantises g_a's output: in the graph that quantiser is the codec's own
+  rounding at scale 1 (``SymbolEncoder``), which the entropy bottleneck already
+  models in training (noise) and in eval (rounding). ``graph_site`` maps each
+  of the ORT graph's quantised tensors to its site; ``placement`` checks
+  that the two sets are the same.
+- **Scales from PTQ's calibration.** ``calibrate`` runs PTQ itself on the
+  float weights (whole calibration photos, ``src.int8.choose_range``, the
+  precision profile) and reads every activation's scale and zero point off the
+  written QDQ graph: at step 0 the QAT model *is* the PTQ codec. Weights are
+  INT8 per output channel, symmetric on [-127, 127] with the scale of their
+  current absolute maximum: the rule ``quantize_static`` applies to the
+  exported weights, so the weight grid needs no calibration.
+- **Export through the same pipeline.** ``export_pair`` writes the float
+  weights' symbol graphs and quantises them with ``quantize_static``, passing
+  every activation's QAT scale and zero point as ``TensorQuantOverrides``: the
+  shipped graph is the PTQ graph with QAT's weights and scales.
 
-Weights are fake-quantised through ``torch.nn.utils.parametrize`` (one
-mechanism for Conv1d/2d and ConvTranspose2d), activations through forward
-hooks, as torch.ao's eager mode does. The fake-quant modules are ordinary
-submodules, so their scales, zero points and observer states are in the
-state dict: a QAT checkpoint carries its learned scales, and export writes a
-QDQ graph with exactly those (``torch.onnx`` turns each fake-quant into a
-QuantizeLinear/DequantizeLinear pair).
+Scales (``--qat_scales``): ``frozen`` keeps the calibrated scales (buffers);
+``learned`` trains the 8-bit ones with LSQ (``_LearnableFakeQuantize`` of
+torch.ao with LSQ's gradient scale 1/sqrt(N * Qp)), from the calibrated start.
+16-bit tensors (``a16w8``) keep their calibrated scales in both modes: their
+rounding is ~0.4 % of an 8-bit step, and Adam's step (about the learning rate)
+is larger than a 16-bit scale itself.
 
-Phases (the engine drives them): right after the swap QAT is off (the network
-computes in float); ``calibrate`` runs ``--qat_calib_steps`` training batches
-with the observers on, then switches fake-quant on; the observers keep
-following the activations until ``--qat_freeze_after`` steps, then the scales
-are frozen. Observers only ever update in train mode: validation, eval and
-export quantise with the scales as they stand.
+Phases: the model is built with fake-quant off ("uncalibrated"); ``calibrate``
+sets the scales and switches it on ("training with frozen / learned
+scales"). The flags and scales are in the state dict and the scheme in the
+checkpoint's architecture, so a resumed run continues in the same phase with
+the same scales (it never recalibrates).
 """
 
 from __future__ import annotations
 
-import contextlib
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional
+import copy
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+import numpy as np
+import onnx
 import torch
-from compressai.layers import GDN
+from onnx import numpy_helper
+from onnxruntime.quantization import QuantType
+from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 from torch import nn
-from torch.ao.quantization import (FakeQuantize, MovingAverageMinMaxObserver, MovingAveragePerChannelMinMaxObserver,
-                                   disable_fake_quant, disable_observer, enable_fake_quant, enable_observer)
+from torch.ao.quantization import FakeQuantizeBase, MovingAverageMinMaxObserver
+from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 from torch.nn.utils import parametrize
 
-from src.data import to_unit_float
-from src.npu_blocks import QuantPoint
+from src.data import image_files
+from src.images import image_tensor, load_rgb
+from src.int8 import (calibrate as int8_calibrate, float_islands, pad_to, prepared, quantise, quantise_pair, run,
+                      session, symbol_bits, symbol_graphs)
+from src.npu_blocks import ECAGate, GDNishLiteDec, GDNishLiteEnc
 
 QAT_PARTS = ("g_a", "g_s")
-# The one scheme, stored in the architecture description of a QAT checkpoint.
-QAT_SCHEME: Dict[str, Any] = {
-    "parts": list(QAT_PARTS),
-    "weights": "int8 per-channel symmetric [-128, 127]",
-    "activations": "uint8 per-tensor affine [0, 255]",
-    "observer": "moving-average min/max (averaging 0.01)",
-}
+SCALE_MODES = ("frozen", "learned")
+PRECISIONS = ("w8a8", "a16w8")  # src.int8.PROFILES
+DEFAULT_PRECISION, DEFAULT_SCALES = "w8a8", "frozen"
+WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # onnxruntime's symmetric INT8 weight range
+_FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
+_CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)
 _WEIGHT_AXIS = {nn.Conv1d: 0, nn.Conv2d: 0, nn.ConvTranspose2d: 1}
-# Modules whose output an INT8 graph carries as a quantised tensor.
-_QUANTISED_OUTPUTS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d, nn.ReLU, nn.ReLU6, nn.Hardsigmoid, nn.Hardswish,
-                      nn.AdaptiveAvgPool2d, GDN, QuantPoint)
+INPUT = ":in"
 
 
-class TrainingFakeQuantize(FakeQuantize):
-    """torch.ao's ``FakeQuantize``, whose observer updates in train mode only.
+def qat_scheme(precision: str = DEFAULT_PRECISION, scales: str = DEFAULT_SCALES) -> Dict[str, Any]:
+    """The QAT part of an architecture description (what ``prepare_qat`` builds)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"QAT precision must be one of {PRECISIONS}, got {precision!r}")
+    if scales not in SCALE_MODES:
+        raise ValueError(f"QAT scales must be one of {SCALE_MODES}, got {scales!r}")
+    return {"parts": list(QAT_PARTS), "weights": "int8 per-channel symmetric [-127, 127] (absmax, as onnxruntime)",
+            "activations": "the exported graph's quantised tensors (src.int8 symbol interface)",
+            "precision": precision, "scales": scales}
 
-    Plain ``FakeQuantize`` observes whenever its observer is enabled, so a
-    validation pass or an export would move the scales. In eval mode this one
-    fake-quantises with the scales it holds (or passes through while
-    fake-quant is off), which is also the trace ``torch.onnx`` exports.
-    """
+
+def normalise_scheme(qat: Any) -> Optional[Dict[str, Any]]:
+    """None, or the full scheme for True / a stored scheme; ValueError for anything else (e.g. an old scheme)."""
+    if not qat:
+        return None
+    if qat is True:
+        return qat_scheme()
+    if not isinstance(qat, Mapping) or "precision" not in qat or "scales" not in qat:
+        raise ValueError(f"qat must be None or a scheme of src.qat.qat_scheme(), got {qat!r}")
+    scheme = qat_scheme(qat["precision"], qat["scales"])
+    if dict(qat) != scheme:
+        raise ValueError(f"qat must be None or {scheme}, got {dict(qat)!r}")
+    return scheme
+
+
+def qat_arch(args: Any) -> Optional[Dict[str, Any]]:
+    """The scheme the flags ask for (None without ``--qat``)."""
+    return qat_scheme(args.qat_precision, args.qat_scales) if args.qat else None
+
+
+# ---------------------------------------------------------------- fake-quant modules
+
+class FrozenFakeQuantize(FakeQuantizeBase):
+    """Per-tensor affine fake-quant with fixed scale and zero point (buffers), set by ``calibrate``."""
+
+    def __init__(self, quant_min: int, quant_max: int):
+        super().__init__()
+        self.quant_min, self.quant_max = quant_min, quant_max
+        self.register_buffer("scale", torch.tensor([1.0]))
+        self.register_buffer("zero_point", torch.tensor([0], dtype=torch.int32))
+        self.disable_observer()
+        self.disable_fake_quant()
 
     def forward(self, X: torch.Tensor) -> torch.Tensor:
-        if X.dtype != torch.float32:
-            # Under bf16/fp16 autocast: observe and round in float32 (not every backend's fake-quant kernel takes
-            # low-precision inputs), hand the grid values back in the input's dtype.
-            return self.forward(X.float()).to(X.dtype)
-        if self.training:
-            return super().forward(X)
-        if not self.fake_quant_enabled[0] == 1:
+        if not self.fake_quant_enabled[0]:
             return X
-        qmin, qmax = self.activation_post_process.quant_min, self.activation_post_process.quant_max
-        if self.is_per_channel:
-            return torch.fake_quantize_per_channel_affine(X, self.scale, self.zero_point, self.ch_axis, qmin, qmax)
-        return torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, qmin, qmax)
+        return torch.fake_quantize_per_tensor_affine(X, self.scale, self.zero_point, self.quant_min, self.quant_max)
+
+    def calculate_qparams(self):
+        return self.scale, self.zero_point
+
+    def set_qparams(self, scale: float, zero_point: int) -> None:
+        self.scale.fill_(scale)
+        self.zero_point.fill_(zero_point)
 
 
-def weight_fake_quant(ch_axis: int) -> TrainingFakeQuantize:
-    return TrainingFakeQuantize(observer=MovingAveragePerChannelMinMaxObserver, quant_min=-128, quant_max=127,
-                                dtype=torch.qint8, qscheme=torch.per_channel_symmetric, ch_axis=ch_axis)
+class LearnedFakeQuantize(_LearnableFakeQuantize):
+    """torch.ao's LSQ fake-quant (scale and zero point are parameters, LSQ's gradient scale on), calibrated start."""
+
+    def __init__(self, quant_min: int, quant_max: int):
+        super().__init__(observer=MovingAverageMinMaxObserver, quant_min=quant_min, quant_max=quant_max,
+                         use_grad_scaling=True, dtype=torch.quint8)
+        self.disable_fake_quant()
+        # No static estimation: the scales come from the calibration, then from their gradients.
+        self.static_enabled[0], self.learning_enabled[0], self.observer_enabled[0] = 0, 1, 0
+
+    def set_qparams(self, scale: float, zero_point: int) -> None:
+        with torch.no_grad():
+            self.scale.fill_(scale)
+            self.zero_point.fill_(float(zero_point))
+
+    def calculate_qparams(self):
+        zero_point = self.zero_point.detach().round().clamp(self.quant_min, self.quant_max).int()
+        return self.scale.detach(), zero_point
 
 
-def activation_fake_quant() -> TrainingFakeQuantize:
-    return TrainingFakeQuantize(observer=MovingAverageMinMaxObserver, quant_min=0, quant_max=255,
-                                dtype=torch.quint8, qscheme=torch.per_tensor_affine)
+class WeightFakeQuant(nn.Module):
+    """INT8 per output channel, symmetric, scale = |w|max / 127: what ``quantize_static`` does to the weights."""
+
+    def __init__(self, axis: int):
+        super().__init__()
+        self.axis = axis
+        self.register_buffer("fake_quant_enabled", torch.tensor([0], dtype=torch.uint8))  # on at calibration
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        if not self.fake_quant_enabled[0]:
+            return weight
+        dims = [d for d in range(weight.dim()) if d != self.axis]
+        scale = (weight.detach().abs().amax(dim=dims).float() / WEIGHT_QMAX).clamp_min(torch.finfo(torch.float32).tiny)
+        zero = torch.zeros_like(scale, dtype=torch.int32)
+        return torch.fake_quantize_per_channel_affine(weight.float(), scale, zero, self.axis, WEIGHT_QMIN,
+                                                      WEIGHT_QMAX).to(weight.dtype)
+
+
+def _fake_quant(site_fq: nn.Module, x: torch.Tensor, factor: float) -> torch.Tensor:
+    dtype = x.dtype  # under bf16/fp16 autocast: round in float32, hand the grid values back in the input's dtype
+    x = x.float()
+    return (site_fq(x * factor) / factor if factor != 1.0 else site_fq(x)).to(dtype)
 
 
 def _quantise_output(module: nn.Module, inputs: Any, output: torch.Tensor) -> torch.Tensor:
-    return module.output_fake_quant(output)
+    return _fake_quant(module.output_fake_quant, output, module.output_fake_quant_factor)
 
 
 def _quantise_input(module: nn.Module, inputs: tuple) -> tuple:
-    return (module.input_fake_quant(inputs[0]), *inputs[1:])
+    return (_fake_quant(module.input_fake_quant, inputs[0], 1.0), *inputs[1:])
 
 
-def prepare_qat(model: nn.Module, parts: Iterable[str] = QAT_PARTS) -> nn.Module:
-    """Insert weight and activation fake-quant into ``parts`` of ``model``, in place; QAT starts off.
+# ---------------------------------------------------------------- where the exported graph quantises
 
-    Each weight observer sees its weight once here, so the per-channel scale
-    buffers have their final shape (a QAT state dict then loads strictly).
+@dataclass(frozen=True)
+class Site:
+    """A tensor the INT8 graph quantises: a module's output (or, ``name`` ending in ':in', a transform's input).
+
+    ``factor``: the graph's tensor is ``factor`` times the module's output (2 for ECA's gate).
+    ``stage``: on the main path (16 bits in ``a16w8``, as ``src.int8.stage_outputs``).
     """
+    name: str
+    factor: float = 1.0
+    stage: bool = False
+
+
+def _block_sites(path: str, block: nn.Module) -> List[Site]:
+    if isinstance(block, GDNishLiteEnc):
+        if not isinstance(block.bn1, nn.Identity) or not isinstance(block.bn2, nn.Identity):
+            raise ValueError(f"{path}: QAT does not support BatchNorm in the NPU blocks")
+        sites = [Site(f"{path}.act1"), Site(f"{path}.act2"), Site(f"{path}.project")]
+        if isinstance(block.eca, ECAGate):
+            sites += [Site(f"{path}.eca.pool"), Site(f"{path}.eca.gate", 2.0), Site(f"{path}.eca.gated")]
+        sites.append(Site(f"{path}.summed") if block.residual else None)
+    elif isinstance(block, GDNishLiteDec):
+        if not isinstance(block.bn, nn.Identity):
+            raise ValueError(f"{path}: QAT does not support BatchNorm in the NPU blocks")
+        sites = [Site(f"{path}.act"), Site(f"{path}.gain_out"), Site(f"{path}.gained"), Site(f"{path}.dw")]
+        sites.append(Site(f"{path}.summed") if block.residual else None)
+    else:
+        raise ValueError(f"{path}: QAT quantises convolutions, ReLU/ReLU6 and the NPU blocks, not "
+                         f"{type(block).__name__} (swap every GDN first)")
+    sites = [s for s in sites if s is not None]
+    return sites[:-1] + [Site(sites[-1].name, sites[-1].factor, stage=True)]  # the block's output
+
+
+def qat_sites(model: nn.Module, parts: Sequence[str] = QAT_PARTS) -> List[Site]:
+    """Every site of ``parts``, in forward order (see the module docstring)."""
+    sites: List[Site] = []
     for part_name in parts:
         part = getattr(model, part_name)
-        # The input's fake-quant sits on the first layer: a child added to an nn.Sequential would run as a layer.
-        first = part[0] if isinstance(part, nn.Sequential) else part
-        first.input_fake_quant = activation_fake_quant()
-        first.register_forward_pre_hook(_quantise_input)
-        for module in list(part.modules()):
+        children = list(part.named_children())
+        sites.append(Site(part_name + INPUT, stage=part_name == "g_s"))  # g_s's input is y_hat (main path)
+        for i, (name, child) in enumerate(children):
+            path = f"{part_name}.{name}"
+            following = children[i + 1][1] if i + 1 < len(children) else None
+            if isinstance(child, _CONVS):
+                if part_name == "g_a" and following is None:
+                    continue  # the symbols: the codec's rounding at scale 1
+                if not isinstance(following, _FUSED_ACTIVATIONS):
+                    sites.append(Site(path, stage=True))
+            elif isinstance(child, _FUSED_ACTIVATIONS):
+                sites.append(Site(path, stage=True))
+            else:
+                sites.extend(_block_sites(path, child))
+    return sites
+
+
+def site_bits(site: Site, precision: str) -> int:
+    return 16 if precision == "a16w8" and site.stage else 8
+
+
+def prepare_qat(model: nn.Module, scheme: Mapping[str, Any]) -> nn.Module:
+    """Weight fake-quant on every convolution of ``scheme['parts']`` and one activation quantiser per site, in place.
+
+    Weight and activation quantisers start switched off (the model computes
+    in float until ``calibrate``); their scales, zero points and flags are in the state
+    dict, so a QAT state dict loads strictly into a model built here.
+    """
+    scheme = normalise_scheme(scheme)
+    for part_name in scheme["parts"]:
+        for module in getattr(model, part_name).modules():
             if type(module) in _WEIGHT_AXIS:
-                fake_quant = weight_fake_quant(_WEIGHT_AXIS[type(module)])
-                with torch.no_grad():
-                    fake_quant(module.weight.detach())
-                parametrize.register_parametrization(module, "weight", fake_quant)
-            if isinstance(module, _QUANTISED_OUTPUTS):
-                module.output_fake_quant = activation_fake_quant()
-                module.register_forward_hook(_quantise_output)
-    set_qat_mode(model, observe=False, fake_quant=False)
+                parametrize.register_parametrization(module, "weight", WeightFakeQuant(_WEIGHT_AXIS[type(module)]))
+    for site in qat_sites(model, scheme["parts"]):
+        bits = site_bits(site, scheme["precision"])
+        learned = scheme["scales"] == "learned" and bits == 8
+        fq = (LearnedFakeQuantize if learned else FrozenFakeQuantize)(0, 2 ** bits - 1)
+        if site.name.endswith(INPUT):
+            part = getattr(model, site.name[: -len(INPUT)])
+            first = part[0]  # a child added to an nn.Sequential would run as a layer
+            first.input_fake_quant = fq
+            first.register_forward_pre_hook(_quantise_input)
+        else:
+            module = model.get_submodule(site.name)
+            module.output_fake_quant, module.output_fake_quant_factor = fq, site.factor
+            module.register_forward_hook(_quantise_output)
     return model
 
 
-def fake_quant_modules(model: nn.Module) -> List[FakeQuantize]:
-    return [m for m in model.modules() if isinstance(m, FakeQuantize)]
+def activation_quantisers(model: nn.Module) -> Dict[str, FakeQuantizeBase]:
+    """Site name -> its fake-quant module."""
+    found = {}
+    for name, module in model.named_modules():
+        if isinstance(getattr(module, "output_fake_quant", None), FakeQuantizeBase):
+            found[name] = module.output_fake_quant
+        if isinstance(getattr(module, "input_fake_quant", None), FakeQuantizeBase):
+            found[name.rsplit(".", 1)[0] + INPUT] = module.input_fake_quant
+    return found
+
+
+def fake_quant_modules(model: nn.Module) -> List[nn.Module]:
+    return [m for m in model.modules() if isinstance(m, (FakeQuantizeBase, WeightFakeQuant))]
 
 
 def is_qat_model(model: nn.Module) -> bool:
     return bool(fake_quant_modules(model))
 
 
-def set_qat_mode(model: nn.Module, observe: Optional[bool] = None, fake_quant: Optional[bool] = None) -> None:
-    """Switch the observers and/or fake-quant of every fake-quant module (None leaves it as it is)."""
-    if observe is not None:
-        model.apply(enable_observer if observe else disable_observer)
-    if fake_quant is not None:
-        model.apply(enable_fake_quant if fake_quant else disable_fake_quant)
-
-
 def qat_state(model: nn.Module) -> str:
-    """'off', 'calibrating', 'training (observing)' or 'frozen scales', read from the modules' flags."""
-    modules = fake_quant_modules(model)
-    if not modules:
+    """'off', 'uncalibrated' or 'training with frozen / learned scales', read from the modules."""
+    quantisers = list(activation_quantisers(model).values())
+    if not quantisers:
         return "off"
-    observing = any(bool(m.observer_enabled[0]) for m in modules)
-    quantising = any(bool(m.fake_quant_enabled[0]) for m in modules)
-    if not quantising:
-        return "calibrating" if observing else "off"
-    return "training (observing)" if observing else "frozen scales"
+    if not all(bool(q.fake_quant_enabled[0]) for q in quantisers):
+        return "uncalibrated"
+    learned = any(isinstance(q, LearnedFakeQuantize) for q in quantisers)
+    return f"training with {'learned' if learned else 'frozen'} scales"
+
+
+def float_twin(model: nn.Module) -> nn.Module:
+    """A float copy of a QAT model: the same weights, without weight or activation fake-quant."""
+    twin = copy.deepcopy(model).cpu()
+    for module in twin.modules():
+        if parametrize.is_parametrized(module, "weight"):
+            # Not remove_parametrizations: the copy shares its parametrized class with the original, which
+            # that would strip too. The copy alone goes back to its plain class with its float weight.
+            weight = module.parametrizations.weight.original
+            module.__class__ = module.__class__.__bases__[0]
+            del module._modules["parametrizations"]
+            module.weight = nn.Parameter(weight.detach().clone(), requires_grad=weight.requires_grad)
+        for hooks, fn in ((module._forward_hooks, _quantise_output), (module._forward_pre_hooks, _quantise_input)):
+            for key in [k for k, hook in hooks.items() if hook is fn]:
+                del hooks[key]
+        for attr in ("output_fake_quant", "input_fake_quant"):
+            if hasattr(module, attr):
+                delattr(module, attr)
+    return twin.eval()
+
+
+# ---------------------------------------------------------------- the ORT graph's quantised tensors -> sites
+
+def _producers(graph: onnx.GraphProto) -> Dict[str, onnx.NodeProto]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def graph_site(model: nn.Module, tensor: str, graph: onnx.GraphProto) -> Optional[str]:
+    """The site of a tensor of a prepared FP32 symbol graph (``src.int8``), or None for the symbols.
+
+    The TorchScript exporter names each node by the module path it ran in
+    (``/g_a/g_a.1/eca/gate/Clip``); the graph form of the blocks
+    (``src.int8.gates_as_clips``) differs from the training form only in the
+    folded gates, and an op inside a block (Mul, Add) writes the tensor its
+    ``QuantPoint`` marks. Reshapes carry their input's values (and scale).
+    """
+    tensor = tensor.removesuffix("_QuantizeLinear_Input")  # how quantize_static renames a quantised graph output
+    node = _producers(graph).get(tensor)
+    if node is None:
+        if tensor not in {i.name for i in graph.input}:
+            raise ValueError(f"{tensor} is neither a graph input nor written by a node of the FP32 graph")
+        return None if tensor == "symbols" else "g_a" + INPUT  # the image, or the decoder's symbols
+    if node.op_type == "Reshape":
+        return graph_site(model, node.input[0], graph)
+    consumers = [n for n in graph.node if tensor in n.input]
+    if node.op_type in ("Conv", "ConvTranspose") and len(consumers) == 1 and consumers[0].op_type in ("Clip", "Relu"):
+        return "fused:" + node.name  # onnxruntime drops the activation and quantises once, on its output
+    scope, op = node.name.strip("/").split("/")[:-1], node.op_type
+    if not scope:
+        if op == "Add":
+            return "g_s" + INPUT  # symbols + medians = y_hat
+        raise ValueError(f"no QAT site for {tensor} ({op} outside g_a/g_s)")
+    path = ".".join([scope[1] if len(scope) > 1 else scope[0]] + scope[2:])
+    module = model.get_submodule(path)
+    if isinstance(module, ECAGate) and op == "Mul":
+        return f"{path}.gated"
+    if isinstance(module, GDNishLiteEnc) and op == "Add":
+        return f"{path}.summed"
+    if isinstance(module, GDNishLiteDec) and op in ("Mul", "Add"):
+        return f"{path}.{'gained' if op == 'Mul' else 'summed'}"
+    if isinstance(module, nn.Conv2d) and op == "Clip" and path.endswith(".scale"):
+        return path[: -len(".scale")] + ".gain_out"  # GDNishLiteDec's gate folded into its scale conv
+    if path == "g_a." + str(len(model.g_a) - 1):
+        return None  # the symbols
+    return path
+
+
+def graph_qparams(model: nn.Module, qdq_path: Path, fp32_path: Path) -> Dict[str, Tuple[float, int, int]]:
+    """Site -> (scale, zero point, bits) of every activation the QDQ graph quantises (symbols excluded)."""
+    qdq = onnx.load(str(qdq_path)).graph
+    fp32 = onnx.load(str(fp32_path)).graph
+    consts = {i.name: numpy_helper.to_array(i) for i in qdq.initializer}
+    found: Dict[str, Tuple[float, int, int]] = {}
+    for node in qdq.node:
+        if node.op_type != "QuantizeLinear":
+            continue
+        site = graph_site(model, node.input[0], fp32)
+        if site is None:
+            continue
+        zero_point = consts[node.input[2]]
+        entry = (float(consts[node.input[1]]), int(zero_point), 8 * zero_point.dtype.itemsize)
+        if site in found and found[site] != entry:
+            raise ValueError(f"{node.input[0]} and another tensor of site {site} have different scales")
+        found[site] = entry
+    return found
+
+
+def placement(model: nn.Module, qparams: Mapping[str, Any]) -> Dict[str, List[str]]:
+    """The sites the fake-quant model rounds against the ones the graph quantises: what only one side has."""
+    ours = set(activation_quantisers(model))
+    theirs = set(qparams)
+    return {"only_in_model": sorted(ours - theirs), "only_in_graph": sorted(theirs - ours)}
+
+
+def graph_tensors(fp32_path: Path) -> List[str]:
+    """The tensors ``quantize_static`` quantises in a prepared FP32 graph (its calibrator's list)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        calibrator = create_calibrator(str(fp32_path), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
+                                       calibrate_method=CalibrationMethod.Percentile)  # as src.int8
+        return sorted(calibrator.tensors_to_calibrate)
+
+
+# ---------------------------------------------------------------- calibration and export
+
+@dataclass
+class QatPair:
+    """The INT8 pair of a QAT model, its FP32 twin's symbol graphs, and how it was written."""
+    encoder: Path
+    decoder: Path
+    fp32: Dict[str, Path]
+    precision: str
+    symbol_bits: int
+    symbols_outside_int8: int
+    float_islands: Dict[str, List[str]]
+
+
+def set_qparams(model: nn.Module, qparams: Mapping[str, Tuple[float, int, int]]) -> None:
+    """Load the graph's scales into the quantisers and switch fake-quant on; every site must get one."""
+    missing = placement(model, qparams)
+    if missing["only_in_model"] or missing["only_in_graph"]:
+        raise ValueError(f"QAT placement differs from the INT8 graph: {missing}")
+    for name, fq in activation_quantisers(model).items():
+        scale, zero_point, bits = qparams[name]
+        if 2 ** bits - 1 != fq.quant_max:
+            raise ValueError(f"site {name}: the graph has {bits} bits, the model {fq.quant_max.bit_length()}")
+        fq.set_qparams(scale, zero_point)
+        fq.enable_fake_quant()
+    for module in model.modules():
+        if isinstance(module, WeightFakeQuant):
+            module.fake_quant_enabled.fill_(1)
+
+
+def calibrate(model: nn.Module, images: Sequence[np.ndarray], range_method: str, folder: Path) -> Dict[str, Any]:
+    """PTQ of the model's float weights (``src.int8``) on whole ``images``; its scales become the QAT scales.
+
+    ``images``: (1, 3, H, W) float arrays, padded to 64. Returns what the log
+    and the report say about it (sites, 16-bit tensors, symbols).
+    """
+    precision = activation_precision(model)
+    twin = float_twin(model)
+    fp32 = symbol_graphs(twin, torch.from_numpy(images[0]), folder)
+    calib = int8_calibrate(fp32, images, folder)
+    pair = quantise_pair(calib, precision, range_method, folder / "int8")
+    qparams = {**graph_qparams(model, pair.encoder, calib.sources["encoder"]),
+               **graph_qparams(model, pair.decoder, calib.sources["decoder"])}
+    set_qparams(model, qparams)
+    return {"sites": len(qparams), "sixteen_bit": sum(b == 16 for _, _, b in qparams.values()),
+            "symbol_bits": pair.symbol_bits, "symbols_outside_int8": pair.symbols_outside_int8,
+            "images": len(images), "range_method": range_method, "precision": precision}
+
+
+def activation_precision(model: nn.Module) -> str:
+    return "a16w8" if any(fq.quant_max > 255 for fq in activation_quantisers(model).values()) else "w8a8"
+
+
+class ScaleOverrides:
+    """``TensorQuantOverrides`` for ``src.int8.quantise``: each tensor's scale and zero point, as given."""
+
+    def __init__(self, table: Dict[str, List[Dict]]):
+        self.table = table
+
+    def overrides(self) -> Dict[str, List[Dict]]:
+        return self.table
+
+
+def overrides_for(model: nn.Module, fp32_path: Path, symbol_bits: int) -> ScaleOverrides:
+    """The QAT model's scales for every tensor the prepared graph at ``fp32_path`` quantises."""
+    graph = onnx.load(str(fp32_path)).graph
+    quantisers = activation_quantisers(model)
+    table = {}
+    for tensor in graph_tensors(fp32_path):
+        site = graph_site(model, tensor, graph)
+        if site is None:  # the symbols: integers at scale 1 (the codec's rounding)
+            wide = symbol_bits != 8
+            table[tensor] = [{"quant_type": QuantType.QInt16 if wide else QuantType.QInt8,
+                              "scale": np.array(1.0, np.float32),
+                              "zero_point": np.array(0, np.int16 if wide else np.int8)}]
+        elif site in quantisers:
+            scale, zero_point = quantisers[site].calculate_qparams()
+            sixteen = quantisers[site].quant_max > 255
+            table[tensor] = [{"quant_type": QuantType.QUInt16 if sixteen else QuantType.QUInt8,
+                              "scale": np.array(float(scale), np.float32),
+                              "zero_point": np.array(int(zero_point), np.uint16 if sixteen else np.uint8)}]
+        elif not site.startswith("fused:"):
+            raise ValueError(f"the INT8 graph quantises {tensor} (site {site}), the QAT model does not")
+    return ScaleOverrides(table)
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches: Iterable[Optional[torch.Tensor]], steps: int, device: torch.device,
-              autocast: Callable) -> int:
-    """Observe ``steps`` loader batches (uint8) in train mode (no update), then switch fake-quant on; returns batches seen."""
-    model.train()
-    set_qat_mode(model, observe=True, fake_quant=False)
-    seen = 0
-    for x in batches:
-        if seen >= steps:
-            break
-        if x is None:
-            continue
-        with autocast():
-            model(to_unit_float(x, device))
-        seen += 1
-    set_qat_mode(model, fake_quant=True)
-    return seen
+def export_pair(model: nn.Module, images: Sequence[np.ndarray], folder: Path, opset: int = 13) -> QatPair:
+    """The INT8 symbol pair of a QAT model: its float weights' graphs, quantised with its own scales.
+
+    ``images`` (whole, padded to 64) give the example input and the symbol
+    bit-width check (int16 symbols where any falls outside int8).
+    """
+    twin = float_twin(model)
+    fp32 = symbol_graphs(twin, torch.from_numpy(images[0]), folder, opset)
+    encoder = session(fp32["encoder"])
+    symbols = [run(encoder, image) for image in images]
+    bits, outside = symbol_bits(symbols)
+    paths = {}
+    for half, source, example in (("encoder", fp32["encoder_centred"], images[0]),
+                                  ("decoder", fp32["decoder"], symbols[0])):
+        src = prepared(source, folder)
+        paths[half] = quantise(src, folder / f"{half}.int8.onnx", overrides_for(model, src, bits), example)
+    return QatPair(paths["encoder"], paths["decoder"], fp32, activation_precision(model), bits, outside,
+                   {half: float_islands(path) for half, path in paths.items()})
 
 
-@contextlib.contextmanager
-def float_weights_and_activations(model: nn.Module) -> Iterator[nn.Module]:
-    """Within the block, the QAT model computes in float ("its FP32 self"); its flags are restored after."""
-    modules = fake_quant_modules(model)
-    saved = [m.fake_quant_enabled.clone() for m in modules]
-    set_qat_mode(model, fake_quant=False)
-    try:
-        yield model
-    finally:
-        for module, flag in zip(modules, saved):
-            module.fake_quant_enabled.copy_(flag)
+def start_phase(model: nn.Module, calib_dir: Path, count: int, range_method: str, say=print) -> Dict[str, Any]:
+    """The engine's one QAT hook (fresh runs): calibrate on whole photos, then train with those scales.
+
+    The first ``count`` photos of ``calib_dir`` by name (the same set on every rank and every rerun).
+    """
+    files = image_files(calib_dir, "--qat_calib_dir")[:count]
+    say(f"QAT phase 1/2: calibrating {len(activation_quantisers(model))} activation quantisers on {len(files)} "
+        f"whole photos of {calib_dir} (PTQ of the float weights, {range_method} ranges)")
+    device = next(model.parameters()).device
+    with tempfile.TemporaryDirectory() as tmp:
+        info = calibrate(model, calibration_images(files), range_method, Path(tmp))
+    model.to(device)
+    say(f"QAT phase 2/2: {info['sites']} quantisers = the INT8 graph's quantised tensors ({info['sixteen_bit']} at "
+        f"16 bits, {info['precision']}), symbols int{info['symbol_bits']}; now {qat_state(model)}")
+    return info
 
 
-def output_step(model: nn.Module, transform: str) -> Optional[float]:
-    """The quantisation step of ``transform``'s output in a QAT model (None for a float model)."""
-    last = list(getattr(model, transform).children())[-1]
-    fake_quant = getattr(last, "output_fake_quant", None)
-    return float(fake_quant.scale) if fake_quant is not None else None
+def calibration_images(files: Iterable[Path]) -> List[np.ndarray]:
+    """Whole photos as (1, 3, H, W) float arrays zero-padded to 64, as PTQ calibrates."""
+    return [pad_to(image_tensor(load_rgb(f)).numpy(), 64) for f in files]

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import argparse
 import math
+from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
 from src.cli import UserError, str2bool
+from src.int8 import RANGE_METHODS
 from src.losses import DISTORTIONS, LOSS_TYPES
 from src.model_factory import BASE_MODELS, describe_model, quality_index
 from src.precision import AMP_DTYPE_CHOICES, LOCAL_FP32_POLICIES
+from src.qat import PRECISIONS as QAT_PRECISIONS, SCALE_MODES
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
 from src.schedule import SCHEDULES, check_schedule
 
@@ -118,12 +121,22 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
                    help="torch.compile g_a and g_s in place (the entropy model stays eager)")
     g = p.add_argument_group("Quantisation-aware training (g_a and g_s; the entropy model stays float)")
     g.add_argument("--qat", type=str2bool, default=False,
-                   help="fake-quantise g_a/g_s as the INT8 graph will run them: weights INT8 per output channel "
-                        "(symmetric), activations UINT8 per tensor (src/qat.py)")
-    g.add_argument("--qat_calib_steps", type=int, default=32,
-                   help="train batches the observers see before fake-quant is switched on (fresh runs)")
-    g.add_argument("--qat_freeze_after", type=int, default=0,
-                   help="freeze the observers (scales) after this many training steps; 0 = observe to the end")
+                   help="a QAT phase after float training (start from --base_checkpoint FLOAT.pt of this "
+                        "architecture): g_a/g_s round where their INT8 graph rounds, weights INT8 per output channel, "
+                        "activation scales from PTQ's calibration on whole photos (src/qat.py)")
+    g.add_argument("--qat_precision", default="w8a8", choices=QAT_PRECISIONS,
+                   help="INT8 profile (src.int8): w8a8 = every activation 8-bit; a16w8 = 16-bit main path")
+    g.add_argument("--qat_scales", default="frozen", choices=SCALE_MODES,
+                   help="frozen = keep the calibrated scales; learned = LSQ-train the 8-bit scales from there")
+    g.add_argument("--qat_calib_dir", default=None,
+                   help="whole photos the scales are calibrated on (default: COCO_DIR/train2017; never crops)")
+    g.add_argument("--qat_calib_count", type=int, default=20, help="calibration photos used (sorted by name)")
+    g.add_argument("--qat_range", default="mse", choices=RANGE_METHODS,
+                   help="how each activation's range is chosen from the calibration histograms (src.int8)")
+    g.add_argument("--qat_calib_steps", action=_RemovedFlag,
+                   replacement="QAT calibrates on whole photos: --qat_calib_dir DIR --qat_calib_count N")
+    g.add_argument("--qat_freeze_after", action=_RemovedFlag,
+                   replacement="the scales are frozen or learned for the whole phase: --qat_scales frozen|learned")
     g = p.add_argument_group("Output")
     g.add_argument("--save_dir", default=save_dir)
     g.add_argument("--recon_dir", default=recon_dir)
@@ -176,10 +189,9 @@ def validate_args(args: argparse.Namespace) -> None:
             raise UserError(f"--{flag} must be >= 1")
     if args.extend_epochs and not args.resume:
         raise UserError("--extend_epochs needs --resume CHECKPOINT (the finished run to lengthen)")
-    if args.qat and args.qat_calib_steps < 1:
-        raise UserError("--qat_calib_steps must be >= 1: the observers need real batches before fake-quant starts")
-    for flag in ("num_workers", "max_steps_per_epoch", "recon_count", "lr_warmup_steps", "extend_epochs",
-                 "qat_freeze_after"):
+    if args.qat:
+        check_qat_flags(args)
+    for flag in ("num_workers", "max_steps_per_epoch", "recon_count", "lr_warmup_steps", "extend_epochs"):
         if getattr(args, flag) < 0:
             raise UserError(f"--{flag} must be >= 0")
     if not 0.0 <= args.alpha_l1 <= 1.0:
@@ -204,12 +216,28 @@ def validate_args(args: argparse.Namespace) -> None:
         raise UserError("--base_checkpoint and --resume exclude each other (resume restores everything)")
 
 
+def check_qat_flags(args: argparse.Namespace) -> None:
+    """``--qat true``: a phase after float training, calibrated on whole photos (``--qat_calib_dir`` resolved here)."""
+    if not args.base_checkpoint and not args.resume:
+        raise UserError("--qat true is a phase after float training: start it from a float checkpoint of this "
+                        "architecture (--base_checkpoint FLOAT.pt), or --resume a QAT run")
+    if args.qat_calib_count < 1:
+        raise UserError("--qat_calib_count must be >= 1: the scales are calibrated on whole photos")
+    if args.qat_calib_dir is None:
+        default = Path(args.coco_dir) / "train2017"
+        if not default.is_dir():
+            raise UserError(f"--qat true calibrates on whole photos and {default} does not exist (prepared crops "
+                            "are not whole photos): pass --qat_calib_dir DIR")
+        args.qat_calib_dir = str(default)
+
+
 # Flags that change what a run computes: resuming with another value would
 # silently give another schedule, other samples or another objective.
 RUN_DEFINING_FLAGS = ("epochs", "extend_epochs", "sched", "lr", "lr_warmup_steps", "onecycle_pct_start", "batch_size",
                       "max_steps_per_epoch", "seed", "loss_type", "distortion", "alpha_l1", "lambda_bpp",
                       "train_scope", "amp", "amp_dtype", "optimizer", "weight_decay", "max_grad_norm",
-                      "use_prepared", "crop_size", "qat", "qat_calib_steps", "qat_freeze_after")
+                      "use_prepared", "crop_size", "qat", "qat_precision", "qat_scales", "qat_calib_dir",
+                      "qat_calib_count", "qat_range")
 LENGTH_FLAGS = ("epochs", "extend_epochs")
 
 
