@@ -60,6 +60,7 @@ import onnx
 import torch
 from onnx import numpy_helper
 from onnxruntime.quantization import QuantType
+from onnxruntime.quantization.quant_utils import compute_scale_zp, get_qmin_qmax_for_qType
 from onnxruntime.quantization.calibrate import CalibrationMethod, create_calibrator
 from torch import nn
 from torch.ao.quantization import FakeQuantizeBase, MovingAverageMinMaxObserver
@@ -68,12 +69,13 @@ from torch.nn.utils import parametrize
 
 from src.data import image_files
 from src.images import image_tensor, load_rgb
-from src.int8 import (calibrate as int8_calibrate, float_islands, pad_to, prepared, quantise, quantise_pair, run,
-                      session, symbol_bits, symbol_graphs)
+from src.int8 import (calibrate as int8_calibrate, choose_range, float_islands, latent_medians, pad_to, prepared,
+                      quantise, quantise_pair, run, session, symbol_bits, symbol_graphs)
 from src.npu_blocks import ECAGate, GDNishLiteDec, GDNishLiteEnc
 
 QAT_PARTS = ("g_a", "g_s")
 SCALE_MODES = ("frozen", "learned")
+PLACEMENTS, INTERFACES = ("graph", "double"), ("symbols", "latent")
 PRECISIONS = ("w8a8", "a16w8")  # src.int8.PROFILES
 DEFAULT_PRECISION, DEFAULT_SCALES = "w8a8", "frozen"
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # onnxruntime's symmetric INT8 weight range
@@ -83,15 +85,25 @@ _WEIGHT_AXIS = {nn.Conv1d: 0, nn.Conv2d: 0, nn.ConvTranspose2d: 1}
 INPUT = ":in"
 
 
-def qat_scheme(precision: str = DEFAULT_PRECISION, scales: str = DEFAULT_SCALES) -> Dict[str, Any]:
-    """The QAT part of an architecture description (what ``prepare_qat`` builds)."""
+def qat_scheme(precision: str = DEFAULT_PRECISION, scales: str = DEFAULT_SCALES, placement: str = "graph",
+               interface: str = "symbols") -> Dict[str, Any]:
+    """The QAT part of an architecture description (what ``prepare_qat`` builds).
+
+    ``placement`` and ``interface`` exist for the study's ablation of the
+    QAT this project had before: ``double`` also rounds each convolution's
+    output before its ReLU6 (the graph rounds once, after it), ``latent``
+    also puts g_a's output on an 8-bit grid (the graph hands over the
+    symbols at scale 1). Neither is what the exported graph computes.
+    """
+    if placement not in PLACEMENTS or interface not in INTERFACES:
+        raise ValueError(f"QAT placement/interface must be in {PLACEMENTS}/{INTERFACES}, got {placement}/{interface}")
     if precision not in PRECISIONS:
         raise ValueError(f"QAT precision must be one of {PRECISIONS}, got {precision!r}")
     if scales not in SCALE_MODES:
         raise ValueError(f"QAT scales must be one of {SCALE_MODES}, got {scales!r}")
     return {"parts": list(QAT_PARTS), "weights": "int8 per-channel symmetric [-127, 127] (absmax, as onnxruntime)",
             "activations": "the exported graph's quantised tensors (src.int8 symbol interface)",
-            "precision": precision, "scales": scales}
+            "precision": precision, "scales": scales, "placement": placement, "interface": interface}
 
 
 def normalise_scheme(qat: Any) -> Optional[Dict[str, Any]]:
@@ -102,7 +114,7 @@ def normalise_scheme(qat: Any) -> Optional[Dict[str, Any]]:
         return qat_scheme()
     if not isinstance(qat, Mapping) or "precision" not in qat or "scales" not in qat:
         raise ValueError(f"qat must be None or a scheme of src.qat.qat_scheme(), got {qat!r}")
-    scheme = qat_scheme(qat["precision"], qat["scales"])
+    scheme = qat_scheme(qat["precision"], qat["scales"], qat.get("placement", "graph"), qat.get("interface", "symbols"))
     if dict(qat) != scheme:
         raise ValueError(f"qat must be None or {scheme}, got {dict(qat)!r}")
     return scheme
@@ -110,7 +122,7 @@ def normalise_scheme(qat: Any) -> Optional[Dict[str, Any]]:
 
 def qat_arch(args: Any) -> Optional[Dict[str, Any]]:
     """The scheme the flags ask for (None without ``--qat``)."""
-    return qat_scheme(args.qat_precision, args.qat_scales) if args.qat else None
+    return qat_scheme(args.qat_precision, args.qat_scales, args.qat_placement, args.qat_interface) if args.qat else None
 
 
 # ---------------------------------------------------------------- fake-quant modules
@@ -203,10 +215,13 @@ class Site:
     name: str
     factor: float = 1.0
     stage: bool = False
+    in_graph: bool = True  # False: an ablation's extra rounding, which the exported graph does not have
 
 
-def _block_sites(path: str, block: nn.Module) -> List[Site]:
+def _block_sites(path: str, block: nn.Module, double: bool) -> List[Site]:
+    extra = []
     if isinstance(block, GDNishLiteEnc):
+        extra = [Site(f"{path}.expand", in_graph=False), Site(f"{path}.dw", in_graph=False)] if double else []
         if not isinstance(block.bn1, nn.Identity) or not isinstance(block.bn2, nn.Identity):
             raise ValueError(f"{path}: QAT does not support BatchNorm in the NPU blocks")
         sites = [Site(f"{path}.act1"), Site(f"{path}.act2"), Site(f"{path}.project")]
@@ -216,17 +231,20 @@ def _block_sites(path: str, block: nn.Module) -> List[Site]:
     elif isinstance(block, GDNishLiteDec):
         if not isinstance(block.bn, nn.Identity):
             raise ValueError(f"{path}: QAT does not support BatchNorm in the NPU blocks")
+        extra = [Site(f"{path}.mix", in_graph=False)] if double else []
         sites = [Site(f"{path}.act"), Site(f"{path}.gain_out"), Site(f"{path}.gained"), Site(f"{path}.dw")]
         sites.append(Site(f"{path}.summed") if block.residual else None)
     else:
         raise ValueError(f"{path}: QAT quantises convolutions, ReLU/ReLU6 and the NPU blocks, not "
                          f"{type(block).__name__} (swap every GDN first)")
     sites = [s for s in sites if s is not None]
-    return sites[:-1] + [Site(sites[-1].name, sites[-1].factor, stage=True)]  # the block's output
+    return extra + sites[:-1] + [Site(sites[-1].name, sites[-1].factor, stage=True)]  # the block's output
 
 
-def qat_sites(model: nn.Module, parts: Sequence[str] = QAT_PARTS) -> List[Site]:
-    """Every site of ``parts``, in forward order (see the module docstring)."""
+def qat_sites(model: nn.Module, parts: Sequence[str] = QAT_PARTS, placement: str = "graph",
+              interface: str = "symbols") -> List[Site]:
+    """Every site of ``parts`` (see the module docstring), with an ablation's extra ones (``qat_scheme``)."""
+    double = placement == "double"
     sites: List[Site] = []
     for part_name in parts:
         part = getattr(model, part_name)
@@ -237,13 +255,17 @@ def qat_sites(model: nn.Module, parts: Sequence[str] = QAT_PARTS) -> List[Site]:
             following = children[i + 1][1] if i + 1 < len(children) else None
             if isinstance(child, _CONVS):
                 if part_name == "g_a" and following is None:
+                    if interface == "latent":
+                        sites.append(Site(path, in_graph=False))
                     continue  # the symbols: the codec's rounding at scale 1
                 if not isinstance(following, _FUSED_ACTIVATIONS):
                     sites.append(Site(path, stage=True))
+                elif double:
+                    sites.append(Site(path, in_graph=False))
             elif isinstance(child, _FUSED_ACTIVATIONS):
                 sites.append(Site(path, stage=True))
             else:
-                sites.extend(_block_sites(path, child))
+                sites.extend(_block_sites(path, child, double))
     return sites
 
 
@@ -263,10 +285,11 @@ def prepare_qat(model: nn.Module, scheme: Mapping[str, Any]) -> nn.Module:
         for module in getattr(model, part_name).modules():
             if type(module) in _WEIGHT_AXIS:
                 parametrize.register_parametrization(module, "weight", WeightFakeQuant(_WEIGHT_AXIS[type(module)]))
-    for site in qat_sites(model, scheme["parts"]):
+    for site in qat_sites(model, scheme["parts"], scheme["placement"], scheme["interface"]):
         bits = site_bits(site, scheme["precision"])
         learned = scheme["scales"] == "learned" and bits == 8
         fq = (LearnedFakeQuantize if learned else FrozenFakeQuantize)(0, 2 ** bits - 1)
+        fq.in_graph = site.in_graph
         if site.name.endswith(INPUT):
             part = getattr(model, site.name[: -len(INPUT)])
             first = part[0]  # a child added to an nn.Sequential would run as a layer
@@ -352,15 +375,15 @@ def graph_site(model: nn.Module, tensor: str, graph: onnx.GraphProto) -> Optiona
         return None if tensor == "symbols" else "g_a" + INPUT  # the image, or the decoder's symbols
     if node.op_type == "Reshape":
         return graph_site(model, node.input[0], graph)
-    consumers = [n for n in graph.node if tensor in n.input]
-    if node.op_type in ("Conv", "ConvTranspose") and len(consumers) == 1 and consumers[0].op_type in ("Clip", "Relu"):
-        return "fused:" + node.name  # onnxruntime drops the activation and quantises once, on its output
     scope, op = node.name.strip("/").split("/")[:-1], node.op_type
     if not scope:
         if op == "Add":
             return "g_s" + INPUT  # symbols + medians = y_hat
         raise ValueError(f"no QAT site for {tensor} ({op} outside g_a/g_s)")
     path = ".".join([scope[1] if len(scope) > 1 else scope[0]] + scope[2:])
+    consumers = [n for n in graph.node if tensor in n.input]
+    if node.op_type in ("Conv", "ConvTranspose") and len(consumers) == 1 and consumers[0].op_type in ("Clip", "Relu"):
+        return "fused:" + path  # onnxruntime drops the activation and quantises once, on its output
     module = model.get_submodule(path)
     if isinstance(module, ECAGate) and op == "Mul":
         return f"{path}.gated"
@@ -396,8 +419,9 @@ def graph_qparams(model: nn.Module, qdq_path: Path, fp32_path: Path) -> Dict[str
 
 
 def placement(model: nn.Module, qparams: Mapping[str, Any]) -> Dict[str, List[str]]:
-    """The sites the fake-quant model rounds against the ones the graph quantises: what only one side has."""
-    ours = set(activation_quantisers(model))
+    """The sites the fake-quant model rounds against the ones the graph quantises: what only one side has
+    (an ablation's extra roundings, which no graph has, left aside)."""
+    ours = {name for name, fq in activation_quantisers(model).items() if getattr(fq, "in_graph", True)}
     theirs = set(qparams)
     return {"only_in_model": sorted(ours - theirs), "only_in_graph": sorted(theirs - ours)}
 
@@ -424,12 +448,17 @@ class QatPair:
     float_islands: Dict[str, List[str]]
 
 
-def set_qparams(model: nn.Module, qparams: Mapping[str, Tuple[float, int, int]]) -> None:
-    """Load the graph's scales into the quantisers and switch fake-quant on; every site must get one."""
+def set_qparams(model: nn.Module, qparams: Mapping[str, Tuple[float, int, int]],
+                extra: Optional[Mapping[str, Tuple[float, int, int]]] = None) -> None:
+    """Load the graph's scales (and an ablation's ``extra`` ones) into the quantisers and switch fake-quant on;
+    every site must get one."""
     missing = placement(model, qparams)
     if missing["only_in_model"] or missing["only_in_graph"]:
         raise ValueError(f"QAT placement differs from the INT8 graph: {missing}")
+    qparams = {**(extra or {}), **qparams}
     for name, fq in activation_quantisers(model).items():
+        if name not in qparams:
+            raise ValueError(f"no scale for the ablation's site {name}")
         scale, zero_point, bits = qparams[name]
         if 2 ** bits - 1 != fq.quant_max:
             raise ValueError(f"site {name}: the graph has {bits} bits, the model {fq.quant_max.bit_length()}")
@@ -453,10 +482,34 @@ def calibrate(model: nn.Module, images: Sequence[np.ndarray], range_method: str,
     pair = quantise_pair(calib, precision, range_method, folder / "int8")
     qparams = {**graph_qparams(model, pair.encoder, calib.sources["encoder"]),
                **graph_qparams(model, pair.decoder, calib.sources["decoder"])}
-    set_qparams(model, qparams)
+    set_qparams(model, qparams, ablation_qparams(model, calib, range_method))
     return {"sites": len(qparams), "sixteen_bit": sum(b == 16 for _, _, b in qparams.values()),
             "symbol_bits": pair.symbol_bits, "symbols_outside_int8": pair.symbols_outside_int8,
             "images": len(images), "range_method": range_method, "precision": precision}
+
+
+def ablation_qparams(model: nn.Module, calib: Any, range_method: str) -> Dict[str, Tuple[float, int, int]]:
+    """Scales of an ablation's extra sites, from the same histograms and range method (8 bits, onnxruntime's
+    scale / zero point rule): the pre-activation convolutions (``double``) and y itself (``latent``: the
+    histogram of y - median, widened by the medians' extremes)."""
+    wanted = {n for n, fq in activation_quantisers(model).items() if not getattr(fq, "in_graph", True)}
+    found = {}
+    qmin, qmax = get_qmin_qmax_for_qType(onnx.TensorProto.UINT8)
+    for half, hists in (("encoder", calib.encoder), ("decoder", calib.decoder)):
+        graph = onnx.load(str(calib.sources[half])).graph
+        for tensor, hist in hists.items():
+            site = graph_site(model, tensor, graph)
+            name = site[len("fused:"):] if site and site.startswith("fused:") else (
+                f"g_a.{len(model.g_a) - 1}" if site is None and half == "encoder" and tensor == "symbols" else None)
+            if name not in wanted:
+                continue
+            low, high = choose_range(hist, 8, range_method)
+            if site is None:
+                medians = latent_medians(model)
+                low, high = low + float(medians.min()), high + float(medians.max())
+            zero_point, scale = compute_scale_zp(np.float32(low), np.float32(high), qmin, qmax)
+            found[name] = (float(scale), int(zero_point), 8)
+    return found
 
 
 def activation_precision(model: nn.Module) -> str:

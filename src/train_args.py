@@ -15,7 +15,7 @@ from src.int8 import RANGE_METHODS
 from src.losses import DISTORTIONS, LOSS_TYPES
 from src.model_factory import BASE_MODELS, describe_model, quality_index
 from src.precision import AMP_DTYPE_CHOICES, LOCAL_FP32_POLICIES
-from src.qat import PRECISIONS as QAT_PRECISIONS, SCALE_MODES
+from src.qat import INTERFACES, PLACEMENTS, PRECISIONS as QAT_PRECISIONS, SCALE_MODES
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
 from src.schedule import SCHEDULES, check_schedule
 
@@ -133,6 +133,12 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--qat_calib_count", type=int, default=20, help="calibration photos used (sorted by name)")
     g.add_argument("--qat_range", default="mse", choices=RANGE_METHODS,
                    help="how each activation's range is chosen from the calibration histograms (src.int8)")
+    g.add_argument("--qat_placement", default="graph", choices=PLACEMENTS,
+                   help="ablation only: double = also round each conv's output before its ReLU6 (the old QAT; the "
+                        "exported graph rounds once, after it)")
+    g.add_argument("--qat_interface", default="symbols", choices=INTERFACES,
+                   help="ablation only: latent = also put g_a's output y on an 8-bit grid (the old QAT; the "
+                        "exported graph hands over the symbols at scale 1)")
     g.add_argument("--qat_calib_steps", action=_RemovedFlag,
                    replacement="QAT calibrates on whole photos: --qat_calib_dir DIR --qat_calib_count N")
     g.add_argument("--qat_freeze_after", action=_RemovedFlag,
@@ -237,7 +243,7 @@ RUN_DEFINING_FLAGS = ("epochs", "extend_epochs", "sched", "lr", "lr_warmup_steps
                       "max_steps_per_epoch", "seed", "loss_type", "distortion", "alpha_l1", "lambda_bpp",
                       "train_scope", "amp", "amp_dtype", "optimizer", "weight_decay", "max_grad_norm",
                       "use_prepared", "crop_size", "qat", "qat_precision", "qat_scales", "qat_calib_dir",
-                      "qat_calib_count", "qat_range")
+                      "qat_calib_count", "qat_range", "qat_placement", "qat_interface")
 LENGTH_FLAGS = ("epochs", "extend_epochs")
 
 

@@ -43,9 +43,9 @@ def float_model(seed=0):
     return model.eval()
 
 
-def qat_model(precision="w8a8", scales="frozen", seed=0):
+def qat_model(precision="w8a8", scales="frozen", seed=0, **ablation):
     model = float_model(seed)
-    return model_from_base_weights(make_arch(**dict(float_arch(), qat=qat_scheme(precision, scales))),
+    return model_from_base_weights(make_arch(**dict(float_arch(), qat=qat_scheme(precision, scales, **ablation))),
                                    model.state_dict(), float_arch(), "float")
 
 
@@ -151,6 +151,23 @@ def test_learned_scales_get_gradients_and_frozen_ones_are_buffers(photos, tmp_pa
     assert not any(n.endswith((".scale", ".zero_point")) for n, _ in frozen.named_parameters())
     a16 = qat_model("a16w8", "learned")
     assert not isinstance(activation_quantisers(a16)["g_s.0"], LearnedFakeQuantize), "16-bit scales stay frozen"
+
+
+def test_ablations_round_where_the_graph_does_not(photos, tmp_path):
+    model = qat_model(placement="double", interface="latent")
+    calibrate(model, photos, "mse", tmp_path / "calib")  # the graph's own sites still match it exactly
+    quantisers = activation_quantisers(model)
+    extra = sorted(n for n, fq in quantisers.items() if not fq.in_graph)
+    assert extra == sorted(["g_a.6"] + [f"g_a.{i}.{c}" for i in (1, 3, 5) for c in ("dw", "expand")]
+                           + [f"g_s.{i}.mix" for i in (1, 3, 5)])
+    y_fq = quantisers["g_a.6"]
+    with torch.no_grad():
+        y = model.g_a(torch.from_numpy(photos[0]))
+    q = y / y_fq.scale + y_fq.zero_point
+    assert torch.allclose(q, q.round(), atol=1e-3), "the old latent interface: y on an 8-bit grid"
+    pair = export_pair(model, photos, tmp_path / "export")  # exported as the graph is: the extras are not in it
+    assert placement(model, graph_qparams(model, pair.encoder, tmp_path / "export/encoder_centred.prepared.onnx")
+                     )["only_in_graph"] == []
 
 
 def test_qat_state_dict_rebuilds_the_same_model(photos, tmp_path):
