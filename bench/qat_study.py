@@ -71,12 +71,14 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--study_dir", required=True, help="the RD study's folder (npu_all/qN/last.pt, crops64/), read only")
     p.add_argument("--work_dir", default="bench_out/qat_study")
     p.add_argument("--qualities", type=int, nargs="+", default=[1, 2, 3, 4])
-    p.add_argument("--steps", type=int, default=160, help="steps of the QAT phase and of the float control")
-    p.add_argument("--lr", type=float, default=2e-5, help="lr of both (cosine, no warmup)")
+    p.add_argument("--steps", type=int, default=80, help="steps of the QAT phase and of the float control")
+    p.add_argument("--lr", type=float, default=3e-5, help="lr of both (cosine, no warmup)")
     p.add_argument("--scales", default="frozen", choices=("frozen", "learned"), help="QAT's scale mode in the main rows")
     p.add_argument("--calib_dir", default=None, help="calibration photos (default: COCO_DIR/train2017)")
     p.add_argument("--calib_count", type=int, default=8, help="calibration photos (PTQ and QAT alike)")
     p.add_argument("--start_ptq", action="store_true", help="also PTQ the float models QAT starts from")
+    p.add_argument("--precisions", nargs="+", default=["w8a8", "a16w8"], choices=("w8a8", "a16w8"),
+                   help="QAT profiles of the main rows")
     p.add_argument("--ablation_quality", type=int, default=2)
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
     p.add_argument("--sensitivity", action="store_true", help="sensitivity report of QAT w8a8 at the ablation point")
@@ -225,13 +227,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         measured = run.cached(f"float_more_q{q}", lambda: measure_float(more, calib, held_out))
         row.update(float_more_fp32=measured["fp32"], float_more_w8a8=measured["w8a8"],
                    float_more_a16w8=measured["a16w8"])
-        for precision in ("w8a8", "a16w8"):
+        for precision in args.precisions:
             ckpt = run.train(f"qat_{precision}_{args.scales}", q, run.qat_flags(precision))
             got = run.cached(f"qat_{precision}_{args.scales}_q{q}", lambda: measure_qat(ckpt, held_out))
             row[f"qat_{precision}"], row[f"qat_{precision}_float"] = got["int8"], got["fp32"]
     q = args.ablation_quality
     ablation_rows: Dict[str, Dict] = {}
-    if q in rows:
+    if q in rows and "qat_w8a8" in rows[q]:
         ablation_rows["qat_w8a8 (" + args.scales + ")"] = rows[q]["qat_w8a8"]
         ablation_rows["float_more + PTQ w8a8"] = rows[q]["float_more_w8a8"]
         for name in args.ablations:
@@ -245,12 +247,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             ckpt = run.train(f"ablation_{name}_{args.scales}", q, extra)
             got = run.cached(f"ablation_{name}_{args.scales}_q{q}", lambda: measure_qat(ckpt, held_out))
             ablation_rows[label] = got["int8"]
+    names = [n for n in next(iter(rows.values())) if all(n in r for r in rows.values())]
     curves = {name: [curve_point({"bpp_real": rows[q][name]["bpp"], "psnr": rows[q][name]["psnr"],
                                   "ms_ssim": rows[q][name]["ms_ssim"]}, f"q{q}") for q in sorted(rows)]
-              for name in next(iter(rows.values()))}
+              for name in names}
     order = ["start_fp32"] + (["start_w8a8", "start_a16w8"] if args.start_ptq else []) + ["float_more_fp32", "float_more_w8a8", "float_more_a16w8",
              "qat_w8a8", "qat_a16w8", "qat_w8a8_float", "qat_a16w8_float"]
-    bd = compare_curves({n: curves[n] for n in order}) if len(rows) >= 4 else {}
+    bd = compare_curves({n: curves[n] for n in order if n in curves}) if len(rows) >= 4 else {}
     text = (f"Round trips on {len(held_out)} whole photos of {args.eval_dir} (real bits); calibration: "
             f"{len(calib_files)} whole photos of {run.calib_dir}; QAT and float control: {args.steps} steps, "
             f"lr {args.lr:g} cosine, from {args.study_dir}/npu_all/qN/last.pt; QAT scales {args.scales}.\n\n"
@@ -267,7 +270,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         text += "\nAblation (one change at a time from QAT w8a8):\n\n" + "\n".join(lines) + "\n"
     result = {"rows": rows, "curves": curves, "bd_vs_start_fp32": bd, "ablation": ablation_rows,
               "args": vars(args)}
-    if args.sensitivity and q in rows:
+    if args.sensitivity and q in rows and "qat_w8a8" in rows[q]:
         ckpt = run.work / "runs" / f"qat_w8a8_{args.scales}" / f"q{q}" / "last.pt"
         sens = run.cached(f"sensitivity_q{q}", lambda: measure_sensitivity(
             ckpt, calib, held_out[: args.sensitivity_images]))

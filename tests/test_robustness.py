@@ -478,13 +478,19 @@ def test_torchrun_init_from_gdn_fits_on_rank_0_and_broadcasts(prepared64, tmp_pa
     assert result.stdout.count("init_from_gdn: fitting 6 blocks") == 1 and "same on all 2 ranks" in result.stdout
 
 
-def test_torchrun_qat_ranks_share_rank_0s_scales(prepared64, tmp_path):
-    """QAT under DDP: parametrised weights, hooks and broadcast observer buffers train to the same weights."""
+def test_torchrun_qat_ranks_share_rank_0s_scales(prepared64, coco_root, tmp_path):
+    """QAT under DDP: parametrised weights, hooks, learned scales (parameters) train to the same weights."""
+    import train_finetune_npu
+
+    train_finetune_npu.main(common_args(prepared64, tmp_path / "float", "--epochs", "1", "--train_scope", "all",
+                                        "--amp", "false"))
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all",
-                       "--qat", "true", "--qat_calib_steps", "1", "--amp", "false")
+                       "--qat", "true", "--qat_scales", "learned", "--base_checkpoint",
+                       str(tmp_path / "float" / "ckpt" / "last.pt"), "--qat_calib_dir", str(coco_root / "train2017"),
+                       "--qat_calib_count", "2", "--amp", "false")
     result = torchrun("train_finetune_npu.py", argv, 29527)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "QAT: observers calibrated" in result.stdout and "same on all 2 ranks" in result.stdout
+    assert "QAT phase 2/2" in result.stdout and "same on all 2 ranks" in result.stdout
 
 
 def _agree_worker(rank, init_file, results):
