@@ -22,8 +22,11 @@ echo "installing requirements into .venv (first time: a few minutes)"
 
 case "${1:-}" in
   demo) shift; exec .venv/bin/python -m scripts.demo "$@" ;;
-  # The codec tests load OpenVINO (a second runtime with its own thread pool); in one process with the rest of
-  # the suite, a later test segfaulted (exit 139) on this machine, so they run in a process of their own.
+  # The codec tests load OpenVINO (a second runtime with its own thread pool and AMX kernels). In one process with
+  # the rest of the suite the pytest process was killed by a SIGSEGV that the kernel sent (si_code SI_KERNEL, the
+  # main thread inside waitpid()): whichever came second, the codec tests or the tests that fork DataLoader workers
+  # and subprocesses, died when a child exited after OpenVINO had run there (the kernel's sign that it could not
+  # build a signal frame; seen on an AMX CPU, not reproduced in small scripts). So they run in a process of their own.
   test) shift
         .venv/bin/python -m pytest -q tests --ignore=tests/test_codec.py "$@"
         exec .venv/bin/python -m pytest -q tests/test_codec.py "$@" ;;
