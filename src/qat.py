@@ -67,6 +67,7 @@ from torch.ao.quantization import FakeQuantizeBase, MovingAverageMinMaxObserver
 from torch.ao.quantization._learnable_fake_quantize import _LearnableFakeQuantize
 from torch.nn.utils import parametrize
 
+from src.cli import UserError
 from src.data import image_files
 from src.images import image_tensor, load_rgb
 from src.int8 import (calibrate as int8_calibrate, choose_range, float_islands, latent_medians, pad_to, prepared,
@@ -556,6 +557,9 @@ def export_pair(model: nn.Module, images: Sequence[np.ndarray], folder: Path, op
     ``images`` (whole, padded to 64) give the example input and the symbol
     bit-width check (int16 symbols where any falls outside int8).
     """
+    if qat_state(model) == "uncalibrated":
+        raise UserError("this QAT checkpoint was never calibrated (no scales to export): train it with --qat true "
+                        "from a float checkpoint first")
     twin = float_twin(model)
     fp32 = symbol_graphs(twin, torch.from_numpy(images[0]), folder, opset)
     encoder = session(fp32["encoder"])

@@ -219,9 +219,10 @@ def test_non_finite_latents_and_altered_bundles_are_refused(setup, tmp_path):
     qat_model = build_model(qat_arch)
     qat_model.update(force=True)
     save_checkpoint({"state_dict": qat_model.state_dict(), "arch": qat_arch}, tmp_path / "qat.pt")
-    with pytest.raises(UserError, match="does not take a QAT checkpoint"):
-        export_onnx.main(["--ckpt", str(tmp_path / "qat.pt"), "--bundle", str(tmp_path / "qat_bundle"), "--image",
-                          str(setup["root"] / "a.png")])
+    with pytest.raises(UserError, match="QAT checkpoint was never calibrated"):
+        export_onnx.main(["--ckpt", str(tmp_path / "qat.pt"), "--bundle", str(tmp_path / "qat_bundle"), "--int8",
+                          str(setup["root"] / "calib"), "--precision", "w8a8"])
+    assert not (tmp_path / "qat_bundle").exists()
 
 
 def test_fp32_and_int8_bundles_decode_each_others_files(setup, tmp_path):
