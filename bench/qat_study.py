@@ -119,12 +119,15 @@ class Runner:
 
     def train(self, name: str, quality: int, extra: List[str]) -> Path:
         run_dir = self.work / "runs" / name / f"q{quality}"
+        log = run_dir / "train.log"
+        while not (run_dir / "done").exists() and log.exists() and time.time() - log.stat().st_mtime < 900:
+            print(f"# {run_dir} is being trained by another process; waiting", flush=True)
+            time.sleep(60)  # a run started by hand or by another invocation (a log untouched for 15 min is dead)
         if not (run_dir / "done").exists():
             origin = (["--resume", str(run_dir / "last.pt")] if (run_dir / "last.pt").exists()
                       else ["--base_checkpoint", str(self.start(quality))])
             argv = ["train_finetune_npu.py", *self.flags(quality), *extra, "--save_dir", str(run_dir),
                     "--recon_dir", str(run_dir / "recon"), *origin]
-            log = run_dir / "train.log"
             print(f"$ python {' '.join(argv)}  > {log}", flush=True)
             run_dir.mkdir(parents=True, exist_ok=True)
             with open(log, "a") as handle:
