@@ -81,9 +81,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                    help="QAT profiles of the main rows")
     p.add_argument("--ablation_quality", type=int, default=2)
     p.add_argument("--ablations", nargs="*", default=list(ABLATIONS), choices=list(ABLATIONS))
+    p.add_argument("--report_only", action="store_true",
+                   help="train and measure nothing: the report of what is cached (missing entries are left out)")
     p.add_argument("--sensitivity", action="store_true", help="sensitivity report of QAT w8a8 at the ablation point")
     p.add_argument("--sensitivity_images", type=int, default=2)
     return p
+
+
+class Missing(Exception):
+    """--report_only: a run or measurement that is not there yet."""
 
 
 class Runner:
@@ -119,6 +125,8 @@ class Runner:
 
     def train(self, name: str, quality: int, extra: List[str]) -> Path:
         run_dir = self.work / "runs" / name / f"q{quality}"
+        if self.args.report_only and not (run_dir / "done").exists():
+            raise Missing(name)
         log = run_dir / "train.log"
         while not (run_dir / "done").exists() and log.exists() and time.time() - log.stat().st_mtime < 900:
             print(f"# {run_dir} is being trained by another process; waiting", flush=True)
@@ -141,6 +149,8 @@ class Runner:
         path = self.work / "measure" / f"{key}.json"
         if path.exists():
             return json.loads(path.read_text())
+        if self.args.report_only:
+            raise Missing(key)
         start = time.perf_counter()
         result = dict(measure(), seconds=time.perf_counter() - start)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -222,21 +232,30 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     ablations = dict(ABLATIONS, calib_crops=None, scales_other=None)
     rows: Dict[int, Dict[str, Dict]] = {}
     for q in args.qualities:
+        try:
+            start = run.cached(f"start_q{q}" + ("_ptq" if args.start_ptq else ""),
+                               lambda: measure_float(run.start(q), calib, held_out, args.start_ptq))
+        except Missing:
+            continue
         row = rows.setdefault(q, {})
-        start = run.cached(f"start_q{q}" + ("_ptq" if args.start_ptq else ""),
-                           lambda: measure_float(run.start(q), calib, held_out, args.start_ptq))
         row.update({f"start_{k}": v for k, v in start.items() if isinstance(v, dict)})
-        more = run.train("float_more", q, [])
-        measured = run.cached(f"float_more_q{q}", lambda: measure_float(more, calib, held_out))
-        row.update(float_more_fp32=measured["fp32"], float_more_w8a8=measured["w8a8"],
-                   float_more_a16w8=measured["a16w8"])
+        try:
+            more = run.train("float_more", q, [])
+            measured = run.cached(f"float_more_q{q}", lambda: measure_float(more, calib, held_out))
+            row.update(float_more_fp32=measured["fp32"], float_more_w8a8=measured["w8a8"],
+                       float_more_a16w8=measured["a16w8"])
+        except Missing:
+            pass
         for precision in args.precisions:
-            ckpt = run.train(f"qat_{precision}_{args.scales}", q, run.qat_flags(precision))
-            got = run.cached(f"qat_{precision}_{args.scales}_q{q}", lambda: measure_qat(ckpt, held_out))
-            row[f"qat_{precision}"], row[f"qat_{precision}_float"] = got["int8"], got["fp32"]
+            try:
+                ckpt = run.train(f"qat_{precision}_{args.scales}", q, run.qat_flags(precision))
+                got = run.cached(f"qat_{precision}_{args.scales}_q{q}", lambda: measure_qat(ckpt, held_out))
+                row[f"qat_{precision}"], row[f"qat_{precision}_float"] = got["int8"], got["fp32"]
+            except Missing:
+                pass
     q = args.ablation_quality
     ablation_rows: Dict[str, Dict] = {}
-    if q in rows and "qat_w8a8" in rows[q]:
+    if q in rows and "qat_w8a8" in rows[q] and "float_more_w8a8" in rows[q]:
         ablation_rows["qat_w8a8 (" + args.scales + ")"] = rows[q]["qat_w8a8"]
         ablation_rows["float_more + PTQ w8a8"] = rows[q]["float_more_w8a8"]
         for name in args.ablations:
@@ -247,10 +266,13 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             else:
                 extra = run.qat_flags("w8a8") + ABLATIONS[name]
             label = f"{name} ({other})" if name == "scales_other" else name
-            ckpt = run.train(f"ablation_{name}_{args.scales}", q, extra)
-            got = run.cached(f"ablation_{name}_{args.scales}_q{q}", lambda: measure_qat(ckpt, held_out))
-            ablation_rows[label] = got["int8"]
-    names = [n for n in next(iter(rows.values())) if all(n in r for r in rows.values())]
+            try:
+                ckpt = run.train(f"ablation_{name}_{args.scales}", q, extra)
+                got = run.cached(f"ablation_{name}_{args.scales}_q{q}", lambda: measure_qat(ckpt, held_out))
+                ablation_rows[label] = got["int8"]
+            except Missing:
+                pass
+    names = [n for n in next(iter(rows.values()), {}) if all(n in r for r in rows.values())]
     curves = {name: [curve_point({"bpp_real": rows[q][name]["bpp"], "psnr": rows[q][name]["psnr"],
                                   "ms_ssim": rows[q][name]["ms_ssim"]}, f"q{q}") for q in sorted(rows)]
               for name in names}
