@@ -723,9 +723,10 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
     say(f"local FP32 ({args.local_fp32}): {', '.join(apply_local_fp32(model, args.local_fp32, custom)) or 'none'}")
     speed_up_model(model, args, device, say)
     if arch["qat"]:
-        say(f"QAT: {len(activation_quantisers(model))} activation and {len(fake_quant_modules(model)) - len(activation_quantisers(model))} "
-            f"weight quantisers in {', '.join(arch['qat']['parts'])} ({arch['qat']['precision']}, "
-            f"{arch['qat']['scales']} scales); now {qat_state(model)}")
+        acts = len(activation_quantisers(model))
+        say(f"QAT: {acts} activation and {len(fake_quant_modules(model)) - acts} weight quantisers in "
+            f"{', '.join(arch['qat']['parts'])} ({arch['qat']['precision']}, {arch['qat']['scales']} scales); "
+            f"now {qat_state(model)}")
     if dist.enabled:
         # The quantiles learn from the aux loss alone (same on every rank), so DDP ignores them.
         quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]

@@ -114,7 +114,8 @@ def normalise_scheme(qat: Any) -> Optional[Dict[str, Any]]:
     if qat is True:
         return qat_scheme()
     if not isinstance(qat, Mapping) or "precision" not in qat or "scales" not in qat:
-        raise ValueError(f"qat must be None or a scheme of src.qat.qat_scheme(), got {qat!r}")
+        raise ValueError(f"qat must be None or a scheme of src.qat.qat_scheme(), got {qat!r} (a QAT checkpoint "
+                         "of the old observer scheme: run the QAT phase again from its float checkpoint)")
     scheme = qat_scheme(qat["precision"], qat["scales"], qat.get("placement", "graph"), qat.get("interface", "symbols"))
     if dict(qat) != scheme:
         raise ValueError(f"qat must be None or {scheme}, got {dict(qat)!r}")
