@@ -33,9 +33,11 @@ trained model the same:
   every activation's QAT scale and zero point as ``TensorQuantOverrides``: the
   shipped graph is the PTQ graph with QAT's weights and scales.
 
-Scales (``--qat_scales``): ``frozen`` keeps the calibrated scales (buffers);
-``learned`` trains the 8-bit ones with LSQ (``_LearnableFakeQuantize`` of
-torch.ao with LSQ's gradient scale 1/sqrt(N * Qp)), from the calibrated start.
+Scales (``--qat_scales``): ``learned`` (the default: measured better, by
+0.01 dB at q2, docs/int8_study.md) trains the 8-bit ones with LSQ
+(``_LearnableFakeQuantize`` of torch.ao with LSQ's gradient scale
+1/sqrt(N * Qp)) from the calibrated start; ``frozen`` keeps the calibrated
+scales (buffers).
 16-bit tensors (``a16w8``) keep their calibrated scales in both modes: their
 rounding is ~0.4 % of an 8-bit step, and Adam's step (about the learning rate)
 is larger than a 16-bit scale itself.
@@ -78,7 +80,7 @@ QAT_PARTS = ("g_a", "g_s")
 SCALE_MODES = ("frozen", "learned")
 PLACEMENTS, INTERFACES = ("graph", "double"), ("symbols", "latent")
 PRECISIONS = ("w8a8", "a16w8")  # src.int8.PROFILES
-DEFAULT_PRECISION, DEFAULT_SCALES = "w8a8", "frozen"
+DEFAULT_PRECISION, DEFAULT_SCALES = "w8a8", "learned"  # learned: measured better (docs/int8_study.md)
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # onnxruntime's symmetric INT8 weight range
 _FUSED_ACTIVATIONS = (nn.ReLU, nn.ReLU6)
 _CONVS = (nn.Conv1d, nn.Conv2d, nn.ConvTranspose2d)

@@ -230,13 +230,13 @@ def test_qat_refuses_to_start_from_anything_but_a_float_checkpoint(prepared64, c
 def test_qat_phases_in_order_in_the_log_and_the_checkpoint(qat_run):
     ckpt, log = qat_run
     order = [log.index(s) for s in ("QAT: 45 activation", "QAT phase 1/2: calibrating", "QAT phase 2/2: 45",
-                                    "training on")]
+                                    "now training with learned scales", "training on")]
     assert order == sorted(order), log[:3000]
     payload = read_checkpoint(ckpt)
     state, arch = state_and_arch(payload, ckpt)
-    assert arch["qat"] == qat_scheme("w8a8", "frozen") and payload["args"]["qat_calib_count"] == 2
+    assert arch["qat"] == qat_scheme("w8a8", "learned") and payload["args"]["qat_calib_count"] == 2
     model, _ = model_from_checkpoint(state, arch, str(ckpt))
-    assert qat_state(model) == "training with frozen scales"
+    assert qat_state(model) == "training with learned scales", "the default"
 
 
 def test_qat_resume_is_exact(float_run, prepared64, coco_root, tmp_path):
