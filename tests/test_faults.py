@@ -101,7 +101,7 @@ def test_training_never_saves_a_model_with_absurd_latents(diverged_checkpoints, 
 
 def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(prepared64, tmp_path, capsys, monkeypatch):
     """An optimizer step that leaves NaN weights (finite loss and gradients) in epoch 2: last.pt stays epoch 1's."""
-    step = engine.step_optimizers
+    step = engine.step.step_optimizers
     calls = {"n": 0}
 
     def step_then_poison(tr, skip=None):
@@ -111,7 +111,7 @@ def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(prepared64, 
             with torch.no_grad():
                 engine.unwrap(tr.model).g_a[0].weight.fill_(float("nan"))
 
-    monkeypatch.setattr(engine, "step_optimizers", step_then_poison)
+    monkeypatch.setattr(engine.step, "step_optimizers", step_then_poison)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_finetune_relu.main, common_args(prepared64, tmp_path, "--epochs", "3"))
     out, err = capsys.readouterr()
@@ -136,14 +136,14 @@ def test_diverging_lr_exits_non_zero_and_saves_nothing_non_finite(prepared64, tm
 
 
 def test_an_epoch_with_every_step_skipped_says_so(prepared64, tmp_path, capsys, monkeypatch):
-    prepare = engine.prepare_model
+    prepare = engine.setup.prepare_model
 
     def prepare_with_inf_gradients(*args, **kwargs):
         model = prepare(*args, **kwargs)
         engine.unwrap(model).g_a[0].weight.register_hook(lambda grad: grad * float("inf"))
         return model
 
-    monkeypatch.setattr(engine, "prepare_model", prepare_with_inf_gradients)
+    monkeypatch.setattr(engine.setup, "prepare_model", prepare_with_inf_gradients)
     summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1"))
     assert "every train step of this epoch was skipped" in line and "RD 0.0000" not in line, line

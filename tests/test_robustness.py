@@ -173,7 +173,7 @@ def test_nonfinite_steps_are_skipped_then_stop(prepared64, tmp_path, capsys):
 @pytest.mark.parametrize("clip", ["1.0", "0"])
 def test_inf_gradient_with_finite_loss_is_skipped(clip, prepared64, tmp_path, capsys, monkeypatch):
     """bf16 / fp32 have no GradScaler: an inf gradient must not reach clip_grad_norm_ and Adam."""
-    prepare = engine.prepare_model
+    prepare = engine.setup.prepare_model
     poisoned = {"left": 2}
 
     def poison(grad):
@@ -187,7 +187,7 @@ def test_inf_gradient_with_finite_loss_is_skipped(clip, prepared64, tmp_path, ca
         engine.unwrap(model).g_s[0].weight.register_hook(poison)
         return model
 
-    monkeypatch.setattr(engine, "prepare_model", prepare_with_hook)
+    monkeypatch.setattr(engine.setup, "prepare_model", prepare_with_hook)
     summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch",
                                                    "4", "--train_scope", "all", "--max_grad_norm", clip))
     assert capsys.readouterr().out.count("step skipped") == 2 and summary["nonfinite_steps"] == 2
