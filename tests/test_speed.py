@@ -11,7 +11,7 @@ from src import engine, train_finetune_relu
 from src.data import to_unit_float
 from src.model_factory import build_model, make_arch
 from src.speed import EntropyBottleneckWithoutSync, HostReads, speed_up_model, without_host_syncs
-from tests.test_training import common_args
+from tests.conftest import common_args
 
 
 
