@@ -82,7 +82,7 @@ def test_demo_sheet_refuses_a_diverged_stage(diverged_checkpoints, prepared64, t
 
     photo = sorted((prepared64 / "val").glob("*.png"))[0]
     with pytest.raises(UserError, match=f"{diverged_checkpoints['huge']} on {photo.name}: latent values reach"):
-        decode_stages({"huge": diverged_checkpoints["huge"]}, photo, tmp_path / "sheet")
+        decode_stages({"huge": diverged_checkpoints["huge"]}, photo, tmp_path / "sheet", bpp={"huge": 1.0})
 
 
 # ---------------------------------------------------------------- diverged training stops, keeps the last good last.pt
@@ -181,7 +181,9 @@ def test_overwrite_replaces_the_earlier_run_entirely(prepared64, coco_root, tmp_
     train_finetune_relu.main(common_args(coco_root, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1",
                                          "--use_prepared", "false", "--crop_size", "80", "--overwrite", "true"))
     assert "--overwrite true: removed the earlier run's" in capsys.readouterr().out
-    assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["epoch_001", "origin", "report.png"]
+    # the earlier run's epoch_002 and its rate record epoch_002.json are gone; the new run's epoch_001 is its own
+    assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["epoch_001", "epoch_001.json", "origin",
+                                                                      "report.png"]
     assert (tmp_path / "recon" / "origin" / "00000.png").read_bytes() != old_origin
     assert Image.open(tmp_path / "recon" / "origin" / "00000.png").size == (80, 80)
     assert torch.load(tmp_path / "ckpt" / "best_loss.pt", weights_only=True)["args"]["crop_size"] == 80
