@@ -36,7 +36,7 @@ import statistics
 import sys
 import time
 from pathlib import Path
-from typing import Callable, Dict, List
+from typing import Callable, Dict, List, Optional
 
 import torch
 from compressai.losses import RateDistortionLoss
@@ -175,13 +175,7 @@ def compare_processes(args) -> None:
     if args.device == "cuda":
         theirs.append("--cuda")
     # The recipe as a user runs it, recon PNGs, their rate records and the recon sheet included (its defaults).
-    ours = python("src.train_finetune_relu", "--coco_dir", str(crops), "--quality", "3", "--pretrained", "false",
-                  "--replace_parts", "none", "--train_scope", "all", *compressai_objective(1 / LMBDA),
-                  "--sched", "plateau", "--lr", "1e-4", "--log_every", "10", "--device", args.device,
-                  "--save_dir", str(work / "recipe_ckpt"), "--recon_dir", str(work / "recipe_recon"),
-                  "--recon_count", str(args.recon_count), "--overwrite", "true",  # every round replaces the last
-                  "--epochs", str(args.epochs), "--batch_size", str(args.batch), "--num_workers", str(args.workers),
-                  "--seed", "0")
+    ours = recipe_command(args, crops, work)
     train_images = len(list((crops / "train").glob("*.png")))
     images = args.epochs * (train_images // args.batch) * args.batch
     print(f"whole process: {train_images} train crops of {args.crop}px, batch {args.batch}, {args.epochs} epochs, "
@@ -206,6 +200,71 @@ def compare_processes(args) -> None:
         print(f"{name:<18}{statistics.median(values):>15.1f}{statistics.median(values) / ref:>15.3f}{ratios:>40}")
 
 
+# (label, module path suffix, function, caller function or None): the parts of a recipe run the breakdown names
+BREAKDOWN = [
+    ("training steps (forward, loss, backward, clip, step, aux step)", "engine/step.py", "training_step", None),
+    ("per-step train PSNR", "losses.py", "psnr_per_image", "train_one_epoch"),
+    ("batches to float on the device", "data.py", "to_unit_float", "train_one_epoch"),
+    ("train loader (next batch)", "dataloader.py", "__next__", "<built-in method builtins.next>"),
+    ("val pass (forward, loss, PSNR, MS-SSIM, bpp)", "engine/loop.py", "evaluate", None),
+    ("  of which val MS-SSIM", "losses.py", "msssim_per_image", "evaluate"),
+    ("check before each save (weights, codable latents)", "engine/loop.py", "unfit_to_save", None),
+    ("checkpoint writes (update(force=True), fsynced last.pt, best_*.pt links)", "engine/state.py",
+     "save_epoch_checkpoints", None),
+    ("recon PNGs and rate records per epoch", "engine/loop.py", "dump_recon", None),
+    ("recon sheet at the end (report.png)", "engine/loop.py", "write_recon_report", None),
+    ("  of which drawing it (matplotlib import included)", "recon.py", "draw_sheet", None),
+    ("setup (data, model, optimisers, loaders)", "engine/setup.py", "build_run", None),
+]
+
+
+def breakdown(args) -> None:
+    """One recipe run (the whole-process command, fp32) under cProfile: where its wall time goes."""
+    import pstats
+
+    work = Path(args.work_dir).resolve()
+    crops = work / f"crops{args.crop}"
+    run(python("scripts.coco_prepare", "--coco_dir", args.coco_dir, "--out_dir", str(crops), "--crop_size",
+               str(args.crop), "--crops_per_image", str(args.crops_per_image)), work / "prepare.log")
+    stats = work / "recipe_fp32.prof"
+    cmd = [sys.executable, "-m", "cProfile", "-o", str(stats), "-m", *recipe_command(args, crops, work)[2:],
+           "--amp", "false"]
+    start = time.perf_counter()
+    run(cmd, work / "breakdown.log")
+    wall = time.perf_counter() - start
+    table = pstats.Stats(str(stats)).stats
+    total = max(ct for (_, _, name), (_, _, _, ct, _) in table.items() if name == "<module>")
+
+    def seconds(suffix: str, function: str, caller: Optional[str]) -> float:
+        found = 0.0
+        for (path, _, name), (_, _, _, ct, callers) in table.items():
+            if path.endswith(suffix) and name == function:
+                found += ct if caller is None else sum(c[3] for (_, _, who), c in callers.items() if who == caller)
+        return found
+
+    main_s = seconds("cli.py", "run_cli", None)
+    print(f"recipe fp32 under cProfile: {wall:.1f} s wall, {total:.1f} s profiled; {total - main_s:.1f} s before "
+          "main() (imports)")
+    named = 0.0
+    for label, suffix, function, caller in BREAKDOWN:
+        value = seconds(suffix, function, caller)
+        named += value if not label.startswith("  ") else 0.0
+        print(f"{label:<78}{value:>8.2f} s{100 * value / total:>7.1f} %")
+    rest = main_s - named
+    print(f"{'the rest of main() (parsing, claims, summary, tqdm)':<78}{rest:>8.2f} s{100 * rest / total:>7.1f} %")
+
+
+def recipe_command(args, crops: Path, work: Path) -> List[str]:
+    """The recipe's training command of the whole-process comparison (without --amp)."""
+    return python("src.train_finetune_relu", "--coco_dir", str(crops), "--quality", "3", "--pretrained", "false",
+                  "--replace_parts", "none", "--train_scope", "all", *compressai_objective(1 / LMBDA),
+                  "--sched", "plateau", "--lr", "1e-4", "--log_every", "10", "--device", args.device,
+                  "--save_dir", str(work / "recipe_ckpt"), "--recon_dir", str(work / "recipe_recon"),
+                  "--recon_count", str(args.recon_count), "--overwrite", "true",  # every round replaces the last
+                  "--epochs", str(args.epochs), "--batch_size", str(args.batch), "--num_workers", str(args.workers),
+                  "--seed", "0")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scale", default="small", choices=sorted(SCALES))
@@ -225,8 +284,14 @@ def main() -> None:
     g.add_argument("--recon_count", type=int, default=8, help="the recipe's recon PNGs per epoch (its default)")
     g.add_argument("--process_rounds", type=int, default=1, help="alternating rounds of the whole-process runs")
     g.add_argument("--bf16", type=str2bool, default=True, help="also time the recipe in bf16")
+    g.add_argument("--breakdown", action="store_true",
+                   help="instead: one recipe fp32 run under cProfile, its wall time by part (needs --coco_dir)")
     args = parser.parse_args()
-    if args.compressai_train:
+    if args.breakdown:
+        if not args.coco_dir:
+            parser.error("--breakdown needs --coco_dir")
+        breakdown(args)
+    elif args.compressai_train:
         if not args.coco_dir:
             parser.error("--compressai_train needs --coco_dir")
         compare_processes(args)

@@ -226,7 +226,8 @@ def dump_recon(tr: Trainer, val_ds: Dataset, cfg: LoopConfig, out: OutputConfig,
         raise UserError(f"could not write the recon PNGs of {tag} under {cfg.recon_dir} ({reason}); this epoch's "
                         f"checkpoint is saved: free space (or pass another --recon_dir) and continue with --resume "
                         f"{out.last}") from None
-    tr.logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
+    if tr.logger.wandb is not None:  # the grid is only for W&B
+        tr.logger.log_image(f"recon/{tag}", comparison_grid(originals, recons), step=step, caption="top: original")
 
 
 def write_recon_report(tr: Trainer, recon_dir: Path, step: int, say: Callable[[str], None]) -> None:
@@ -255,7 +256,8 @@ def unfit_to_save(tr: Trainer, val_ds: Dataset, batch_size: int, val: Optional[D
     """
     model = unwrap(tr.model)
     problem = ""
-    nonfinite = int(torch.stack([(~torch.isfinite(p.detach())).sum() for p in model.parameters()]).sum())
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])  # one reduction, not one per tensor
+    nonfinite = 0 if bool(torch.isfinite(weights).all()) else int((~torch.isfinite(weights)).sum())
     if nonfinite:
         problem = f"{nonfinite} weights are NaN/Inf"
     elif val is not None and not all(math.isfinite(v) for v in val.values()):
@@ -267,12 +269,26 @@ def unfit_to_save(tr: Trainer, val_ds: Dataset, batch_size: int, val: Optional[D
         try:
             with torch.no_grad(), codable_latents(model, f"on val crops 0-{len(x) - 1}"):
                 if len(x):
-                    model(x)
+                    latents_of(model, x)
         except UserError as err:
             problem = str(err)
         finally:
             model.train(was_training)
     return agree_on_error(problem, tr.dist)
+
+
+def latents_of(model: nn.Module, x: torch.Tensor) -> None:
+    """Run what makes the latents the entropy coder would code: ``g_a`` alone without a hyperprior.
+
+    ``codable_latents`` checks the outputs of ``g_a`` (y) and ``h_a`` (z);
+    a factorized-prior model makes y with ``g_a`` alone, so its synthesis and
+    entropy model need not run. A hyperprior model runs whole (its ``h_a``
+    input differs from model to model).
+    """
+    if isinstance(getattr(model, "h_a", None), nn.Module):
+        model(x)
+    else:
+        model.g_a(x)
 
 
 def refuse_unfit(tr: Trainer, val_ds: Dataset, batch_size: int, val: Optional[Dict[str, float]],
