@@ -34,16 +34,17 @@ import argparse
 import contextlib
 import os
 import re
-import subprocess
 import sys
 import time
 import warnings
+from itertools import islice
 from pathlib import Path
 from typing import List, Optional
 
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
+from bench.common import CommandFailed, run, zoo_objective
+from src.cli import run_cli
 
 
 def section(title: str) -> float:
@@ -53,17 +54,6 @@ def section(title: str) -> float:
 
 def done(start: float) -> None:
     print(f"   ({time.perf_counter() - start:.0f} s)", flush=True)
-
-
-def run(cmd: List[str], log: Path, env: Optional[dict] = None, timeout: int = 300) -> str:
-    """Run ``cmd`` from the repository root, its output to ``log``; the output (raises with its tail on failure)."""
-    print(f"$ {' '.join(cmd)}  > {log}", flush=True)
-    result = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                            env=dict(os.environ, **(env or {})))
-    log.write_text(result.stdout + result.stderr)
-    if result.returncode != 0:
-        raise SystemExit(f"exit code {result.returncode}: {' '.join(cmd)}\n{(result.stdout + result.stderr)[-2000:]}")
-    return result.stdout
 
 
 def environment(device: torch.device) -> None:
@@ -99,12 +89,8 @@ def prepare_data(work: Path, crop: int, crops_per_image: int) -> Path:
 
 
 def training_args(crops: Path, save: Path, quality: int, batch: int, steps: int, workers: int) -> List[str]:
-    from src.losses import ZOO_LAMBDA_BPP
-
-    lam = f"{ZOO_LAMBDA_BPP[quality]:.6g}"
     return ["--coco_dir", str(crops), "--quality", str(quality), "--pretrained", "false", "--replace_parts", "none",
-            "--train_scope", "all", "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam,
-            "--max_grad_norm", lam, "--epochs", "2", "--max_steps_per_epoch", str(steps), "--batch_size", str(batch),
+            "--train_scope", "all", *zoo_objective(quality), "--epochs", "2", "--max_steps_per_epoch", str(steps), "--batch_size", str(batch),
             "--num_workers", str(workers), "--recon_count", "0", "--log_every", "50", "--save_dir", str(save),
             "--recon_dir", str(save / "recon"), "--overwrite", "true"]
 
@@ -117,8 +103,8 @@ def train_img_per_s(flags: List[str], name: str, crops: Path, work: Path, args: 
            *training_args(crops, save, args.quality, args.batch, args.steps, args.workers)]
     try:
         out = run(cmd, work / f"train_{name}.log", timeout=240)
-    except SystemExit as err:
-        return "failed: " + str(err).splitlines()[-1][:14]
+    except CommandFailed as err:
+        return "failed: " + str(err)[:14]
     rates = re.findall(r"\| ([\d.]+) img/s", out)
     return f"{float(rates[-1]):.0f} img/s" if rates else "no epoch line"
 
@@ -157,39 +143,43 @@ def plain_loop_ratio(work: Path, args: argparse.Namespace, device: torch.device)
 
 
 def host_syncs(crops: Path, work: Path, args: argparse.Namespace, device: torch.device) -> None:
-    """Syncs inside training_step, for fused and plain Adam (bf16 on CUDA, fp32 on the CPU)."""
-    from src import engine, train_finetune_relu
+    """Syncs inside the engine's training_step, for fused and plain Adam (bf16 on CUDA, fp32 on the CPU).
+
+    The run is built as the training script builds it (``src.engine.setup.build_run``: its model, loader and
+    Trainer), and its steps are called here one by one, each inside the counters.
+    """
+    from src.data import to_unit_float
+    from src.distributed import DistInfo
+    from src.engine import setup, training_step
     from src.speed import HostReads
+    from src.train_args import get_args_parser, validate_args
 
     start = section("4. host syncs inside one training step")
-
-    original = engine.training_step
     for fused in ("true", "false"):
+        amp = ["--amp", "true", "--amp_dtype", "bf16"] if device.type == "cuda" else ["--amp", "false"]
+        flags = get_args_parser("host syncs").parse_args(["--device", device.type, "--fused_optimizer", fused, *amp,
+                                                          *training_args(crops, work / f"syncs_{fused}", args.quality,
+                                                                         args.batch, min(args.steps, 10), 0)])
+        validate_args(flags)
         counts = []
-
-        def counted(*a, **k):
-            # Reads of tensors on the training device only: a CPU scalar read on a GPU box syncs nothing.
-            with warnings.catch_warnings(record=True) as caught, HostReads(device.type) as reads:
-                warnings.simplefilter("always")
-                if device.type == "cuda":
-                    torch.cuda.set_sync_debug_mode("warn")
-                try:
-                    return original(*a, **k)
-                finally:
-                    if device.type == "cuda":
-                        torch.cuda.set_sync_debug_mode("default")
-                    syncs = sum("synchronizing" in str(w.message) for w in caught)
-                    counts.append((reads.reads, syncs))
-
-        engine.training_step = counted
         log = work / f"syncs_fused_{fused}.log"
-        try:
-            amp = ["--amp", "true", "--amp_dtype", "bf16"] if device.type == "cuda" else ["--amp", "false"]
-            with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
-                train_finetune_relu.main(["--device", device.type, "--fused_optimizer", fused, *amp, *training_args(
-                    crops, work / f"syncs_{fused}", args.quality, args.batch, min(args.steps, 10), 0)])
-        finally:
-            engine.training_step = original
+        with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+            built = setup.build_run(flags, "none", None, None, device, DistInfo())
+            built.tr.model.train()
+            for x in islice(built.train_loader.epoch(0), built.loop.steps):
+                x = to_unit_float(x, device, built.tr.memory_format)
+                # Reads of tensors on the training device only: a CPU scalar read on a GPU box syncs nothing.
+                with warnings.catch_warnings(record=True) as caught, HostReads(device.type) as reads:
+                    warnings.simplefilter("always")
+                    if device.type == "cuda":
+                        torch.cuda.set_sync_debug_mode("warn")
+                    try:
+                        training_step(built.tr, x, built.state)
+                    finally:
+                        if device.type == "cuda":
+                            torch.cuda.set_sync_debug_mode("default")
+                counts.append((reads.reads, sum("synchronizing" in str(w.message) for w in caught)))
+                built.state.steps_run += 1
         steady = counts[2:] or counts
         print(f"fused Adam {fused:<5}: per step {sum(c[0] for c in steady) / len(steady):.1f} tensor->host reads, "
               f"{sum(c[1] for c in steady) / len(steady):.1f} CUDA sync warnings (steps 3..{len(counts)}; "
@@ -268,4 +258,4 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

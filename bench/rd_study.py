@@ -34,12 +34,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
+from bench.common import GDN_SWAP_VARIANTS, VARIANTS, python, run, zoo_objective
 from src.cli import UserError, run_cli
 from src.data import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
@@ -50,15 +49,6 @@ SCALES = {  # crop, crops per train image, batch, base steps, fine-tune steps, b
                   amp="false"),
     "zoo": dict(crop=224, crops_per_image=1, batch=16, base_steps=0, steps=5000, base_lr=0.0, lr=1e-4, amp="true"),
 }
-VARIANTS = {  # name: (script, replace_parts, extra flags); the first is the anchor of every BD figure
-    "gdn_control": ("src.train_finetune_relu", "none", []),
-    "relu_encoder": ("src.train_finetune_relu", "encoder", []),
-    "relu_all": ("src.train_finetune_relu", "all", []),
-    "npu_all": ("train_finetune_npu.py", "all", []),
-    "npu_all_gdnfit": ("train_finetune_npu.py", "all", ["--init_from_gdn", "true"]),
-}
-# QAT is a phase after float training (--qat true refuses a GDN base): bench.qat_study runs it from npu_all's models.
-GDN_SWAP_VARIANTS = list(VARIANTS)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -91,15 +81,7 @@ class Study:
         self.data = self.work / f"crops{self.scale['crop']}"
 
     def command(self, argv: List[str], log: Path) -> None:
-        cmd = [sys.executable, *argv] if argv[0].endswith(".py") else [sys.executable, "-m", *argv]
-        print(f"$ python {' '.join(cmd[1:])}  > {log}", flush=True)
-        if self.args.dry_run:
-            return
-        log.parent.mkdir(parents=True, exist_ok=True)
-        with open(log, "a") as handle:
-            code = subprocess.run(cmd, stdout=handle, stderr=subprocess.STDOUT).returncode
-        if code != 0:
-            raise UserError(f"exit code {code} from: {' '.join(cmd[1:])} (see {log})")
+        run(python(*argv), log, cwd=Path.cwd(), append=True, dry_run=self.args.dry_run)
 
     def prepare(self) -> None:
         self.command(["scripts.coco_prepare", "--coco_dir", self.args.coco_dir, "--out_dir", str(self.data),
@@ -110,12 +92,10 @@ class Study:
         """Flags every training run shares: whole epochs adding up to about ``steps`` optimizer steps."""
         train_crops = len(list((self.data / "train").glob("*.png"))) or self.scale["crops_per_image"]
         epochs = epochs_for_steps(steps, train_crops, self.scale["batch"])
-        lam = ZOO_LAMBDA_BPP[quality]
         return ["--coco_dir", str(self.data), "--quality", str(quality), "--pretrained", "false",
                 "--epochs", str(epochs), "--batch_size", str(self.scale["batch"]),
                 "--num_workers", str(self.args.workers), "--seed", str(self.args.seed),
-                "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", f"{lam:.6g}",
-                "--max_grad_norm", f"{lam:.6g}", "--amp", self.scale["amp"], "--train_scope", "all",
+                *zoo_objective(quality), "--amp", self.scale["amp"], "--train_scope", "all",
                 "--sched", "cosine", "--recon_count", "2", "--recon_every", str(epochs), "--log_every", "100"]
 
     def train(self, script: str, run_dir: Path, flags: List[str], start_from: Optional[Path]) -> Path:
@@ -145,10 +125,10 @@ class Study:
         return self.train("src.train_finetune_relu", self.work / "base" / f"q{quality}", flags, None)
 
     def finetune(self, variant: str, quality: int, base: Path) -> Path:
-        script, parts, extra = VARIANTS[variant]
+        v = VARIANTS[variant]
         flags = self.run_flags(quality, self.scale["steps"])
-        flags += ["--replace_parts", parts, "--lr", str(self.scale["lr"]), "--lr_warmup_steps", "20", *extra]
-        return self.train(script, self.work / variant / f"q{quality}", flags, base)
+        flags += ["--replace_parts", v.parts, "--lr", str(self.scale["lr"]), "--lr_warmup_steps", "20", *v.extra]
+        return self.train(v.script, self.work / variant / f"q{quality}", flags, base)
 
     def evaluate(self, curves: Dict[str, List[Path]]) -> Dict:
         """``python -m src.eval --curve ...`` over the held-out photos; its JSON report."""

@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
+from bench.common import GDN_SWAP_VARIANTS, VARIANTS, python, run
 from src import eval as recipe_eval
+from src.cli import run_cli
 from src.data import PreparedCrops, to_unit_float
 from src.data import epochs_for_steps
 from src.model_factory import quality_index, swapped_checkpoint
@@ -34,21 +34,11 @@ SCALES = {  # crop, crops per image, batch, base steps, fine-tune steps
     "small": (128, 8, 8, 1500, 300),
     "full": (224, 1, 16, 0, 5000),
 }
-VARIANTS = [  # name, script, replace, parts, extra flags
-    ("gdn_control", "src.train_finetune_relu", "none", "none", []),
-    ("relu_encoder", "src.train_finetune_relu", "relu", "encoder", []),
-    ("relu_all", "src.train_finetune_relu", "relu", "all", []),
-    ("npu_all", "train_finetune_npu.py", "npu", "all", []),
-    ("npu_all_gdnfit", "train_finetune_npu.py", "npu", "all", ["--init_from_gdn", "true"]),
-]
 
 
-def run(argv: List[str], log: Path) -> None:
-    """Run a recipe command as a user would; its output goes to ``log``."""
-    cmd = [sys.executable, *argv] if argv[0].endswith(".py") else [sys.executable, "-m", *argv]
-    print(f"$ {' '.join(cmd[1:])}", flush=True)
-    with open(log, "w") as handle:
-        subprocess.run(cmd, check=True, stdout=handle, stderr=subprocess.STDOUT)
+def step(argv: List[str], log: Path) -> None:
+    """Run a recipe command as a user would (from the current folder); its output goes to ``log``."""
+    run(python(*argv), log, cwd=Path.cwd())
 
 
 def common_flags(args, data: Path, batch: int, steps: int) -> List[str]:
@@ -69,7 +59,7 @@ def fit_images(folder: Optional[Path]) -> Optional[torch.Tensor]:
     return to_unit_float(torch.stack([crops[i] for i in range(min(16, len(crops)))]), torch.device("cpu"))
 
 
-def main() -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--coco_dir", required=True, help="COCO root (train2017/, val2017/)")
     parser.add_argument("--eval_dir", default=None, help="held-out photos (default: COCO_DIR/val2017, full size)")
@@ -83,7 +73,7 @@ def main() -> None:
     parser.add_argument("--base_steps", type=int, default=None, help="from-scratch base steps (default: by --scale)")
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     crop, per_image, batch, base_steps, steps = SCALES[args.scale]
     steps = args.steps or steps
     base_steps = args.base_steps or base_steps
@@ -92,25 +82,27 @@ def main() -> None:
     start = time.perf_counter()
 
     data = work / f"crops{crop}"
-    run(["scripts.coco_prepare", "--coco_dir", args.coco_dir, "--out_dir", str(data), "--crop_size", str(crop),
+    step(["scripts.coco_prepare", "--coco_dir", args.coco_dir, "--out_dir", str(data), "--crop_size", str(crop),
          "--crops_per_image", str(per_image)], work / "prepare.log")
     base = Path(args.base_checkpoint) if args.base_checkpoint else work / "base" / "last.pt"
     if not args.base_checkpoint and not base.exists():
-        run(["src.train_finetune_relu", *common_flags(args, data, batch, base_steps), "--replace_parts", "none",
+        step(["src.train_finetune_relu", *common_flags(args, data, batch, base_steps), "--replace_parts", "none",
              "--train_scope", "all", "--lr", "1e-3", "--lr_warmup_steps", "100", "--save_dir", str(base.parent),
              "--recon_dir", str(work / "base" / "recon")], work / "base.log")
 
     checkpoints: Dict[str, Path] = {"gdn_base": base}
-    for name, script, replace, parts, extra in VARIANTS:
-        if replace != "none":
-            fit_on = data / "train" if "--init_from_gdn" in extra else None
-            checkpoints[f"{name}@swap"] = swapped_checkpoint(base, replace, parts, work / f"{name}_swap.pt",
+    for name in GDN_SWAP_VARIANTS:
+        v = VARIANTS[name]
+        if v.replace != "none":
+            fit_on = data / "train" if "--init_from_gdn" in v.extra else None
+            checkpoints[f"{name}@swap"] = swapped_checkpoint(base, v.replace, v.parts, work / f"{name}_swap.pt",
                                                              fit_images(fit_on))
         out = work / name
         if not (out / "last.pt").exists():
-            flags = common_flags(args, data, batch, steps) + ["--replace_parts", parts]
-            run([script, *flags, "--train_scope", args.train_scope, "--lr", "3e-4", "--lr_warmup_steps", "20", "--base_checkpoint", str(base),
-                 "--save_dir", str(out), "--recon_dir", str(out / "recon"), *extra], work / f"{name}.log")
+            flags = common_flags(args, data, batch, steps) + ["--replace_parts", v.parts]
+            step([v.script, *flags, "--train_scope", args.train_scope, "--lr", "3e-4", "--lr_warmup_steps", "20",
+                  "--base_checkpoint", str(base), "--save_dir", str(out), "--recon_dir", str(out / "recon"), *v.extra],
+                 work / f"{name}.log")
         checkpoints[f"{name}@tuned"] = out / "last.pt"
 
     eval_dir = args.eval_dir or str(Path(args.coco_dir) / "val2017")
@@ -127,4 +119,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_cli(main)

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -30,12 +29,12 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
+from bench.common import run, zoo_objective
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.eval import bitstream_roundtrip, load_model
 from src.images import image_tensor, load_rgb
 from src.data import epochs_for_steps
-from src.losses import ZOO_LAMBDA_BPP
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
 from src.recon import write_pngs, write_rate, write_report
 from src.sample_photos import skimage_photos
@@ -58,8 +57,8 @@ def lay_out_coco(root: Path) -> Path:
 
 
 def run_step(title: str, args: List[str]) -> None:
-    print(f"\n=== {title}\n$ python {' '.join(args)}", flush=True)
-    subprocess.run([sys.executable, *args], check=True)
+    print(f"\n=== {title}", flush=True)
+    run([sys.executable, *args])
 
 
 def zoo_base(out: Path) -> Optional[Path]:
@@ -80,12 +79,10 @@ BATCH = 8
 def training_flags(crops: Path, steps: int, lr: str, save: Path) -> List[str]:
     """Whole epochs adding up to about ``steps``; CompressAI's objective at q=1's trade-off, in fp32
     (the faster precision on CPUs without AMX)."""
-    lam = f"{ZOO_LAMBDA_BPP[QUALITY]:.6g}"
     epochs = epochs_for_steps(steps, len(list((crops / "train").glob("*.png"))), BATCH)
     return ["--coco_dir", str(crops), "--quality", str(QUALITY), "--pretrained", "false",
             "--epochs", str(epochs), "--recon_every", str(epochs), "--batch_size", str(BATCH),
-            "--num_workers", "0", "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam,
-            "--max_grad_norm", lam, "--amp", "false", "--train_scope", "all", "--lr", lr,
+            "--num_workers", "0", *zoo_objective(QUALITY), "--amp", "false", "--train_scope", "all", "--lr", lr,
             "--save_dir", str(save), "--recon_dir", str(save / "recon"), "--recon_count", "2", "--log_every", "20",
             "--overwrite", "true"]  # a second demo run trains its stages again in the same folders
 

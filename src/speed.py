@@ -6,7 +6,6 @@ tolerance, each tested on the CPU) and only changes how fast a GPU runs them.
 
 from __future__ import annotations
 
-import argparse
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -15,13 +14,13 @@ from torch import Tensor, nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def use_fused_optimizer(args: argparse.Namespace, device: torch.device) -> bool:
-    """``--fused_optimizer``: auto = on for CUDA (one kernel per step instead of several per tensor list).
+def use_fused_optimizer(choice: str, device: torch.device) -> bool:
+    """``--fused_optimizer`` auto/true/false: auto = on for CUDA (one kernel per step, not several per tensor list).
 
     A fused Adam also takes a ``found_inf`` tensor, which lets a bf16/fp32 run
-    skip a bad step on the device (``src.engine.step_optimizers``).
+    skip a bad step on the device (``src.engine.step.step_optimizers``).
     """
-    return device.type == "cuda" if args.fused_optimizer == "auto" else args.fused_optimizer == "true"
+    return device.type == "cuda" if choice == "auto" else choice == "true"
 
 
 class EntropyBottleneckWithoutSync(EntropyBottleneck):
@@ -79,8 +78,8 @@ def without_host_syncs(model: nn.Module) -> int:
     return swapped
 
 
-def speed_up_model(model: nn.Module, args: argparse.Namespace, device: torch.device,
-                   say: Callable[[str], None]) -> None:
+def speed_up_model(model: nn.Module, device: torch.device, say: Callable[[str], None], channels_last: bool = False,
+                   compile: bool = False) -> None:
     """cuDNN autotuning on CUDA, then ``--channels_last`` and ``--compile`` (g_a, g_s) as asked.
 
     The crops have one fixed size, so cuDNN's per-shape autotuning pays off
@@ -92,10 +91,10 @@ def speed_up_model(model: nn.Module, args: argparse.Namespace, device: torch.dev
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
         done.append("cudnn.benchmark")
-    if args.channels_last:
+    if channels_last:
         model.to(memory_format=torch.channels_last)
         done.append("channels_last")
-    if args.compile:
+    if compile:
         for name in ("g_a", "g_s"):
             getattr(model, name).compile()
         done.append("torch.compile(g_a, g_s)")

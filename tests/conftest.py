@@ -7,17 +7,23 @@ built in pytest's tmp dirs from these package-shipped photos.
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+import torch
 from PIL import Image
 
 from scripts import coco_prepare
+from src.cli import run_cli
 from src.images import load_rgb
 from src.sample_photos import COLOR_PHOTOS, skimage_photos
 
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def photo_paths():
@@ -48,3 +54,43 @@ def prepared64(tmp_path_factory, coco_root) -> Path:
     coco_prepare.main(["--coco_dir", str(coco_root), "--out_dir", str(out), "--crop_size", "64",
                        "--crops_per_image", "4", "--workers", "1"])
     return out
+
+
+# ---------------------------------------------------------------- training runs in tests
+
+def common_args(data, tmp_path, *extra):
+    """A training run small enough for a test: q=1, random init, 2 epochs of 2 steps of 2 crops, 2 recon PNGs."""
+    return ["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "2",
+            "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0",
+            "--save_dir", str(tmp_path / "ckpt"), "--recon_dir", str(tmp_path / "recon"),
+            "--recon_count", "2", "--log_every", "1", *extra]
+
+
+def torchrun(entry, argv, port, **kwargs):
+    """``entry`` (a module, or a script path ending in .py) under torchrun with 2 CPU processes."""
+    target = [entry] if entry.endswith(".py") else ["-m", entry]
+    return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port",
+                           str(port), *target, *argv], capture_output=True, text=True, cwd=REPO, timeout=300,
+                          **kwargs)
+
+
+def final_state(path):
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def assert_same_weights(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+EXACT = ("--sched", "none", "--lr_warmup_steps", "3", "--train_scope", "all", "--max_steps_per_epoch", "3")
+
+
+def one_line_error(main, argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(main, argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_info.value.code == 2
+    assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error:"), err
+    return err

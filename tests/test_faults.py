@@ -22,8 +22,7 @@ from src.distributed import DistInfo
 from src.latents import LATENT_LIMIT, check_codable
 from src.model_factory import build_model, make_arch
 from src.train_args import get_args_parser, resume_flag_changes
-from tests.test_robustness import one_line_error
-from tests.test_training import common_args
+from tests.conftest import common_args, one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -101,7 +100,7 @@ def test_training_never_saves_a_model_with_absurd_latents(diverged_checkpoints, 
 
 def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(prepared64, tmp_path, capsys, monkeypatch):
     """An optimizer step that leaves NaN weights (finite loss and gradients) in epoch 2: last.pt stays epoch 1's."""
-    step = engine.step_optimizers
+    step = engine.step.step_optimizers
     calls = {"n": 0}
 
     def step_then_poison(tr, skip=None):
@@ -111,7 +110,7 @@ def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(prepared64, 
             with torch.no_grad():
                 engine.unwrap(tr.model).g_a[0].weight.fill_(float("nan"))
 
-    monkeypatch.setattr(engine, "step_optimizers", step_then_poison)
+    monkeypatch.setattr(engine.step, "step_optimizers", step_then_poison)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_finetune_relu.main, common_args(prepared64, tmp_path, "--epochs", "3"))
     out, err = capsys.readouterr()
@@ -136,14 +135,14 @@ def test_diverging_lr_exits_non_zero_and_saves_nothing_non_finite(prepared64, tm
 
 
 def test_an_epoch_with_every_step_skipped_says_so(prepared64, tmp_path, capsys, monkeypatch):
-    prepare = engine.prepare_model
+    prepare = engine.setup.prepare_model
 
     def prepare_with_inf_gradients(*args, **kwargs):
         model = prepare(*args, **kwargs)
         engine.unwrap(model).g_a[0].weight.register_hook(lambda grad: grad * float("inf"))
         return model
 
-    monkeypatch.setattr(engine, "prepare_model", prepare_with_inf_gradients)
+    monkeypatch.setattr(engine.setup, "prepare_model", prepare_with_inf_gradients)
     summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
     line = next(line for line in capsys.readouterr().out.splitlines() if line.startswith("epoch 1/1"))
     assert "every train step of this epoch was skipped" in line and "RD 0.0000" not in line, line
@@ -366,3 +365,54 @@ def test_bad_gdn_fit_flags_are_one_line_at_parsing(flags, needle, capsys):
         train_finetune_npu.main(["--coco_dir", "/nonexistent", *flags])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and needle in err and "Traceback" not in err
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+def test_nonfinite_steps_are_skipped_then_stop(prepared64, tmp_path, capsys):
+    train_finetune_relu.main(common_args(prepared64, tmp_path / "base", "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "base" / "ckpt" / "last.pt", weights_only=True)
+    ckpt["state_dict"]["g_a.0.weight"] *= float("inf")
+    save_checkpoint(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(engine.TrainingStopped, match="3 non-finite steps in a row"):
+        train_finetune_relu.main(common_args(prepared64, tmp_path, "--base_checkpoint", str(tmp_path / "nan.pt"),
+                                             "--max_bad_steps", "3", "--max_steps_per_epoch", "5"))
+    out = capsys.readouterr().out
+    assert out.count("step skipped") == 3
+    assert not (tmp_path / "ckpt" / "last.pt").exists(), "nothing was trained, nothing is saved"
+
+
+@pytest.mark.parametrize("clip", ["1.0", "0"])
+def test_inf_gradient_with_finite_loss_is_skipped(clip, prepared64, tmp_path, capsys, monkeypatch):
+    """bf16 / fp32 have no GradScaler: an inf gradient must not reach clip_grad_norm_ and Adam."""
+    prepare = engine.setup.prepare_model
+    poisoned = {"left": 2}
+
+    def poison(grad):
+        if poisoned["left"] > 0:
+            poisoned["left"] -= 1
+            return grad * float("inf")
+        return grad
+
+    def prepare_with_hook(*args, **kwargs):
+        model = prepare(*args, **kwargs)
+        engine.unwrap(model).g_s[0].weight.register_hook(poison)
+        return model
+
+    monkeypatch.setattr(engine.setup, "prepare_model", prepare_with_hook)
+    summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch",
+                                                   "4", "--train_scope", "all", "--max_grad_norm", clip))
+    assert capsys.readouterr().out.count("step skipped") == 2 and summary["nonfinite_steps"] == 2
+    assert all(torch.isfinite(p).all() for p in summary["model"].parameters())
+
+
+def test_stopped_run_has_its_own_exit_code(prepared64, tmp_path, capsys):
+    train_finetune_relu.main(common_args(prepared64, tmp_path / "base", "--epochs", "1"))
+    ckpt = torch.load(tmp_path / "base" / "ckpt" / "last.pt", weights_only=True)
+    ckpt["state_dict"]["g_a.0.weight"] *= float("nan")
+    save_checkpoint(ckpt, tmp_path / "nan.pt")
+    with pytest.raises(SystemExit) as exit_info:
+        run_cli(train_finetune_relu.main, common_args(prepared64, tmp_path, "--base_checkpoint",
+                                                      str(tmp_path / "nan.pt"), "--max_bad_steps", "2"))
+    assert exit_info.value.code == 3 and "non-finite steps in a row" in capsys.readouterr().err
+

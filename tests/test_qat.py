@@ -18,9 +18,7 @@ from src.int8 import latent_medians, run, session
 from src.model_factory import build_model, make_arch, model_from_base_weights, model_from_checkpoint
 from src.qat import (LearnedFakeQuantize, WeightFakeQuant, activation_quantisers, calibrate, calibration_images,
                      export_pair, float_twin, graph_qparams, placement, qat_scheme, qat_sites, qat_state)
-from tests.conftest import photo_paths
-from tests.test_robustness import assert_same_weights, final_state
-from tests.test_training import common_args
+from tests.conftest import assert_same_weights, common_args, final_state, photo_paths
 
 # onnxruntime computes in integers and requantises after every op, the fake-quant model in float: its output
 # may differ by a few 8-bit quantisation steps of the output where a requantisation lands on the other side of a

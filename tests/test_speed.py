@@ -1,6 +1,5 @@
 """The GPU path's switches, checked on the CPU: same results, and no host read per training step."""
 
-import argparse
 import copy
 import math
 
@@ -12,7 +11,7 @@ from src import engine, train_finetune_relu
 from src.data import to_unit_float
 from src.model_factory import build_model, make_arch
 from src.speed import EntropyBottleneckWithoutSync, HostReads, speed_up_model, without_host_syncs
-from tests.test_training import common_args
+from tests.conftest import common_args
 
 
 
@@ -36,7 +35,7 @@ def test_entropy_bottleneck_without_sync_is_bit_identical(training):
 @pytest.mark.parametrize("fused", ["true", "false"])
 def test_training_step_reads_nothing_back_with_the_fused_optimizer(fused, prepared64, tmp_path, monkeypatch):
     """bf16/fp32 + fused Adam: no host read inside a training step (the log window reads once)."""
-    step = engine.training_step
+    step = engine.loop.training_step
     per_step = []
 
     def counted(*args, **kwargs):
@@ -45,7 +44,7 @@ def test_training_step_reads_nothing_back_with_the_fused_optimizer(fused, prepar
         per_step.append(reads.reads)
         return result
 
-    monkeypatch.setattr(engine, "training_step", counted)
+    monkeypatch.setattr(engine.loop, "training_step", counted)
     train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "3",
                                          "--fused_optimizer", fused, "--log_every", "50", "--amp", "false"))
     assert len(per_step) == 3
@@ -57,7 +56,7 @@ def test_training_step_reads_nothing_back_with_the_fused_optimizer(fused, prepar
 
 def run_weights(prepared64, tmp_path, monkeypatch, *flags):
     """(initial, final) floating-point weights of a 3-step fp32 run from one seed."""
-    prepare = engine.prepare_model
+    prepare = engine.setup.prepare_model
     initial = {}
 
     def recorded(*args, **kwargs):
@@ -65,7 +64,7 @@ def run_weights(prepared64, tmp_path, monkeypatch, *flags):
         initial.update({k: v.detach().clone() for k, v in model.state_dict().items() if v.is_floating_point()})
         return model
 
-    monkeypatch.setattr(engine, "prepare_model", recorded)
+    monkeypatch.setattr(engine.setup, "prepare_model", recorded)
     summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch",
                                                    "3", "--amp", "false", "--train_scope", "all", *flags))
     final = {k: v.detach().clone() for k, v in summary["model"].state_dict().items() if v.is_floating_point()}
@@ -104,7 +103,7 @@ def test_compiled_transforms_match_eager_and_keep_state_dict_keys():
     torch.manual_seed(0)
     eager = build_model(make_arch(quality=1, replace="npu", replace_parts="all")).train()
     compiled = copy.deepcopy(eager)
-    speed_up_model(compiled, argparse.Namespace(channels_last=False, compile=True), torch.device("cpu"), print)
+    speed_up_model(compiled, torch.device("cpu"), print, compile=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())
     x = torch.rand(2, 3, 64, 64)
     outputs = []

@@ -22,16 +22,9 @@ from src.model_factory import build_model, make_arch
 from src.precision import apply_local_fp32
 from src.schedule import build_schedule
 from src.train_args import get_args_parser
-from tests.conftest import photo_paths
+from tests.conftest import common_args, photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def common_args(data, tmp_path, *extra):
-    return ["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "2",
-            "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0",
-            "--save_dir", str(tmp_path / "ckpt"), "--recon_dir", str(tmp_path / "recon"),
-            "--recon_count", "2", "--log_every", "1", *extra]
 
 
 def assert_run_outputs(tmp_path, replace):
@@ -533,3 +526,11 @@ def test_help_shows_every_default_and_hides_removed_flags(make):
         assert action.option_strings[0] in text
         assert action.required or "%(default)" in formatter._get_help_string(action), action.option_strings
     assert "--amp_warmup_steps" not in text and "(default: auto)" in " ".join(text.split())
+
+
+def test_wandb_dir_is_respected(prepared64, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb_here"))
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--wandb", "true"))
+    assert list((tmp_path / "wandb_here").rglob("run-*.wandb"))
+    assert not (tmp_path / "ckpt" / "wandb").exists()
+
