@@ -26,6 +26,7 @@ from src.int8 import SymbolDecoder, export_module
 from src.model_factory import build_model, make_arch
 from src.subpixel import can_rewrite, subpixel_from_convtranspose, subpixel_rewrite
 from tests.conftest import photo_paths
+from tests.test_qat import float_run, qat_run  # noqa: F401  (fixtures: a float run and its QAT phase)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -303,3 +304,16 @@ def test_runtimes_agree_and_the_int8_convtranspose_stays_float_in_onnxruntime(se
     assert ort_audit["float"].get("ConvTranspose") == 4 and ort_audit["integer"].get("QLinearConv", 0) == 9
     ov_audit = codec.runtime_audit(int8, "openvino")  # which of them OpenVINO runs in INT8 depends on the CPU
     assert sum(ov_audit[kind].get("Deconvolution", 0) for kind in ("integer", "float")) == 4
+
+
+def test_bundle_of_a_qat_checkpoint_carries_its_scales(qat_run, coco_root, tmp_path):
+    """(Here, not in test_qat.py: a bundle verifies on OpenVINO, and run.sh keeps OpenVINO in its own process.)"""
+    ckpt, _ = qat_run
+    bundle = export_onnx.main(["--ckpt", str(ckpt), "--bundle", str(tmp_path / "bundle"), "--int8",
+                               str(coco_root / "val2017"), "--precision", "w8a8"])
+    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
+    assert manifest["precision"]["profile"] == "w8a8" and "QAT" in manifest["precision"]["scales"]
+    assert bundle["manifest"]["verification"]
+    with pytest.raises(UserError, match="trained for w8a8"):
+        export_onnx.main(["--ckpt", str(ckpt), "--bundle", str(tmp_path / "b2"), "--int8",
+                          str(coco_root / "val2017"), "--precision", "a16w8"])

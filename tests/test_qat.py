@@ -1,6 +1,5 @@
 """QAT as a phase after float training: placement = the exported INT8 graph, PTQ's calibration, phases, resume."""
 
-import json
 
 import numpy as np
 import onnx
@@ -265,14 +264,7 @@ def test_export_int8_of_a_qat_checkpoint_carries_its_scales(qat_run, prepared64,
     y_hat = next(n for n in graph.node if n.op_type == "QuantizeLinear" and n.input[0] == "/Add_output_0")
     assert float(consts[y_hat.input[1]]) == pytest.approx(float(activation_quantisers(model)["g_s:in"].scale),
                                                           rel=1e-6)
-    bundle = export_onnx.main(["--ckpt", str(ckpt), "--bundle", str(tmp_path / "bundle"), "--int8",
-                               str(coco_root / "val2017"), "--precision", "w8a8"])
-    manifest = json.loads((tmp_path / "bundle" / "manifest.json").read_text())
-    assert manifest["precision"]["profile"] == "w8a8" and "QAT" in manifest["precision"]["scales"]
-    assert bundle["manifest"]["verification"]
-    with pytest.raises(UserError, match="trained for w8a8"):
-        export_onnx.main(["--ckpt", str(ckpt), "--bundle", str(tmp_path / "b2"), "--int8",
-                          str(coco_root / "val2017"), "--precision", "a16w8"])
+    # its --bundle is tested in tests/test_codec.py: a bundle loads OpenVINO, which runs in a process of its own
 
 
 def test_qat_eval_measures_the_fake_quant_codec(qat_run, prepared64):
