@@ -118,7 +118,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
             rows.append({"codec": f"bundle {precision} {upsample} {runtime}", "precision": precision,
                          "upsample": upsample, "runtime": runtime,
                          **time_bundle(folder, runtime, images, args.repeat)})
-    print(f"\n| codec | encode ms/MP | decode ms/MP | PSNR (dB) | bpp (file) |\n|---|---|---|---|---|")
+    print("\n| codec | encode ms/MP | decode ms/MP | PSNR (dB) | bpp (file) |\n|---|---|---|---|---|")
     pixels = [a.shape[0] * a.shape[1] for a in images]
     for row in rows:
         decoded = row.get("decoded", reference["x_hat"])

@@ -3,6 +3,7 @@
 - ``run``: a command of this repository, printed first (``$ python ...  > log``), its output to a log (or the
   console), one line (``CommandFailed``) with the log's tail when it fails.
 - ``VARIANTS``: the GDN swaps a study trains, each by the script and flags a user would run.
+- ``write_report``: a study's Markdown table and JSON record, written side by side.
 - ``compressai_objective``: ``--loss_type rd --distortion mse --lambda_bpp L --max_grad_norm L``, CompressAI's
   ``lmbda * 255^2 * MSE + bpp`` on the recipe's scale (``L = 1 / lmbda``), gradients clipped where
   ``examples/train.py`` clips them (its 1.0 on a loss ``L`` times larger).
@@ -10,12 +11,13 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 from src.cli import UserError
 from src.losses import ZOO_LAMBDA_BPP
@@ -74,6 +76,15 @@ def run(cmd: Sequence[str], log: Optional[Path] = None, cwd: Path = REPO, env: O
         what = f"timed out after {timeout:g} s" if code is None else f"exit code {code}"
         raise CommandFailed(f"{what} from: {shown(cmd)} (see {log})")
     return output
+
+
+def write_report(folder: Path, name: str, label: str, text: str, result: Dict[str, Any], wall: float) -> None:
+    """Print a study's report (ending ``LABEL: Ns wall``) and write it as ``name.md`` beside its record ``name.json``."""
+    print("\n" + text + f"\n{label}: {wall:.0f}s wall")
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.md").write_text(text)
+    result["wall_s"] = wall
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=1, default=str))
 
 
 def compressai_objective(lambda_bpp: float) -> List[str]:

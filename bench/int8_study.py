@@ -39,6 +39,7 @@ import numpy as np
 import torch
 
 from bench import rd_study
+from bench.common import write_report
 from src.cli import run_cli
 from src.data import image_files
 from src.eval import evaluate_checkpoint, load_model
@@ -226,11 +227,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         text += (f"\nSensitivity (q{args.detail_quality}, w8a8 with MSE ranges, {len(sens['eval_images'])} photos): "
                  f"one tensor at a time at 16 bits:\n\n{sensitivity_markdown(sens['rows'])}\n")
         result.update(stability=stability, sensitivity=sens)
-    wall = time.perf_counter() - start
-    print("\n" + text + f"\nint8 study: {wall:.0f}s wall")
-    (study.work / "int8_ptq_study.md").write_text(text)
-    result["wall_s"] = wall
-    (study.work / "int8_ptq_study.json").write_text(json.dumps(result, indent=1, default=str))
+    write_report(study.work, "int8_ptq_study", "int8 study", text, result, time.perf_counter() - start)
     return result
 
 

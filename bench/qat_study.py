@@ -34,8 +34,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -44,13 +42,13 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
+from bench.common import NPU_SCRIPT, python, run as run_command, write_report, zoo_objective
 from src.cli import UserError, run_cli
 from src.data import epochs_for_steps, image_files
 from src.eval import load_model
 from src.images import image_tensor, load_rgb
 from src.int8 import (SymbolCodec, calibrate, quantise_pair, roundtrip_points, sensitivity, sensitivity_markdown,
                       symbol_graphs)
-from src.losses import ZOO_LAMBDA_BPP
 from src.qat import calibration_images, export_pair, float_twin, is_qat_model
 from src.rd_curves import bd_markdown, compare_curves, curve_point
 
@@ -73,7 +71,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--qualities", type=int, nargs="+", default=[1, 2, 3, 4])
     p.add_argument("--steps", type=int, default=80, help="steps of the QAT phase and of the float control")
     p.add_argument("--lr", type=float, default=3e-5, help="lr of both (cosine, no warmup)")
-    p.add_argument("--scales", default="frozen", choices=("frozen", "learned"), help="QAT's scale mode in the main rows")
+    p.add_argument("--converge_steps", type=int, default=0,
+                   help="first train each RD-study model this many more float steps (cosine from --converge_lr): "
+                        "the float model both arms start from (0: the RD study's model as it is)")
+    p.add_argument("--converge_lr", type=float, default=1e-4)
+    p.add_argument("--scales", default="learned", choices=("frozen", "learned"),
+                   help="QAT's scale mode in the main rows (learned: the recipe's default)")
     p.add_argument("--calib_dir", default=None, help="calibration photos (default: COCO_DIR/train2017)")
     p.add_argument("--calib_count", type=int, default=8, help="calibration photos (PTQ and QAT alike)")
     p.add_argument("--start_ptq", action="store_true", help="also PTQ the float models QAT starts from")
@@ -95,19 +98,19 @@ class Missing(Exception):
 class Runner:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        self.work = Path(args.work_dir)
-        self.data = Path(args.study_dir) / f"crops{CROP}"
-        self.calib_dir = Path(args.calib_dir or Path(args.coco_dir) / "train2017")
+        # absolute: the training commands run in the repository root (bench.common.run)
+        self.work = Path(args.work_dir).resolve()
+        self.data = Path(args.study_dir).resolve() / f"crops{CROP}"
+        self.calib_dir = Path(args.calib_dir or Path(args.coco_dir) / "train2017").resolve()
 
-    def flags(self, quality: int) -> List[str]:
-        """The RD study's fine-tune flags at this rate point, with the phase's length and lr."""
+    def flags(self, quality: int, steps: Optional[int] = None, lr: Optional[float] = None) -> List[str]:
+        """The RD study's fine-tune flags at this rate point, with the phase's length and lr (or the given ones)."""
         crops = len(list((self.data / "train").glob("*.png")))
-        epochs = epochs_for_steps(self.args.steps, crops, BATCH)
-        lam = f"{ZOO_LAMBDA_BPP[quality]:.6g}"
+        epochs = epochs_for_steps(steps or self.args.steps, crops, BATCH)
         return ["--coco_dir", str(self.data), "--quality", str(quality), "--pretrained", "false",
                 "--epochs", str(epochs), "--batch_size", str(BATCH), "--num_workers", "0", "--seed", "0",
-                "--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam, "--max_grad_norm", lam,
-                "--amp", "false", "--train_scope", "all", "--sched", "cosine", "--lr", str(self.args.lr),
+                *zoo_objective(quality), "--amp", "false", "--train_scope", "all", "--sched", "cosine",
+                "--lr", str(lr or self.args.lr),
                 "--lr_warmup_steps", "0", "--replace_parts", "all", "--recon_count", "1", "--recon_every",
                 str(epochs), "--log_every", "40"]
 
@@ -117,13 +120,21 @@ class Runner:
                 "--qat_calib_dir", str(calib_dir or self.calib_dir), "--qat_calib_count",
                 str(count or self.args.calib_count)]
 
-    def start(self, quality: int) -> Path:
-        path = Path(self.args.study_dir) / "npu_all" / f"q{quality}" / "last.pt"
+    def study_model(self, quality: int) -> Path:
+        path = Path(self.args.study_dir).resolve() / "npu_all" / f"q{quality}" / "last.pt"
         if not path.exists():
             raise UserError(f"{path} is missing: run bench.rd_study first")
         return path
 
-    def train(self, name: str, quality: int, extra: List[str]) -> Path:
+    def start(self, quality: int) -> Path:
+        """The float model both arms start from: the RD study's, trained ``--converge_steps`` further first."""
+        if not self.args.converge_steps:
+            return self.study_model(quality)
+        return self.train("converged", quality, [], origin=self.study_model(quality),
+                          flags=self.flags(quality, self.args.converge_steps, self.args.converge_lr))
+
+    def train(self, name: str, quality: int, extra: List[str], origin: Optional[Path] = None,
+              flags: Optional[List[str]] = None) -> Path:
         run_dir = self.work / "runs" / name / f"q{quality}"
         if self.args.report_only and not (run_dir / "done").exists():
             raise Missing(name)
@@ -132,16 +143,10 @@ class Runner:
             print(f"# {run_dir} is being trained by another process; waiting", flush=True)
             time.sleep(60)  # a run started by hand or by another invocation (a log untouched for 15 min is dead)
         if not (run_dir / "done").exists():
-            origin = (["--resume", str(run_dir / "last.pt")] if (run_dir / "last.pt").exists()
-                      else ["--base_checkpoint", str(self.start(quality))])
-            argv = ["train_finetune_npu.py", *self.flags(quality), *extra, "--save_dir", str(run_dir),
-                    "--recon_dir", str(run_dir / "recon"), *origin]
-            print(f"$ python {' '.join(argv)}  > {log}", flush=True)
-            run_dir.mkdir(parents=True, exist_ok=True)
-            with open(log, "a") as handle:
-                code = subprocess.run([sys.executable, *argv], stdout=handle, stderr=subprocess.STDOUT).returncode
-            if code != 0:
-                raise UserError(f"exit code {code} from {name} q{quality} (see {log})")
+            begin = (["--resume", str(run_dir / "last.pt")] if (run_dir / "last.pt").exists()
+                     else ["--base_checkpoint", str(origin or self.start(quality))])
+            run_command(python(NPU_SCRIPT, *(flags or self.flags(quality)), *extra, "--save_dir", str(run_dir),
+                               "--recon_dir", str(run_dir / "recon"), *begin), log=log, append=True)
             (run_dir / "done").write_text("ok\n")
         return run_dir / "last.pt"
 
@@ -229,7 +234,6 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     calib = calibration_images(calib_files)
     held_out = [image_tensor(load_rgb(f)) for f in image_files(Path(args.eval_dir), "evaluation")]
     other = "learned" if args.scales == "frozen" else "frozen"
-    ablations = dict(ABLATIONS, calib_crops=None, scales_other=None)
     rows: Dict[int, Dict[str, Dict]] = {}
     for q in args.qualities:
         try:
@@ -281,7 +285,9 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     bd = compare_curves({n: curves[n] for n in order if n in curves}) if len(rows) >= 4 else {}
     text = (f"Round trips on {len(held_out)} whole photos of {args.eval_dir} (real bits); calibration: "
             f"{len(calib_files)} whole photos of {run.calib_dir}; QAT and float control: {args.steps} steps, "
-            f"lr {args.lr:g} cosine, from {args.study_dir}/npu_all/qN/last.pt; QAT scales {args.scales}.\n\n"
+            f"lr {args.lr:g} cosine, from {args.study_dir}/npu_all/qN/last.pt"
+            + (f" trained {args.converge_steps} more float steps first (lr {args.converge_lr:g} cosine)"
+               if args.converge_steps else "") + f"; QAT scales {args.scales}.\n\n"
             f"{table(rows, order)}\n")
     if bd:
         text += f"\nBD against start_fp32 (the FP32 codec QAT started from):\n\n{bd_markdown(bd)}\n"
@@ -302,12 +308,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
         text += f"\nSensitivity (QAT w8a8 weights, q{q}): one tensor at a time at 16 bits:\n\n" \
                 f"{sensitivity_markdown(sens['rows'])}\n"
         result["sensitivity"] = sens
-    wall = time.perf_counter() - begin
-    print("\n" + text + f"\nqat study: {wall:.0f}s wall")
-    run.work.mkdir(parents=True, exist_ok=True)
-    (run.work / "qat_study.md").write_text(text)
-    result["wall_s"] = wall
-    (run.work / "qat_study.json").write_text(json.dumps(result, indent=1, default=str))
+    write_report(run.work, "qat_study", "qat study", text, result, time.perf_counter() - begin)
     return result
 
 

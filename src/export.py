@@ -32,12 +32,10 @@ from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantTy
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
-from src.eval import bitstream_roundtrip
 from src.images import center_crop_tensor, image_tensor, load_rgb
-from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, SymbolCodec, SymbolDecoder,  # noqa: F401
-                      SymbolEncoder, calibrate, pad_to, quantise_pair, roundtrip_points, sensitivity,
-                      sensitivity_markdown, symbol_bits, symbol_graphs)
-from src.losses import quantised_metrics
+from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, SymbolCodec, calibrate,  # noqa: F401
+                      latent_medians as median_vector, mean_points, pad_to, quantise_pair, roundtrip_points, run,
+                      sensitivity, sensitivity_markdown, session, symbol_bits, symbol_graphs)
 from src.qat import activation_quantisers, export_pair as qat_export_pair, is_qat_model
 
 NPU_FORBIDDEN_OPS = ("Div", "Sqrt", "Pow", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softplus")
@@ -97,9 +95,8 @@ def output_errors(module: nn.Module, path: Path, example: torch.Tensor) -> Dict[
 
 
 def latent_medians(model: nn.Module) -> np.ndarray:
-    """Per-channel medians of the entropy bottleneck, shaped (1, M, 1, 1)."""
-    with torch.no_grad():
-        return model.entropy_bottleneck._get_medians().reshape(1, -1, 1, 1).float().numpy()
+    """Per-channel medians of the entropy bottleneck, shaped (1, M, 1, 1) for numpy broadcasting."""
+    return median_vector(model).reshape(1, -1, 1, 1).numpy()
 
 
 def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor:
@@ -122,14 +119,6 @@ class ArrayReader(CalibrationDataReader):
     def get_next(self) -> Optional[Dict[str, np.ndarray]]:
         array = next(self.arrays, None)
         return None if array is None else {self.input_name: array}
-
-
-def session(path: Path) -> ort.InferenceSession:
-    return ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-
-
-def run(sess: ort.InferenceSession, array: np.ndarray) -> np.ndarray:
-    return sess.run(None, {sess.get_inputs()[0].name: array})[0]
 
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[np.ndarray]) -> Path:
@@ -179,15 +168,9 @@ def roundtrip(codec: OnnxCodec, images: Sequence[torch.Tensor], multiple: int) -
     """Mean PSNR, MS-SSIM (8-bit, as ``src.eval``) and real bpp of image -> encoder -> entropy coder -> decoder.
 
     Each image (1, 3, H, W) is padded to ``multiple`` for coding and measured
-    on its own area, as ``src.eval`` does.
+    on its own area, as ``src.eval`` does (``src.int8.mean_points``).
     """
-    rows = []
-    for image in images:
-        coded = bitstream_roundtrip(codec, image, multiple)
-        metrics = quantised_metrics(image, coded["x_hat"])
-        rows.append({"psnr": metrics["psnr"], "ms_ssim": metrics["ms_ssim"],
-                     "bpp": coded["bits"] / (image.shape[-2] * image.shape[-1])})
-    return {key: float(np.mean([row[key] for row in rows])) for key in ("psnr", "ms_ssim", "bpp")}
+    return mean_points(codec, images, multiple)[0]
 
 
 def roundtrip_image(path: Path, input_size: int, whole: bool) -> torch.Tensor:

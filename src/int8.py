@@ -44,7 +44,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -511,19 +511,27 @@ class SymbolCodec:
         return {"x_hat": torch.from_numpy(run(self.decoder, symbols.numpy())).clamp_(0, 1)}
 
 
-def roundtrip_points(codec: SymbolCodec, images: Sequence[torch.Tensor]) -> Dict:
-    """Mean PSNR / MS-SSIM (8-bit) and real bpp of image -> encoder graph -> range coder -> decoder graph,
-    and each image's symbols (for comparing two encoders)."""
+def mean_points(codec: Any, images: Sequence[torch.Tensor], multiple: int) -> Tuple[Dict[str, float], List[Dict]]:
+    """(mean, per image) PSNR / MS-SSIM on 8-bit levels and real bpp of ``src.eval.bitstream_roundtrip``.
+
+    ``codec`` has a CompressAI model's ``compress`` / ``decompress``; each image
+    is padded to ``multiple`` for coding and measured on its own area.
+    """
     from src.eval import bitstream_roundtrip
     from src.losses import quantised_metrics
-    rows, symbols = [], []
+    rows = []
     for image in images:
-        coded = bitstream_roundtrip(codec, image, 64)
+        coded = bitstream_roundtrip(codec, image, multiple)
         metrics = quantised_metrics(image, coded["x_hat"])
         rows.append({"psnr": metrics["psnr"], "ms_ssim": metrics["ms_ssim"],
                      "bpp": coded["bits"] / (image.shape[-2] * image.shape[-1])})
-        symbols.append(codec.symbols(pad_to(image.numpy(), 64)))
-    mean = {key: float(np.mean([row[key] for row in rows])) for key in ("psnr", "ms_ssim", "bpp")}
+    return {key: float(np.mean([row[key] for row in rows])) for key in ("psnr", "ms_ssim", "bpp")}, rows
+
+
+def roundtrip_points(codec: SymbolCodec, images: Sequence[torch.Tensor]) -> Dict:
+    """``mean_points`` through the symbol graphs, with each image's symbols (for comparing two encoders)."""
+    mean, rows = mean_points(codec, images, 64)
+    symbols = [codec.symbols(pad_to(image.numpy(), 64)) for image in images]
     return {**mean, "per_image": rows, "symbols": symbols}
 
 

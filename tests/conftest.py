@@ -6,6 +6,8 @@ built in pytest's tmp dirs from these package-shipped photos.
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
 import subprocess
 import sys
@@ -66,6 +68,21 @@ def common_args(data, tmp_path, *extra):
             "--recon_count", "2", "--log_every", "1", *extra]
 
 
+def with_flags(argv, flags, names):
+    """``argv`` with each (flag, value) pair of ``flags`` set: replaced where present, else appended.
+
+    Values are format strings over ``names`` (a bad-input table's files).
+    """
+    argv = list(argv)
+    for flag, value in zip(flags[::2], flags[1::2]):
+        value = value.format(**names)
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    return argv
+
+
 def torchrun(entry, argv, port, **kwargs):
     """``entry`` (a module, or a script path ending in .py) under torchrun with 2 CPU processes."""
     target = [entry] if entry.endswith(".py") else ["-m", entry]
@@ -94,3 +111,31 @@ def one_line_error(main, argv, capsys):
     assert exit_info.value.code == 2
     assert "Traceback" not in err and len(err.splitlines()) == 1 and err.startswith("error:"), err
     return err
+
+
+# ---------------------------------------------------------------- the QAT phase
+
+def qat_flags(coco_root, *extra):
+    return ("--qat", "true", "--qat_calib_dir", str(coco_root / "train2017"), "--qat_calib_count", "2",
+            "--amp", "false", "--train_scope", "all", "--sched", "none", "--max_steps_per_epoch", "3", *extra)
+
+
+@pytest.fixture(scope="module")
+def float_run(prepared64, tmp_path_factory):
+    """A float NPU-all run's last.pt: the start of the QAT phase tests (tests/test_qat.py, tests/test_codec.py)."""
+    import train_finetune_npu
+    root = tmp_path_factory.mktemp("float")
+    train_finetune_npu.main(common_args(prepared64, root, "--train_scope", "all", "--amp", "false"))
+    return root / "ckpt" / "last.pt"
+
+
+@pytest.fixture(scope="module")
+def qat_run(float_run, prepared64, coco_root, tmp_path_factory):
+    """(checkpoint, console log) of a 3-step QAT phase from ``float_run`` (whole calibration photos)."""
+    import train_finetune_npu
+    root = tmp_path_factory.mktemp("qat")
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        train_finetune_npu.main(common_args(prepared64, root, *qat_flags(coco_root, "--base_checkpoint",
+                                                                         str(float_run))))
+    return root / "ckpt" / "last.pt", log.getvalue()

@@ -9,7 +9,7 @@ import torch
 from src import train_finetune_relu
 from src.checkpoint import save_checkpoint
 from src.model_factory import build_model
-from tests.conftest import common_args, one_line_error
+from tests.conftest import common_args, one_line_error, with_flags
 
 
 BAD_TRAINING_INPUT = {
@@ -48,13 +48,7 @@ def bad_files(tmp_path_factory, prepared64):
 @pytest.mark.parametrize("case", sorted(BAD_TRAINING_INPUT))
 def test_bad_training_input_is_one_line(case, bad_files, prepared64, tmp_path, capsys, monkeypatch):
     flags, needle = BAD_TRAINING_INPUT[case]
-    argv = common_args(prepared64, tmp_path)
-    for flag, value in zip(flags[::2], flags[1::2]):
-        value = value.format(**bad_files)
-        if flag in argv:
-            argv[argv.index(flag) + 1] = value
-        else:
-            argv += [flag, value]
+    argv = with_flags(common_args(prepared64, tmp_path), flags, bad_files)
     if case.startswith("AMP"):
         def no_autocast(*args, **kwargs):
             raise RuntimeError("autocast for this dtype is not supported")

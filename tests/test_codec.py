@@ -26,7 +26,6 @@ from src.int8 import SymbolDecoder, export_module
 from src.model_factory import build_model, make_arch
 from src.subpixel import can_rewrite, subpixel_from_convtranspose, subpixel_rewrite
 from tests.conftest import photo_paths
-from tests.test_qat import float_run, qat_run  # noqa: F401  (fixtures: a float run and its QAT phase)
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,6 +15,7 @@ from src import eval as recipe_eval
 from src import train_finetune_relu
 from src.cli import UserError
 from src.images import center_crop_tensor, load_rgb
+from src.int8 import SymbolDecoder, SymbolEncoder
 from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -137,8 +138,8 @@ def test_int8_export_gdn_against_npu(checkpoints, prepared64, tmp_path):
         image = center_crop_tensor(sorted((prepared64 / "val").iterdir())[0], (64, 64))
         model, _, _ = recipe_eval.load_model(checkpoints[name], torch.device("cpu"))
         with torch.no_grad():
-            symbols = onnx_export.SymbolEncoder(model, rounded=True)(image)
-            fp32 = onnx_export.SymbolDecoder(model)(symbols).numpy()
+            symbols = SymbolEncoder(model, rounded=True)(image)
+            fp32 = SymbolDecoder(model)(symbols).numpy()
         int8 = onnx_export.run(onnx_export.session(Path(report["int8_path"])), symbols.numpy())
         assert 0 < np.abs(int8 - fp32).max() and np.abs(int8 - fp32).mean() < 0.05
         ops = onnx_export.op_histogram(Path(report["int8_path"]))

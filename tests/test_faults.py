@@ -22,7 +22,7 @@ from src.distributed import DistInfo
 from src.latents import LATENT_LIMIT, check_codable
 from src.model_factory import build_model, make_arch
 from src.train_args import get_args_parser, resume_flag_changes
-from tests.conftest import common_args, one_line_error
+from tests.conftest import common_args, one_line_error, with_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -340,13 +340,7 @@ BAD_INPUT = {
 def test_bad_training_input_is_one_line_before_training(case, fault_files, coco_root, prepared64, tmp_path, capsys):
     flags, needle = BAD_INPUT[case]
     names = {**fault_files, "coco": coco_root}
-    argv = common_args(prepared64, tmp_path)
-    for flag, value in zip(flags[::2], flags[1::2]):
-        value = value.format(**names)
-        if flag in argv:
-            argv[argv.index(flag) + 1] = value
-        else:
-            argv += [flag, value]
+    argv = with_flags(common_args(prepared64, tmp_path), flags, names)
     with pytest.raises(SystemExit) as exit_info:
         run_cli(train_finetune_relu.main, argv)
     lines = capsys.readouterr().err.strip().splitlines()

@@ -15,9 +15,9 @@ from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError
 from src.int8 import latent_medians, run, session
 from src.model_factory import build_model, make_arch, model_from_base_weights, model_from_checkpoint
-from src.qat import (LearnedFakeQuantize, WeightFakeQuant, activation_quantisers, calibrate, calibration_images,
+from src.qat import (LearnedFakeQuantize, activation_quantisers, calibrate, calibration_images,
                      export_pair, float_twin, graph_qparams, placement, qat_scheme, qat_sites, qat_state)
-from tests.conftest import assert_same_weights, common_args, final_state, photo_paths
+from tests.conftest import assert_same_weights, common_args, final_state, photo_paths, qat_flags
 
 # onnxruntime computes in integers and requantises after every op, the fake-quant model in float: its output
 # may differ by a few 8-bit quantisation steps of the output where a requantisation lands on the other side of a
@@ -185,30 +185,6 @@ def test_qat_state_dict_rebuilds_the_same_model(photos, tmp_path):
 
 
 # ---------------------------------------------------------------- the engine's QAT phase
-
-def qat_flags(coco_root, *extra):
-    return ("--qat", "true", "--qat_calib_dir", str(coco_root / "train2017"), "--qat_calib_count", "2",
-            "--amp", "false", "--train_scope", "all", "--sched", "none", "--max_steps_per_epoch", "3", *extra)
-
-
-@pytest.fixture(scope="module")
-def float_run(prepared64, tmp_path_factory):
-    root = tmp_path_factory.mktemp("float")
-    train_finetune_npu.main(common_args(prepared64, root, "--train_scope", "all", "--amp", "false"))
-    return root / "ckpt" / "last.pt"
-
-
-@pytest.fixture(scope="module")
-def qat_run(float_run, prepared64, coco_root, tmp_path_factory):
-    root = tmp_path_factory.mktemp("qat")
-    import contextlib
-    import io
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        train_finetune_npu.main(common_args(prepared64, root, *qat_flags(coco_root, "--base_checkpoint",
-                                                                         str(float_run))))
-    return root / "ckpt" / "last.pt", log.getvalue()
-
 
 def test_qat_refuses_to_start_from_anything_but_a_float_checkpoint(prepared64, coco_root, tmp_path, float_run):
     with pytest.raises(UserError, match="phase after float training"):
