@@ -1,11 +1,16 @@
 """Does a short QAT phase beat PTQ? QAT from the RD study's float models against the same extra float steps + PTQ.
 
     python -m bench.qat_study --coco_dir ../shared/data/minicoco --eval_dir ../shared/data/kodak \\
-        --study_dir ../study/bench_out/rd_study --work_dir bench_out/qat_study
+        --study_dir ../study/bench_out/rd_study --work_dir bench_out/qat_study \\
+        --converge_steps 1600 --steps 320 --start_ptq --sensitivity
 
 Starts from the RD study's float NPU-all models (``STUDY_DIR/npu_all/qN/last.pt``,
-480 float steps each, read only) and its 64-px crops. At equal total budget,
-for each rate point:
+480 float steps each, read only) and its 64-px crops. QAT is a phase for a
+*trained* float model; the RD study's were still gaining about 0.05 dB per 80
+steps, which a comparison at equal budget would count for the float arm, so
+``--converge_steps N`` first trains each of them N more float steps (run
+``converged``; docs/int8_study.md uses 1600 at lr 1e-4). At equal total
+budget, from that start, for each rate point:
 
 - ``float_more``: ``--epochs`` more float epochs from the float model (a
   fresh run from ``--base_checkpoint`` with the QAT phase's lr schedule),
@@ -19,7 +24,8 @@ for each rate point:
 Every codec is measured the same way: Kodak-like held-out whole photos
 (``--eval_dir``), ONNX symbol encoder -> CompressAI's range coder -> ONNX
 decoder, real bits (``src.int8.roundtrip_points``). BD-rate / BD-PSNR against
-``start_fp32`` (``src.rd_curves``). On ``--ablation_quality`` the QAT w8a8 run
+``start_fp32`` (``src.rd_curves``), and of each QAT profile against
+``float_more`` + PTQ of the same profile. On ``--ablation_quality`` the QAT w8a8 run
 is repeated with one change at a time: calibrated on training crops instead of
 whole photos, the other scale mode, the old double quantiser (``--qat_placement
 double``), the old latent grid (``--qat_interface latent``). ``--sensitivity``
@@ -283,6 +289,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     order = ["start_fp32"] + (["start_w8a8", "start_a16w8"] if args.start_ptq else []) + ["float_more_fp32", "float_more_w8a8", "float_more_a16w8",
              "qat_w8a8", "qat_a16w8", "qat_w8a8_float", "qat_a16w8_float"]
     bd = compare_curves({n: curves[n] for n in order if n in curves}) if len(rows) >= 4 else {}
+    same_profile: Dict[str, Dict] = {}
     text = (f"Round trips on {len(held_out)} whole photos of {args.eval_dir} (real bits); calibration: "
             f"{len(calib_files)} whole photos of {run.calib_dir}; QAT and float control: {args.steps} steps, "
             f"lr {args.lr:g} cosine, from {args.study_dir}/npu_all/qN/last.pt"
@@ -291,6 +298,15 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             f"{table(rows, order)}\n")
     if bd:
         text += f"\nBD against start_fp32 (the FP32 codec QAT started from):\n\n{bd_markdown(bd)}\n"
+        # the issue's other bar: QAT against PTQ of the same profile after the same float steps
+        for precision in args.precisions:
+            pair = {f"float_more_{precision}": curves.get(f"float_more_{precision}"), f"qat_{precision}":
+                    curves.get(f"qat_{precision}")}
+            if all(pair.values()):
+                same_profile.update(compare_curves(pair))
+        if same_profile:
+            text += ("\nBD of QAT against float_more + PTQ of the same profile (equal budget; < 0 % = QAT needs "
+                     f"fewer bits):\n\n{bd_markdown(same_profile)}\n")
     if ablation_rows:
         anchor = ablation_rows["float_more + PTQ w8a8"]
         lines = ["| q%d variant | PSNR | bpp | PSNR vs float_more+PTQ | rate vs float_more+PTQ |" % q,
@@ -299,7 +315,8 @@ def main(argv: Optional[List[str]] = None) -> Dict:
             lines.append(f"| {name} | {point['psnr']:.3f} dB | {point['bpp']:.4f} | "
                          f"{point['psnr'] - anchor['psnr']:+.3f} dB | {100 * (point['bpp'] / anchor['bpp'] - 1):+.2f} % |")
         text += "\nAblation (one change at a time from QAT w8a8):\n\n" + "\n".join(lines) + "\n"
-    result = {"rows": rows, "curves": curves, "bd_vs_start_fp32": bd, "ablation": ablation_rows,
+    result = {"rows": rows, "curves": curves, "bd_vs_start_fp32": bd, "bd_qat_vs_ptq": same_profile,
+              "ablation": ablation_rows,
               "args": vars(args)}
     if args.sensitivity and q in rows and "qat_w8a8" in rows[q]:
         ckpt = run.work / "runs" / f"qat_w8a8_{args.scales}" / f"q{q}" / "last.pt"

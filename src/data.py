@@ -32,6 +32,7 @@ from torchvision.transforms.functional import pil_to_tensor
 from src.cli import UserError
 from src.distributed import DistInfo
 from src.images import DECODE_ERRORS, crop_image, list_images, load_rgb
+from src.losses import msssim_window
 
 
 def not_a_folder(path: Path) -> str:
@@ -318,3 +319,31 @@ def val_loader(dataset: Dataset, batch_size: int, num_workers: int, dist: DistIn
     return DataLoader(shard, batch_size=batch_size, shuffle=False, num_workers=num_workers,
                       collate_fn=collate_skipping_bad, pin_memory=pin_memory, persistent_workers=num_workers > 0,
                       generator=torch.Generator().manual_seed(0))
+
+
+def check_datasets(train_ds: Dataset, val_ds: Dataset, crop_size: Optional[int], coco_dir: Path) -> Tuple[int, int]:
+    """(train crop side, val crop side), once train and val are known to be usable.
+
+    Prepared folders must hold one square size each (read from the headers);
+    ``--crop_size`` may not contradict it. Raw COCO needs an image at least
+    as large as the crop. Either way one image of each split must decode: an
+    unreadable val set would otherwise show only after a whole epoch.
+    """
+    if isinstance(train_ds, PreparedCrops):
+        side = prepared_side(train_ds, "train")
+        prepared_side(val_ds, "val")  # val too must be one square size
+        if crop_size is not None and crop_size != side:
+            raise UserError(f"--crop_size {crop_size} contradicts the prepared crops in {coco_dir} "
+                            f"({side}px): prepared crops keep the size they were made at; drop --crop_size, or "
+                            "prepare crops of that size")
+    else:
+        check_crop_fits(train_ds, "train")
+        check_crop_fits(val_ds, "val")
+    sides = crop_side(train_ds, "train"), crop_side(val_ds, "val")
+    for what, side in zip(("train", "val"), sides):
+        try:
+            msssim_window(side)  # val MS-SSIM is measured whatever the loss
+        except ValueError as err:
+            raise UserError(f"{what} crops of {side}px are too small for MS-SSIM's 5 scales ({err}); "
+                            "use larger crops") from None
+    return sides

@@ -111,3 +111,28 @@ def parameter_table(model: nn.Module) -> str:
     lines += [f"{n:<24}{t:>12,}{f:>12,}" for n, t, f in rows]
     lines.append(f"{'total':<24}{sum(r[1] for r in rows):>12,}{sum(r[2] for r in rows):>12,}")
     return "\n".join(lines)
+
+
+def freeze_rate_only_parameters(model: nn.Module) -> int:
+    """Freeze what only feeds the rate (all but g_a/g_s and the quantiles); returns how many were trainable.
+
+    Without a rate term nothing in the loss depends on the entropy models'
+    densities, nor on a hyperprior's h_a/h_s (in training, y_hat is y plus
+    noise, whatever the predicted scales and means), and DDP refuses
+    parameters that never receive a gradient. The quantiles still follow the aux loss.
+    """
+    count = 0
+    for name, param in model.named_parameters():
+        if not name.startswith(("g_a.", "g_s.")) and not name.endswith(".quantiles"):
+            count += param.numel() if param.requires_grad else 0
+            param.requires_grad_(False)
+    return count
+
+
+def split_aux_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
+    """(net, aux) trainable parameters: aux are the entropy bottlenecks' ``.quantiles``."""
+    net, aux = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (aux if name.endswith(".quantiles") else net).append(param)
+    return net, aux

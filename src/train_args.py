@@ -238,7 +238,7 @@ def validate_args(args: argparse.Namespace) -> None:
     """Cross-flag rules argparse cannot express; each failure is one line.
 
     Resolves ``--crop_size`` of raw COCO to its default (prepared crops have
-    their own size, which ``src.engine.check_datasets`` reads).
+    their own size, which ``src.data.check_datasets`` reads).
     """
     if args.local_fp32 == "custom" and not args.local_fp32_custom.strip():
         raise UserError("--local_fp32 custom needs --local_fp32_custom NAME[,NAME...] (class-name parts)")

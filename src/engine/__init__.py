@@ -19,8 +19,8 @@ from src.checkpoint import unwrap
 from src.engine import loop, run, setup, state, step
 from src.engine.loop import LoopConfig, evaluate, train_one_epoch, weights_checksum
 from src.engine.run import run_training
-from src.engine.setup import (AUX_LR, GdnFit, build_trainer, create_model, prepare_model, seed_everything,
-                              split_aux_parameters)
+from src.engine.setup import AUX_LR, GdnFit, build_trainer, create_model, prepare_model, seed_everything
+from src.replace_gdn import split_aux_parameters
 from src.engine.state import OutputConfig, TrainState, checkpoint_payload
 from src.engine.step import (StepConfig, StepVerdict, Trainer, TrainingStopped, agree_on_step, last_good_checkpoint,
                              step_optimizers, training_step)

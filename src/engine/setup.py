@@ -13,7 +13,7 @@ import argparse
 import random
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -23,19 +23,18 @@ from torch.utils.data import DataLoader, Dataset
 
 from src.checkpoint import read_checkpoint, state_and_arch, unwrap
 from src.cli import StopRequest, UserError
-from src.data import (EpochLoader, PreparedCrops, build_datasets, check_crop_fits, crop_side, data_fingerprint,
-                      prepared_side, to_unit_float, val_loader)
+from src.data import EpochLoader, build_datasets, check_datasets, data_fingerprint, to_unit_float, val_loader
 from src.distributed import DistInfo, agree_on_error, barrier
 from src.engine.loop import LoopConfig, check_recon_origin
 from src.engine.state import (OutputConfig, ScheduleConfig, TrainState, check_resume, check_resume_arch,
                               check_same_data, checked_arch, fast_forward_schedule, restore_training_state)
 from src.engine.step import StepConfig, Trainer
-from src.losses import RecipeLoss, msssim_window
+from src.losses import RecipeLoss
 from src.model_factory import download_pretrained_state, make_arch, model_from_base_weights
 from src.precision import (OverflowMonitor, apply_local_fp32, autocast_context, check_amp_support, make_grad_scaler,
                            resolve_amp_dtype)
 from src.qat import activation_quantisers, fake_quant_modules, qat_arch, qat_state, start_phase
-from src.replace_gdn import parameter_table, set_trainable_parts
+from src.replace_gdn import freeze_rate_only_parameters, parameter_table, set_trainable_parts, split_aux_parameters
 from src.replace_gdn_npu import fit_blocks_to_gdn
 from src.run_logger import RunLogger
 from src.speed import speed_up_model, use_fused_optimizer, without_host_syncs
@@ -113,31 +112,6 @@ def create_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Optiona
         return model_from_base_weights(arch, state, dict(arch, replace="none"), "CompressAI zoo")
     say("weights: random initialisation (--pretrained false)")
     return model_from_base_weights(arch, None, None, "")
-
-
-def freeze_rate_only_parameters(model: nn.Module) -> int:
-    """Freeze what only feeds the rate (all but g_a/g_s and the quantiles); returns how many were trainable.
-
-    Without a rate term nothing in the loss depends on the entropy models'
-    densities, nor on a hyperprior's h_a/h_s (in training, y_hat is y plus
-    noise, whatever the predicted scales and means), and DDP refuses
-    parameters that never receive a gradient. The quantiles still follow the aux loss.
-    """
-    count = 0
-    for name, param in model.named_parameters():
-        if not name.startswith(("g_a.", "g_s.")) and not name.endswith(".quantiles"):
-            count += param.numel() if param.requires_grad else 0
-            param.requires_grad_(False)
-    return count
-
-
-def split_aux_parameters(model: nn.Module) -> Tuple[List[nn.Parameter], List[nn.Parameter]]:
-    """(net, aux) trainable parameters: aux are the entropy bottlenecks' ``.quantiles``."""
-    net, aux = [], []
-    for name, param in model.named_parameters():
-        if param.requires_grad:
-            (aux if name.endswith(".quantiles") else net).append(param)
-    return net, aux
 
 
 def build_optimizer(args: argparse.Namespace, params: Sequence[nn.Parameter], fused: bool) -> torch.optim.Optimizer:
@@ -219,34 +193,6 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
 
 
 # ---------------------------------------------------------------- start checks
-
-def check_datasets(train_ds: Dataset, val_ds: Dataset, args: argparse.Namespace) -> Tuple[int, int]:
-    """(train crop side, val crop side), once train and val are known to be usable.
-
-    Prepared folders must hold one square size each (read from the headers);
-    ``--crop_size`` may not contradict it. Raw COCO needs an image at least
-    as large as the crop. Either way one image of each split must decode: an
-    unreadable val set would otherwise show only after a whole epoch.
-    """
-    if isinstance(train_ds, PreparedCrops):
-        side = prepared_side(train_ds, "train")
-        prepared_side(val_ds, "val")  # val too must be one square size
-        if args.crop_size is not None and args.crop_size != side:
-            raise UserError(f"--crop_size {args.crop_size} contradicts the prepared crops in {args.coco_dir} "
-                            f"({side}px): prepared crops keep the size they were made at; drop --crop_size, or "
-                            "prepare crops of that size")
-    else:
-        check_crop_fits(train_ds, "train")
-        check_crop_fits(val_ds, "val")
-    sides = crop_side(train_ds, "train"), crop_side(val_ds, "val")
-    for what, side in zip(("train", "val"), sides):
-        try:
-            msssim_window(side)  # val MS-SSIM is measured whatever the loss
-        except ValueError as err:
-            raise UserError(f"{what} crops of {side}px are too small for MS-SSIM's 5 scales ({err}); "
-                            "use larger crops") from None
-    return sides
-
 
 def planned_epochs(ckpt: Dict[str, Any], args: argparse.Namespace, dist: DistInfo,
                    amp_dtypes: Optional[Tuple[str, str]] = None) -> Tuple[int, bool]:
@@ -344,7 +290,7 @@ def build_run(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[
     seed_everything(args.seed)
     # -- data
     train_ds, val_ds = build_datasets(Path(args.coco_dir), args.use_prepared, args.crop_size, args.seed)
-    side, val_side = check_datasets(train_ds, val_ds, args)
+    side, val_side = check_datasets(train_ds, val_ds, args.crop_size, args.coco_dir)
     args.data_fingerprint = data_fingerprint(train_ds, val_ds)  # saved with the flags: --resume needs the same data
     try:
         arch = make_arch(args.model, args.quality, args.metric, replace, args.replace_parts, enc_kwargs, dec_kwargs,
