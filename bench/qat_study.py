@@ -9,7 +9,7 @@ Starts from the RD study's float NPU-all models (``STUDY_DIR/npu_all/qN/last.pt`
 *trained* float model; the RD study's were still gaining about 0.05 dB per 80
 steps, which a comparison at equal budget would count for the float arm, so
 ``--converge_steps N`` first trains each of them N more float steps (run
-``converged``; docs/int8_study.md uses 1600 at lr 1e-4). At equal total
+``converged``; the command above uses 1600 at the default lr 1e-4). At equal total
 budget, from that start, for each rate point:
 
 - ``float_more``: ``--epochs`` more float epochs from the float model (a

@@ -48,6 +48,7 @@ from src.eval import synchronize
 from src.images import center_crop_tensor
 from src.model_factory import build_model, make_arch, quality_index
 from src.precision import autocast_context
+from src.replace_gdn import split_aux_parameters
 from src.sample_photos import skimage_photos
 from src.train_args import get_args_parser, validate_args
 
@@ -67,7 +68,7 @@ LMBDA = 0.01  # CompressAI's examples/train.py default
 
 
 def plain_step_fn(model, device, amp: bool) -> Callable[[torch.Tensor], None]:
-    net, aux = setup.split_aux_parameters(model)
+    net, aux = split_aux_parameters(model)
     optimizer, aux_optimizer = torch.optim.Adam(net, lr=1e-4), torch.optim.Adam(aux, lr=1e-3)
     criterion = RateDistortionLoss(lmbda=LMBDA)
     autocast = autocast_context(device.type, amp, "bf16")
