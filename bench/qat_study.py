@@ -80,7 +80,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--converge_steps", type=int, default=0,
                    help="first train each RD-study model this many more float steps (cosine from --converge_lr): "
                         "the float model both arms start from (0: the RD study's model as it is)")
-    p.add_argument("--converge_lr", type=float, default=1e-4)
+    p.add_argument("--converge_lr", type=float, default=1e-4, help="lr of the --converge_steps (cosine, no warmup)")
     p.add_argument("--scales", default="learned", choices=("frozen", "learned"),
                    help="QAT's scale mode in the main rows (learned: the recipe's default)")
     p.add_argument("--calib_dir", default=None, help="calibration photos (default: COCO_DIR/train2017)")
