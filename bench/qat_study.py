@@ -171,6 +171,25 @@ class Runner:
         return result
 
 
+SETUP_KEYS = ("study_dir", "converge_steps", "converge_lr", "steps", "lr", "calib_dir", "coco_dir", "calib_count",
+              "eval_dir")  # what the cached runs and measurements depend on (run names and cache keys do not say)
+
+
+def check_setup(work: Path, args: argparse.Namespace) -> None:
+    """One work dir, one setup: ``setup.json`` records it, and another setup is refused (its cache would be reused)."""
+    setup = {key: str(getattr(args, key)) for key in SETUP_KEYS}
+    path = work / "setup.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        changed = [f"{key} {saved.get(key)} -> {value}" for key, value in setup.items() if saved.get(key) != value]
+        if changed:
+            raise UserError(f"{work} holds a study with another setup ({'; '.join(changed)}): its runs and "
+                            "measurements would be reused; pass another --work_dir")
+    elif not args.report_only:
+        work.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(setup, indent=1))
+
+
 def summary(points: Dict) -> Dict:
     return {k: points[k] for k in ("psnr", "ms_ssim", "bpp")}
 
@@ -236,6 +255,7 @@ def main(argv: Optional[List[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
     begin = time.perf_counter()
     run = Runner(args)
+    check_setup(run.work, args)
     calib_files = image_files(run.calib_dir, "calibration")[: args.calib_count]
     calib = calibration_images(calib_files)
     held_out = [image_tensor(load_rgb(f)) for f in image_files(Path(args.eval_dir), "evaluation")]
