@@ -22,18 +22,18 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from src.images import center_crop_tensor, image_tensor, load_rgb
-from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, SymbolCodec, calibrate,  # noqa: F401
+from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, ArrayReader, SymbolCodec, calibrate,  # noqa: F401
                       latent_medians as median_vector, mean_points, pad_to, quantise_pair, roundtrip_points, run,
                       sensitivity, sensitivity_markdown, session, symbol_bits, symbol_graphs)
 from src.qat import activation_quantisers, export_pair as qat_export_pair, is_qat_model
@@ -108,18 +108,6 @@ def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor
 
 
 # ---------------------------------------------------------------- INT8
-
-class ArrayReader(CalibrationDataReader):
-    """Feeds calibration arrays (each (1, C, H, W) float32) to the calibrator one by one."""
-
-    def __init__(self, input_name: str, arrays: Sequence[np.ndarray]):
-        self.input_name = input_name
-        self.arrays: Iterator[np.ndarray] = iter(arrays)
-
-    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
-        array = next(self.arrays, None)
-        return None if array is None else {self.input_name: array}
-
 
 def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[np.ndarray]) -> Path:
     """Write a statically quantised copy of ``fp32_path``, calibrated on ``calibration``."""

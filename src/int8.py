@@ -44,7 +44,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Iterable, List, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 import onnx
@@ -361,14 +361,20 @@ class QuantPlan:
         return table
 
 
-class OneInput(CalibrationDataReader):
-    """The one input ``quantize_static`` needs to run; every activation's range comes from ``QuantPlan``."""
+class ArrayReader(CalibrationDataReader):
+    """Feeds arrays (each (1, C, H, W) float32) to ``quantize_static`` one by one.
 
-    def __init__(self, name: str, array: np.ndarray):
-        self.items = iter([{name: array}])
+    ``quantise`` passes a single one: every activation's range comes from ``QuantPlan``, the array only lets the
+    quantiser run the graph once.
+    """
 
-    def get_next(self):
-        return next(self.items, None)
+    def __init__(self, input_name: str, arrays: Sequence[np.ndarray]):
+        self.input_name = input_name
+        self.arrays = iter(arrays)
+
+    def get_next(self) -> Optional[Dict[str, np.ndarray]]:
+        array = next(self.arrays, None)
+        return None if array is None else {self.input_name: array}
 
 
 def plan(hists: Dict[str, TensorHistogram], sixteen_bit: Sequence[str], symbol_tensor: str, sym_bits: int,
@@ -383,7 +389,7 @@ def quantise(model_path: Path, out: Path, qplan: QuantPlan, example: np.ndarray)
     input_name = session(model_path).get_inputs()[0].name
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantize_static(str(model_path), str(out), OneInput(input_name, example), quant_format=QuantFormat.QDQ,
+        quantize_static(str(model_path), str(out), ArrayReader(input_name, [example]), quant_format=QuantFormat.QDQ,
                         per_channel=True, activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8,
                         extra_options={"TensorQuantOverrides": qplan.overrides()})
     return out
