@@ -339,6 +339,13 @@ def symbol_bits(symbols: Iterable[np.ndarray]) -> Tuple[int, int]:
     return (8 if outside == 0 else 16), outside
 
 
+def symbol_override(symbol_bits: int) -> List[Dict]:
+    """The symbol tensor's ``TensorQuantOverrides`` entry: integers at scale 1, zero point 0 (the codec's rounding)."""
+    wide = symbol_bits != 8
+    return [{"quant_type": QuantType.QInt16 if wide else QuantType.QInt8, "scale": np.array(1.0, np.float32),
+             "zero_point": np.array(0, np.int16 if wide else np.int8)}]
+
+
 @dataclass
 class QuantPlan:
     """What one graph is quantised with: a range per activation, and which activations get 16 bits."""
@@ -354,10 +361,7 @@ class QuantPlan:
             if name in self.sixteen_bit:
                 entry["quant_type"] = QuantType.QUInt16
             table[name] = [entry]
-        # The symbol tensor: integers at scale 1, zero point 0 (rounding = the codec's rounding).
-        table[self.symbol_tensor] = [{"quant_type": QuantType.QInt8 if self.symbol_bits == 8 else QuantType.QInt16,
-                                      "scale": np.array(1.0, np.float32),
-                                      "zero_point": np.array(0, np.int8 if self.symbol_bits == 8 else np.int16)}]
+        table[self.symbol_tensor] = symbol_override(self.symbol_bits)
         return table
 
 

@@ -73,7 +73,7 @@ from src.cli import UserError
 from src.data import image_files
 from src.images import image_tensor, load_rgb
 from src.int8 import (calibrate as int8_calibrate, choose_range, float_islands, latent_medians, pad_to, prepared,
-                      quantise, quantise_pair, run, session, symbol_bits, symbol_graphs)
+                      quantise, quantise_pair, run, session, symbol_bits, symbol_graphs, symbol_override)
 from src.npu_blocks import ECAGate, GDNishLiteDec, GDNishLiteEnc
 
 QAT_PARTS = ("g_a", "g_s")
@@ -538,10 +538,7 @@ def overrides_for(model: nn.Module, fp32_path: Path, symbol_bits: int) -> ScaleO
     for tensor in graph_tensors(fp32_path):
         site = graph_site(model, tensor, graph)
         if site is None:  # the symbols: integers at scale 1 (the codec's rounding)
-            wide = symbol_bits != 8
-            table[tensor] = [{"quant_type": QuantType.QInt16 if wide else QuantType.QInt8,
-                              "scale": np.array(1.0, np.float32),
-                              "zero_point": np.array(0, np.int16 if wide else np.int8)}]
+            table[tensor] = symbol_override(symbol_bits)
         elif site in quantisers:
             scale, zero_point = quantisers[site].calculate_qparams()
             sixteen = quantisers[site].quant_max > 255
