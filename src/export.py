@@ -33,8 +33,8 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from src.images import center_crop_tensor, image_tensor, load_rgb
-from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, ArrayReader, SymbolCodec, calibrate,  # noqa: F401
-                      latent_medians as median_vector, mean_points, pad_to, quantise_pair, roundtrip_points, run,
+from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, ArrayReader, SymbolCodec,  # noqa: F401
+                      calibrate, latent_medians as median_vector, mean_points, pad_to, quantise_pair, roundtrip_points, run,
                       sensitivity, sensitivity_markdown, session, symbol_bits, symbol_graphs)
 from src.qat import activation_quantisers, export_pair as qat_export_pair, is_qat_model
 
