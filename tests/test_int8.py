@@ -11,7 +11,7 @@ from onnx import numpy_helper
 from src import int8
 from src.images import image_tensor, load_rgb
 from src.model_factory import build_model, make_arch
-from src.npu_blocks import ECAGate, GDNishLiteDec
+from src.npu_blocks import ECAGate, GDNishLiteDec, GDNishLiteEnc
 from src.sample_photos import COLOR_PHOTOS, skimage_photos
 
 SIDE = 128
@@ -120,6 +120,44 @@ def test_profiles_put_16_bits_on_the_main_path_and_symbols_at_scale_1(calibrated
             sixteen = {t for t, (dtype, _) in params.items() if dtype == np.uint16}
             assert sixteen == set(pair.sixteen_bit[half])
         assert pair.float_islands == {"encoder": [], "decoder": []}, "every compute op sits between DQ and Q"
+
+
+def trained_like_gates(tmp_path):
+    """Calibration of a model whose ECA gates are as training leaves them: conv weights ~1e-3, gain ~1, so the
+    folded bias (~1) needs a fine int32 scale when the pool is at 16 bits."""
+    model = spread_model()
+    with torch.no_grad():
+        for module in model.g_a.modules():
+            if isinstance(module, GDNishLiteEnc):
+                module.project.weight.normal_(0, 0.02)
+            if isinstance(module, torch.nn.Conv1d):
+                module.weight.normal_(0, 1e-3)
+                module.bias.zero_()
+    images = photos(2)
+    fp32 = int8.symbol_graphs(model, torch.from_numpy(images[0]), tmp_path)
+    calib = int8.calibrate(fp32, images, tmp_path)
+    pools = [t for t in calib.encoder if t.endswith("pool/GlobalAveragePool_output_0")]
+    return calib, pools
+
+
+def test_a_pool_at_16_bits_takes_its_reshape_along_and_no_bias_is_clipped(tmp_path):
+    calib, pools = trained_like_gates(tmp_path)
+    out = tmp_path / "trial.onnx"
+    qplan = int8.quantise_half(calib, "encoder", "w8a8", "mse", out, extra_sixteen_bit=pools)
+    reshapes = set(qplan.sixteen_bit) - set(pools)
+    assert len(reshapes) == len(pools) and all("Reshape" in r for r in reshapes)
+    assert int8.clipped_biases(out) == []
+    fp32_symbols = int8.run(int8.session(calib.sources["encoder"]), calib.images[1])
+    int8_symbols = int8.run(int8.session(out), calib.images[1])
+    assert np.mean(np.abs(np.round(fp32_symbols) - int8_symbols) <= 1) > 0.99
+
+
+def test_a_plan_that_splits_a_pool_from_its_reshape_is_refused(tmp_path):
+    """Without the Reshape, onnxruntime clips the gate's int32 bias (the gate fell from ~1 to ~0.04): refused."""
+    calib, pools = trained_like_gates(tmp_path)
+    qplan = int8.plan(calib.encoder, pools, int8.ENCODER_OUTPUT, 8, "mse")
+    with pytest.raises(ValueError, match="clipped the int32 bias"):
+        int8.quantise(calib.sources["encoder"], tmp_path / "split.onnx", qplan, calib.images[0])
 
 
 def test_symbols_outside_int8_get_a_16_bit_interface():
