@@ -26,6 +26,7 @@ from src.cli import UserError
 from src.data import fingerprint_change
 from src.distributed import DistInfo, agree_on_error, all_gather_objects, barrier
 from src.model_factory import make_arch
+from src.qat import is_absolute_step_scheme
 from src.schedule import LRSchedule, build_schedule
 
 if TYPE_CHECKING:
@@ -110,6 +111,10 @@ def check_resume(resume: Dict[str, Any], path: str) -> Dict[str, Any]:
 def check_resume_arch(resume: Dict[str, Any], path: str, arch: Dict[str, Any]) -> None:
     """The --resume checkpoint holds the architecture these flags build."""
     ckpt_arch = check_resume(resume, path)
+    if is_absolute_step_scheme(resume["arch"].get("qat")):
+        raise UserError(f"--resume {path} is a QAT run whose learned scales were stepped as themselves (before "
+                        "log-space scales): its optimizer state does not carry over; export it as it is, or run "
+                        "the QAT phase again from its float checkpoint (--base_checkpoint)")
     if ckpt_arch != arch:
         raise UserError(f"--resume {path} holds {ckpt_arch['replace']}/{ckpt_arch['replace_parts']} "
                         f"q={ckpt_arch['quality']}; rerun with the flags of that run")
