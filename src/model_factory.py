@@ -33,7 +33,7 @@ from compressai.layers import GDN
 
 from src.cli import UserError
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
-from src.qat import normalise_scheme, prepare_qat
+from src.qat import normalise_scheme, prepare_qat, upgrade_state_dict
 from src.replace_gdn import REPLACE_MODES, find_gdn_layers, replace_gdn_with_relu
 from src.replace_gdn_npu import fit_blocks_to_gdn, replace_gdn_with_npu
 
@@ -223,6 +223,7 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """Strictly load ``state_dict`` (CompressAI resizes the entropy-coder tables itself)."""
+    state_dict = upgrade_state_dict(model, state_dict)
     check_state_dict(model, state_dict, source)
     model.load_state_dict(dict(state_dict))
     return model

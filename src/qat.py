@@ -210,17 +210,6 @@ class LearnedFakeQuantize(FakeQuantizeBase):
         zero_point = self.zero_point.detach().round().clamp(self.quant_min, self.quant_max).int()
         return self.scale.detach(), zero_point
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        """A state dict of the earlier scheme (torch.ao's ``_LearnableFakeQuantize``: the scale itself, an
-        observer) loads as its log-space equivalent, so its checkpoints still evaluate and export."""
-        old = prefix + "scale"
-        if old in state_dict and prefix + "log_scale" not in state_dict:
-            state_dict[prefix + "log_scale"] = torch.log(state_dict.pop(old).float().reshape(1)) / LOG_SCALE_GAIN
-            obsolete = ("static_enabled", "learning_enabled", "eps", "activation_post_process")
-            for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].split(".")[0] in obsolete]:
-                del state_dict[key]
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-
 
 class WeightFakeQuant(nn.Module):
     """INT8 per output channel, symmetric, scale = |w|max / 127: what ``quantize_static`` does to the weights."""
@@ -351,6 +340,23 @@ def prepare_qat(model: nn.Module, scheme: Mapping[str, Any]) -> nn.Module:
             module.output_fake_quant, module.output_fake_quant_factor = fq, site.factor
             module.register_forward_hook(_quantise_output)
     return model
+
+
+def upgrade_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """``state`` with the learned scales of the earlier scheme (torch.ao's ``_LearnableFakeQuantize``: the scale
+    itself and an idle observer) as ``model``'s log-space ones, so the checkpoints it wrote still load for
+    evaluation and export (their resume is refused: ``is_absolute_step_scheme``). Anything else is untouched."""
+    state = dict(state)
+    for name, fq in activation_quantisers(model).items():
+        if not isinstance(fq, LearnedFakeQuantize):
+            continue
+        owner = f"{name[: -len(INPUT)]}.0.input_fake_quant." if name.endswith(INPUT) else f"{name}.output_fake_quant."
+        if owner + "scale" in state and owner + "log_scale" not in state:
+            state[owner + "log_scale"] = torch.log(state.pop(owner + "scale").float().reshape(1)) / LOG_SCALE_GAIN
+            obsolete = ("static_enabled", "learning_enabled", "eps", "activation_post_process")
+            for key in [k for k in state if k.startswith(owner) and k[len(owner):].split(".")[0] in obsolete]:
+                del state[key]
+    return state
 
 
 def activation_quantisers(model: nn.Module) -> Dict[str, FakeQuantizeBase]:

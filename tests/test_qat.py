@@ -14,7 +14,7 @@ from src import eval as recipe_eval
 from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError
 from src.int8 import latent_medians, run, session
-from src.model_factory import build_model, make_arch, model_from_base_weights, model_from_checkpoint
+from src.model_factory import build_model, load_weights, make_arch, model_from_base_weights, model_from_checkpoint
 from src.qat import (LOG_SCALE_GAIN, LearnedFakeQuantize, activation_quantisers, calibrate, calibration_images,
                      export_pair, float_twin, graph_qparams, is_absolute_step_scheme, placement, qat_scheme, qat_sites,
                      qat_state)
@@ -170,8 +170,7 @@ def test_a_state_dict_of_the_absolute_step_scales_loads_converted(photos, tmp_pa
             old[prefix + "activation_post_process.min_val"] = torch.tensor(0.0)
         else:
             old[key] = value
-    fresh = qat_model(scales="learned")
-    fresh.load_state_dict(old)
+    fresh = load_weights(qat_model(scales="learned"), old, "a checkpoint of the earlier scheme")
     for name, fq in activation_quantisers(fresh).items():
         assert float(fq.scale) == pytest.approx(float(activation_quantisers(model)[name].scale), rel=1e-5), name
     assert is_absolute_step_scheme({k: v for k, v in qat_scheme().items() if k != "learned_scales"})
@@ -251,6 +250,32 @@ def test_qat_phases_in_order_in_the_log_and_the_checkpoint(qat_run):
     assert arch["qat"] == qat_scheme("w8a8", "learned") and payload["args"]["qat_calib_count"] == 2
     model, _ = model_from_checkpoint(state, arch, str(ckpt))
     assert qat_state(model) == "training with learned scales", "the default"
+
+
+def test_a_checkpoint_of_the_absolute_step_scales_exports_but_does_not_resume(qat_run, prepared64, coco_root,
+                                                                              tmp_path):
+    ckpt, _ = qat_run
+    payload = torch.load(ckpt, map_location="cpu", weights_only=False)
+    new_state = dict(payload["state_dict"])
+    old_state = {}
+    for key, value in new_state.items():  # the keys torch.ao's _LearnableFakeQuantize wrote
+        if key.endswith(".log_scale"):
+            old_state[key[: -len("log_scale")] + "scale"] = torch.exp(LOG_SCALE_GAIN * value)
+        else:
+            old_state[key] = value
+    payload["state_dict"] = old_state
+    payload["arch"]["qat"] = {k: v for k, v in payload["arch"]["qat"].items() if k != "learned_scales"}
+    old = tmp_path / "old" / "last.pt"
+    old.parent.mkdir()
+    torch.save(payload, old)
+    model, _, _ = recipe_eval.load_model(old, torch.device("cpu"))
+    fresh, _, _ = recipe_eval.load_model(ckpt, torch.device("cpu"))
+    for name, fq in activation_quantisers(model).items():
+        assert float(fq.scale) == pytest.approx(float(activation_quantisers(fresh)[name].scale), rel=1e-5), name
+    flags = [f for f in qat_flags(coco_root) if f != "--base_checkpoint"]
+    with pytest.raises(UserError, match="learned scales were stepped as themselves"):
+        train_finetune_npu.main(common_args(prepared64, tmp_path / "old", *flags, "--resume", str(old),
+                                            "--extend_epochs", "1"))
 
 
 def test_qat_resume_is_exact(float_run, prepared64, coco_root, tmp_path):

@@ -184,9 +184,9 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
         quantiles = [n for n, _ in model.named_parameters() if n.endswith(".quantiles")]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, quantiles)
         # Without QAT no buffer changes in training (no BatchNorm): broadcasting them each forward would only
-        # add a collective. With QAT the observers' scales are buffers: rank 0's are broadcast before each
-        # forward, as torch's QAT recipes do, so the ranks differ only by the one moving-average update (weight
-        # 0.01) each makes on its own batch; the checkpoint holds rank 0's.
+        # add a collective. With QAT the quantisers' flags and frozen scales are buffers (learned scales are
+        # parameters, kept equal by DDP's gradient all-reduce): rank 0's are broadcast before each forward, as
+        # torch's QAT recipes do, so every rank rounds on the same grid.
         model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None,
                                         broadcast_buffers=bool(arch["qat"]))
     return model
