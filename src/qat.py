@@ -33,14 +33,13 @@ trained model the same:
   every activation's QAT scale and zero point as ``TensorQuantOverrides``: the
   shipped graph is the PTQ graph with QAT's weights and scales.
 
-Scales (``--qat_scales``): ``learned`` (the default: measured better, by
-0.01 dB at q2, docs/int8_study.md) trains the 8-bit ones with LSQ
-(``_LearnableFakeQuantize`` of torch.ao with LSQ's gradient scale
-1/sqrt(N * Qp)) from the calibrated start; ``frozen`` keeps the calibrated
-scales (buffers).
+Scales (``--qat_scales``): ``learned`` (the default, docs/int8_study.md)
+trains the 8-bit ones with LSQ (torch's learnable fake-quant op) from the
+calibrated start, in log space (``LearnedFakeQuantize``: every scale moves by
+the same fraction per step, whatever its size); ``frozen`` keeps the
+calibrated scales (buffers).
 16-bit tensors (``a16w8``) keep their calibrated scales in both modes: their
-rounding is ~0.4 % of an 8-bit step, and Adam's step (about the learning rate)
-is larger than a 16-bit scale itself.
+rounding is ~0.4 % of an 8-bit step, too fine for its scale to be worth learning.
 
 Phases: the model is built with fake-quant off ("uncalibrated"); ``calibrate``
 sets the scales and switches it on ("training with frozen / learned
