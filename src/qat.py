@@ -129,8 +129,9 @@ def normalise_scheme(qat: Any) -> Optional[Dict[str, Any]]:
 
 def is_absolute_step_scheme(qat: Any) -> bool:
     """A stored QAT scheme whose learned scales were parameters themselves (before ``LearnedFakeQuantize``'s log
-    space)."""
-    return isinstance(qat, Mapping) and "precision" in qat and "learned_scales" not in qat
+    space). Not a frozen-scale one: its scales were buffers then as now, so its resume is exact."""
+    return (isinstance(qat, Mapping) and "precision" in qat and "learned_scales" not in qat
+            and qat.get("scales") == "learned")
 
 
 def qat_arch(args: Any) -> Optional[Dict[str, Any]]:

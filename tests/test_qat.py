@@ -175,6 +175,8 @@ def test_a_state_dict_of_the_absolute_step_scales_loads_converted(photos, tmp_pa
         assert float(fq.scale) == pytest.approx(float(activation_quantisers(model)[name].scale), rel=1e-5), name
     assert is_absolute_step_scheme({k: v for k, v in qat_scheme().items() if k != "learned_scales"})
     assert not is_absolute_step_scheme(qat_scheme()) and not is_absolute_step_scheme(None)
+    frozen = {k: v for k, v in qat_scheme(scales="frozen").items() if k != "learned_scales"}
+    assert not is_absolute_step_scheme(frozen), "frozen scales were buffers before too: that resume is exact"
 
 
 def test_learned_scales_get_gradients_and_frozen_ones_are_buffers(photos, tmp_path):
