@@ -166,8 +166,11 @@ def test_a_state_dict_of_the_absolute_step_scales_loads_converted(photos, tmp_pa
         if key.endswith(".log_scale"):
             prefix = key[: -len("log_scale")]
             old[prefix + "scale"] = torch.exp(LOG_SCALE_GAIN * value)
-            old[prefix + "eps"] = torch.tensor([1e-12])
-            old[prefix + "activation_post_process.min_val"] = torch.tensor(0.0)
+            for extra in ("static_enabled", "learning_enabled"):  # every key it wrote, as in a real one
+                old[prefix + extra] = torch.tensor([0], dtype=torch.uint8)
+            old[prefix + "eps"] = torch.tensor([1.1920928955078125e-07])
+            for extra in ("eps", "min_val", "max_val"):
+                old[prefix + "activation_post_process." + extra] = torch.tensor(0.0)
         else:
             old[key] = value
     fresh = load_weights(qat_model(scales="learned"), old, "a checkpoint of the earlier scheme")
