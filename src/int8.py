@@ -58,6 +58,7 @@ from compressai.entropy_models import EntropyModel
 from compressai.ops import compute_padding
 from torch import nn
 
+from src.cli import UserError
 from src.npu_blocks import ECAGate, GDNishLiteDec
 
 PROFILES = {
@@ -392,7 +393,8 @@ def plan(hists: Dict[str, TensorHistogram], sixteen_bit: Sequence[str], symbol_t
 def quantise(model_path: Path, out: Path, qplan: QuantPlan, example: np.ndarray) -> Path:
     """onnxruntime's ``quantize_static`` (QDQ, INT8 weights per channel) with the plan as tensor overrides.
 
-    Refuses a written graph with a clipped int32 bias (``clipped_biases``): it would compute a wrong function.
+    Refuses (one line) a written graph with a clipped int32 bias (``clipped_biases``): it would compute another
+    function.
     """
     input_name = session(model_path).get_inputs()[0].name
     with warnings.catch_warnings():
@@ -402,7 +404,7 @@ def quantise(model_path: Path, out: Path, qplan: QuantPlan, example: np.ndarray)
                         extra_options={"TensorQuantOverrides": qplan.overrides()})
     clipped = clipped_biases(out)
     if clipped:
-        raise ValueError(f"onnxruntime clipped the int32 bias of {', '.join(clipped)} in {out} (input scale x "
+        raise UserError(f"onnxruntime clipped the int32 bias of {', '.join(clipped)} in {out} (input scale x "
                          "weight scale too small for the bias): that graph would compute another function")
     return out
 

@@ -174,13 +174,14 @@ class LearnedFakeQuantize(FakeQuantizeBase):
     on export. Why log space: Adam moves every parameter by about the
     learning rate per step whatever its gradient's size, so a scale learnt
     as itself moves by the same *absolute* amount at every site. Measured on
-    the study's q2 model (lr 3e-5, 320 steps): the scales near 1e-4 (ECA
-    pools and products, the decoder's depthwise outputs) moved by -91 % to
-    +426 %, those near 2e-2 by 2-7 %. A step in ``log_scale`` is the same
+    the study's q2 model (lr 3e-5, 320 steps): the scales of 1e-4 to 1e-3
+    (ECA pools and products, the decoder's depthwise outputs) moved by -91 %
+    to +426 %, those near 2e-2 by -10 % to +7 %. A step in ``log_scale`` is the same
     *fraction* of every scale: about ``LOG_SCALE_GAIN * lr`` per step (9e-4
     at lr 3e-5). LSQ's gradient scale 1/sqrt(N * Qp) is left out: it
     balances the scale's step against the weights' under SGD, and Adam
-    divides it out again.
+    divides it out again. (``--weight_decay`` > 0 would also pull
+    ``log_scale`` towards 0, i.e. the scale towards 1; the recipe's default is 0.)
     """
 
     def __init__(self, quant_min: int, quant_max: int):

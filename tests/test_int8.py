@@ -9,6 +9,7 @@ import torch
 from onnx import numpy_helper
 
 from src import int8
+from src.cli import UserError
 from src.images import image_tensor, load_rgb
 from src.model_factory import build_model, make_arch
 from src.npu_blocks import ECAGate, GDNishLiteDec, GDNishLiteEnc
@@ -156,7 +157,7 @@ def test_a_plan_that_splits_a_pool_from_its_reshape_is_refused(tmp_path):
     """Without the Reshape, onnxruntime clips the gate's int32 bias (the gate fell from ~1 to ~0.04): refused."""
     calib, pools = trained_like_gates(tmp_path)
     qplan = int8.plan(calib.encoder, pools, int8.ENCODER_OUTPUT, 8, "mse")
-    with pytest.raises(ValueError, match="clipped the int32 bias"):
+    with pytest.raises(UserError, match="clipped the int32 bias"):
         int8.quantise(calib.sources["encoder"], tmp_path / "split.onnx", qplan, calib.images[0])
 
 
