@@ -260,7 +260,7 @@ def test_qat_phases_in_order_in_the_log_and_the_checkpoint(qat_run):
 def test_a_checkpoint_of_the_absolute_step_scales_exports_but_does_not_resume(qat_run, prepared64, coco_root,
                                                                               tmp_path):
     ckpt, _ = qat_run
-    payload = torch.load(ckpt, map_location="cpu", weights_only=False)
+    payload = read_checkpoint(ckpt)
     new_state = dict(payload["state_dict"])
     old_state = {}
     for key, value in new_state.items():  # the keys torch.ao's _LearnableFakeQuantize wrote
