@@ -348,10 +348,10 @@ def upgrade_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> D
     itself and an idle observer) as ``model``'s log-space ones, so the checkpoints it wrote still load for
     evaluation and export (their resume is refused: ``is_absolute_step_scheme``). Anything else is untouched."""
     state = dict(state)
-    for name, fq in activation_quantisers(model).items():
-        if not isinstance(fq, LearnedFakeQuantize):
+    for path, module in model.named_modules():
+        if not isinstance(module, LearnedFakeQuantize):
             continue
-        owner = f"{name[: -len(INPUT)]}.0.input_fake_quant." if name.endswith(INPUT) else f"{name}.output_fake_quant."
+        owner = path + "."
         if owner + "scale" in state and owner + "log_scale" not in state:
             state[owner + "log_scale"] = torch.log(state.pop(owner + "scale").float().reshape(1)) / LOG_SCALE_GAIN
             obsolete = ("static_enabled", "learning_enabled", "eps", "activation_post_process")
