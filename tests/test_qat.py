@@ -157,22 +157,28 @@ def test_learned_scales_take_the_same_relative_step_whatever_their_size(photos, 
         assert step == pytest.approx(LOG_SCALE_GAIN * lr, rel=0.02), name
 
 
-def test_a_state_dict_of_the_absolute_step_scales_loads_converted(photos, tmp_path):
-    model = qat_model(scales="learned")
-    calibrate(model, photos, "mse", tmp_path)
-    state = model.state_dict()
+def absolute_step_state(state):
+    """``state`` as the earlier scheme (torch.ao's _LearnableFakeQuantize) wrote it: the scale itself, and every
+    other key that class had, as in a real checkpoint."""
     old = {}
-    for key, value in state.items():  # as torch.ao's _LearnableFakeQuantize wrote it
+    for key, value in state.items():
         if key.endswith(".log_scale"):
             prefix = key[: -len("log_scale")]
             old[prefix + "scale"] = torch.exp(LOG_SCALE_GAIN * value)
-            for extra in ("static_enabled", "learning_enabled"):  # every key it wrote, as in a real one
+            for extra in ("static_enabled", "learning_enabled"):
                 old[prefix + extra] = torch.tensor([0], dtype=torch.uint8)
             old[prefix + "eps"] = torch.tensor([1.1920928955078125e-07])
             for extra in ("eps", "min_val", "max_val"):
                 old[prefix + "activation_post_process." + extra] = torch.tensor(0.0)
         else:
             old[key] = value
+    return old
+
+
+def test_a_state_dict_of_the_absolute_step_scales_loads_converted(photos, tmp_path):
+    model = qat_model(scales="learned")
+    calibrate(model, photos, "mse", tmp_path)
+    old = absolute_step_state(model.state_dict())
     fresh = load_weights(qat_model(scales="learned"), old, "a checkpoint of the earlier scheme")
     for name, fq in activation_quantisers(fresh).items():
         assert float(fq.scale) == pytest.approx(float(activation_quantisers(model)[name].scale), rel=1e-5), name
@@ -261,14 +267,7 @@ def test_a_checkpoint_of_the_absolute_step_scales_exports_but_does_not_resume(qa
                                                                               tmp_path):
     ckpt, _ = qat_run
     payload = read_checkpoint(ckpt)
-    new_state = dict(payload["state_dict"])
-    old_state = {}
-    for key, value in new_state.items():  # the keys torch.ao's _LearnableFakeQuantize wrote
-        if key.endswith(".log_scale"):
-            old_state[key[: -len("log_scale")] + "scale"] = torch.exp(LOG_SCALE_GAIN * value)
-        else:
-            old_state[key] = value
-    payload["state_dict"] = old_state
+    payload["state_dict"] = absolute_step_state(payload["state_dict"])
     payload["arch"]["qat"] = {k: v for k, v in payload["arch"]["qat"].items() if k != "learned_scales"}
     old = tmp_path / "old" / "last.pt"
     old.parent.mkdir()
@@ -277,9 +276,8 @@ def test_a_checkpoint_of_the_absolute_step_scales_exports_but_does_not_resume(qa
     fresh, _, _ = recipe_eval.load_model(ckpt, torch.device("cpu"))
     for name, fq in activation_quantisers(model).items():
         assert float(fq.scale) == pytest.approx(float(activation_quantisers(fresh)[name].scale), rel=1e-5), name
-    flags = [f for f in qat_flags(coco_root) if f != "--base_checkpoint"]
     with pytest.raises(UserError, match="learned scales were stepped as themselves"):
-        train_finetune_npu.main(common_args(prepared64, tmp_path / "old", *flags, "--resume", str(old),
+        train_finetune_npu.main(common_args(prepared64, tmp_path / "old", *qat_flags(coco_root), "--resume", str(old),
                                             "--extend_epochs", "1"))
 
 
