@@ -12,7 +12,7 @@ CompressAI's range coder -> ONNX decoder, real bits, it measures:
 - ``npu_fp32``: the NPU codec's FP32 symbol-interface graphs;
 - ``ptq_minmax_latent``: the PTQ this project shipped before (latent
   interface requantised by the host, UINT8 MinMax on 256-px crops);
-- ``w8a8`` and ``a16w8``: ``src.int8`` with MSE ranges from whole calibration
+- ``w8a8`` and ``a16w8``: ``src.quant.ptq`` with MSE ranges from whole calibration
   images (``--calib_dir``, default COCO_DIR/train2017), and ``w8a8_minmax``
   (the same with MinMax ranges) as the range method's ablation;
 - ``gdn_fp32``: the GDN control through ``src.eval`` (CompressAI's own codec).
@@ -43,10 +43,11 @@ from bench.common import write_report
 from src.cli import run_cli
 from src.data import image_files
 from src.eval import evaluate_checkpoint, load_model
-from src.export import minmax_latent_ptq
 from src.images import image_tensor, load_rgb
-from src.int8 import (SymbolCodec, calibrate, pad_to, quantise_pair, roundtrip_points, sensitivity,
-                      sensitivity_markdown, symbol_graphs)
+from src.quant.onnx_export import minmax_latent_ptq
+from src.quant.ptq import (SymbolCodec, calibrate, pad_to, quantise_pair, roundtrip_points, sensitivity,
+                           sensitivity_markdown)
+from src.quant.symbols import symbol_graphs
 from src.rd_curves import bd_markdown, compare_curves, curve_point
 
 INT8_VARIANTS = {"w8a8": ("w8a8", "mse"), "a16w8": ("a16w8", "mse"), "w8a8_minmax": ("w8a8", "minmax")}

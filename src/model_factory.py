@@ -6,7 +6,7 @@ The description is a plain dict (it is stored in every checkpoint, and
     {"base_model": "bmshj2018-factorized", "quality": 3, "metric": "mse",
      "replace": "none" | "relu" | "npu", "replace_parts": "encoder" | "decoder" | "all" | "none",
      "enc_kwargs": {...}, "dec_kwargs": {...},
-     "qat": None | src.qat.qat_scheme(precision, scales)}
+     "qat": None | src.quant.scheme.qat_scheme(precision, scales)}
 
 ``qat`` marks a quantisation-aware model: the same network with fake-quant
 in g_a/g_s, whose scales are in the state dict (older checkpoints have no
@@ -33,7 +33,8 @@ from compressai.layers import GDN
 
 from src.cli import UserError
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
-from src.qat import normalise_scheme, prepare_qat, upgrade_state_dict
+from src.quant.fake_quant import prepare_qat, upgrade_state_dict
+from src.quant.scheme import normalise_scheme
 from src.replace_gdn import REPLACE_MODES, find_gdn_layers, replace_gdn_with_relu
 from src.replace_gdn_npu import fit_blocks_to_gdn, replace_gdn_with_npu
 
@@ -99,7 +100,7 @@ def apply_replacement(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
 
 
 def apply_qat(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
-    """Fake-quant in g_a/g_s for a QAT ``arch`` (src/qat.py); other models are returned as they are."""
+    """Fake-quant in g_a/g_s for a QAT ``arch`` (src/quant/qat.py); other models are returned as they are."""
     return prepare_qat(model, arch["qat"]) if arch.get("qat") else model
 
 

@@ -45,7 +45,7 @@ class QuantPoint(nn.Identity):
     """Marks a tensor that an INT8 graph carries between ops (a product, a gain, a residual sum).
 
     The identity in float (no weights, nothing in the state dict);
-    quantisation-aware training (src/qat.py) fake-quantises its output, as it
+    quantisation-aware training (src/quant/qat.py) fake-quantises its output, as it
     does the outputs of convolutions and activations.
     """
 

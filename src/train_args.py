@@ -11,11 +11,10 @@ import torch
 from torch import nn
 
 from src.cli import UserError, str2bool
-from src.int8 import RANGE_METHODS
-from src.losses import DISTORTIONS, LOSS_TYPES
+from src.losses import DISTORTIONS, LOSS_TYPES, ZOO_LAMBDA_BPP
 from src.model_factory import BASE_MODELS, describe_model, quality_index
 from src.precision import AMP_DTYPE_CHOICES, LOCAL_FP32_POLICIES
-from src.qat import INTERFACES, PLACEMENTS, PRECISIONS as QAT_PRECISIONS, SCALE_MODES
+from src.quant.scheme import INTERFACES, PLACEMENTS, PRECISIONS as QAT_PRECISIONS, RANGE_METHODS, SCALE_MODES
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
 from src.schedule import SCHEDULES, check_schedule
 
@@ -123,9 +122,9 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--qat", type=str2bool, default=False,
                    help="a QAT phase after float training (start from --base_checkpoint FLOAT.pt of this "
                         "architecture): g_a/g_s round where their INT8 graph rounds, weights INT8 per output channel, "
-                        "activation scales from PTQ's calibration on whole photos (src/qat.py)")
+                        "activation scales from PTQ's calibration on whole photos (src/quant/qat.py)")
     g.add_argument("--qat_precision", default="w8a8", choices=QAT_PRECISIONS,
-                   help="INT8 profile (src.int8): w8a8 = every activation 8-bit; a16w8 = 16-bit main path")
+                   help="INT8 profile (src/quant/ptq.py): w8a8 = every activation 8-bit; a16w8 = 16-bit main path")
     g.add_argument("--qat_scales", default="learned", choices=SCALE_MODES,
                    help="learned = LSQ-train the 8-bit scales (in log space) from the calibrated ones (measured "
                         "better, docs/int8_study.md); frozen = keep the calibrated scales")
@@ -133,7 +132,7 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
                    help="whole photos the scales are calibrated on (default: COCO_DIR/train2017; never crops)")
     g.add_argument("--qat_calib_count", type=int, default=20, help="calibration photos used (sorted by name)")
     g.add_argument("--qat_range", default="mse", choices=RANGE_METHODS,
-                   help="how each activation's range is chosen from the calibration histograms (src.int8)")
+                   help="how each activation's range is chosen from the calibration histograms (src/quant/ptq.py)")
     g.add_argument("--qat_placement", default="graph", choices=PLACEMENTS,
                    help="ablation only: double = also round each conv's output before its ReLU6 (the old QAT; the "
                         "exported graph rounds once, after it)")
@@ -331,3 +330,17 @@ def resume_flag_changes(saved: Dict[str, Any], args: argparse.Namespace, extendi
     if saved_world_size != world_size:
         changes.append(f"world size {saved_world_size} -> {world_size} processes")
     return changes
+
+
+# CompressAI's objective, ``lmbda * 255^2 * MSE + bpp``, on the recipe's scale (``--lambda_bpp L = 1 / lmbda``) with
+# gradients clipped where ``examples/train.py`` clips them (its 1.0 on a loss L times larger): the demo's and the
+# benches' one spelling of it.
+def compressai_objective(lambda_bpp: float) -> List[str]:
+    """CompressAI's training objective as the recipe's flags, at ``lambda_bpp`` (= 1 / CompressAI's lmbda)."""
+    lam = f"{lambda_bpp:.6g}"
+    return ["--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam, "--max_grad_norm", lam]
+
+
+def zoo_objective(quality: int) -> List[str]:
+    """``compressai_objective`` at the trade-off CompressAI's zoo model of ``quality`` was trained with."""
+    return compressai_objective(ZOO_LAMBDA_BPP[quality])

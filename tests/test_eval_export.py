@@ -10,12 +10,11 @@ from PIL import Image
 
 import train_finetune_npu
 from scripts import export_onnx
-from src import export as onnx_export
-from src import eval as recipe_eval
-from src import train_finetune_relu
+from src import eval as recipe_eval, train_finetune_relu
 from src.cli import UserError
 from src.images import center_crop_tensor, load_rgb
-from src.int8 import SymbolDecoder, SymbolEncoder
+from src.quant import onnx_export
+from src.quant.symbols import SymbolDecoder, SymbolEncoder
 from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]

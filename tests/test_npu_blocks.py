@@ -4,8 +4,8 @@ import onnx
 import pytest
 import torch
 
-from src.export import NPU_FORBIDDEN_OPS
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
+from src.quant.onnx_export import NPU_FORBIDDEN_OPS
 
 
 @pytest.mark.parametrize("act", ["relu6", "hardswish"])

@@ -6,10 +6,10 @@ import torch
 from compressai.zoo import image_models
 from torch import nn
 
-from src.export import NPU_FORBIDDEN_OPS
 from src.cli import UserError
 from src.model_factory import build_model, load_weights, make_arch
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
+from src.quant.onnx_export import NPU_FORBIDDEN_OPS
 from src.replace_gdn import find_gdn_layers, replace_gdn_with_relu, set_trainable_parts
 from src.replace_gdn_npu import replace_gdn_with_npu
 

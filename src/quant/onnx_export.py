@@ -33,10 +33,12 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from src.images import center_crop_tensor, image_tensor, load_rgb
-from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, ArrayReader, SymbolCodec,  # noqa: F401
-                      calibrate, latent_medians as median_vector, mean_points, pad_to, quantise_pair, roundtrip_points, run,
-                      sensitivity, sensitivity_markdown, session, symbol_bits, symbol_graphs)
-from src.qat import activation_quantisers, export_pair as qat_export_pair, is_qat_model
+from src.quant.fake_quant import activation_quantisers, is_qat_model
+from src.quant.ptq import (ArrayReader, SymbolCodec, calibrate, mean_points, pad_to, quantise_pair, roundtrip_points,
+                           run, sensitivity, sensitivity_markdown, session, symbol_bits)
+from src.quant.qat import export_pair as qat_export_pair
+from src.quant.scheme import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES
+from src.quant.symbols import latent_medians as median_vector, symbol_graphs
 
 NPU_FORBIDDEN_OPS = ("Div", "Sqrt", "Pow", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softplus")
 MAX_ABS_ERROR = 1e-3
@@ -135,7 +137,7 @@ def encoder_latents(encoder: Path, images: Sequence[np.ndarray], medians: np.nda
 class OnnxCodec:
     """An ONNX encoder and decoder around the model's own entropy coder: ``compress`` / ``decompress``.
 
-    The same two methods as a CompressAI model, so ``src.eval.bitstream_roundtrip``
+    The same two methods as a CompressAI model, so ``src.codec.roundtrip.bitstream_roundtrip``
     codes an image through the exported (FP32 or INT8) graphs and CompressAI's
     range coder, and the bits it counts are a real bitstream's.
     """
@@ -156,7 +158,7 @@ def roundtrip(codec: OnnxCodec, images: Sequence[torch.Tensor], multiple: int) -
     """Mean PSNR, MS-SSIM (8-bit, as ``src.eval``) and real bpp of image -> encoder -> entropy coder -> decoder.
 
     Each image (1, 3, H, W) is padded to ``multiple`` for coding and measured
-    on its own area, as ``src.eval`` does (``src.int8.mean_points``).
+    on its own area, as ``src.eval`` does (``src.quant.ptq.mean_points``).
     """
     return mean_points(codec, images, multiple)[0]
 
@@ -187,7 +189,7 @@ def int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, cal
                 with_sensitivity: bool = False) -> Dict:
     """PSNR and real bpp of the INT8 encoder -> entropy coder -> decoder round trip against FP32.
 
-    PTQ (``src.int8``): symbol-interface graphs, calibrated on the whole
+    PTQ (``src.quant.ptq``): symbol-interface graphs, calibrated on the whole
     CALIB_DIR images, quantised with the precision ``profile`` and per-tensor
     ranges by ``range_method``; the INT8 graph of ``--part`` is kept at
     OUT.int8.onnx (input ``x`` -> output ``symbols`` for the encoder, ``symbols``
@@ -259,7 +261,7 @@ def print_round_trip(report: Dict, part: str, input_size: int) -> None:
 
 def qat_int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, eval_files: List[Path],
                     eval_from: str, input_size: int, dynamic: bool, opset: int) -> Dict:
-    """A QAT checkpoint's INT8 pair (``src.qat.export_pair``: PTQ's graphs and pipeline, QAT's weights and scales)
+    """A QAT checkpoint's INT8 pair (``src.quant.qat.export_pair``: PTQ's graphs and pipeline, QAT's weights and scales)
     against its float weights' symbol graphs; OUT.int8.onnx is the ``part`` half. Nothing is calibrated."""
     held_out = [roundtrip_image(f, input_size, whole=dynamic) for f in eval_files]
     int8_path = out.with_suffix(".int8.onnx")
