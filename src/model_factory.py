@@ -5,7 +5,7 @@ The description is a plain dict (it is stored in every checkpoint, and
 
     {"base_model": "bmshj2018-factorized", "quality": 3, "metric": "mse",
      "replace": "none" | "relu" | "npu", "replace_parts": "encoder" | "decoder" | "all" | "none",
-     "enc_kwargs": {...}, "dec_kwargs": {...},
+     "enc_kwargs": {...}, "dec_kwargs": {...},  # the blocks' options, every default filled in
      "qat": None | src.quant.scheme.qat_scheme(precision, scales)}
 
 ``qat`` marks a quantisation-aware model: the same network with fake-quant
@@ -75,8 +75,8 @@ def make_arch(base_model: str = "bmshj2018-factorized", quality: int = 3, metric
     return {
         "base_model": base_model, "quality": int(quality), "metric": metric,
         "replace": replace, "replace_parts": replace_parts,
-        "enc_kwargs": dict(enc_kwargs or {}) if replace == "npu" else {},
-        "dec_kwargs": dict(dec_kwargs or {}) if replace == "npu" else {},
+        "enc_kwargs": GDNishLiteEnc.options(enc_kwargs) if replace == "npu" else {},
+        "dec_kwargs": GDNishLiteDec.options(dec_kwargs) if replace == "npu" else {},
         "qat": qat,
     }
 

@@ -18,7 +18,6 @@ from torch import nn
 from torch.ao.quantization import FakeQuantizeBase
 from torch.nn.utils import parametrize
 
-from src.npu_blocks import ECAGate, GDNishLiteDec, GDNishLiteEnc
 from src.quant.scheme import LOG_SCALE_GAIN, QAT_PARTS, normalise_scheme
 
 WEIGHT_QMIN, WEIGHT_QMAX = -127, 127  # onnxruntime's symmetric INT8 weight range
@@ -151,26 +150,18 @@ class Site:
 
 
 def _block_sites(path: str, block: nn.Module, double: bool) -> List[Site]:
-    extra = []
-    if isinstance(block, GDNishLiteEnc):
-        extra = [Site(f"{path}.expand", in_graph=False), Site(f"{path}.dw", in_graph=False)] if double else []
-        if not isinstance(block.bn1, nn.Identity) or not isinstance(block.bn2, nn.Identity):
-            raise ValueError(f"{path}: QAT does not support BatchNorm in the NPU blocks")
-        sites = [Site(f"{path}.act1"), Site(f"{path}.act2"), Site(f"{path}.project")]
-        if isinstance(block.eca, ECAGate):
-            sites += [Site(f"{path}.eca.pool"), Site(f"{path}.eca.gate", 2.0), Site(f"{path}.eca.gated")]
-        sites.append(Site(f"{path}.summed") if block.residual else None)
-    elif isinstance(block, GDNishLiteDec):
-        if not isinstance(block.bn, nn.Identity):
-            raise ValueError(f"{path}: QAT does not support BatchNorm in the NPU blocks")
-        extra = [Site(f"{path}.mix", in_graph=False)] if double else []
-        sites = [Site(f"{path}.act"), Site(f"{path}.gain_out"), Site(f"{path}.gained"), Site(f"{path}.dw")]
-        sites.append(Site(f"{path}.summed") if block.residual else None)
-    else:
+    """The sites of an NPU block: its own ``quant_points()`` (``src.npu_blocks``), the last one its output (main path).
+    With ``double``, also the ablation's ``double_rounding_points()``, which the exported graph does not round."""
+    if not hasattr(block, "quant_points"):
         raise ValueError(f"{path}: QAT quantises convolutions, ReLU/ReLU6 and the NPU blocks, not "
                          f"{type(block).__name__} (swap every GDN first)")
-    sites = [s for s in sites if s is not None]
-    return extra + sites[:-1] + [Site(sites[-1].name, sites[-1].factor, stage=True)]  # the block's output
+    try:
+        points = block.quant_points()
+    except ValueError as err:
+        raise ValueError(f"{path}: {err}") from None
+    extra = [Site(f"{path}.{name}", in_graph=False) for name in block.double_rounding_points()] if double else []
+    sites = [Site(f"{path}.{name}", factor) for name, factor in points]
+    return extra + sites[:-1] + [Site(sites[-1].name, sites[-1].factor, stage=True)]
 
 
 def qat_sites(model: nn.Module, parts: Sequence[str] = QAT_PARTS, placement: str = "graph",

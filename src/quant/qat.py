@@ -67,7 +67,6 @@ from torch import nn
 from src.cli import UserError
 from src.data import image_files
 from src.images import image_tensor, load_rgb
-from src.npu_blocks import ECAGate, GDNishLiteDec, GDNishLiteEnc
 from src.quant.fake_quant import INPUT, activation_precision, activation_quantisers, float_twin, qat_state, set_qparams
 from src.quant.ptq import (calibrate as int8_calibrate, float_islands, pad_to, prepared, quantise, quantise_pair, run,
                            session, symbol_bits, symbol_override)
@@ -91,7 +90,7 @@ def graph_site(model: nn.Module, tensor: str, graph: onnx.GraphProto) -> Optiona
     (``/g_a/g_a.1/eca/gate/Clip``); the graph form of the blocks
     (``src.quant.symbols.gates_as_clips``) differs from the training form only in the
     folded gates, and an op inside a block (Mul, Add) writes the tensor its
-    ``QuantPoint`` marks. Reshapes carry their input's values (and scale).
+    ``QuantPoint`` marks: each block names them (``GRAPH_OPS``, ``FOLDED_GATES``). Reshapes carry their input's values (and scale).
     """
     tensor = tensor.removesuffix("_QuantizeLinear_Input")  # how quantize_static renames a quantised graph output
     node = _producers(graph).get(tensor)
@@ -111,14 +110,12 @@ def graph_site(model: nn.Module, tensor: str, graph: onnx.GraphProto) -> Optiona
     if node.op_type in ("Conv", "ConvTranspose") and len(consumers) == 1 and consumers[0].op_type in ("Clip", "Relu"):
         return "fused:" + path  # onnxruntime drops the activation and quantises once, on its output
     module = model.get_submodule(path)
-    if isinstance(module, ECAGate) and op == "Mul":
-        return f"{path}.gated"
-    if isinstance(module, GDNishLiteEnc) and op == "Add":
-        return f"{path}.summed"
-    if isinstance(module, GDNishLiteDec) and op in ("Mul", "Add"):
-        return f"{path}.{'gained' if op == 'Mul' else 'summed'}"
-    if isinstance(module, nn.Conv2d) and op == "Clip" and path.endswith(".scale"):
-        return path[: -len(".scale")] + ".gain_out"  # GDNishLiteDec's gate folded into its scale conv
+    if op in getattr(module, "GRAPH_OPS", {}):
+        return f"{path}.{module.GRAPH_OPS[op]}"  # an NPU block's product or sum (src.npu_blocks)
+    owner_path, _, child = path.rpartition(".")
+    owner = model.get_submodule(owner_path)
+    if op == "Clip" and child in getattr(owner, "FOLDED_GATES", {}):
+        return f"{owner_path}.{owner.FOLDED_GATES[child]}"  # a block's gate folded into the conv before it
     if path == "g_a." + str(len(model.g_a) - 1):
         return None  # the symbols
     return path

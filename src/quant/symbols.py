@@ -4,7 +4,7 @@ The entropy coder codes ``round(y - median)``. ``SymbolEncoder`` ends at
 exactly that tensor (``-median`` folded into the last convolution's bias),
 ``SymbolDecoder`` takes the symbols and adds the medians itself (see
 ``src.quant.ptq`` for why). Before export the NPU blocks' HardSigmoid gates
-are rewritten into the convolution before them (``gates_as_clips``):
+are rewritten into the convolution before them (``gates_as_clips``, each block's ``export_form``):
 ``a + b * HardSigmoid(conv(x))`` is ``Clip(conv'(x), a, a + b)`` with conv'
 scaled, exactly in real arithmetic. Conv + Clip is one quantised node in
 every QDQ toolchain, whereas onnxruntime leaves HardSigmoid in float.
@@ -22,65 +22,20 @@ from typing import Dict, Tuple
 import torch
 from torch import nn
 
-from src.npu_blocks import ECAGate, GDNishLiteDec
-
 ENCODER_OUTPUT, DECODER_INPUT = "symbols", "symbols"
 
 
 # ---------------------------------------------------------------- graphs in the form integer NPUs quantise
 
-
-class ClippedConvGate(nn.Module):
-    """``Clip(conv(x), low, high)``: an NPU block's HardSigmoid gate folded into the convolution before it."""
-
-    def __init__(self, conv: nn.Module, low: float, high: float):
-        super().__init__()
-        self.conv, self.low, self.high = conv, low, high
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(self.conv(x), self.low, self.high)
-
-
-def fold_gate(conv: nn.Module, offset: float, span: float) -> ClippedConvGate:
-    """``offset + span * HardSigmoid(conv(x))`` as ``Clip(conv'(x), offset, offset + span)``.
-
-    HardSigmoid(z) = clip(z / 6 + 1/2, 0, 1), so the whole is
-    clip(conv(x) * span / 6 + offset + span / 2, offset, offset + span): conv'
-    has weights * span / 6 and bias * span / 6 + offset + span / 2.
-    """
-    folded = copy.deepcopy(conv)
-    with torch.no_grad():
-        folded.weight.mul_(span / 6.0)
-        folded.bias.mul_(span / 6.0).add_(offset + span / 2.0)
-    return ClippedConvGate(folded, offset, offset + span)
-
-
-class ExportECAGate(nn.Module):
-    """``ECAGate`` with its gate ``2 * HardSigmoid(conv1d(.))`` as ``Clip(conv1d'(.), 0, 2)``."""
-
-    def __init__(self, gate: ECAGate):
-        super().__init__()
-        self.pool, self.gated = gate.pool, gate.gated
-        self.gate = fold_gate(gate.conv, 0.0, 2.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        gain = self.gate(self.pool(x).reshape(n, 1, c)).reshape(n, c, 1, 1)
-        return self.gated(x * gain)
-
-
 def gates_as_clips(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose NPU-block gates are Conv + Clip (same function; see the module docstring)."""
+    """A copy of ``module`` whose NPU-block gates are Conv + Clip: each block's own ``export_form()`` (same function;
+    see the module docstring)."""
     module = copy.deepcopy(module)
     for name, child in list(module.named_modules()):
-        if isinstance(child, ECAGate):
+        if name and hasattr(child, "export_form"):
             parent, attr = _parent(module, name)
-            setattr(parent, attr, ExportECAGate(child))
-        elif isinstance(child, GDNishLiteDec):
-            folded = fold_gate(child.scale, child.g_min, child.g_max - child.g_min)
-            child.scale, child.gate = folded, nn.Identity()
-            child.g_min, child.g_max = 0.0, 1.0  # gain() = g_min + (g_max - g_min) * gate(z) = the clipped z
-    return module
+            setattr(parent, attr, child.export_form())
+    return module.export_form() if hasattr(module, "export_form") else module
 
 
 def _parent(root: nn.Module, name: str) -> Tuple[nn.Module, str]:
