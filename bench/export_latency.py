@@ -18,10 +18,11 @@ from pathlib import Path
 
 import torch
 
+from bench.int8_study import quantize_int8
 from src.data import image_files
 from src.images import center_crop_tensor
 from src.model_factory import build_model, load_checkpoint_model, make_arch, quality_index
-from src.quant.onnx_export import export_graph, part_input, quantize_int8
+from src.quant.onnx_export import export_graph, part_input
 from src.quant.ptq import run, session
 
 SIZES = ((224, 224), (512, 768))

@@ -11,6 +11,7 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from PIL import Image
 from torch import nn
 
@@ -20,12 +21,14 @@ from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.codec.bundle import Bundle, Codec, file_sha256, load_bundle, padded_input, psnr
 from src.codec.format import HEADER, latent_size, unpack
+from src.codec.roundtrip import bitstream_roundtrip
 from src.codec.runtimes import RUNTIMES, load_graph, runtime_audit
 from src.codec.subpixel import can_rewrite, subpixel_from_convtranspose, subpixel_rewrite
 from src.codec.tables import EntropyTables
 from src.images import image_tensor, load_rgb
 from src.model_factory import build_model, make_arch
-from src.quant.onnx_export import op_histogram, quantize_int8
+from src.quant.onnx_export import op_histogram
+from src.quant.ptq import ArrayReader, prepared
 from src.quant.symbols import SymbolDecoder, export_module
 from tests.conftest import photo_paths
 
@@ -108,7 +111,7 @@ def test_round_trip_any_size_and_file_is_the_bits_eval_counts(setup, tmp_path):
         assert payload == model.entropy_bottleneck.compress(torch.from_numpy(symbols) + medians)[0]
         # ... and the symbols are PyTorch's, except where FP32 sums in another order cross a rounding boundary.
         x = image_tensor(load_rgb(image))
-        coded = recipe_eval.bitstream_roundtrip(model, x)
+        coded = bitstream_roundtrip(model, x)
         with torch.no_grad():
             centred = (model.g_a(torch.from_numpy(padded_input(np.asarray(load_rgb(image))))) - medians).numpy()
         differ = np.round(centred) != symbols
@@ -302,7 +305,10 @@ def test_runtimes_agree_and_the_int8_convtranspose_stays_float_in_onnxruntime(se
     bundle = Codec(load_bundle(setup["bundles"]["fp32"]), parts=("encoder",))
     calib = [bundle.encoder(padded_input(np.asarray(load_rgb(p))))
              for p in sorted((setup["root"] / "calib").iterdir())]
-    int8 = quantize_int8(fp32_decoder, tmp_path / "decoder.int8.onnx", calib)
+    int8 = tmp_path / "decoder.int8.onnx"  # onnxruntime's defaults: QDQ, MinMax, INT8 weights per channel
+    quantize_static(str(prepared(fp32_decoder, tmp_path)), str(int8), ArrayReader("symbols", calib),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
     ort_audit = runtime_audit(int8, "onnxruntime")
     assert ort_audit["float"].get("ConvTranspose") == 4 and ort_audit["integer"].get("QLinearConv", 0) == 9
     ov_audit = runtime_audit(int8, "openvino")  # which of them OpenVINO runs in INT8 depends on the CPU

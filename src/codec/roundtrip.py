@@ -32,7 +32,7 @@ def bitstream_roundtrip(model, x: torch.Tensor, multiple: int = PAD_MULTIPLE, *,
 
     Returns the decoded image, the bits written and the coding times (the device synchronised
     around each, so CUDA times hold the work and not just its launch); ``x`` is (1, 3, H, W).
-    ``model`` is anything with CompressAI's ``compress``/``decompress`` (``src.quant.onnx_export.OnnxCodec`` too).
+    ``model`` is anything with CompressAI's ``compress``/``decompress`` (``src.quant.ptq.SymbolCodec`` too).
     A CompressAI model's latents are checked before its range coder sees them (``src.codec.latents``; a
     diverged checkpoint is one line naming ``source``, not a coder that never returns).
     """
