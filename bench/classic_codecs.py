@@ -9,7 +9,7 @@
 Each checkpoint (or run folder: its ``best_loss.pt``) is exported twice with
 ``scripts.export_onnx --bundle``: FP32, and INT8 (``--int8_profile``, calibrated on
 ``--calib_count`` whole images of ``--calib_dir``, never the eval images). Every eval
-image is coded whole by ``scripts.codec``'s path (``src.codec.Codec`` on
+image is coded whole by ``scripts.codec``'s path (``src.codec.bundle.Codec`` on
 ``--runtime``): rate is the file's size with its 43-byte header, over the
 image's pixels. JPEG (Pillow, ``optimize=True``, 4:2:0) and WebP (Pillow,
 ``method=6``) sweep their quality; their rate is the file Pillow writes.
@@ -24,7 +24,7 @@ on both runtimes), two measured sources stand in, rate raised by the 43-byte
 header: ``--eval_json`` (an ``src.eval --curve`` report: the FP32 codec's
 files are its bits plus the header, ``tests/test_codec.py``) and
 ``--int8_study NAME=DIR`` (``bench.int8_study``'s per-quality FP32 / w8a8 /
-a16w8 round trips through ``src.int8``'s graphs and the range coder, the
+a16w8 round trips through ``src.quant.ptq``'s graphs and the range coder, the
 bundles' path, and its GDN-control evals).
 """
 
@@ -42,13 +42,15 @@ import torch
 from PIL import Image
 
 from scripts import export_onnx
-from src import codec
 from src.cli import UserError, run_cli
+from src.codec.bundle import MANIFEST, Codec, load_bundle
+from src.codec.format import HEADER
+from src.codec.runtimes import RUNTIMES
 from src.data import image_files
 from src.eval import resolve_checkpoint
 from src.images import load_rgb
-from src.int8 import PROFILES
 from src.losses import quantised_metrics
+from src.quant.scheme import PROFILES
 from src.rd_curves import bd_markdown, compare_curves, curve_point, plot_curves
 
 JPEG_QUALITIES = [5, 10, 15, 20, 25, 30, 40, 50, 60, 75, 90]
@@ -67,7 +69,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "the codec's files (tests/test_codec.py checks the two agree)")
     p.add_argument("--int8_study", default=None, metavar="NAME=DIR",
                    help="curves from bench.int8_study's per-quality reports on the same eval images: DIR/q<Q>.json "
-                        "(NPU-all through src.int8's graphs + range coder: FP32 and each INT8 profile) and "
+                        "(NPU-all through src.quant.ptq's graphs + range coder: FP32 and each INT8 profile) and "
                         "DIR/gdn_q<Q>.json (the GDN control, src.eval); rate raised by the codec's header")
     p.add_argument("--calib_dir", default=None, help="INT8 calibration photos (not the eval images)")
     p.add_argument("--qualities", type=int, nargs="+", default=[1, 2, 3, 4], help="for --int8_study")
@@ -76,9 +78,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--verify_dir", default=None, help="the bundles' verification images (default: calib_dir)")
     p.add_argument("--work_dir", default="bench_out/codec", help="bundles are written (and reused) here")
     p.add_argument("--max_images", type=int, default=0, help="first N eval images (0 = all)")
-    p.add_argument("--runtime", default="onnxruntime", choices=codec.RUNTIMES)
+    p.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES)
     p.add_argument("--int8_profile", default="w8a8", choices=sorted(PROFILES),
-                   help="the INT8 bundles' precision profile (src.int8)")
+                   help="the INT8 bundles' precision profile (src.quant.ptq)")
     p.add_argument("--no_int8", action="store_true", help="FP32 bundles only")
     p.add_argument("--json", default=None)
     p.add_argument("--plot", default=None)
@@ -89,9 +91,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def ensure_bundle(checkpoint: Path, out: Path, precision: str, args: argparse.Namespace,
                   upsample: str = "convtranspose") -> Path:
     """``scripts.export_onnx --bundle OUT`` for ``checkpoint``: ``precision`` fp32, or an INT8 profile
-    (``src.int8.PROFILES``) calibrated on --calib_dir."""
+    (``src.quant.scheme.PROFILES``) calibrated on --calib_dir."""
     int8 = precision != "fp32"
-    manifest = out / codec.MANIFEST
+    manifest = out / MANIFEST
     if manifest.is_file() and manifest.stat().st_mtime > checkpoint.stat().st_mtime:
         return out
     # INT8 without --verify_dir: export_onnx verifies on CALIB_DIR's images after the calibration ones.
@@ -139,7 +141,7 @@ def pillow_point(images: Sequence[np.ndarray], fmt: str, quality: int) -> Dict:
 
 
 def bundle_point(folder: Path, images: Sequence[np.ndarray], runtime: str) -> Dict:
-    coder = codec.Codec(codec.load_bundle(folder), runtime)
+    coder = Codec(load_bundle(folder), runtime)
     rows = []
     for image in images:
         data = coder.encode(image)
@@ -183,7 +185,7 @@ def eval_report_curves(path: Path, files: Sequence[Path], images: Sequence[np.nd
             rows = results[point["checkpoint"]]["images"]
             if [r["name"] for r in rows] != names:
                 raise UserError(f"{path} was measured on other images than {len(names)} of the eval folder")
-            rows = [dict(r, bpp_real=r["bpp_real"] + 8 * codec.HEADER.size / pixels[r["name"]]) for r in rows]
+            rows = [dict(r, bpp_real=r["bpp_real"] + 8 * HEADER.size / pixels[r["name"]]) for r in rows]
             curve.append(mean_point(rows, point["checkpoint"]))
         curves[f"{name}_fp32"] = curve
     return curves
@@ -192,12 +194,12 @@ def eval_report_curves(path: Path, files: Sequence[Path], images: Sequence[np.nd
 def int8_study_curves(text: str, qualities: Sequence[int], images: Sequence[np.ndarray]) -> Dict[str, List[Dict]]:
     """``NAME=DIR``: bench.int8_study's reports, the header added to each rate.
 
-    ``DIR/q<Q>.json``: the NPU-all codec through ``src.int8``'s symbol graphs
+    ``DIR/q<Q>.json``: the NPU-all codec through ``src.quant.ptq``'s symbol graphs
     and the range coder, FP32 (``npu_fp32``) and each INT8 profile;
     ``DIR/gdn_q<Q>.json`` (where present): the GDN control's ``src.eval`` means.
     """
     name, _, folder = text.partition("=")
-    header_bpp = float(np.mean([8 * codec.HEADER.size / (a.shape[0] * a.shape[1]) for a in images]))
+    header_bpp = float(np.mean([8 * HEADER.size / (a.shape[0] * a.shape[1]) for a in images]))
     curves: Dict[str, List[Dict]] = {}
 
     def add(curve: str, mean: Dict, label: str) -> None:

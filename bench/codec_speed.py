@@ -26,10 +26,13 @@ import numpy as np
 import torch
 
 from bench.classic_codecs import bundle_folder, ensure_bundle
-from src import codec
 from src.cli import run_cli
+from src.codec.bundle import MANIFEST, Codec, load_bundle, psnr
+from src.codec.format import HEADER
+from src.codec.roundtrip import bitstream_roundtrip
+from src.codec.runtimes import RUNTIMES
 from src.data import image_files
-from src.eval import bitstream_roundtrip, load_model
+from src.eval import load_model
 from src.images import load_rgb
 
 PRECISIONS, UPSAMPLES = ("fp32", "w8a8", "a16w8"), ("convtranspose", "subpixel")
@@ -82,7 +85,7 @@ def time_pytorch(ckpt: Path, images: Sequence[np.ndarray], repeat: int) -> Dict:
 
 
 def time_bundle(folder: Path, runtime: str, images: Sequence[np.ndarray], repeat: int) -> Dict:
-    coder = codec.Codec(codec.load_bundle(folder), runtime)
+    coder = Codec(load_bundle(folder), runtime)
     files = [coder.encode(image) for image in images]
     decoded = [coder.decode(data) for data in files]
     enc = median_pass(lambda i: coder.encode(images[i]), len(images), repeat)
@@ -109,12 +112,12 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     rows.append({"codec": "CompressAI compress/decompress (PyTorch)", **reference})
     for precision, upsample in configs:
         if args.skip_missing and not (bundle_folder(Path(args.work_dir), ckpt, precision, upsample)
-                                      / codec.MANIFEST).is_file():
+                                      / MANIFEST).is_file():
             print(f"skipping {precision} {upsample}: no bundle in {args.work_dir}")
             continue
         folder = ensure_bundle(ckpt, bundle_folder(Path(args.work_dir), ckpt, precision, upsample), precision, args,
                                upsample)
-        for runtime in codec.RUNTIMES:
+        for runtime in RUNTIMES:
             rows.append({"codec": f"bundle {precision} {upsample} {runtime}", "precision": precision,
                          "upsample": upsample, "runtime": runtime,
                          **time_bundle(folder, runtime, images, args.repeat)})
@@ -123,13 +126,13 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     for row in rows:
         decoded = row.get("decoded", reference["x_hat"])
         sizes = [8 * len(f) for f in row["files"]] if "files" in row else row["bits"]
-        row["psnr"] = float(np.mean([codec.psnr(a, b) for a, b in zip(images, decoded)]))
+        row["psnr"] = float(np.mean([psnr(a, b) for a, b in zip(images, decoded)]))
         row["bpp"] = float(np.mean([s / n for s, n in zip(sizes, pixels)]))
         print(f"| {row['codec']} | {1000 * row['enc_s'] / megapixels:.0f} | {1000 * row['dec_s'] / megapixels:.0f} "
               f"| {row['psnr']:.3f} | {row['bpp']:.4f} |")
     for row in rows[1:]:
         if row["precision"] == "fp32":
-            payload_bits = [8 * (len(f) - codec.HEADER.size) for f in row["files"]]
+            payload_bits = [8 * (len(f) - HEADER.size) for f in row["files"]]
             same = sum(a == b for a, b in zip(payload_bits, reference["bits"]))
             gap = max(abs(a - b) for a, b in zip(payload_bits, reference["bits"]))
             print(f"{row['codec']}: file minus header = src.eval's bits on {same} of {len(images)} images "

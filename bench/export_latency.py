@@ -18,11 +18,12 @@ from pathlib import Path
 
 import torch
 
-from src import export as int8
-from src.export import export_graph, part_input
-from src.images import center_crop_tensor
+from bench.int8_study import quantize_int8
 from src.data import image_files
+from src.images import center_crop_tensor
 from src.model_factory import build_model, load_checkpoint_model, make_arch, quality_index
+from src.quant.onnx_export import export_graph, part_input
+from src.quant.ptq import run, session
 
 SIZES = ((224, 224), (512, 768))
 
@@ -63,14 +64,14 @@ def main() -> None:
             module, _ = export_graph(model, part, part_input(model, part, crops[0]), fp32, 13, dynamic=True)
             calib = [c.numpy() for c in crops] if part == "encoder" else \
                 [part_input(model, part, c).numpy() for c in crops]
-            q8 = int8.quantize_int8(fp32, Path(tmp) / f"{part}.int8.onnx", calib)
-            sessions = {"fp32": int8.session(fp32), "int8": int8.session(q8)}
+            q8 = quantize_int8(fp32, Path(tmp) / f"{part}.int8.onnx", calib)
+            sessions = {"fp32": session(fp32), "int8": session(q8)}
             for h, w in SIZES:
                 image = torch.rand(1, 3, h, w)
                 x = part_input(model, part, image)
                 array = x.numpy()
                 torch_ms = median_ms(lambda: module(x), args.repeat)
-                ort_ms = {k: median_ms(lambda s=s: int8.run(s, array), args.repeat) for k, s in sessions.items()}
+                ort_ms = {k: median_ms(lambda s=s: run(s, array), args.repeat) for k, s in sessions.items()}
                 print(f"{part:<8}{f'{w}x{h}':>10}{torch_ms:>12.1f}{ort_ms['fp32']:>10.1f}{ort_ms['int8']:>10.1f}")
 
 

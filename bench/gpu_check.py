@@ -43,8 +43,9 @@ from typing import List, Optional
 
 import torch
 
-from bench.common import CommandFailed, run, zoo_objective
 from src.cli import run_cli
+from src.commands import CommandFailed, run
+from src.train_args import zoo_objective
 
 
 def section(title: str) -> float:

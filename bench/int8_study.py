@@ -12,7 +12,7 @@ CompressAI's range coder -> ONNX decoder, real bits, it measures:
 - ``npu_fp32``: the NPU codec's FP32 symbol-interface graphs;
 - ``ptq_minmax_latent``: the PTQ this project shipped before (latent
   interface requantised by the host, UINT8 MinMax on 256-px crops);
-- ``w8a8`` and ``a16w8``: ``src.int8`` with MSE ranges from whole calibration
+- ``w8a8`` and ``a16w8``: ``src.quant.ptq`` with MSE ranges from whole calibration
   images (``--calib_dir``, default COCO_DIR/train2017), and ``w8a8_minmax``
   (the same with MinMax ranges) as the range method's ablation;
 - ``gdn_fp32``: the GDN control through ``src.eval`` (CompressAI's own codec).
@@ -33,24 +33,106 @@ import json
 import tempfile
 import time
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
+from onnxruntime.quantization.shape_inference import quant_pre_process
+from torch import nn
 
 from bench import rd_study
 from bench.common import write_report
 from src.cli import run_cli
 from src.data import image_files
 from src.eval import evaluate_checkpoint, load_model
-from src.export import minmax_latent_ptq
-from src.images import image_tensor, load_rgb
-from src.int8 import (SymbolCodec, calibrate, pad_to, quantise_pair, roundtrip_points, sensitivity,
-                      sensitivity_markdown, symbol_graphs)
+from src.images import center_crop_tensor, image_tensor, load_rgb
+from src.quant.onnx_export import export_graph, part_input, points_report, roundtrip_image
+from src.quant.ptq import (ArrayReader, SymbolCodec, calibrate, mean_points, pad_to, quantise_pair, roundtrip_points,
+                           run, sensitivity, sensitivity_markdown, session)
+from src.quant.symbols import latent_medians, symbol_graphs
 from src.rd_curves import bd_markdown, compare_curves, curve_point
 
 INT8_VARIANTS = {"w8a8": ("w8a8", "mse"), "a16w8": ("a16w8", "mse"), "w8a8_minmax": ("w8a8", "minmax")}
 
+
+# ---------------------------------------------------------------- the baseline
+# The PTQ this project shipped before the symbol interface (latent interface, MinMax on UINT8 crops): only this
+# study measures it (``ptq_minmax_latent``; docs/int8_study.md), so it lives here; src/ holds one PTQ path.
+
+def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[np.ndarray]) -> Path:
+    """Write a statically quantised copy of ``fp32_path``, calibrated on ``calibration``."""
+    input_name = session(fp32_path).get_inputs()[0].name
+    with tempfile.TemporaryDirectory() as tmp:
+        prepared = Path(tmp) / "prepared.onnx"
+        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
+        quantize_static(str(prepared), str(int8_path), ArrayReader(input_name, calibration),
+                        quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    return int8_path
+
+
+def quantise_latent(y: np.ndarray, medians: np.ndarray) -> np.ndarray:
+    """What the entropy coder hands the decoder: ``round(y - median) + median`` per channel."""
+    return (np.round(y - medians) + medians).astype(np.float32)
+
+
+def encoder_latents(encoder: Path, images: Sequence[np.ndarray], medians: np.ndarray) -> List[np.ndarray]:
+    """Quantised latents of the images: the decoder's calibration data."""
+    enc = session(encoder)
+    return [quantise_latent(run(enc, image), medians) for image in images]
+
+
+class OnnxCodec:
+    """An ONNX encoder and decoder around the model's own entropy coder: ``compress`` / ``decompress``.
+
+    The same two methods as a CompressAI model, so ``src.codec.roundtrip.bitstream_roundtrip``
+    codes an image through the exported (FP32 or INT8) graphs and CompressAI's
+    range coder, and the bits it counts are a real bitstream's.
+    """
+
+    def __init__(self, encoder: Path, decoder: Path, entropy_bottleneck: nn.Module):
+        self.encoder, self.decoder, self.entropy_bottleneck = session(encoder), session(decoder), entropy_bottleneck
+
+    def compress(self, x: torch.Tensor) -> Dict[str, Any]:
+        y = torch.from_numpy(run(self.encoder, x.numpy()))
+        return {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:]}
+
+    def decompress(self, strings: List[List[bytes]], shape) -> Dict[str, torch.Tensor]:
+        y_hat = self.entropy_bottleneck.decompress(strings[0], shape)
+        return {"x_hat": torch.from_numpy(run(self.decoder, y_hat.numpy())).clamp_(0, 1)}
+
+
+def latent_pair(model: nn.Module, image: torch.Tensor, folder: Path, opset: int) -> Dict[str, Path]:
+    """The float encoder (x -> y) and decoder (y_hat -> x_hat) graphs, dynamic H/W, in ``folder``."""
+    paths = {part: folder / f"{part}.onnx" for part in ("encoder", "decoder")}
+    for part, path in paths.items():
+        export_graph(model, part, part_input(model, part, image), path, opset, dynamic=True)
+    return paths
+
+
+def minmax_latent_ptq(model: nn.Module, image: torch.Tensor, calib_files: List[Path], eval_files: List[Path],
+                      input_size: int, opset: int = 13) -> Dict:
+    """The PTQ this project shipped before the symbol interface, kept as the study's baseline: the latent
+    interface (y out, y_hat in, both requantised by the host's grid), onnxruntime's MinMax on UINT8, calibrated
+    on centre crops at ``input_size``. Returns the FP32 and INT8 round-trip points on whole images."""
+    held_out = [roundtrip_image(f, input_size, whole=True) for f in eval_files]
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        fp32_paths = latent_pair(model, image, tmp, opset)
+        images = [center_crop_tensor(f, (input_size, input_size)).numpy() for f in calib_files]
+        medians = latent_medians(model).reshape(1, -1, 1, 1).numpy()
+        latents = encoder_latents(fp32_paths["encoder"], images, medians)
+        int8_paths = {half: quantize_int8(fp32_paths[half], tmp / f"{half}.int8.onnx", calib)
+                      for half, calib in (("encoder", images), ("decoder", latents))}
+        points = {name: mean_points(OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck),
+                                    held_out, 64)[0]
+                  for name, paths in (("fp32", fp32_paths), ("int8", int8_paths))}
+    return points_report(points["fp32"], points["int8"], Path("-"), "ptq-minmax-latent", len(images),
+                         len(held_out), "", True)
+
+
+# ---------------------------------------------------------------- the study
 
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],

@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 from torch.utils.data import Dataset
 
+from src.codec.roundtrip import synchronize
 from src.data import EpochLoader, PreparedCrops, to_unit_float
 from src.distributed import DistInfo
-from src.eval import synchronize
 
 
 class Float32Items(Dataset):

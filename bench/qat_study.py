@@ -14,22 +14,22 @@ budget, from that start, for each rate point:
 
 - ``float_more``: ``--epochs`` more float epochs from the float model (a
   fresh run from ``--base_checkpoint`` with the QAT phase's lr schedule),
-  then PTQ (``src.int8``, w8a8 and a16w8, MSE ranges, whole calibration photos);
+  then PTQ (``src.quant.ptq``, w8a8 and a16w8, MSE ranges, whole calibration photos);
 - ``qat_w8a8`` / ``qat_a16w8``: the same epochs as a QAT phase (``--qat true``,
   same flags otherwise), exported through the same PTQ pipeline with the QAT
-  scales (``src.qat.export_pair``);
+  scales (``src.quant.qat.export_pair``);
 - PTQ of the float model it started from (``start_w8a8`` / ``start_a16w8``:
   QAT's own step 0) and that model in FP32 (``start_fp32``, the anchor).
 
 Every codec is measured the same way: Kodak-like held-out whole photos
 (``--eval_dir``), ONNX symbol encoder -> CompressAI's range coder -> ONNX
-decoder, real bits (``src.int8.roundtrip_points``). BD-rate / BD-PSNR against
+decoder, real bits (``src.quant.ptq.roundtrip_points``). BD-rate / BD-PSNR against
 ``start_fp32`` (``src.rd_curves``), and of each QAT profile against
 ``float_more`` + PTQ of the same profile. On ``--ablation_quality`` the QAT w8a8 run
 is repeated with one change at a time: calibrated on training crops instead of
 whole photos, the other scale mode, the old double quantiser (``--qat_placement
 double``), the old latent grid (``--qat_interface latent``). ``--sensitivity``
-adds ``src.int8.sensitivity`` on the QAT w8a8 model of that rate point.
+adds ``src.quant.ptq.sensitivity`` on the QAT w8a8 model of that rate point.
 
 Every training run is skipped when done (a ``done`` marker) and every
 measurement is cached as JSON per model in ``WORK_DIR/measure``, so a rerun
@@ -48,15 +48,18 @@ from typing import Dict, List, Optional
 import numpy as np
 import torch
 
-from bench.common import NPU_SCRIPT, python, run as run_command, write_report, zoo_objective
+from bench.common import NPU_SCRIPT, write_report
 from src.cli import UserError, run_cli
+from src.commands import python, run as run_command
 from src.data import epochs_for_steps, image_files
 from src.eval import load_model
 from src.images import image_tensor, load_rgb
-from src.int8 import (SymbolCodec, calibrate, quantise_pair, roundtrip_points, sensitivity, sensitivity_markdown,
-                      symbol_graphs)
-from src.qat import calibration_images, export_pair, float_twin, is_qat_model
+from src.quant.fake_quant import float_twin, is_qat_model
+from src.quant.ptq import SymbolCodec, calibrate, quantise_pair, roundtrip_points, sensitivity, sensitivity_markdown
+from src.quant.qat import calibration_images, export_pair
+from src.quant.symbols import symbol_graphs
 from src.rd_curves import bd_markdown, compare_curves, curve_point
+from src.train_args import zoo_objective
 
 CROP, BATCH = 64, 8  # the RD study's small scale (bench.rd_study.SCALES["small"])
 ABLATIONS = {  # name: flags that differ from qat_w8a8
@@ -104,7 +107,7 @@ class Missing(Exception):
 class Runner:
     def __init__(self, args: argparse.Namespace):
         self.args = args
-        # absolute: the training commands run in the repository root (bench.common.run)
+        # absolute: the training commands run in the repository root (src.commands.run)
         self.work = Path(args.work_dir).resolve()
         self.data = Path(args.study_dir).resolve() / f"crops{CROP}"
         self.calib_dir = Path(args.calib_dir or Path(args.coco_dir) / "train2017").resolve()
@@ -227,7 +230,7 @@ def measure_qat(checkpoint: Path, held_out: List[torch.Tensor]) -> Dict:
 
 
 def measure_sensitivity(checkpoint: Path, calib: List[np.ndarray], held_out: List[torch.Tensor]) -> Dict:
-    """``src.int8.sensitivity`` on the QAT model's weights (w8a8 PTQ of them as the base, MSE ranges)."""
+    """``src.quant.ptq.sensitivity`` on the QAT model's weights (w8a8 PTQ of them as the base, MSE ranges)."""
     model, _, _ = load_model(checkpoint, torch.device("cpu"))
     twin = float_twin(model)
     with tempfile.TemporaryDirectory() as tmp:
@@ -239,7 +242,7 @@ def measure_sensitivity(checkpoint: Path, calib: List[np.ndarray], held_out: Lis
 
 
 def padded(image: torch.Tensor) -> np.ndarray:
-    from src.int8 import pad_to
+    from src.quant.ptq import pad_to
     return pad_to(image.numpy()[None] if image.dim() == 3 else image.numpy(), 64)
 
 

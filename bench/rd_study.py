@@ -38,11 +38,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from bench.common import GDN_SWAP_VARIANTS, VARIANTS, python, run, zoo_objective
+from bench.common import GDN_SWAP_VARIANTS, VARIANTS
 from src.cli import UserError, run_cli
+from src.commands import python, run
 from src.data import epochs_for_steps
 from src.losses import ZOO_LAMBDA_BPP
 from src.rd_curves import bd_markdown
+from src.train_args import zoo_objective
 
 SCALES = {  # crop, crops per train image, batch, base steps, fine-tune steps, base lr, fine-tune lr, amp
     "small": dict(crop=64, crops_per_image=32, batch=8, base_steps=2500, steps=500, base_lr=1e-3, lr=3e-4,

@@ -23,11 +23,11 @@ from typing import Dict, List, Optional
 
 import torch
 
-from bench.common import GDN_SWAP_VARIANTS, VARIANTS, python, run
+from bench.common import GDN_SWAP_VARIANTS, VARIANTS
 from src import eval as recipe_eval
 from src.cli import run_cli
-from src.data import PreparedCrops, to_unit_float
-from src.data import epochs_for_steps
+from src.commands import python, run
+from src.data import PreparedCrops, epochs_for_steps, to_unit_float
 from src.model_factory import quality_index, swapped_checkpoint
 
 SCALES = {  # crop, crops per image, batch, base steps, fine-tune steps

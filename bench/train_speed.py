@@ -41,16 +41,16 @@ from typing import Callable, Dict, List, Optional
 import torch
 from compressai.losses import RateDistortionLoss
 
-from bench.common import REPO, compressai_objective, python, run
 from src.cli import str2bool
+from src.codec.roundtrip import synchronize
+from src.commands import REPO, python, run
 from src.engine import TrainState, build_trainer, setup, training_step
-from src.eval import synchronize
 from src.images import center_crop_tensor
 from src.model_factory import build_model, make_arch, quality_index
 from src.precision import autocast_context
 from src.replace_gdn import split_aux_parameters
 from src.sample_photos import skimage_photos
-from src.train_args import get_args_parser, validate_args
+from src.train_args import compressai_objective, get_args_parser, validate_args
 
 SCALES = {"smoke": (64, 2), "small": (128, 8), "full": (224, 16)}
 

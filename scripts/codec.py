@@ -6,7 +6,7 @@
 
 Needs only the bundle, onnxruntime or OpenVINO, and CompressAI's range coder:
 no checkpoint, no training code. Any image size (padded to 64, cropped back).
-The file format and the bundle are described in ``src/codec.py`` and
+The file format and the bundle are described in ``src/codec/bundle.py`` and
 ``docs/codec.md``. A file decodes with any bundle of the same model and
 entropy tables (FP32 or INT8, either runtime); a file made with other
 tables, a truncated or corrupt file and a wrong magic are refused in one line.
@@ -19,9 +19,11 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from src import codec
 from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli
+from src.codec.bundle import GRAPH_FILES, Bundle, Codec, image_array, load_bundle
+from src.codec.format import HEADER
+from src.codec.runtimes import RUNTIMES, audit_line, runtime_audit
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -36,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                    formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     for cmd in sub.choices.values():
         cmd.add_argument("-b", "--bundle", required=True, help="bundle folder (scripts.export_onnx --bundle)")
-        cmd.add_argument("--runtime", default="onnxruntime", choices=codec.RUNTIMES)
+        cmd.add_argument("--runtime", default="onnxruntime", choices=RUNTIMES)
     return p
 
 
@@ -46,25 +48,25 @@ def read_bytes(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def encode(args: argparse.Namespace, bundle: codec.Bundle) -> Dict:
-    image = codec.image_array(Path(args.source))
-    coder = codec.Codec(bundle, args.runtime, parts=("encoder",))
+def encode(args: argparse.Namespace, bundle: Bundle) -> Dict:
+    image = image_array(Path(args.source))
+    coder = Codec(bundle, args.runtime, parts=("encoder",))
     start = time.perf_counter()
     data = coder.encode(image, args.source)
     seconds = time.perf_counter() - start
     write_atomic(Path(args.out), lambda handle: handle.write(data))
     height, width = image.shape[:2]
     print(f"{args.source} ({width}x{height}) -> {args.out}: {len(data)} bytes, "
-          f"{8 * len(data) / (height * width):.4f} bpp ({codec.HEADER.size}-byte header), "
+          f"{8 * len(data) / (height * width):.4f} bpp ({HEADER.size}-byte header), "
           f"{seconds:.2f} s on {args.runtime}")
     return {"bytes": len(data), "seconds": seconds}
 
 
-def decode(args: argparse.Namespace, bundle: codec.Bundle) -> Dict:
+def decode(args: argparse.Namespace, bundle: Bundle) -> Dict:
     from PIL import Image
 
     data = read_bytes(Path(args.source))
-    coder = codec.Codec(bundle, args.runtime, parts=("decoder",))
+    coder = Codec(bundle, args.runtime, parts=("decoder",))
     start = time.perf_counter()
     image = coder.decode(data, args.source)
     seconds = time.perf_counter() - start
@@ -73,17 +75,17 @@ def decode(args: argparse.Namespace, bundle: codec.Bundle) -> Dict:
     return {"shape": image.shape, "seconds": seconds}
 
 
-def audit(args: argparse.Namespace, bundle: codec.Bundle) -> Dict:
+def audit(args: argparse.Namespace, bundle: Bundle) -> Dict:
     report = {}
-    for part, name in codec.GRAPH_FILES.items():
-        report[part] = codec.runtime_audit(bundle.folder / name, args.runtime)
-        print(f"{part} on {args.runtime}: {codec.audit_line(report[part])}")
+    for part, name in GRAPH_FILES.items():
+        report[part] = runtime_audit(bundle.folder / name, args.runtime)
+        print(f"{part} on {args.runtime}: {audit_line(report[part])}")
     return report
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
-    bundle = codec.load_bundle(Path(args.bundle))
+    bundle = load_bundle(Path(args.bundle))
     return {"encode": encode, "decode": decode, "audit": audit}[args.command](args, bundle)
 
 

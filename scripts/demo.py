@@ -29,15 +29,17 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import torch
 
-from bench.common import run, zoo_objective
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
-from src.eval import bitstream_roundtrip, load_model
-from src.images import image_tensor, load_rgb
+from src.codec.roundtrip import bitstream_roundtrip
+from src.commands import run
 from src.data import epochs_for_steps
+from src.eval import load_model
+from src.images import image_tensor, load_rgb
 from src.model_factory import download_pretrained_state, make_arch, swapped_checkpoint
 from src.recon import write_pngs, write_rate, write_report
 from src.sample_photos import skimage_photos
+from src.train_args import zoo_objective
 
 VAL_PHOTOS = ("astronaut", "coffee")
 TRAIN_PHOTOS = ("chelsea", "rocket", "motorcycle_left", "hubble_deep_field", "ihc", "retina", "camera",

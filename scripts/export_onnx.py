@@ -13,12 +13,12 @@ Pow, Exp, Log, Sigmoid, Tanh, Erf or Softplus, or the command fails.
 A QAT checkpoint (``--qat true``): OUT is its float weights' graph (checked
 like any other), and ``--int8`` writes OUT.int8.onnx through the PTQ
 pipeline below with the checkpoint's own activation scales passed to
-``quantize_static`` (``src.qat.export_pair``): no calibration happens here.
+``quantize_static`` (``src.quant.qat.export_pair``): no calibration happens here.
 
 ``--int8`` reports the encoder -> entropy coder -> decoder round trip of the
 INT8 graphs against the FP32 ones, in PSNR and in real bits, on images that
 were not used for calibration. For a float checkpoint this is PTQ
-(``src.int8``): symbol-interface graphs (the INT8 encoder outputs the entropy
+(``src.quant.ptq``): symbol-interface graphs (the INT8 encoder outputs the entropy
 coder's symbols ``round(y - median)``, the INT8 decoder takes them and adds
 the medians itself), calibrated on the whole CALIB_DIR images, with the
 ``--precision`` profile (``w8a8`` or ``a16w8``) and ranges chosen by
@@ -29,8 +29,8 @@ images whole (padded to 64 like ``src.eval``), else their centre crops at
 ``--input_size``. ``--int8_sensitivity`` adds, per activation tensor, what
 16 bits on that tensor alone would buy.
 
-``--bundle DIR`` writes a codec bundle instead of one graph (``src.bundle``,
-``src.codec``; decode with ``python -m scripts.codec``): the symbol encoder
+``--bundle DIR`` writes a codec bundle instead of one graph (``src.codec.build``,
+``src.codec.bundle``; decode with ``python -m scripts.codec``): the symbol encoder
 and decoder (dynamic H/W), the entropy tables and a manifest with the
 round trip measured on the verification images (``--image``, or with
 ``--int8`` the held-out images) on onnxruntime and OpenVINO. FP32, or with
@@ -56,17 +56,18 @@ from torch import nn
 from torch.onnx import _constants as onnx_constants
 
 from src.checkpoint import current_umask
-from src.bundle import write_bundle
 from src.cli import UserError, run_cli
+from src.codec.build import write_bundle
+from src.codec.subpixel import UPSAMPLE_MODES
 from src.data import image_files
-from src.export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, export_graph, int8_report, op_histogram, output_errors,
-                        part_input)
 from src.images import DECODE_ERRORS, center_crop_tensor, image_tensor, load_rgb
-from src.int8 import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS, pad_to
 from src.model_factory import load_checkpoint_model, make_arch
-from src.qat import float_twin, is_qat_model
+from src.quant.fake_quant import float_twin, is_qat_model
+from src.quant.onnx_export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, export_graph, int8_report, op_histogram,
+                                   output_errors, part_input)
+from src.quant.ptq import pad_to
+from src.quant.scheme import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS
 from src.replace_gdn import REPLACE_MODES, replace_gdn_with_relu
-from src.subpixel import UPSAMPLE_MODES
 
 
 def get_args_parser() -> argparse.ArgumentParser:

@@ -22,25 +22,21 @@ from __future__ import annotations
 
 import argparse
 import json
-import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
-from compressai.ops import compute_padding
 from tqdm import tqdm
 
 from src.cli import UserError, run_cli, str2bool
+from src.codec.roundtrip import bitstream_roundtrip
 from src.data import image_files
 from src.images import DECODE_ERRORS, image_tensor, load_rgb
-from src.latents import codable_latents
 from src.losses import bpp_from_likelihoods, quantised_metrics
 from src.model_factory import load_checkpoint_model
 from src.rd_curves import compare_curves, curve_point, curves_table, parse_curve, plot_curves
 
 METRIC_KEYS = ("psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s")
-PAD_MULTIPLE = 2 ** 6
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -90,41 +86,6 @@ def load_model(path: Path, device: torch.device):
               "they are rebuilt here, so real bpp reflects the current quantiles")
     model.update(force=not updated)
     return model.to(device).eval(), arch, updated
-
-
-def synchronize(device: torch.device) -> None:
-    """Wait for the device's queued work, so a timer read after it measures the work (CUDA runs asynchronously)."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-@torch.no_grad()
-def bitstream_roundtrip(model, x: torch.Tensor, multiple: int = PAD_MULTIPLE, *,
-                        source: str = "the model") -> Dict[str, Any]:
-    """Pad to a multiple of ``multiple``, ``compress`` / ``decompress`` with the real entropy coder, crop back.
-
-    Returns the decoded image, the bits written and the coding times (the device synchronised
-    around each, so CUDA times hold the work and not just its launch); ``x`` is (1, 3, H, W).
-    ``model`` is anything with CompressAI's ``compress``/``decompress`` (``src.export.OnnxCodec`` too).
-    A CompressAI model's latents are checked before its range coder sees them (``src.latents``; a
-    diverged checkpoint is one line naming ``source``, not a coder that never returns).
-    """
-    h, w = x.shape[-2:]
-    pad, unpad = compute_padding(h, w, min_div=multiple)
-    x_padded = F.pad(x, pad, mode="constant", value=0)
-    synchronize(x.device)
-    start = time.perf_counter()
-    with codable_latents(model, source):
-        enc = model.compress(x_padded)
-    synchronize(x.device)
-    enc_s = time.perf_counter() - start
-    start = time.perf_counter()
-    dec = model.decompress(enc["strings"], enc["shape"])
-    synchronize(x.device)
-    dec_s = time.perf_counter() - start
-    bits = sum(len(s) for strings in enc["strings"] for s in strings) * 8
-    return {"x_hat": F.pad(dec["x_hat"], unpad), "bits": bits, "enc_s": enc_s, "dec_s": dec_s,
-            "x_padded": x_padded}
 
 
 @torch.no_grad()

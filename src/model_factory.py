@@ -5,8 +5,8 @@ The description is a plain dict (it is stored in every checkpoint, and
 
     {"base_model": "bmshj2018-factorized", "quality": 3, "metric": "mse",
      "replace": "none" | "relu" | "npu", "replace_parts": "encoder" | "decoder" | "all" | "none",
-     "enc_kwargs": {...}, "dec_kwargs": {...},
-     "qat": None | src.qat.qat_scheme(precision, scales)}
+     "enc_kwargs": {...}, "dec_kwargs": {...},  # the blocks' options, every default filled in
+     "qat": None | src.quant.scheme.qat_scheme(precision, scales)}
 
 ``qat`` marks a quantisation-aware model: the same network with fake-quant
 in g_a/g_s, whose scales are in the state dict (older checkpoints have no
@@ -33,7 +33,8 @@ from compressai.layers import GDN
 
 from src.cli import UserError
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
-from src.qat import normalise_scheme, prepare_qat, upgrade_state_dict
+from src.quant.fake_quant import prepare_qat, upgrade_state_dict
+from src.quant.scheme import normalise_scheme
 from src.replace_gdn import REPLACE_MODES, find_gdn_layers, replace_gdn_with_relu
 from src.replace_gdn_npu import fit_blocks_to_gdn, replace_gdn_with_npu
 
@@ -74,8 +75,8 @@ def make_arch(base_model: str = "bmshj2018-factorized", quality: int = 3, metric
     return {
         "base_model": base_model, "quality": int(quality), "metric": metric,
         "replace": replace, "replace_parts": replace_parts,
-        "enc_kwargs": dict(enc_kwargs or {}) if replace == "npu" else {},
-        "dec_kwargs": dict(dec_kwargs or {}) if replace == "npu" else {},
+        "enc_kwargs": GDNishLiteEnc.options(enc_kwargs) if replace == "npu" else {},
+        "dec_kwargs": GDNishLiteDec.options(dec_kwargs) if replace == "npu" else {},
         "qat": qat,
     }
 
@@ -99,7 +100,7 @@ def apply_replacement(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
 
 
 def apply_qat(model: nn.Module, arch: Mapping[str, Any]) -> nn.Module:
-    """Fake-quant in g_a/g_s for a QAT ``arch`` (src/qat.py); other models are returned as they are."""
+    """Fake-quant in g_a/g_s for a QAT ``arch`` (src/quant/qat.py); other models are returned as they are."""
     return prepare_qat(model, arch["qat"]) if arch.get("qat") else model
 
 

@@ -10,9 +10,29 @@ depthwise convolutions, multiplications and piecewise-linear functions
 Both blocks can start as the exact identity map (``init_identity=True``), so
 swapping them in for GDN changes nothing but the removal of GDN itself and
 fine-tuning starts from the pretrained network's own features.
+
+Each block also says what it is to the rest of the project, so that a new
+option is one edit here (as torchvision's quantizable blocks carry their own
+``fuse_model``):
+
+- ``OPTIONS``: its constructor options that the NPU script exposes as flags
+  (``src.train_args`` adds one flag per entry, the architecture description
+  stores them, ``options()`` fills in the defaults);
+- ``quant_points()``: the tensors an INT8 graph quantises inside it, where
+  quantisation-aware training puts its fake-quant (``src.quant.fake_quant``);
+  the last one is the block's output, on the main path (16 bits in ``a16w8``);
+- ``GRAPH_OPS`` / ``FOLDED_GATES``: which op of the exported graph writes which
+  of those tensors (``src.quant.qat.graph_site``);
+- ``export_form()``: the same function with each HardSigmoid gate folded into
+  the convolution before it (Conv + Clip, one quantised node in every QDQ
+  toolchain; onnxruntime leaves HardSigmoid in float).
 """
 
 from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, List, Mapping, Optional, Tuple
 
 import torch
 from torch import nn
@@ -24,6 +44,52 @@ ACTIVATIONS = {"relu6": nn.ReLU6, "hardswish": nn.Hardswish}
 _RELU6_IDENTITY_SCALE = 2.0 ** -6
 # HardSwish is linear above 3: the second activation's input is offset by this.
 _HSWISH_IDENTITY_OFFSET = 4.0
+
+
+@dataclass(frozen=True)
+class BlockOption:
+    """A constructor option of a block that the NPU script exposes as ``--{flag}``."""
+
+    flag: str  # the flag, without the dashes
+    kwarg: str  # the constructor's argument
+    type: Callable[[str], Any]  # bool flags read true/false
+    default: Any
+    help: str
+
+
+def _options(cls: type, given: Optional[Mapping[str, Any]]) -> Dict[str, Any]:
+    """``given`` with every ``cls.OPTIONS`` default filled in (other constructor arguments kept as given)."""
+    return {**{o.kwarg: o.default for o in cls.OPTIONS}, **dict(given or {})}
+
+
+def _no_batchnorm(*norms: nn.Module) -> None:
+    if not all(isinstance(n, nn.Identity) for n in norms):
+        raise ValueError("QAT does not support BatchNorm in the NPU blocks")
+
+
+class ClippedConvGate(nn.Module):
+    """``Clip(conv(x), low, high)``: an NPU block's HardSigmoid gate folded into the convolution before it."""
+
+    def __init__(self, conv: nn.Module, low: float, high: float):
+        super().__init__()
+        self.conv, self.low, self.high = conv, low, high
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.clamp(self.conv(x), self.low, self.high)
+
+
+def fold_gate(conv: nn.Module, offset: float, span: float) -> ClippedConvGate:
+    """``offset + span * HardSigmoid(conv(x))`` as ``Clip(conv'(x), offset, offset + span)``.
+
+    HardSigmoid(z) = clip(z / 6 + 1/2, 0, 1), so the whole is
+    clip(conv(x) * span / 6 + offset + span / 2, offset, offset + span): conv'
+    has weights * span / 6 and bias * span / 6 + offset + span / 2 (exact in real arithmetic).
+    """
+    folded = copy.deepcopy(conv)
+    with torch.no_grad():
+        folded.weight.mul_(span / 6.0)
+        folded.bias.mul_(span / 6.0).add_(offset + span / 2.0)
+    return ClippedConvGate(folded, offset, offset + span)
 
 
 def _check_odd_kernel(name: str, k: int) -> None:
@@ -45,7 +111,7 @@ class QuantPoint(nn.Identity):
     """Marks a tensor that an INT8 graph carries between ops (a product, a gain, a residual sum).
 
     The identity in float (no weights, nothing in the state dict);
-    quantisation-aware training (src/qat.py) fake-quantises its output, as it
+    quantisation-aware training (src/quant/fake_quant.py) fake-quantises its output, as it
     does the outputs of convolutions and activations.
     """
 
@@ -70,10 +136,34 @@ class ECAGate(nn.Module):
             nn.init.zeros_(self.conv.weight)
             nn.init.zeros_(self.conv.bias)
 
+    GRAPH_OPS = {"Mul": "gated"}  # exported op (inside the gate's scope) -> the QuantPoint whose tensor it writes
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         n, c = x.shape[:2]
         pooled = self.pool(x).reshape(n, 1, c)
         gain = 2.0 * self.gate(self.conv(pooled)).reshape(n, c, 1, 1)
+        return self.gated(x * gain)
+
+    def quant_points(self) -> List[Tuple[str, float]]:
+        """(submodule, factor) of each tensor the INT8 graph quantises: the pooled means, the gain (the graph's
+        ``Clip(conv', 0, 2)`` is 2x the HardSigmoid's output, hence factor 2) and the gated product."""
+        return [("pool", 1.0), ("gate", 2.0), ("gated", 1.0)]
+
+    def export_form(self) -> nn.Module:
+        return ExportECAGate(self)
+
+
+class ExportECAGate(nn.Module):
+    """``ECAGate`` with its gate ``2 * HardSigmoid(conv1d(.))`` as ``Clip(conv1d'(.), 0, 2)``."""
+
+    def __init__(self, gate: ECAGate):
+        super().__init__()
+        self.pool, self.gated = gate.pool, gate.gated
+        self.gate = fold_gate(gate.conv, 0.0, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, c = x.shape[:2]
+        gain = self.gate(self.pool(x).reshape(n, 1, c)).reshape(n, c, 1, 1)
         return self.gated(x * gain)
 
 
@@ -97,6 +187,16 @@ class GDNishLiteEnc(nn.Module):
       where HardSwish is linear, and the offset cancels in ``h+ - h-``. This needs
       ``round(t*C) >= 2*C`` hidden channels. ECA starts with a gate of exactly 1.
     """
+
+    OPTIONS = (
+        BlockOption("enc_t", "t", float, 2.0, "GDNishLiteEnc expansion ratio"),
+        BlockOption("enc_kdw", "k_dw", int, 3, "GDNishLiteEnc depthwise kernel"),
+        BlockOption("enc_eca", "use_eca", bool, True, "GDNishLiteEnc channel attention"),
+        BlockOption("enc_residual", "residual", bool, True, "GDNishLiteEnc residual connection"),
+        BlockOption("enc_eca_kernel", "eca_kernel", int, 3,
+                    "GDNishLiteEnc ECA's 1-D kernel: how many neighbouring channels set each channel's gain"),
+    )
+    GRAPH_OPS = {"Add": "summed"}
 
     def __init__(self, channels: int, t: float = 2.0, k_dw: int = 3, use_eca: bool = True,
                  residual: bool = True, eca_kernel: int = 3, init_identity: bool = True,
@@ -152,6 +252,27 @@ class GDNishLiteEnc(nn.Module):
         out = self.eca(self.project(h))
         return self.summed(x + out) if self.residual else out
 
+    @classmethod
+    def options(cls, given: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """The constructor options ``given``, with the defaults of every ``OPTIONS`` entry filled in."""
+        return _options(cls, given)
+
+    def quant_points(self) -> List[Tuple[str, float]]:
+        """(submodule, factor) of each tensor the INT8 graph quantises, in order; the last is the block's output.
+
+        Each convolution is fused with the activation after it (quantised once, on the activation's output); the
+        projection feeds ECA or the residual sum, so it is quantised itself.
+        """
+        _no_batchnorm(self.bn1, self.bn2)
+        points = [("act1", 1.0), ("act2", 1.0), ("project", 1.0)]
+        if isinstance(self.eca, ECAGate):
+            points += [(f"eca.{name}", factor) for name, factor in self.eca.quant_points()]
+        return points + ([("summed", 1.0)] if self.residual else [])
+
+    def double_rounding_points(self) -> List[str]:
+        """The convolutions before an activation: where the ``double`` ablation rounds once more than the graph."""
+        return ["expand", "dw"]
+
 
 class GDNishLiteDec(nn.Module):
     """Decoder-side IGDN replacement.
@@ -168,6 +289,15 @@ class GDNishLiteDec(nn.Module):
     ``residual=False``). With ``residual=True`` the depthwise conv starts at
     zero (the branch adds 0); without it, it starts as a centred delta kernel.
     """
+
+    OPTIONS = (
+        BlockOption("dec_k", "k", int, 3, "GDNishLiteDec depthwise kernel"),
+        BlockOption("dec_gmin", "g_min", float, 0.5, "GDNishLiteDec minimum gain"),
+        BlockOption("dec_gmax", "g_max", float, 2.0, "GDNishLiteDec maximum gain"),
+        BlockOption("dec_residual", "residual", bool, True, "GDNishLiteDec residual connection"),
+    )
+    GRAPH_OPS = {"Mul": "gained", "Add": "summed"}
+    FOLDED_GATES = {"scale": "gain_out"}  # in the export form the gate is a Clip on this conv: its tensor is gain_out
 
     def __init__(self, channels: int, k: int = 3, g_min: float = 0.5, g_max: float = 2.0,
                  residual: bool = True, act_type: str = "relu6", use_bn: bool = False,
@@ -214,3 +344,24 @@ class GDNishLiteDec(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dw(self.gained(x * self.gain(x)))
         return self.summed(x + out) if self.residual else out
+
+    @classmethod
+    def options(cls, given: Optional[Mapping[str, Any]] = None) -> Dict[str, Any]:
+        """The constructor options ``given``, with the defaults of every ``OPTIONS`` entry filled in."""
+        return _options(cls, given)
+
+    def quant_points(self) -> List[Tuple[str, float]]:
+        """(submodule, factor) of each tensor the INT8 graph quantises, in order; the last is the block's output."""
+        _no_batchnorm(self.bn)
+        points = [("act", 1.0), ("gain_out", 1.0), ("gained", 1.0), ("dw", 1.0)]
+        return points + ([("summed", 1.0)] if self.residual else [])
+
+    def double_rounding_points(self) -> List[str]:
+        return ["mix"]
+
+    def export_form(self) -> nn.Module:
+        """A copy whose gain is ``Clip(scale'(z), g_min, g_max)``: ``gain()`` then adds 0 and multiplies by 1."""
+        folded = copy.deepcopy(self)
+        folded.scale, folded.gate = fold_gate(self.scale, self.g_min, self.g_max - self.g_min), nn.Identity()
+        folded.g_min, folded.g_max = 0.0, 1.0
+        return folded

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import re
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
@@ -11,11 +12,11 @@ import torch
 from torch import nn
 
 from src.cli import UserError, str2bool
-from src.int8 import RANGE_METHODS
-from src.losses import DISTORTIONS, LOSS_TYPES
+from src.losses import DISTORTIONS, LOSS_TYPES, ZOO_LAMBDA_BPP
 from src.model_factory import BASE_MODELS, describe_model, quality_index
+from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
 from src.precision import AMP_DTYPE_CHOICES, LOCAL_FP32_POLICIES
-from src.qat import INTERFACES, PLACEMENTS, PRECISIONS as QAT_PRECISIONS, SCALE_MODES
+from src.quant.scheme import INTERFACES, PLACEMENTS, PRECISIONS as QAT_PRECISIONS, RANGE_METHODS, SCALE_MODES
 from src.replace_gdn import REPLACE_MODES, TRAIN_SCOPES
 from src.schedule import SCHEDULES, check_schedule
 
@@ -123,9 +124,9 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
     g.add_argument("--qat", type=str2bool, default=False,
                    help="a QAT phase after float training (start from --base_checkpoint FLOAT.pt of this "
                         "architecture): g_a/g_s round where their INT8 graph rounds, weights INT8 per output channel, "
-                        "activation scales from PTQ's calibration on whole photos (src/qat.py)")
+                        "activation scales from PTQ's calibration on whole photos (src/quant/qat.py)")
     g.add_argument("--qat_precision", default="w8a8", choices=QAT_PRECISIONS,
-                   help="INT8 profile (src.int8): w8a8 = every activation 8-bit; a16w8 = 16-bit main path")
+                   help="INT8 profile (src/quant/ptq.py): w8a8 = every activation 8-bit; a16w8 = 16-bit main path")
     g.add_argument("--qat_scales", default="learned", choices=SCALE_MODES,
                    help="learned = LSQ-train the 8-bit scales (in log space) from the calibrated ones (measured "
                         "better, docs/int8_study.md); frozen = keep the calibrated scales")
@@ -133,7 +134,7 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
                    help="whole photos the scales are calibrated on (default: COCO_DIR/train2017; never crops)")
     g.add_argument("--qat_calib_count", type=int, default=20, help="calibration photos used (sorted by name)")
     g.add_argument("--qat_range", default="mse", choices=RANGE_METHODS,
-                   help="how each activation's range is chosen from the calibration histograms (src.int8)")
+                   help="how each activation's range is chosen from the calibration histograms (src/quant/ptq.py)")
     g.add_argument("--qat_placement", default="graph", choices=PLACEMENTS,
                    help="ablation only: double = also round each conv's output before its ReLU6 (the old QAT; the "
                         "exported graph rounds once, after it)")
@@ -162,14 +163,9 @@ def get_npu_args_parser() -> argparse.ArgumentParser:
     parser = get_args_parser("Fine-tune bmshj2018_factorized with GDN/IGDN replaced by GDNishLite blocks.",
                              save_dir="./checkpoints_npu", recon_dir="./recon_npu", replace_parts="all")
     g = parser.add_argument_group("NPU blocks")
-    g.add_argument("--enc_t", type=float, default=2.0, help="GDNishLiteEnc expansion ratio")
-    g.add_argument("--enc_kdw", type=int, default=3, help="GDNishLiteEnc depthwise kernel")
-    g.add_argument("--enc_eca", type=str2bool, default=True, help="GDNishLiteEnc channel attention")
-    g.add_argument("--enc_residual", type=str2bool, default=True)
-    g.add_argument("--dec_k", type=int, default=3, help="GDNishLiteDec depthwise kernel")
-    g.add_argument("--dec_gmin", type=float, default=0.5, help="GDNishLiteDec minimum gain")
-    g.add_argument("--dec_gmax", type=float, default=2.0, help="GDNishLiteDec maximum gain")
-    g.add_argument("--dec_residual", type=str2bool, default=True)
+    for option in GDNishLiteEnc.OPTIONS + GDNishLiteDec.OPTIONS:  # each block lists its own (src/npu_blocks.py)
+        g.add_argument(f"--{option.flag}", type=str2bool if option.type is bool else option.type,
+                       default=option.default, help=option.help)
     g.add_argument("--init_from_gdn", type=str2bool, default=False,
                    help="fit each block to the GDN/IGDN it replaces (block-wise regression) before fine-tuning")
     g.add_argument("--gdn_fit_steps", type=int, default=300, help="regression steps per block")
@@ -203,13 +199,19 @@ def check_block_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
         value = getattr(args, flag)
         if value < 0 or (args.init_from_gdn and value < 1):
             parser.error(f"--{flag} must be >= 1 with --init_from_gdn true (and never negative), got {value}")
+    for cls, kwargs in zip((GDNishLiteEnc, GDNishLiteDec), block_kwargs(args)):
+        try:  # whatever else a block refuses, in its own words with its options named as flags
+            cls(1, **kwargs)
+        except ValueError as err:
+            message = str(err)
+            for option in cls.OPTIONS:
+                message = re.sub(rf"\b{option.kwarg}\b", f"--{option.flag}", message)
+            parser.error(message)
 
 
 def block_kwargs(args: argparse.Namespace) -> Tuple[Dict[str, Any], Dict[str, Any]]:
     """(enc_kwargs, dec_kwargs) for ``replace_gdn_with_npu`` (src/replace_gdn_npu.py) from the NPU flags."""
-    enc = {"t": args.enc_t, "k_dw": args.enc_kdw, "use_eca": args.enc_eca, "residual": args.enc_residual}
-    dec = {"k": args.dec_k, "g_min": args.dec_gmin, "g_max": args.dec_gmax, "residual": args.dec_residual}
-    return enc, dec
+    return tuple({o.kwarg: getattr(args, o.flag) for o in cls.OPTIONS} for cls in (GDNishLiteEnc, GDNishLiteDec))
 
 
 def replacement_built_by(build_model: Callable[[argparse.Namespace], nn.Module],
@@ -331,3 +333,17 @@ def resume_flag_changes(saved: Dict[str, Any], args: argparse.Namespace, extendi
     if saved_world_size != world_size:
         changes.append(f"world size {saved_world_size} -> {world_size} processes")
     return changes
+
+
+# CompressAI's objective, ``lmbda * 255^2 * MSE + bpp``, on the recipe's scale (``--lambda_bpp L = 1 / lmbda``) with
+# gradients clipped where ``examples/train.py`` clips them (its 1.0 on a loss L times larger): the demo's and the
+# benches' one spelling of it.
+def compressai_objective(lambda_bpp: float) -> List[str]:
+    """CompressAI's training objective as the recipe's flags, at ``lambda_bpp`` (= 1 / CompressAI's lmbda)."""
+    lam = f"{lambda_bpp:.6g}"
+    return ["--loss_type", "rd", "--distortion", "mse", "--lambda_bpp", lam, "--max_grad_norm", lam]
+
+
+def zoo_objective(quality: int) -> List[str]:
+    """``compressai_objective`` at the trade-off CompressAI's zoo model of ``quality`` was trained with."""
+    return compressai_objective(ZOO_LAMBDA_BPP[quality])

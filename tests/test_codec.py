@@ -11,20 +11,25 @@ import numpy as np
 import onnx
 import pytest
 import torch
+from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
 from PIL import Image
 from torch import nn
 
-from scripts import codec as codec_cli
-from scripts import export_onnx
-from src import codec
+from scripts import codec as codec_cli, export_onnx
 from src import eval as recipe_eval
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
-from src.export import op_histogram, quantize_int8
+from src.codec.bundle import Bundle, Codec, file_sha256, load_bundle, padded_input, psnr
+from src.codec.format import HEADER, latent_size, unpack
+from src.codec.roundtrip import bitstream_roundtrip
+from src.codec.runtimes import RUNTIMES, load_graph, runtime_audit
+from src.codec.subpixel import can_rewrite, subpixel_from_convtranspose, subpixel_rewrite
+from src.codec.tables import EntropyTables
 from src.images import image_tensor, load_rgb
-from src.int8 import SymbolDecoder, export_module
 from src.model_factory import build_model, make_arch
-from src.subpixel import can_rewrite, subpixel_from_convtranspose, subpixel_rewrite
+from src.quant.onnx_export import op_histogram
+from src.quant.ptq import ArrayReader, prepared
+from src.quant.symbols import SymbolDecoder, export_module
 from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -79,7 +84,7 @@ def test_bundle_contents_and_manifest(setup):
     assert manifest["precision"]["profile"] == "fp32" and manifest["upsample"] == "convtranspose"
     for part in ("encoder", "decoder"):
         assert manifest["graphs"][part]["sha256"] == hashlib.sha256((folder / f"{part}.onnx").read_bytes()).hexdigest()
-    tables = codec.EntropyTables.load(folder / "entropy.npz")
+    tables = EntropyTables.load(folder / "entropy.npz")
     eb = setup["model"].entropy_bottleneck
     assert np.array_equal(tables.cdfs, eb._quantized_cdf.numpy()) and np.array_equal(tables.offsets, eb._offset.numpy())
     assert tables.digest() == manifest["entropy"]["sha256"]
@@ -98,21 +103,21 @@ def test_round_trip_any_size_and_file_is_the_bits_eval_counts(setup, tmp_path):
         image = setup["root"] / f"{name}.png"
         data, decoded = encode_decode(setup["bundles"]["fp32"], image, tmp_path)
         assert decoded.shape == (h, w, 3)
-        header, payload = codec.unpack(data, "file")
-        assert (header.height, header.width, header.latent_h, header.latent_w) == (h, w, *codec.latent_size(h, w))
+        header, payload = unpack(data, "file")
+        assert (header.height, header.width, header.latent_h, header.latent_w) == (h, w, *latent_size(h, w))
         # The payload is byte for byte what CompressAI's EntropyBottleneck writes for these symbols...
-        bundle = codec.load_bundle(setup["bundles"]["fp32"])
+        bundle = load_bundle(setup["bundles"]["fp32"])
         symbols = bundle.coder().decode(payload, header.latent_h, header.latent_w)
         assert payload == model.entropy_bottleneck.compress(torch.from_numpy(symbols) + medians)[0]
         # ... and the symbols are PyTorch's, except where FP32 sums in another order cross a rounding boundary.
         x = image_tensor(load_rgb(image))
-        coded = recipe_eval.bitstream_roundtrip(model, x)
+        coded = bitstream_roundtrip(model, x)
         with torch.no_grad():
-            centred = (model.g_a(torch.from_numpy(codec.padded_input(np.asarray(load_rgb(image))))) - medians).numpy()
+            centred = (model.g_a(torch.from_numpy(padded_input(np.asarray(load_rgb(image))))) - medians).numpy()
         differ = np.round(centred) != symbols
         assert not np.any(differ & (np.abs(np.abs(centred % 1) - 0.5) > 1e-3))
         assert abs(8 * len(payload) - coded["bits"]) <= 32 * int(differ.sum())
-        assert len(data) == codec.HEADER.size + len(payload)
+        assert len(data) == HEADER.size + len(payload)
         # The PNG is the PyTorch model's reconstruction, to 8 bits.
         reference = np.rint(coded["x_hat"][0].clamp(0, 1).permute(1, 2, 0).numpy() * 255)
         assert np.abs(decoded.astype(int) - reference).max() <= 1
@@ -127,7 +132,9 @@ def test_decode_needs_no_checkpoint_nor_training_code(setup, tmp_path):
                              "-o", str(tmp_path / "a.png")], capture_output=True, text=True, cwd=REPO)
     assert result.returncode == 0, result.stderr[-1500:]
     loaded = eval(result.stdout.strip().splitlines()[-1])
-    assert set(loaded) <= {"src.codec", "src.cli", "src.checkpoint", "src.latents"}, loaded
+    decoder_modules = {"src.codec", "src.codec.bundle", "src.codec.format", "src.codec.latents", "src.codec.runtimes",
+                       "src.codec.tables", "src.cli", "src.checkpoint"}
+    assert set(loaded) <= decoder_modules, loaded
     assert Image.open(tmp_path / "a.png").size == (150, 110)
 
 
@@ -138,10 +145,10 @@ def other_tables_file(setup, tmp_path) -> Path:
     with torch.no_grad():
         other.entropy_bottleneck.quantiles.add_(0.7)
     other.update(force=True)
-    bundle = codec.load_bundle(setup["bundles"]["fp32"])
-    tables = codec.EntropyTables.from_entropy_bottleneck(other.entropy_bottleneck)
+    bundle = load_bundle(setup["bundles"]["fp32"])
+    tables = EntropyTables.from_entropy_bottleneck(other.entropy_bottleneck)
     manifest = dict(bundle.manifest, entropy={"sha256": tables.digest()})
-    foreign = codec.Codec(codec.Bundle(bundle.folder, manifest, tables), parts=("encoder",))
+    foreign = Codec(Bundle(bundle.folder, manifest, tables), parts=("encoder",))
     path = tmp_path / "other.npcf"
     path.write_bytes(foreign.encode(np.asarray(load_rgb(setup["root"] / "a.png"))))
     return path
@@ -188,7 +195,7 @@ def resigned_copy(folder: Path, out: Path, edit) -> Path:
     edit(graph)
     onnx.save(graph, str(out / "encoder.onnx"))
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest["graphs"]["encoder"]["sha256"] = codec.file_sha256(out / "encoder.onnx")
+    manifest["graphs"]["encoder"]["sha256"] = file_sha256(out / "encoder.onnx")
     (out / "manifest.json").write_text(json.dumps(manifest))
     return out
 
@@ -240,13 +247,13 @@ def test_fp32_and_int8_bundles_decode_each_others_files(setup, tmp_path):
         diff = np.abs(same.astype(int) - other.astype(int))
         assert diff.max() > 0 and diff.mean() < 0.05 * 255
     # The INT8 encoder's symbols are the FP32 ones but for its quantisation noise (the INT8 issue's bound: < 5 %).
-    coder = codec.load_bundle(fp32).coder()
-    fp32_symbols, int8_symbols = (coder.decode(codec.unpack(f, "f")[1], *codec.latent_size(110, 150))
+    coder = load_bundle(fp32).coder()
+    fp32_symbols, int8_symbols = (coder.decode(unpack(f, "f")[1], *latent_size(110, 150))
                                   for f in (fp32_file, int8_file))
     assert np.mean(fp32_symbols != int8_symbols) < 0.05
     # Symbols are identical across runs and across fresh sessions of the same encoder.
     for folder, first in ((fp32, fp32_file), (int8, int8_file)):
-        again = codec.Codec(codec.load_bundle(folder), parts=("encoder",)).encode(np.asarray(load_rgb(image)))
+        again = Codec(load_bundle(folder), parts=("encoder",)).encode(np.asarray(load_rgb(image)))
         assert again == first
     audit = manifest["audit"]["decoder"]["onnxruntime"]
     assert audit["integer"].get("QLinearConv", 0) == 13 and not {"Conv", "ConvTranspose"} & set(audit["float"])
@@ -271,8 +278,8 @@ def test_subpixel_rewrite_is_exact_in_fp32(setup, tmp_path):
     ops = op_histogram(path)
     assert ops.get("DepthToSpace") == 4 and "ConvTranspose" not in ops
     medians = model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
-    for runtime in codec.RUNTIMES:
-        graph = codec.load_graph(path, runtime)
+    for runtime in RUNTIMES:
+        graph = load_graph(path, runtime)
         for latent in (symbols, symbols[..., :4, :7].contiguous()):  # H/W are dynamic
             with torch.no_grad():
                 expected = model.g_s(latent + medians).numpy()  # the original decoder, ConvTranspose and all
@@ -293,15 +300,18 @@ def test_runtimes_agree_and_the_int8_convtranspose_stays_float_in_onnxruntime(se
         assert abs(len(ov_file) - len(ort_file)) <= 0.01 * len(ort_file) + 8
         if name == "fp32":
             assert np.abs(ort_png.astype(int) - ov_png.astype(int)).max() <= 1
-        assert codec.psnr(ort_png, ov_png) > 40, name
+        assert psnr(ort_png, ov_png) > 40, name
     fp32_decoder = setup["bundles"]["fp32"] / "decoder.onnx"
-    bundle = codec.Codec(codec.load_bundle(setup["bundles"]["fp32"]), parts=("encoder",))
-    calib = [bundle.encoder(codec.padded_input(np.asarray(load_rgb(p))))
+    bundle = Codec(load_bundle(setup["bundles"]["fp32"]), parts=("encoder",))
+    calib = [bundle.encoder(padded_input(np.asarray(load_rgb(p))))
              for p in sorted((setup["root"] / "calib").iterdir())]
-    int8 = quantize_int8(fp32_decoder, tmp_path / "decoder.int8.onnx", calib)
-    ort_audit = codec.runtime_audit(int8, "onnxruntime")
+    int8 = tmp_path / "decoder.int8.onnx"  # onnxruntime's defaults: QDQ, MinMax, INT8 weights per channel
+    quantize_static(str(prepared(fp32_decoder, tmp_path)), str(int8), ArrayReader("symbols", calib),
+                    quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
+                    weight_type=QuantType.QInt8)
+    ort_audit = runtime_audit(int8, "onnxruntime")
     assert ort_audit["float"].get("ConvTranspose") == 4 and ort_audit["integer"].get("QLinearConv", 0) == 9
-    ov_audit = codec.runtime_audit(int8, "openvino")  # which of them OpenVINO runs in INT8 depends on the CPU
+    ov_audit = runtime_audit(int8, "openvino")  # which of them OpenVINO runs in INT8 depends on the CPU
     assert sum(ov_audit[kind].get("Deconvolution", 0) for kind in ("integer", "float")) == 4
 
 

@@ -23,7 +23,7 @@ def flag_reads(path: Path):
     return found
 
 
-@pytest.mark.parametrize("module", ["step", "loop", "state", "run"])
+@pytest.mark.parametrize("module", ["step", "trainer", "loop", "state", "run"])
 def test_only_setup_reads_the_flags(module):
     found = flag_reads(ENGINE / f"{module}.py")
     if module == "run":  # run_training(args, ...) is the entry point: it hands the flags to setup unread

@@ -10,12 +10,13 @@ from PIL import Image
 
 import train_finetune_npu
 from scripts import export_onnx
-from src import export as onnx_export
-from src import eval as recipe_eval
-from src import train_finetune_relu
+from src import eval as recipe_eval, train_finetune_relu
 from src.cli import UserError
+from src.codec.roundtrip import bitstream_roundtrip
 from src.images import center_crop_tensor, load_rgb
-from src.int8 import SymbolDecoder, SymbolEncoder
+from src.quant import onnx_export
+from src.quant.ptq import SymbolCodec, mean_points, pad_to
+from src.quant.symbols import SymbolDecoder, SymbolEncoder, symbol_graphs
 from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
@@ -194,21 +195,17 @@ def test_int8_round_trip_is_measured_on_images_it_was_not_calibrated_on(checkpoi
     assert held_out["eval_images"] == 2 and held_out["eval_from"] == str(prepared64 / "val")
 
 
-def test_onnx_codec_round_trip_matches_the_pytorch_codec(checkpoints, photos, tmp_path):
-    """The INT8 report's codec (ONNX graphs + CompressAI's range coder) is src.eval's codec when the graphs are FP32."""
-
+def test_symbol_codec_round_trip_matches_the_pytorch_codec(checkpoints, photos, tmp_path):
+    """The INT8 report's codec (symbol graphs + CompressAI's range coder) is src.eval's codec when the graphs are
+    FP32."""
     model, _, _ = recipe_eval.load_model(checkpoints["npu"], torch.device("cpu"))
     x = torch.from_numpy(np.asarray(load_rgb(photos / "a.png"), dtype=np.float32) / 255).permute(2, 0, 1)[None]
-    paths = {}
-    for part in ("encoder", "decoder"):
-        paths[part] = tmp_path / f"{part}.onnx"
-        onnx_export.export_graph(model, part, onnx_export.part_input(model, part, x[..., :64, :64]), paths[part],
-                                 13, dynamic=True)
-    codec = onnx_export.OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck)
-    ours, reference = recipe_eval.bitstream_roundtrip(codec, x), recipe_eval.bitstream_roundtrip(model, x)
+    graphs = symbol_graphs(model, torch.from_numpy(pad_to(x.numpy(), 64)), tmp_path)
+    codec = SymbolCodec(graphs["encoder"], graphs["decoder"], model.entropy_bottleneck)
+    ours, reference = bitstream_roundtrip(codec, x), bitstream_roundtrip(model, x)
     assert abs(ours["bits"] - reference["bits"]) <= 0.01 * reference["bits"]
     assert (ours["x_hat"] - reference["x_hat"].clamp(0, 1)).abs().max() < 1e-3
-    assert onnx_export.roundtrip(codec, [x], 64)["bpp"] == pytest.approx(ours["bits"] / (180 * 250))
+    assert mean_points(codec, [x], 64)[0]["bpp"] == pytest.approx(ours["bits"] / (180 * 250))
 
 
 def test_demo_sheet_decodes_every_stage(checkpoints, photos, tmp_path):

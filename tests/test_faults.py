@@ -17,9 +17,9 @@ import train_finetune_npu
 from src import engine, train_finetune_relu
 from src.checkpoint import RunLock, save_checkpoint
 from src.cli import UserError, run_cli
+from src.codec.latents import LATENT_LIMIT, check_codable
 from src.data import EpochLoader, PreparedCrops
 from src.distributed import DistInfo
-from src.latents import LATENT_LIMIT, check_codable
 from src.model_factory import build_model, make_arch
 from src.train_args import get_args_parser, resume_flag_changes
 from tests.conftest import common_args, one_line_error, with_flags

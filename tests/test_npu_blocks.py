@@ -4,8 +4,8 @@ import onnx
 import pytest
 import torch
 
-from src.export import NPU_FORBIDDEN_OPS
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
+from src.quant.onnx_export import NPU_FORBIDDEN_OPS
 
 
 @pytest.mark.parametrize("act", ["relu6", "hardswish"])
@@ -134,3 +134,45 @@ def test_blocks_compute_their_formula_with_non_identity_weights():
     expected = x + F.conv2d(x * gain, dec.dw.weight, dec.dw.bias, padding=1, groups=4)
     torch.testing.assert_close(dec(x), expected)
     assert not torch.allclose(enc(x), x) and not torch.allclose(dec(x), x), "the weights are not the identity"
+
+
+def test_eca_kernel_flows_from_its_flag_to_checkpoint_qat_and_export(tmp_path, capsys):
+    """``--enc_eca_kernel``: one ``BlockOption`` in src/npu_blocks.py, and the NPU script has the flag, the
+    description and the checkpoint carry it, QAT places its quantisers and export folds its gate, with no other
+    module knowing it."""
+    from src.checkpoint import save_checkpoint
+    from src.model_factory import build_model, load_checkpoint_model, make_arch
+    from src.quant.fake_quant import activation_quantisers
+    from src.quant.scheme import qat_scheme
+    from src.quant.symbols import gates_as_clips
+    from src.train_args import block_kwargs, check_block_flags, get_npu_args_parser
+
+    parser = get_npu_args_parser()
+    args = parser.parse_args(["--coco_dir", str(tmp_path), "--enc_eca_kernel", "5"])
+    check_block_flags(parser, args)
+    enc, dec = block_kwargs(args)
+    arch = make_arch(quality=1, replace="npu", replace_parts="all", enc_kwargs=enc, dec_kwargs=dec)
+    assert arch["enc_kwargs"]["eca_kernel"] == 5 and make_arch(**arch) == arch
+    model = build_model(arch)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        model.g_a[1].eca.conv.weight.normal_(0, 0.5)  # a gate that is not 1, so the fold is tested
+    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, tmp_path / "npu.pt")
+    loaded, loaded_arch, _ = load_checkpoint_model(tmp_path / "npu.pt")
+    assert loaded_arch == arch and loaded.g_a[1].eca.conv.kernel_size == (5,)
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(gates_as_clips(loaded.g_a).eval()(x), loaded.g_a.eval()(x), atol=1e-5)
+    qat = build_model(dict(arch, qat=qat_scheme()))
+    assert {"g_a.1.eca.pool", "g_a.1.eca.gate", "g_a.1.eca.gated"} <= set(activation_quantisers(qat))
+    with pytest.raises(SystemExit):
+        check_block_flags(parser, parser.parse_args(["--coco_dir", str(tmp_path), "--enc_eca_kernel", "4"]))
+    assert "--enc_eca_kernel must be a positive odd integer, got 4" in capsys.readouterr().err
+
+
+def test_old_descriptions_read_with_the_new_options_defaults():
+    """A checkpoint written before an option existed rebuilds with the option's default (what it was built with)."""
+    from src.model_factory import make_arch
+
+    old = make_arch(quality=1, replace="npu", enc_kwargs={"t": 2.0, "k_dw": 3, "use_eca": True, "residual": True})
+    assert old["enc_kwargs"] == GDNishLiteEnc.options() and old["dec_kwargs"] == GDNishLiteDec.options()

@@ -13,11 +13,12 @@ from scripts import export_onnx
 from src import eval as recipe_eval
 from src.checkpoint import read_checkpoint, state_and_arch
 from src.cli import UserError
-from src.int8 import latent_medians, run, session
 from src.model_factory import build_model, load_weights, make_arch, model_from_base_weights, model_from_checkpoint
-from src.qat import (LOG_SCALE_GAIN, LearnedFakeQuantize, activation_quantisers, calibrate, calibration_images,
-                     export_pair, float_twin, graph_qparams, is_absolute_step_scheme, placement, qat_scheme, qat_sites,
-                     qat_state)
+from src.quant.fake_quant import LearnedFakeQuantize, activation_quantisers, float_twin, placement, qat_sites, qat_state
+from src.quant.ptq import run, session
+from src.quant.qat import calibrate, calibration_images, export_pair, graph_qparams
+from src.quant.scheme import LOG_SCALE_GAIN, is_absolute_step_scheme, qat_scheme
+from src.quant.symbols import latent_medians
 from tests.conftest import assert_same_weights, common_args, final_state, photo_paths, qat_flags
 
 # onnxruntime computes in integers and requantises after every op, the fake-quant model in float: its output

@@ -20,7 +20,7 @@ import torch
 
 from scripts import export_onnx
 from src import eval as recipe_eval
-from src import export as onnx_export
+from src.quant import onnx_export
 from src import train_finetune_relu
 from src.cli import UserError
 

@@ -7,7 +7,8 @@ lives here, once, one concern per module:
 
 - ``run``: ``run_training``, validate -> build -> resume -> epochs -> summary;
 - ``setup``: the only module that reads the flags: builds the objects and the frozen configs below;
-- ``step``: one optimizer step and the ranks' agreement (``StepConfig``, ``Trainer``);
+- ``trainer``: what a step is built from (``Trainer``, ``StepConfig``);
+- ``step``: one optimizer step and the ranks' agreement;
 - ``loop``: the epochs, log windows, validation, recon dumps (``LoopConfig``);
 - ``state``: checkpoint payload, resume, extending, best selections, output folders (``TrainState``, ``OutputConfig``).
 
@@ -22,8 +23,9 @@ from src.engine.run import run_training
 from src.engine.setup import AUX_LR, GdnFit, build_trainer, create_model, prepare_model, seed_everything
 from src.replace_gdn import split_aux_parameters
 from src.engine.state import OutputConfig, TrainState, checkpoint_payload
-from src.engine.step import (StepConfig, StepVerdict, Trainer, TrainingStopped, agree_on_step, last_good_checkpoint,
-                             step_optimizers, training_step)
+from src.engine.step import (StepVerdict, TrainingStopped, agree_on_step, last_good_checkpoint, step_optimizers,
+                             training_step)
+from src.engine.trainer import StepConfig, Trainer
 
 __all__ = [
     "AUX_LR", "GdnFit", "LoopConfig", "OutputConfig", "StepConfig", "StepVerdict", "TrainState", "Trainer",

@@ -22,11 +22,12 @@ from tqdm import tqdm
 
 from src.checkpoint import unwrap
 from src.cli import Interrupted, UserError
+from src.codec.latents import codable_latents
 from src.data import EpochLoader, to_unit_float
 from src.distributed import agree_on_error, all_reduce_sum
 from src.engine.state import OutputConfig, TrainState, clear_previous_run, improved_selections, save_epoch_checkpoints
-from src.engine.step import Trainer, TrainingStopped, agree_to_stop, count_nonfinite, training_step
-from src.latents import codable_latents
+from src.engine.step import TrainingStopped, agree_to_stop, count_nonfinite, training_step
+from src.engine.trainer import Trainer
 from src.losses import bpp_from_likelihoods, msssim_per_image, psnr_per_image
 from src.recon import comparison_grid, read_png, write_pngs, write_rate, write_report
 
@@ -245,7 +246,7 @@ def unfit_to_save(tr: Trainer, val_ds: Dataset, batch_size: int, val: Optional[D
     """Why the model must not be saved ("" when it is good), agreed by every rank.
 
     Good means: finite weights, finite val metrics (when ``val`` is given)
-    and codable latents (``src.latents``) on the first val batch, which the
+    and codable latents (``src.codec.latents``) on the first val batch, which the
     recon PNGs also show. A model that fails would write a checkpoint that
     cannot be evaluated (a range coder that never returns), exported or resumed.
     """

@@ -28,12 +28,13 @@ from src.distributed import DistInfo, agree_on_error, barrier
 from src.engine.loop import LoopConfig, check_recon_origin
 from src.engine.state import (OutputConfig, ScheduleConfig, TrainState, check_resume, check_resume_arch,
                               check_same_data, checked_arch, fast_forward_schedule, restore_training_state)
-from src.engine.step import StepConfig, Trainer
+from src.engine.trainer import StepConfig, Trainer
 from src.losses import RecipeLoss
 from src.model_factory import download_pretrained_state, make_arch, model_from_base_weights
 from src.precision import (OverflowMonitor, apply_local_fp32, autocast_context, check_amp_support, make_grad_scaler,
                            resolve_amp_dtype)
-from src.qat import activation_quantisers, fake_quant_modules, qat_arch, qat_state, start_phase
+from src.quant.fake_quant import activation_quantisers, fake_quant_modules, qat_state
+from src.quant.scheme import qat_arch
 from src.replace_gdn import freeze_rate_only_parameters, parameter_table, set_trainable_parts, split_aux_parameters
 from src.replace_gdn_npu import fit_blocks_to_gdn
 from src.run_logger import RunLogger
@@ -192,6 +193,17 @@ def prepare_model(args: argparse.Namespace, arch: Dict[str, Any], resume: Option
     return model
 
 
+def start_qat_phase(model: nn.Module, args: argparse.Namespace, say: Callable[[str], None]) -> None:
+    """``--qat true`` on a fresh run: calibrate the quantisers on whole photos, then train with those scales.
+
+    QAT's calibration is PTQ itself (onnxruntime writes the graph the scales are read from), so its module is
+    imported here, on the one path that needs it: float training never loads onnx (``tests/test_layout.py``).
+    """
+    from src.quant.qat import start_phase
+
+    start_phase(model, Path(args.qat_calib_dir), args.qat_calib_count, args.qat_range, say)
+
+
 # ---------------------------------------------------------------- start checks
 
 def planned_epochs(ckpt: Dict[str, Any], args: argparse.Namespace, dist: DistInfo,
@@ -337,7 +349,7 @@ def build_run(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[
     if resume is not None and out.last.resolve() == Path(args.resume).resolve():
         kept = f"{args.resume} is kept as it was (step {state.steps_run})"
     if arch["qat"] and resume is None:
-        start_phase(unwrap(model), Path(args.qat_calib_dir), args.qat_calib_count, args.qat_range, say)
+        start_qat_phase(unwrap(model), args, say)
     val_batches = val_loader(val_ds, args.batch_size, args.num_workers, dist, on_cuda)
     banner = (f"training on {device} x{dist.world_size} | {len(train_ds)} train / {len(val_ds)} val crops of "
               f"{side}px | amp={args.amp} ({amp_dtype + ', ' + why if args.amp else 'fp32'}) | {steps} steps/epoch | "

@@ -15,7 +15,7 @@ import shutil
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from torch import nn
@@ -25,12 +25,10 @@ from src.checkpoint import (RunLock, link_or_copy_atomic, orphan_temp_files, pre
 from src.cli import UserError
 from src.data import fingerprint_change
 from src.distributed import DistInfo, agree_on_error, all_gather_objects, barrier
+from src.engine.trainer import Trainer
 from src.model_factory import make_arch
-from src.qat import is_absolute_step_scheme
+from src.quant.scheme import is_absolute_step_scheme
 from src.schedule import LRSchedule, build_schedule
-
-if TYPE_CHECKING:
-    from src.engine.step import Trainer
 
 RUN_CHECKPOINTS = ("last.pt", "best_msssim.pt", "best_loss.pt")
 RECON_TAG = re.compile(r"^epoch_\d{3,}$")
@@ -171,7 +169,7 @@ def fast_forward_schedule(optimizer: torch.optim.Optimizer, schedule: LRSchedule
 
 # ---------------------------------------------------------------- saving
 
-def checkpoint_payload(tr: "Trainer", arch: Dict[str, Any], state: TrainState, flags: Mapping[str, Any],
+def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState, flags: Mapping[str, Any],
                        rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Everything needed to rebuild (eval/export) or continue (resume) the run.
 
@@ -207,7 +205,7 @@ def improved_selections(state: TrainState, val: Dict[str, float]) -> List[str]:
     return bests
 
 
-def save_epoch_checkpoints(tr: "Trainer", arch: Dict[str, Any], state: TrainState, out: OutputConfig,
+def save_epoch_checkpoints(tr: Trainer, arch: Dict[str, Any], state: TrainState, out: OutputConfig,
                            bests: Sequence[str], say: Callable[[str], None]) -> None:
     """``last.pt``, serialised once, and the ``best_*.pt`` files this epoch improved (same bytes).
 

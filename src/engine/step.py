@@ -7,21 +7,17 @@ Everything here takes plain values (a ``Trainer`` of built objects, a frozen
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Callable, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
-from torch import nn
 from tqdm import tqdm
 
 from src.checkpoint import unwrap
-from src.cli import StopRequest, UserError
-from src.distributed import DistInfo, all_gather_objects, all_reduce_sum
+from src.cli import UserError
+from src.distributed import all_gather_objects, all_reduce_sum
 from src.engine.state import TrainState
-from src.losses import RecipeLoss
+from src.engine.trainer import StepConfig, Trainer
 from src.precision import OverflowMonitor
-from src.run_logger import RunLogger
-from src.schedule import LRSchedule
 
 
 class TrainingStopped(UserError):
@@ -29,46 +25,12 @@ class TrainingStopped(UserError):
 
     Every checkpoint a run writes is *good*: its weights are finite, its val
     metrics are finite and the latents of its first val batch are codable
-    (``src.latents.check_codable``). These are checked before each save
+    (``src.codec.latents.check_codable``). These are checked before each save
     (``src.engine.loop.unfit_to_save``); a model that fails them stops the run instead.
     Its exit code (3) tells a scheduler "the run diverged" apart from "the command was wrong" (2).
     """
 
     exit_code = 3
-
-
-@dataclass(frozen=True)
-class StepConfig:
-    """What the training step reads from the flags (built by ``src.engine.setup.step_config``)."""
-
-    max_grad_norm: float = 1.0  # <= 0: no clipping
-    max_bad_steps: int = 20  # skipped steps in a row that stop the run
-    overflow_tol: float = 1e8  # --overflow_check: |activation| above this counts as an overflow
-    log_every: int = 50  # steps per logging window (and, on the fused path, per host read)
-    lambda_bpp: float = 0.01  # logged with the rate
-    last_checkpoint: Path = Path("checkpoints/last.pt")  # named in the messages that stop a run
-
-
-@dataclass(frozen=True)
-class Trainer:
-    """What one training step needs, built once (``src.engine.setup.build_trainer``) and never changed."""
-
-    model: nn.Module
-    criterion: RecipeLoss
-    optimizer: torch.optim.Optimizer
-    aux_optimizer: Optional[torch.optim.Optimizer]
-    scaler: torch.amp.GradScaler
-    schedule: LRSchedule
-    autocast: Callable
-    device: torch.device
-    dist: DistInfo
-    monitor: Optional[OverflowMonitor]
-    logger: RunLogger
-    stop: StopRequest
-    config: StepConfig = StepConfig()
-    placeholder: Optional[torch.Tensor] = None  # stands in for an all-corrupt batch: (1, 3, crop, crop) zeros
-    deferred_skip: bool = False  # skip bad steps on the device, read the verdicts back once per log window
-    memory_format: torch.memory_format = torch.contiguous_format  # of the batches (--channels_last)
 
 
 def last_good_checkpoint(state: TrainState, config: StepConfig) -> str:

@@ -1,10 +1,10 @@
-"""Write a codec bundle (``src.codec``) from a model: symbol graphs, entropy tables, verified round trip, op audit.
+"""Write a codec bundle (``src.codec.bundle``) from a model: symbol graphs, entropy tables, verified round trip, op audit.
 
 ``scripts.export_onnx --bundle DIR`` calls ``write_bundle``. The graphs are
-the symbol interface of ``src.int8`` (``symbol_graphs``: the encoder ends with
+the symbol interface of ``src.quant.ptq`` (``symbol_graphs``: the encoder ends with
 Round, the decoder adds the medians), with dynamic H/W; the decoder's stride-2
 ConvTransposes become sub-pixel convolutions with ``upsample="subpixel"``
-(``src.subpixel``). INT8 bundles quantise those FP32 graphs with ``src.int8``'s
+(``src.codec.subpixel``). INT8 bundles quantise those FP32 graphs with ``src.quant.ptq``'s
 profiles (``int8_symbol_pair``). Before
 the manifest is written the bundle codes its verification images (whole,
 any size) on both runtimes, and each graph's executed ops are audited on both.
@@ -24,13 +24,22 @@ import onnx
 import torch
 from torch import nn
 
-from src import codec
 from src.cli import UserError
-from src.export import MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, op_histogram
-from src.int8 import DEFAULT_RANGE_METHOD, PROFILES as INT8_PROFILES, calibrate, quantise_pair, symbol_graphs
+from src.codec.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FILES, MANIFEST, TABLES_FILE, Bundle, Codec,
+                              file_sha256, image_array, load_bundle, padded_input)
+from src.codec.format import FORMAT_VERSION, HEADER, LATENT_STRIDE, MAGIC, PAD_MULTIPLE
+from src.codec.roundtrip import bitstream_roundtrip
+from src.codec.runtimes import RUNTIMES, audit_line, load_graph, runtime_audit
+from src.codec.subpixel import UPSAMPLE_MODES, subpixel_rewrite
+from src.codec.tables import EntropyTables
+from src.images import image_tensor, load_rgb
 from src.losses import quantised_metrics
-from src.qat import activation_precision as qat_model_precision, export_pair, float_twin, is_qat_model
-from src.subpixel import UPSAMPLE_MODES, subpixel_rewrite
+from src.quant.fake_quant import activation_precision as qat_model_precision, float_twin, is_qat_model
+from src.quant.onnx_export import MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, op_histogram
+from src.quant.ptq import calibrate, quantise_pair
+from src.quant.qat import export_pair
+from src.quant.scheme import DEFAULT_RANGE_METHOD, PROFILES as INT8_PROFILES
+from src.quant.symbols import symbol_graphs
 
 PROFILES = ("fp32", *sorted(INT8_PROFILES))
 # Export check of the rounded encoder: a symbol may differ from PyTorch's only where PyTorch's centred
@@ -40,9 +49,9 @@ BOUNDARY_TOLERANCE = 1e-3
 
 def int8_symbol_pair(fp32: Dict[str, Path], calibration_images: Sequence[np.ndarray], profile: str,
                      range_method: str, out_dir: Path) -> Dict[str, Any]:
-    """INT8 encoder and decoder of the symbol interface (``src.int8``), calibrated on whole images.
+    """INT8 encoder and decoder of the symbol interface (``src.quant.ptq``), calibrated on whole images.
 
-    ``fp32`` is ``src.int8.symbol_graphs``' dict; returns the paths and what
+    ``fp32`` is ``src.quant.symbols.symbol_graphs``' dict; returns the paths and what
     the pair was quantised with (for the manifest).
     """
     pair = quantise_pair(calibrate(fp32, calibration_images, out_dir), profile, range_method, out_dir / "int8")
@@ -54,7 +63,7 @@ def int8_symbol_pair(fp32: Dict[str, Path], calibration_images: Sequence[np.ndar
 
 
 def qat_symbol_pair(qat_model: nn.Module, images: Sequence[np.ndarray], out_dir: Path, opset: int) -> Dict[str, Any]:
-    """A QAT model's INT8 symbol pair with its own scales (``src.qat.export_pair``), as ``int8_symbol_pair``."""
+    """A QAT model's INT8 symbol pair with its own scales (``src.quant.qat.export_pair``), as ``int8_symbol_pair``."""
     pair = export_pair(qat_model, images, out_dir, opset)
     return {"encoder": pair.encoder, "decoder": pair.decoder,
             "precision": {"profile": pair.precision, "description": INT8_PROFILES[pair.precision],
@@ -80,41 +89,38 @@ def check_export(model: nn.Module, paths: Dict[str, Path], image: torch.Tensor) 
     medians = model.entropy_bottleneck._get_medians().detach().reshape(1, -1, 1, 1)
     centred = (model.g_a(image) - medians).numpy()
     reference = np.round(centred).astype(np.float32)
-    got = codec.load_graph(paths["encoder"], "onnxruntime")(image.numpy())
+    got = load_graph(paths["encoder"], "onnxruntime")(image.numpy())
     differ = got != reference
     near_boundary = np.abs(np.abs(centred - np.floor(centred)) - 0.5) < BOUNDARY_TOLERANCE
     if np.any(np.abs(got - reference) > 1) or np.any(differ & ~near_boundary):
         raise UserError(f"export mismatch: {int(differ.sum())} symbols differ from PyTorch away from a rounding "
                         "boundary")
-    x_hat = codec.load_graph(paths["decoder"], "onnxruntime")(reference)
+    x_hat = load_graph(paths["decoder"], "onnxruntime")(reference)
     error = float(np.abs(x_hat - model.g_s(torch.from_numpy(reference) + medians).numpy()).max())
     if not error <= MAX_ABS_ERROR:
         raise UserError(f"export mismatch: decoder max abs error {error:.2e} > {MAX_ABS_ERROR:g}")
     return {"symbols_differing": int(differ.sum()), "symbols": int(differ.size), "decoder_max_abs_error": error}
 
 
-def verify_round_trip(bundle: codec.Bundle, images: Sequence[Path], model: nn.Module) -> Dict[str, Any]:
+def verify_round_trip(bundle: Bundle, images: Sequence[Path], model: nn.Module) -> Dict[str, Any]:
     """Code each verification image whole on both runtimes; PSNR, MS-SSIM, bpp and how the runtimes agree.
 
     ``pytorch_bpp``: the bits ``src.eval`` counts for the same image with the PyTorch model (``compress``).
     """
-    from src.eval import bitstream_roundtrip
-    from src.images import image_tensor, load_rgb
-
     result: Dict[str, Any] = {"images": [str(p) for p in images]}
     per_runtime = {}
-    for runtime in codec.RUNTIMES:
-        coder = codec.Codec(bundle, runtime)
+    for runtime in RUNTIMES:
+        coder = Codec(bundle, runtime)
         rows = []
         for path in images:
-            image = codec.image_array(path)
+            image = image_array(path)
             data, symbols = coder.encode(image, str(path), return_symbols=True)
             decoded = coder.decode(data, str(path))
             x, x_hat = (torch.from_numpy(a).permute(2, 0, 1)[None].float() / 255 for a in (image, decoded))
             metrics = quantised_metrics(x, x_hat)
             pixels = image.shape[0] * image.shape[1]
             rows.append({"psnr": metrics["psnr"], "ms_ssim": metrics["ms_ssim"],
-                         "bpp": 8 * (len(data) - codec.HEADER.size) / pixels, "bpp_file": 8 * len(data) / pixels,
+                         "bpp": 8 * (len(data) - HEADER.size) / pixels, "bpp_file": 8 * len(data) / pixels,
                          "symbols": symbols, "decoded": decoded})
         per_runtime[runtime] = rows
         result[runtime] = {k: float(np.mean([r[k] for r in rows])) for k in ("psnr", "ms_ssim", "bpp", "bpp_file")}
@@ -129,7 +135,7 @@ def verify_round_trip(bundle: codec.Bundle, images: Sequence[Path], model: nn.Mo
         "bpp_ratio": result["openvino"]["bpp"] / result["onnxruntime"]["bpp"] - 1,
     }
     bits = [bitstream_roundtrip(model, image_tensor(load_rgb(p)))["bits"] for p in images]
-    pixels = [np.prod(codec.image_array(p).shape[:2]) for p in images]
+    pixels = [np.prod(image_array(p).shape[:2]) for p in images]
     result["pytorch_bpp"] = float(np.mean([b / n for b, n in zip(bits, pixels)]))
     return result
 
@@ -137,13 +143,13 @@ def verify_round_trip(bundle: codec.Bundle, images: Sequence[Path], model: nn.Mo
 def audit(paths: Dict[str, Path]) -> Dict[str, Any]:
     """Ops integer NPUs cannot run (in the ONNX graphs), and what each runtime executes, in which precision."""
     return {part: {"npu_forbidden_ops": sorted(op for op in op_histogram(path) if op in NPU_FORBIDDEN_OPS),
-                   **{runtime: codec.runtime_audit(path, runtime) for runtime in codec.RUNTIMES}}
+                   **{runtime: runtime_audit(path, runtime) for runtime in RUNTIMES}}
             for part, path in paths.items()}
 
 
 def check_target(target: Path) -> None:
     """A bundle may replace an earlier bundle or an empty folder, nothing else the user has."""
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / codec.MANIFEST).is_file())):
+    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
         raise UserError(f"--bundle {target} exists and is not a codec bundle: not overwriting it")
 
 
@@ -165,11 +171,11 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
                  range_method: str = DEFAULT_RANGE_METHOD) -> Dict[str, Any]:
     """Write the bundle at ``out`` and return its manifest.
 
-    ``profile``: fp32, or an INT8 profile of ``src.int8`` (w8a8, a16w8): the
+    ``profile``: fp32, or an INT8 profile of ``src.quant.ptq`` (w8a8, a16w8): the
     FP32 symbol graphs quantised by ``int8_symbol_pair``, calibrated on
     ``calibration``, whole images as (1, 3, H, W) arrays padded to 64.
     A QAT checkpoint bundles its float weights (fp32) or, with its own
-    profile, the INT8 pair of ``src.qat.export_pair`` (PTQ's graphs with its
+    profile, the INT8 pair of ``src.quant.qat.export_pair`` (PTQ's graphs with its
     weights and scales; nothing is calibrated).
     """
     check_factorized(model)
@@ -197,7 +203,7 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
     if eb._quantized_cdf.numel() == 0:
         print("note: the checkpoint has no entropy tables (saved without model.update()); building them now")
         model.update(force=True)
-    tables = codec.EntropyTables.from_entropy_bottleneck(eb)
+    tables = EntropyTables.from_entropy_bottleneck(eb)
     coded = nn.Module()  # what the graphs are made of: g_a, g_s (maybe rewritten) and the medians
     coded.g_a, coded.g_s, coded.entropy_bottleneck = model.g_a, model.g_s, eb
     if upsample == "subpixel":
@@ -211,47 +217,47 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
         tmp = Path(tmp)
         folder = tmp / "bundle"
         folder.mkdir()
-        example = torch.from_numpy(codec.padded_input(codec.image_array(verification[0])))
+        example = torch.from_numpy(padded_input(image_array(verification[0])))
         fp32 = symbol_graphs(coded, example, tmp / "fp32", opset)
         for path in fp32.values():
             onnx.checker.check_model(onnx.load(str(path)))
         checked = check_export(model, fp32, example)
         precision: Dict[str, Any] = {"profile": profile}
-        graphs = {part: fp32[part] for part in codec.GRAPH_FILES}
+        graphs = {part: fp32[part] for part in GRAPH_FILES}
         if profile != "fp32" and qat_model is not None:
-            images = list(calibration) or [codec.padded_input(codec.image_array(f)) for f in verification]
+            images = list(calibration) or [padded_input(image_array(f)) for f in verification]
             pair = qat_symbol_pair(qat_model, images, tmp / "qat", opset)
-            graphs = {part: pair[part] for part in codec.GRAPH_FILES}
+            graphs = {part: pair[part] for part in GRAPH_FILES}
             precision = pair["precision"]
         elif profile != "fp32":
             pair = int8_symbol_pair(fp32, calibration, profile, range_method, tmp)
-            graphs = {part: pair[part] for part in codec.GRAPH_FILES}
+            graphs = {part: pair[part] for part in GRAPH_FILES}
             precision = dict(pair["precision"], calibration_images=len(calibration),
                              calibration_from=calibration_from)
         for part, path in graphs.items():
-            shutil.copyfile(path, folder / codec.GRAPH_FILES[part])
-        tables.save(folder / codec.TABLES_FILE)
+            shutil.copyfile(path, folder / GRAPH_FILES[part])
+        tables.save(folder / TABLES_FILE)
         manifest = {
-            "format": codec.BUNDLE_FORMAT, "version": codec.BUNDLE_VERSION, "source": source, "arch": arch,
+            "format": BUNDLE_FORMAT, "version": BUNDLE_VERSION, "source": source, "arch": arch,
             "base_model": (arch or {}).get("base_model", "bmshj2018-factorized"),
             "quality": (arch or {}).get("quality"), "latent_channels": tables.channels,
-            "latent_stride": codec.LATENT_STRIDE, "pad_multiple": codec.PAD_MULTIPLE, "precision": precision,
+            "latent_stride": LATENT_STRIDE, "pad_multiple": PAD_MULTIPLE, "precision": precision,
             "upsample": upsample, "opset": opset,
-            "file_format": {"magic": codec.MAGIC.decode(), "version": codec.FORMAT_VERSION,
-                            "header_bytes": codec.HEADER.size},
-            "entropy": {"file": codec.TABLES_FILE, "sha256": tables.digest()},
-            "graphs": {part: {"file": codec.GRAPH_FILES[part],
-                              "sha256": codec.file_sha256(folder / codec.GRAPH_FILES[part]),
+            "file_format": {"magic": MAGIC.decode(), "version": FORMAT_VERSION,
+                            "header_bytes": HEADER.size},
+            "entropy": {"file": TABLES_FILE, "sha256": tables.digest()},
+            "graphs": {part: {"file": GRAPH_FILES[part],
+                              "sha256": file_sha256(folder / GRAPH_FILES[part]),
                               "input": "x" if part == "encoder" else "symbols",
                               "output": "symbols" if part == "encoder" else "x_hat",
-                              "ops": op_histogram(folder / codec.GRAPH_FILES[part])} for part in codec.GRAPH_FILES},
+                              "ops": op_histogram(folder / GRAPH_FILES[part])} for part in GRAPH_FILES},
             "export_check": checked,
         }
-        (folder / codec.MANIFEST).write_text(json.dumps(manifest, indent=1))
-        bundle = codec.load_bundle(folder)
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
+        bundle = load_bundle(folder)
         manifest["verification"] = verify_round_trip(bundle, verification, model)
-        manifest["audit"] = audit({part: folder / name for part, name in codec.GRAPH_FILES.items()})
-        (folder / codec.MANIFEST).write_text(json.dumps(manifest, indent=1))
+        manifest["audit"] = audit({part: folder / name for part, name in GRAPH_FILES.items()})
+        (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
         replace_folder(folder, out)
     print_summary(manifest, out)
     return manifest
@@ -261,7 +267,7 @@ def print_summary(manifest: Dict[str, Any], out: Path) -> None:
     v = manifest["verification"]
     print(f"bundle -> {out} ({manifest['precision']['profile']}, upsample {manifest['upsample']}, "
           f"M={manifest['latent_channels']}, tables {manifest['entropy']['sha256'][:12]})")
-    for runtime in codec.RUNTIMES:
+    for runtime in RUNTIMES:
         r = v[runtime]
         print(f"round trip on {len(v['images'])} verification image(s), {runtime}: {r['psnr']:.3f} dB, "
               f"MS-SSIM {r['ms_ssim']:.4f}, {r['bpp']:.4f} bpp (file with header {r['bpp_file']:.4f})")
@@ -270,7 +276,7 @@ def print_summary(manifest: Dict[str, Any], out: Path) -> None:
           f"pixels within {agree['max_pixel_difference']} levels, PSNR {agree['psnr_difference']:+.4f} dB; "
           f"PyTorch compress: {v['pytorch_bpp']:.4f} bpp")
     for part, found in manifest["audit"].items():
-        for runtime in codec.RUNTIMES:
-            print(f"audit {part} {runtime}: {codec.audit_line(found[runtime])}")
+        for runtime in RUNTIMES:
+            print(f"audit {part} {runtime}: {audit_line(found[runtime])}")
         if found["npu_forbidden_ops"]:
             print(f"audit {part}: ops integer NPUs cannot run: {', '.join(found['npu_forbidden_ops'])}")

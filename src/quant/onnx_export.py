@@ -6,10 +6,10 @@ image); for the NPU variant the graphs must be free of ``NPU_FORBIDDEN_OPS``.
 
 INT8 is why the NPU blocks exist: integer NPUs run convolutions, adds,
 multiplies and clips in INT8, but GDN's division and square root stay in
-float (or do not run at all). Post-training quantisation uses
-``quantize_static`` (QDQ format, per-channel INT8 weights, UINT8 activations,
-MinMax calibration on real image crops); a QAT checkpoint exports as a QDQ
-graph with its learned scales. The encoder -> entropy coder -> decoder round
+float (or do not run at all). Post-training quantisation is ``src.quant.ptq``
+(the symbol interface, precision profiles, ranges from whole images); a QAT
+checkpoint exports as the same QDQ graph with its learned scales
+(``src.quant.qat``). The encoder -> entropy coder -> decoder round
 trip then measures what INT8 costs, in PSNR and in real bits: the encoder's
 quantisation noise lands in the latent and is paid in rate, so a PSNR drop
 alone hides most of the cost.
@@ -22,21 +22,21 @@ import shutil
 import tempfile
 import warnings
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Tuple
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import torch
-from onnxruntime.quantization import QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.shape_inference import quant_pre_process
 from torch import nn
 
 from src.images import center_crop_tensor, image_tensor, load_rgb
-from src.int8 import (DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES, ArrayReader, SymbolCodec,  # noqa: F401
-                      calibrate, latent_medians as median_vector, mean_points, pad_to, quantise_pair, roundtrip_points, run,
-                      sensitivity, sensitivity_markdown, session, symbol_bits, symbol_graphs)
-from src.qat import activation_quantisers, export_pair as qat_export_pair, is_qat_model
+from src.quant.fake_quant import activation_quantisers, is_qat_model
+from src.quant.ptq import (SymbolCodec, calibrate, pad_to, quantise_pair, roundtrip_points, sensitivity,
+                           sensitivity_markdown, symbol_bits)
+from src.quant.qat import export_pair as qat_export_pair
+from src.quant.scheme import DEFAULT_PROFILE, DEFAULT_RANGE_METHOD, PROFILES
+from src.quant.symbols import latent_medians, symbol_graphs
 
 NPU_FORBIDDEN_OPS = ("Div", "Sqrt", "Pow", "Exp", "Log", "Sigmoid", "Tanh", "Erf", "Softplus")
 MAX_ABS_ERROR = 1e-3
@@ -94,72 +94,17 @@ def output_errors(module: nn.Module, path: Path, example: torch.Tensor) -> Dict[
     return {n: float(np.abs(g - e.numpy()).max()) for n, g, e in zip(names, got, expected)}
 
 
-def latent_medians(model: nn.Module) -> np.ndarray:
-    """Per-channel medians of the entropy bottleneck, shaped (1, M, 1, 1) for numpy broadcasting."""
-    return median_vector(model).reshape(1, -1, 1, 1).numpy()
-
-
 def part_input(model: nn.Module, part: str, image: torch.Tensor) -> torch.Tensor:
-    """The export input for ``part``: the image, or for the decoder the quantised latent of the image."""
+    """The export input for ``part``: the image, or for the decoder the latent the entropy coder hands it,
+    ``y_hat = round(y - median) + median`` per channel."""
     if part != "decoder":
         return image
     with torch.no_grad():
-        return torch.from_numpy(quantise_latent(model.g_a(image).numpy(), latent_medians(model)))
+        medians = latent_medians(model).reshape(1, -1, 1, 1)
+        return torch.round(model.g_a(image) - medians) + medians
 
 
 # ---------------------------------------------------------------- INT8
-
-def quantize_int8(fp32_path: Path, int8_path: Path, calibration: Sequence[np.ndarray]) -> Path:
-    """Write a statically quantised copy of ``fp32_path``, calibrated on ``calibration``."""
-    input_name = session(fp32_path).get_inputs()[0].name
-    with tempfile.TemporaryDirectory() as tmp:
-        prepared = Path(tmp) / "prepared.onnx"
-        quant_pre_process(str(fp32_path), str(prepared), skip_symbolic_shape=True)
-        quantize_static(str(prepared), str(int8_path), ArrayReader(input_name, calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return int8_path
-
-
-def quantise_latent(y: np.ndarray, medians: np.ndarray) -> np.ndarray:
-    """What the entropy coder hands the decoder: ``round(y - median) + median`` per channel."""
-    return (np.round(y - medians) + medians).astype(np.float32)
-
-
-def encoder_latents(encoder: Path, images: Sequence[np.ndarray], medians: np.ndarray) -> List[np.ndarray]:
-    """Quantised latents of the images: the decoder's calibration data."""
-    enc = session(encoder)
-    return [quantise_latent(run(enc, image), medians) for image in images]
-
-
-class OnnxCodec:
-    """An ONNX encoder and decoder around the model's own entropy coder: ``compress`` / ``decompress``.
-
-    The same two methods as a CompressAI model, so ``src.eval.bitstream_roundtrip``
-    codes an image through the exported (FP32 or INT8) graphs and CompressAI's
-    range coder, and the bits it counts are a real bitstream's.
-    """
-
-    def __init__(self, encoder: Path, decoder: Path, entropy_bottleneck: nn.Module):
-        self.encoder, self.decoder, self.entropy_bottleneck = session(encoder), session(decoder), entropy_bottleneck
-
-    def compress(self, x: torch.Tensor) -> Dict[str, Any]:
-        y = torch.from_numpy(run(self.encoder, x.numpy()))
-        return {"strings": [self.entropy_bottleneck.compress(y)], "shape": y.shape[-2:]}
-
-    def decompress(self, strings: List[List[bytes]], shape) -> Dict[str, torch.Tensor]:
-        y_hat = self.entropy_bottleneck.decompress(strings[0], shape)
-        return {"x_hat": torch.from_numpy(run(self.decoder, y_hat.numpy())).clamp_(0, 1)}
-
-
-def roundtrip(codec: OnnxCodec, images: Sequence[torch.Tensor], multiple: int) -> Dict[str, float]:
-    """Mean PSNR, MS-SSIM (8-bit, as ``src.eval``) and real bpp of image -> encoder -> entropy coder -> decoder.
-
-    Each image (1, 3, H, W) is padded to ``multiple`` for coding and measured
-    on its own area, as ``src.eval`` does (``src.int8.mean_points``).
-    """
-    return mean_points(codec, images, multiple)[0]
-
 
 def roundtrip_image(path: Path, input_size: int, whole: bool) -> torch.Tensor:
     """A round-trip image: the whole photo (for a dynamic graph), else its centre crop at ``input_size``."""
@@ -168,26 +113,13 @@ def roundtrip_image(path: Path, input_size: int, whole: bool) -> torch.Tensor:
     return image_tensor(load_rgb(path))
 
 
-def export_pair(model: nn.Module, image: torch.Tensor, folder: Path, opset: int, dynamic: bool,
-                keep: Optional[Tuple[str, Path]] = None) -> Dict[str, Path]:
-    """Encoder and decoder graphs in ``folder``; ``keep`` = (part, path) names one already exported."""
-    paths = {}
-    for part in ("encoder", "decoder"):
-        if keep is not None and part == keep[0]:
-            paths[part] = keep[1]
-            continue
-        paths[part] = folder / f"{part}.onnx"
-        export_graph(model, part, part_input(model, part, image), paths[part], opset, dynamic)
-    return paths
-
-
 def int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, calib_files: List[Path],
                 eval_files: List[Path], eval_from: str, input_size: int, dynamic: bool, opset: int = 13,
                 calib_source: str = "", profile: str = DEFAULT_PROFILE, range_method: str = DEFAULT_RANGE_METHOD,
                 with_sensitivity: bool = False) -> Dict:
     """PSNR and real bpp of the INT8 encoder -> entropy coder -> decoder round trip against FP32.
 
-    PTQ (``src.int8``): symbol-interface graphs, calibrated on the whole
+    PTQ (``src.quant.ptq``): symbol-interface graphs, calibrated on the whole
     CALIB_DIR images, quantised with the precision ``profile`` and per-tensor
     ranges by ``range_method``; the INT8 graph of ``--part`` is kept at
     OUT.int8.onnx (input ``x`` -> output ``symbols`` for the encoder, ``symbols``
@@ -259,7 +191,7 @@ def print_round_trip(report: Dict, part: str, input_size: int) -> None:
 
 def qat_int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor, eval_files: List[Path],
                     eval_from: str, input_size: int, dynamic: bool, opset: int) -> Dict:
-    """A QAT checkpoint's INT8 pair (``src.qat.export_pair``: PTQ's graphs and pipeline, QAT's weights and scales)
+    """A QAT checkpoint's INT8 pair (``src.quant.qat.export_pair``: PTQ's graphs and pipeline, QAT's weights and scales)
     against its float weights' symbol graphs; OUT.int8.onnx is the ``part`` half. Nothing is calibrated."""
     held_out = [roundtrip_image(f, input_size, whole=dynamic) for f in eval_files]
     int8_path = out.with_suffix(".int8.onnx")
@@ -281,23 +213,3 @@ def qat_int8_report(model: nn.Module, part: str, out: Path, image: torch.Tensor,
     if float_ops:
         print(f"ops left in float in the INT8 {part}: {', '.join(float_ops)}")
     return report
-
-
-def minmax_latent_ptq(model: nn.Module, image: torch.Tensor, calib_files: List[Path], eval_files: List[Path],
-                      input_size: int, opset: int = 13) -> Dict:
-    """The PTQ this project shipped before the symbol interface, kept as the study's baseline: the latent
-    interface (y out, y_hat in, both requantised by the host's grid), onnxruntime's MinMax on UINT8, calibrated
-    on centre crops at ``input_size``. Returns the FP32 and INT8 round-trip points on whole images."""
-    held_out = [roundtrip_image(f, input_size, whole=True) for f in eval_files]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        fp32_paths = export_pair(model, image, tmp, opset, dynamic=True)
-        images = [center_crop_tensor(f, (input_size, input_size)).numpy() for f in calib_files]
-        latents = encoder_latents(fp32_paths["encoder"], images, latent_medians(model))
-        int8_paths = {half: quantize_int8(fp32_paths[half], tmp / f"{half}.int8.onnx", calib)
-                      for half, calib in (("encoder", images), ("decoder", latents))}
-        points = {name: roundtrip(OnnxCodec(paths["encoder"], paths["decoder"], model.entropy_bottleneck),
-                                  held_out, 64)
-                  for name, paths in (("fp32", fp32_paths), ("int8", int8_paths))}
-    return points_report(points["fp32"], points["int8"], Path("-"), "ptq-minmax-latent", len(images),
-                         len(held_out), "", True)

@@ -39,10 +39,8 @@ DequantizeLinear -> op -> QuantizeLinear frame.
 
 from __future__ import annotations
 
-import copy
-import tempfile
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -51,159 +49,26 @@ import onnx
 import onnxruntime as ort
 import torch
 from onnx import numpy_helper
-from onnxruntime.quantization import CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType, quantize_static
-from onnxruntime.quantization.calibrate import create_calibrator
+from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
 from onnxruntime.quantization.shape_inference import quant_pre_process
 from compressai.entropy_models import EntropyModel
 from compressai.ops import compute_padding
 from torch import nn
 
 from src.cli import UserError
-from src.npu_blocks import ECAGate, GDNishLiteDec
+from src.codec.roundtrip import bitstream_roundtrip
+from src.losses import quantised_metrics
+from src.quant.ranges import TensorHistogram, activation_histograms, choose_range
+from src.quant.scheme import PROFILES
+from src.quant.symbols import DECODER_INPUT, ENCODER_OUTPUT
 
-PROFILES = {
-    "w8a8": "every activation 8-bit, weights 8-bit (strict integer NPUs)",
-    "a16w8": "16-bit activations on the main path (stage outputs, residual sums, y_hat), 8-bit inside the blocks; "
-             "weights 8-bit (Qualcomm HTP's A16W8)",
-}
-RANGE_METHODS = ("mse", "minmax", "percentile")
-DEFAULT_PROFILE, DEFAULT_RANGE_METHOD = "w8a8", "mse"
-HISTOGRAM_BINS = 4096
-PERCENTILE_TAIL = 1e-4
 # Ops that only move or reshape shapes; they compute nothing an integer NPU must quantise.
 SHAPE_OPS = {"Shape", "Gather", "Unsqueeze", "Concat", "Constant", "Cast", "Squeeze", "Slice", "ConstantOfShape"}
 QDQ_OPS = {"QuantizeLinear", "DequantizeLinear"}
-ENCODER_OUTPUT, DECODER_INPUT = "symbols", "symbols"
 
 
-# ---------------------------------------------------------------- graphs in the form integer NPUs quantise
+# ---------------------------------------------------------------- graphs and sessions
 
-class ClippedConvGate(nn.Module):
-    """``Clip(conv(x), low, high)``: an NPU block's HardSigmoid gate folded into the convolution before it."""
-
-    def __init__(self, conv: nn.Module, low: float, high: float):
-        super().__init__()
-        self.conv, self.low, self.high = conv, low, high
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.clamp(self.conv(x), self.low, self.high)
-
-
-def fold_gate(conv: nn.Module, offset: float, span: float) -> ClippedConvGate:
-    """``offset + span * HardSigmoid(conv(x))`` as ``Clip(conv'(x), offset, offset + span)``.
-
-    HardSigmoid(z) = clip(z / 6 + 1/2, 0, 1), so the whole is
-    clip(conv(x) * span / 6 + offset + span / 2, offset, offset + span): conv'
-    has weights * span / 6 and bias * span / 6 + offset + span / 2.
-    """
-    folded = copy.deepcopy(conv)
-    with torch.no_grad():
-        folded.weight.mul_(span / 6.0)
-        folded.bias.mul_(span / 6.0).add_(offset + span / 2.0)
-    return ClippedConvGate(folded, offset, offset + span)
-
-
-class ExportECAGate(nn.Module):
-    """``ECAGate`` with its gate ``2 * HardSigmoid(conv1d(.))`` as ``Clip(conv1d'(.), 0, 2)``."""
-
-    def __init__(self, gate: ECAGate):
-        super().__init__()
-        self.pool, self.gated = gate.pool, gate.gated
-        self.gate = fold_gate(gate.conv, 0.0, 2.0)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        n, c = x.shape[:2]
-        gain = self.gate(self.pool(x).reshape(n, 1, c)).reshape(n, c, 1, 1)
-        return self.gated(x * gain)
-
-
-def gates_as_clips(module: nn.Module) -> nn.Module:
-    """A copy of ``module`` whose NPU-block gates are Conv + Clip (same function; see the module docstring)."""
-    module = copy.deepcopy(module)
-    for name, child in list(module.named_modules()):
-        if isinstance(child, ECAGate):
-            parent, attr = _parent(module, name)
-            setattr(parent, attr, ExportECAGate(child))
-        elif isinstance(child, GDNishLiteDec):
-            folded = fold_gate(child.scale, child.g_min, child.g_max - child.g_min)
-            child.scale, child.gate = folded, nn.Identity()
-            child.g_min, child.g_max = 0.0, 1.0  # gain() = g_min + (g_max - g_min) * gate(z) = the clipped z
-    return module
-
-
-def _parent(root: nn.Module, name: str) -> Tuple[nn.Module, str]:
-    path, _, attr = name.rpartition(".")
-    return (root.get_submodule(path) if path else root), attr
-
-
-class SymbolEncoder(nn.Module):
-    """g_a with ``-median`` folded into its last convolution's bias: image -> ``y - median`` [-> rounded].
-
-    Folded, not subtracted: a Sub after the convolution would be one more
-    quantised tensor, requantised onto a grid that does not hold the symbols.
-    ``rounded=True`` ends with ``Round`` (the FP32 codec's encoder graph);
-    without it the INT8 graph's output quantiser at scale 1 rounds.
-    """
-
-    def __init__(self, model: nn.Module, rounded: bool):
-        super().__init__()
-        self.g_a, self.rounded = gates_as_clips(model.g_a), rounded
-        last = self.g_a[-1]
-        if not isinstance(last, nn.Conv2d) or last.bias is None:
-            raise ValueError("g_a must end with a convolution with a bias to fold the medians into")
-        with torch.no_grad():
-            last.bias.sub_(latent_medians(model).reshape(-1))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        centred = self.g_a(x)
-        return torch.round(centred) if self.rounded else centred
-
-
-class SymbolDecoder(nn.Module):
-    """Symbols -> image: ``g_s(symbols + median)``, the medians added inside the graph."""
-
-    def __init__(self, model: nn.Module):
-        super().__init__()
-        self.g_s = gates_as_clips(model.g_s)
-        self.register_buffer("medians", latent_medians(model).reshape(1, -1, 1, 1), persistent=False)
-
-    def forward(self, symbols: torch.Tensor) -> torch.Tensor:
-        return self.g_s(symbols + self.medians)
-
-
-def latent_medians(model: nn.Module) -> torch.Tensor:
-    """Per-channel medians of the entropy bottleneck, (M,)."""
-    with torch.no_grad():
-        return model.entropy_bottleneck._get_medians().reshape(-1).detach().float().cpu()
-
-
-def export_module(module: nn.Module, example: torch.Tensor, out: Path, input_name: str, output_name: str,
-                  opset: int) -> Path:
-    """A dynamic-H/W ONNX graph of ``module`` (TorchScript exporter, as ``src.export``)."""
-    out.parent.mkdir(parents=True, exist_ok=True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", category=DeprecationWarning)
-        warnings.simplefilter("ignore", category=torch.jit.TracerWarning)
-        torch.onnx.export(module.eval(), (example,), str(out), input_names=[input_name], output_names=[output_name],
-                          opset_version=opset, dynamic_axes={input_name: {2: "h", 3: "w"}, output_name: {2: "h", 3: "w"}},
-                          dynamo=False)
-    return out
-
-
-@torch.no_grad()
-def symbol_graphs(model: nn.Module, example: torch.Tensor, folder: Path, opset: int = 13) -> Dict[str, Path]:
-    """FP32 graphs of the symbol interface: ``encoder`` (rounded), ``encoder_centred`` (for PTQ), ``decoder``."""
-    model = model.eval()
-    symbols = SymbolEncoder(model, rounded=True)(example)
-    return {"encoder": export_module(SymbolEncoder(model, True), example, folder / "encoder.onnx", "x",
-                                     ENCODER_OUTPUT, opset),
-            "encoder_centred": export_module(SymbolEncoder(model, False), example, folder / "encoder_centred.onnx",
-                                             "x", ENCODER_OUTPUT, opset),
-            "decoder": export_module(SymbolDecoder(model), symbols, folder / "decoder.onnx", DECODER_INPUT, "x_hat",
-                                     opset)}
-
-
-# ---------------------------------------------------------------- activation statistics and ranges
 
 def session(path: Path) -> ort.InferenceSession:
     options = ort.SessionOptions()
@@ -215,17 +80,6 @@ def run(sess: ort.InferenceSession, array: np.ndarray) -> np.ndarray:
     return sess.run(None, {sess.get_inputs()[0].name: array})[0]
 
 
-@dataclass
-class TensorHistogram:
-    """Counts of one tensor's values over fixed bins (the tensor's min..max on the calibration images)."""
-    low: float
-    high: float
-    counts: np.ndarray = field(default=None)
-
-    def edges(self) -> np.ndarray:
-        return np.linspace(self.low, self.high, len(self.counts) + 1)
-
-
 def prepared(fp32_path: Path, folder: Path) -> Path:
     """onnxruntime's pre-processing (shape inference, constant folding) before calibration and quantisation."""
     out = folder / (fp32_path.stem + ".prepared.onnx")
@@ -234,85 +88,8 @@ def prepared(fp32_path: Path, folder: Path) -> Path:
     return out
 
 
-def activation_histograms(model_path: Path, inputs: Sequence[np.ndarray], bins: int = HISTOGRAM_BINS
-                          ) -> Dict[str, TensorHistogram]:
-    """Histograms of every tensor ``quantize_static`` quantises, over ``inputs`` (two passes: range, then counts).
-
-    onnxruntime's own calibrator chooses the tensors and runs the graph with
-    them as extra outputs (``create_calibrator``); one input at a time, so
-    whole images fit in memory.
-    """
-    with tempfile.TemporaryDirectory() as tmp:
-        calibrator = create_calibrator(str(model_path), augmented_model_path=str(Path(tmp) / "augmented.onnx"),
-                                       calibrate_method=CalibrationMethod.Percentile)
-        names = sorted(calibrator.tensors_to_calibrate)
-        sess = calibrator.infer_session
-        input_name = sess.get_inputs()[0].name
-        outputs = [o.name for o in sess.get_outputs()]
-        wanted = [outputs.index(n) for n in names]
-
-        def tensors(array):
-            got = sess.run(None, {input_name: array})
-            return {n: got[i] for n, i in zip(names, wanted)}
-
-        low = {n: np.inf for n in names}
-        high = {n: -np.inf for n in names}
-        for array in inputs:
-            for n, t in tensors(array).items():
-                low[n], high[n] = min(low[n], float(t.min())), max(high[n], float(t.max()))
-        hists = {n: TensorHistogram(low[n], high[n] if high[n] > low[n] else low[n] + 1e-6,
-                                    np.zeros(bins, dtype=np.int64)) for n in names}
-        for array in inputs:
-            for n, t in tensors(array).items():
-                h = hists[n]
-                h.counts += np.histogram(t, bins=bins, range=(h.low, h.high))[0]
-    return hists
-
-
-def quantisation_error(hist: TensorHistogram, lows: np.ndarray, highs: np.ndarray, bits: int) -> np.ndarray:
-    """Mean squared error of quantising the histogram's values on each [low, high] (arrays of candidates).
-
-    Inside the range the rounding error is uniform (step^2 / 12); outside, a
-    value costs its squared distance to the range's edge. Prefix sums of the
-    counts and of the first two moments make each candidate O(1).
-    """
-    edges = hist.edges()
-    centres, counts = (edges[:-1] + edges[1:]) / 2, hist.counts.astype(np.float64)
-    zero = np.zeros(1)
-    n, s1, s2 = (np.concatenate([zero, np.cumsum(v)]) for v in (counts, counts * centres, counts * centres ** 2))
-    lows, highs = np.asarray(lows, np.float64), np.asarray(highs, np.float64)
-    below = np.searchsorted(centres, lows)            # bins whose centre lies under low
-    above = np.searchsorted(centres, highs, "right")  # bins whose centre lies at or under high
-    total = n[-1]
-    err_below = lows ** 2 * n[below] - 2 * lows * s1[below] + s2[below]
-    err_above = (highs ** 2 * (total - n[above]) - 2 * highs * (s1[-1] - s1[above]) + (s2[-1] - s2[above]))
-    step = (highs - lows) / (2 ** bits - 1)
-    err_inside = (n[above] - n[below]) * step ** 2 / 12.0
-    return (err_below + err_above + err_inside) / max(total, 1.0)
-
-
-def choose_range(hist: TensorHistogram, bits: int, method: str) -> Tuple[float, float]:
-    """The [low, high] an activation is quantised on (0 always inside, as onnxruntime requires)."""
-    low, high = min(hist.low, 0.0), max(hist.high, 0.0)
-    if method == "minmax":
-        return low, high
-    cumulative = np.cumsum(hist.counts) / max(hist.counts.sum(), 1)
-    edges = hist.edges()
-    if method == "percentile":
-        lo = edges[np.searchsorted(cumulative, PERCENTILE_TAIL)]
-        hi = edges[min(np.searchsorted(cumulative, 1 - PERCENTILE_TAIL) + 1, len(edges) - 1)]
-        return min(float(lo), 0.0), max(float(hi), 0.0)
-    if method != "mse":
-        raise ValueError(f"range method must be one of {RANGE_METHODS}, got {method!r}")
-    # Candidates: each end shrunk towards 0 on its own, 2 % steps down to 5 % of the full range.
-    shrink = np.linspace(1.0, 0.05, 48)
-    lows, highs = np.meshgrid(low * shrink, high * shrink, indexing="ij")
-    errors = quantisation_error(hist, lows.ravel(), highs.ravel(), bits)
-    best = int(np.argmin(errors))
-    return float(lows.ravel()[best]), float(highs.ravel()[best])
-
-
 # ---------------------------------------------------------------- profiles and quantisation
+
 
 def stage_outputs(model_path: Path, transform: str) -> List[str]:
     """The main path of a transform: the output tensor of each top-level stage of g_a / g_s.
@@ -468,6 +245,7 @@ def float_islands(path: Path) -> List[str]:
 
 # ---------------------------------------------------------------- the INT8 pair
 
+
 @dataclass
 class Int8Pair:
     """The INT8 encoder and decoder of one profile, and what they were quantised with."""
@@ -536,13 +314,14 @@ def quantise_pair(calib: Calibration, profile: str, method: str, folder: Path) -
 
 # ---------------------------------------------------------------- the codec around the graphs, and its round trip
 
+
 class SymbolCodec:
     """Symbol-interface ONNX graphs around the model's range coder, with CompressAI's ``compress``/``decompress``.
 
     The encoder graph hands over the symbols themselves; they are coded with
     the entropy bottleneck's tables as they are (no medians, no rounding on the
     host), and the decoder graph receives them as decoded. So
-    ``src.eval.bitstream_roundtrip`` measures real bits through these graphs.
+    ``src.codec.roundtrip.bitstream_roundtrip`` measures real bits through these graphs.
     """
 
     def __init__(self, encoder: Path, decoder: Path, entropy_bottleneck: nn.Module):
@@ -565,13 +344,11 @@ class SymbolCodec:
 
 
 def mean_points(codec: Any, images: Sequence[torch.Tensor], multiple: int) -> Tuple[Dict[str, float], List[Dict]]:
-    """(mean, per image) PSNR / MS-SSIM on 8-bit levels and real bpp of ``src.eval.bitstream_roundtrip``.
+    """(mean, per image) PSNR / MS-SSIM on 8-bit levels and real bpp of ``src.codec.roundtrip.bitstream_roundtrip``.
 
     ``codec`` has a CompressAI model's ``compress`` / ``decompress``; each image
     is padded to ``multiple`` for coding and measured on its own area.
     """
-    from src.eval import bitstream_roundtrip
-    from src.losses import quantised_metrics
     rows = []
     for image in images:
         coded = bitstream_roundtrip(codec, image, multiple)
