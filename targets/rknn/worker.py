@@ -1,0 +1,458 @@
+"""RK3588 worker: the codec's symbol graphs through Rockchip's RKNN-Toolkit2 (ONNX in, ``.rknn`` out, simulator run).
+
+Runs inside ``.venv-rknn`` (see ``targets/rknn/requirements.txt``), never the project's ``.venv``:
+
+    python3.11 -m venv .venv-rknn
+    .venv-rknn/bin/pip install -r targets/rknn/requirements.txt
+    .venv-rknn/bin/pip install --no-deps rknn-toolkit2==2.5.0
+    .venv-rknn/bin/python targets/rknn/worker.py JOB.json
+
+It imports only the toolkit, numpy, the toolkit's own onnx and onnxruntime, and the standard library (the job
+format and report are in docs/npu_targets_rknn.md and /work/notes/npu_protocol.md). Per part it
+
+1. makes the graph static at the eval arrays' shape (RKNN models have fixed shapes; the toolkit's own constant
+   folding fails on the exported dynamic-H/W graphs, so onnxruntime's basic level folds them first), and writes
+   each ConvTranspose's ``output_padding`` as an asymmetric end pad (the same function; the toolkit's
+   ConvTranspose channel tiling drops ``output_padding`` and then fails on the shapes);
+2. quantises with the toolkit's hybrid-quantisation route (``hybrid_quantization_step1`` -> edit its
+   ``.quantization.cfg`` -> ``hybrid_quantization_step2``): that file is the only place the toolkit takes a
+   tensor's range from outside. The symbol interface is carried there (the encoder's output and the decoder's
+   input on [-128, 127], i.e. scale 1, zero point 0) and so are the job's ``tensor_ranges``; the toolkit refuses
+   edits of a scale or zero point (``...['scale'] is not allowed to be modified``), so ranges are written as min/max;
+3. reads the toolkit's own "Network Layer Information Table" (printed by the compiler at build time) for the
+   operators, where each runs (NPU or CPU) and its cycle and memory estimates;
+4. exports ``<part>.rknn`` and runs it on the toolkit's simulator (``init_runtime()`` with no target) on every
+   eval array, writing ``<part>_outputs.npz`` (float32, dequantised by the toolkit).
+
+Precisions: ``w8a8`` is the toolkit's ``w8a8``; ``a16w8`` has no exact counterpart on RK3588 (the toolkit refuses
+``w8a16`` there), so it is the toolkit's ``w16a16i_dfp``: 16-bit activations *and* weights, dynamic fixed point.
+
+A toolchain error is one line on stderr and exit 2; everything is written into a temporary folder first and only
+moved into ``out_dir`` when every part compiled, so a failed run replaces nothing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import shutil
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+from onnx import helper
+
+TARGETS = ("rk3588",)
+PRECISIONS = {"w8a8": "w8a8", "a16w8": "w16a16i_dfp"}
+PART_KEYS = ("onnx", "input", "output", "calibration", "eval")
+TOOLKIT = "rknn-toolkit2"
+SYMBOL_RANGE = {8: (-128.0, 127.0), 16: (-32768.0, 32767.0)}
+# The compiler's per-layer table: ID OpType DataType Target InputShape OutputShape Cycles(DDR/NPU/Total) RW(KB) FullName
+LAYER_ROW = re.compile(r"^D RKNN: \[[\d:.]+\]\s+(\d+)\s+(\S+)\s+(\S+)\s+(NPU|CPU|GPU)\s+(\S+)\s+(\S+)\s+"
+                       r"(\d+)/(\d+)/(\d+)\s+(\d+)\s+(\S+)")
+MEMORY_ROW = re.compile(r"Total (Internal|Weight) Memory Size: ([\d.]+)KB")
+PSEUDO_OPS = ("InputOperator", "OutputOperator")
+
+
+class ToolchainError(Exception):
+    """A step the toolkit (or the job) refused; its message is the one line the worker prints."""
+
+
+# ---------------------------------------------------------------- the job
+
+def read_job(path: Path) -> dict:
+    try:
+        job = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ToolchainError(f"cannot read job file {path}: {err}") from None
+    if job.get("target") not in TARGETS:
+        raise ToolchainError(f"target must be one of {TARGETS}, got {job.get('target')!r}")
+    if job.get("precision") not in PRECISIONS:
+        raise ToolchainError(f"precision must be one of {sorted(PRECISIONS)}, got {job.get('precision')!r}")
+    if not job.get("parts") or not job.get("out_dir"):
+        raise ToolchainError("job needs 'parts' and 'out_dir'")
+    for name, part in job["parts"].items():
+        missing = [key for key in PART_KEYS if key not in part]
+        if missing:
+            raise ToolchainError(f"part {name!r} lacks {', '.join(missing)}")
+        for key in ("onnx", "calibration", "eval"):
+            if not Path(part[key]).is_file():
+                raise ToolchainError(f"part {name!r}: {key} file {part[key]} does not exist")
+    return job
+
+
+def arrays(path: str) -> list:
+    """The arrays arr_0..arr_N-1 of an npz, in order."""
+    with np.load(path) as data:
+        return [data[f"arr_{i}"].astype(np.float32) for i in range(len(data.files))]
+
+
+# ---------------------------------------------------------------- the graph the toolkit gets
+
+def static_graph(src: str, input_name: str, shape: tuple, out: Path) -> Path:
+    """``src`` with its input fixed to ``shape``, constants folded, ConvTranspose padding made explicit, and every
+    tensor's shape recorded (the toolkit infers shapes itself and fails where the exporter left symbols)."""
+    model = onnx.load(src)
+    graph_input = next((i for i in model.graph.input if i.name == input_name), None)
+    if graph_input is None:
+        raise ToolchainError(f"{src} has no input named {input_name!r}")
+    for dim, size in zip(graph_input.type.tensor_type.shape.dim, shape):
+        dim.ClearField("dim_param")
+        dim.dim_value = int(size)
+    del model.graph.value_info[:]
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    options.optimized_model_filepath = str(out)
+    options.log_severity_level = 3
+    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    model = onnx.load(str(out))
+    for node in model.graph.node:
+        if node.op_type == "ConvTranspose":
+            output_padding_as_end_pad(node)
+    record_shapes(model, input_name, shape)
+    onnx.save(model, str(out))
+    return out
+
+
+def output_padding_as_end_pad(node: onnx.NodeProto) -> None:
+    """ConvTranspose(pads=[b, e], output_padding=p) == ConvTranspose(pads=[b, e - p]): both keep the same rows of
+    the full transposed convolution (output_padding only shortens the crop at the end)."""
+    attrs = {a.name: a for a in node.attribute}
+    if "output_padding" not in attrs:
+        return
+    extra = list(attrs["output_padding"].ints)
+    rank = len(extra)
+    pads = list(attrs["pads"].ints) if "pads" in attrs else [0] * (2 * rank)
+    if any(e > pads[rank + i] for i, e in enumerate(extra)) or ("auto_pad" in attrs and attrs["auto_pad"].s not in
+                                                                 (b"", b"NOTSET")):
+        return
+    pads = pads[:rank] + [pads[rank + i] - e for i, e in enumerate(extra)]
+    node.attribute.remove(attrs["output_padding"])
+    if "pads" in attrs:
+        node.attribute.remove(attrs["pads"])
+    node.attribute.append(helper.make_attribute("pads", pads))
+
+
+def record_shapes(model: onnx.ModelProto, input_name: str, shape: tuple) -> None:
+    """Write every tensor's real shape into the graph (one onnxruntime run on zeros with all tensors as outputs)."""
+    del model.graph.value_info[:]
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    outputs = {o.name for o in model.graph.output}
+    tensors = [o for n in model.graph.node for o in n.output if o]
+    probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in outputs)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    values = session.run(None, {input_name: np.zeros(shape, np.float32)})
+    info = {o.name: helper.make_tensor_value_info(o.name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
+            for o, v in zip(session.get_outputs(), values)}
+    for output in model.graph.output:
+        output.CopyFrom(info[output.name])
+    model.graph.value_info.extend(info[t] for t in tensors if t not in outputs)
+
+
+# ---------------------------------------------------------------- calibration and the carried quantisation
+
+def fit_to(array: np.ndarray, shape: tuple) -> np.ndarray:
+    """``array`` centre-cropped or zero-padded (centred, as ``src.eval`` pads) to ``shape`` (static RKNN input)."""
+    out = array
+    for axis in (2, 3):
+        have, want = out.shape[axis], shape[axis]
+        if have > want:
+            start = (have - want) // 2
+            out = np.take(out, range(start, start + want), axis=axis)
+        elif have < want:
+            pad = [(0, 0)] * out.ndim
+            pad[axis] = ((want - have) // 2, want - have - (want - have) // 2)
+            out = np.pad(out, pad)
+    return np.ascontiguousarray(out, np.float32)
+
+
+def write_dataset(calibration: list, shape: tuple, folder: Path) -> tuple:
+    """The toolkit's dataset file (one .npy per line, NCHW) and how many arrays had to be fitted to ``shape``."""
+    lines, fitted = [], 0
+    for index, array in enumerate(calibration):
+        fitted += array.shape != tuple(shape)
+        path = folder / f"calib_{index}.npy"
+        np.save(path, fit_to(array, shape))
+        lines.append(str(path))
+    dataset = folder / "dataset.txt"
+    dataset.write_text("\n".join(lines) + "\n")
+    return dataset, fitted
+
+
+def quantised_name(params: dict, tensor: str) -> str:
+    """The cfg entry of the integer copy the toolkit makes of a graph input/output (``x_int8``, ``symbols_int16``)."""
+    for name in params:
+        if name.startswith(tensor + "_int"):
+            return name
+    return tensor
+
+
+def edit_ranges(cfg: Path, ranges: dict) -> tuple:
+    """Set min/max of the cfg's tensors to ``ranges`` ({name: (low, high)}); returns (carried, not found)."""
+    from ruamel.yaml import YAML
+    yaml = YAML()
+    document = yaml.load(cfg.read_text())
+    params = document["quantize_parameters"]
+    carried, missing = [], []
+    for name, (low, high) in ranges.items():
+        entry = params.get(name)
+        if entry is None:
+            missing.append(name)
+            continue
+        entry["min"], entry["max"] = [float(low)], [float(high)]
+        carried.append(name)
+    with cfg.open("w") as handle:
+        yaml.dump(document, handle)
+    return carried, missing
+
+
+def symbol_bits(precision: str) -> int:
+    return 16 if PRECISIONS[precision].startswith("w16") else 8
+
+
+def planned_ranges(part_name: str, part: dict, precision: str, params: dict) -> dict:
+    """Ranges to write: the job's ``tensor_ranges`` and the symbol tensor on the integer grid (scale 1, zp 0)."""
+    ranges = {name: (low, high) for name, (low, high, *_bits) in (part.get("tensor_ranges") or {}).items()}
+    symbol_tensor = part["output"] if part_name == "encoder" else part["input"]
+    ranges[quantised_name(params, symbol_tensor)] = SYMBOL_RANGE[symbol_bits(precision)]
+    return ranges
+
+
+# ---------------------------------------------------------------- the toolkit, its log and its report
+
+@contextlib.contextmanager
+def toolkit_log(path: Path):
+    """Send the process's stdout/stderr (the toolkit's Python and C++ logs) into ``path`` while the toolkit runs."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    with path.open("ab") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+
+
+def last_error(log: Path) -> str:
+    """The toolkit's own last error line in ``log`` (its ``E ...`` lines, or the exception it raised)."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", log.read_text(errors="replace")) if log.exists() else ""
+    errors = [line.strip() for line in text.splitlines()
+              if re.match(r"^(E |\S*Error: )", line.strip()) and "Traceback" not in line and "version" not in line]
+    return errors[-1] if errors else "no error message in the toolkit's log"
+
+
+def check(status, step: str, part: str, log: Path) -> None:
+    if status != 0:
+        raise ToolchainError(f"rknn-toolkit2 {step} failed for the {part}: {last_error(log)}")
+
+
+def layer_table(log: Path, since: int) -> list:
+    """Rows of the last "Network Layer Information Table" written to ``log`` after byte ``since``."""
+    text = log.read_text(errors="replace")[since:]
+    start = text.rfind("Network Layer Information Table")
+    if start < 0:
+        return []
+    rows = []
+    for line in text[start:].splitlines()[1:]:
+        if "Feature Tensor Information Table" in line:
+            break
+        match = LAYER_ROW.match(line.strip())
+        if match:
+            (_id, op, dtype, target, _in, _out, ddr, npu, total, rw_kb, full_name) = match.groups()
+            rows.append({"op": op, "dtype": dtype, "target": target, "cycles_ddr": int(ddr), "cycles_npu": int(npu),
+                         "cycles_total": int(total), "rw_kb": int(rw_kb), "name": full_name})
+    return rows
+
+
+def memory_sizes(log: Path, since: int) -> dict:
+    text = log.read_text(errors="replace")[since:]
+    return {f"{kind.lower()}_memory_kb": float(size) for kind, size in MEMORY_ROW.findall(text)}
+
+
+def placement(rows: list) -> dict:
+    """Operator counts and fallbacks from the compiler's layer table (its input/output operators excluded)."""
+    ops = [r for r in rows if r["op"] not in PSEUDO_OPS]
+    return {"ops_total": len(ops), "ops_npu": sum(r["target"] == "NPU" for r in ops),
+            "fallbacks": [{"op": r["op"], "name": r["name"],
+                           "reason": f"placed on {r['target']} ({r['dtype']}) in the compiler's Network Layer "
+                                     "Information Table; rknn-toolkit2 2.5.0 prints no reason"}
+                          for r in ops if r["target"] != "NPU"],
+            "layers": [{k: r[k] for k in ("op", "name", "target", "dtype")} for r in ops]}
+
+
+def estimates(rows: list, memory: dict) -> dict:
+    """The compiler's own offline numbers: its per-layer cycle estimates summed, its memory plan."""
+    ops = [r for r in rows if r["op"] not in PSEUDO_OPS]
+    return {"cycles_total": sum(r["cycles_total"] for r in ops), "cycles_npu": sum(r["cycles_npu"] for r in ops),
+            "cycles_ddr": sum(r["cycles_ddr"] for r in ops), "rw_kb": sum(r["rw_kb"] for r in ops), **memory,
+            "source": "rknn-toolkit2 build log: Network Layer Information Table (Cycles DDR/NPU/Total, RW KB) and "
+                      "its memory statistics; eval_perf/eval_memory need a board and are not run"}
+
+
+# ---------------------------------------------------------------- one part
+
+def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
+    """Quantise, compile, export and simulate one part; returns its report entry."""
+    from rknn.api import RKNN
+    eval_arrays = arrays(part["eval"])
+    calibration = arrays(part["calibration"])
+    if not eval_arrays or not calibration:
+        raise ToolchainError(f"part {name!r}: calibration and eval need at least one array each")
+    shape = tuple(eval_arrays[0].shape)
+    if any(tuple(a.shape) != shape for a in eval_arrays):
+        raise ToolchainError(f"part {name!r}: eval arrays differ in shape; one job per shape (RKNN models are static)")
+    folder = work / f".{name}"
+    folder.mkdir()
+    log = work / f"{name}_toolkit.log"
+    graph = static_graph(part["onnx"], part["input"], shape, folder / f"{name}.onnx")
+    dataset, fitted = write_dataset(calibration, shape, folder)
+    rknn = RKNN(verbose=True)
+    cwd = os.getcwd()
+    try:
+        with toolkit_log(log):
+            os.chdir(folder)
+            check(rknn.config(target_platform=job["target"], quantized_dtype=PRECISIONS[job["precision"]],
+                              quantized_algorithm="normal", quantized_method="channel"), "config", name, log)
+            check(rknn.load_onnx(str(graph)), "load_onnx", name, log)
+            check(rknn.hybrid_quantization_step1(dataset=str(dataset)), "hybrid_quantization_step1", name, log)
+        cfg = folder / f"{graph.stem}.quantization.cfg"
+        from ruamel.yaml import YAML
+        params = YAML().load(cfg.read_text())["quantize_parameters"]
+        carried, missing = edit_ranges(cfg, planned_ranges(name, part, job["precision"], params))
+        build_starts = log.stat().st_size
+        with toolkit_log(log):
+            rknn.release()
+            rknn = RKNN(verbose=True)
+            check(rknn.config(target_platform=job["target"], quantized_dtype=PRECISIONS[job["precision"]],
+                              quantized_algorithm="normal", quantized_method="channel"), "config", name, log)
+            check(rknn.hybrid_quantization_step2(str(folder / f"{graph.stem}.model"),
+                                                 str(folder / f"{graph.stem}.data"), str(cfg)),
+                  "hybrid_quantization_step2 (build)", name, log)
+            artefact = work / f"{name}.rknn"
+            check(rknn.export_rknn(str(artefact)), "export_rknn", name, log)
+            check(rknn.init_runtime(), "init_runtime (simulator)", name, log)
+            outputs = [simulate(rknn, array, name, log) for array in eval_arrays]
+    finally:
+        os.chdir(cwd)
+        rknn.release()
+    np.savez(work / f"{name}_outputs.npz", *outputs)
+    rows = layer_table(log, build_starts)
+    if not rows:
+        raise ToolchainError(f"rknn-toolkit2 printed no layer table for the {name} (see {log.name})")
+    found = placement(rows)
+    symbol_tensor = part["output"] if name == "encoder" else part["input"]
+    return {"artefact": artefact.name, **{k: found[k] for k in ("ops_total", "ops_npu", "fallbacks")},
+            "estimates": estimates(rows, memory_sizes(log, build_starts)), "input_shape": list(shape),
+            "layers": found["layers"],
+            "quantisation": quantisation_report(name, job["precision"], carried, missing, symbol_tensor,
+                                                len(calibration), fitted, outputs),
+            "toolkit_log": log.name}
+
+
+def simulate(rknn, array: np.ndarray, part: str, log: Path) -> np.ndarray:
+    result = rknn.inference(inputs=[array], data_format="nchw")
+    if result is None:
+        raise ToolchainError(f"rknn-toolkit2 inference (simulator) failed for the {part}: {last_error(log)}")
+    return np.asarray(result[0], np.float32)
+
+
+def quantisation_report(name: str, precision: str, carried: list, missing: list, symbol_tensor: str,
+                        calib_count: int, fitted: int, outputs: list) -> dict:
+    """What of the project's quantisation reached the toolkit, and what did not."""
+    report = {"toolkit_dtype": PRECISIONS[precision], "carried": carried,
+              "symbol_interface": f"{symbol_tensor} on [{SYMBOL_RANGE[symbol_bits(precision)][0]:.0f}, "
+                                  f"{SYMBOL_RANGE[symbol_bits(precision)][1]:.0f}] (scale 1, zero point 0) via "
+                                  "hybrid_quantization cfg min/max",
+              "calibration_arrays": calib_count, "calibration_fitted_to_shape": fitted}
+    lost = []
+    if missing:
+        lost.append(f"{len(missing)} tensor_ranges name tensors the toolkit's graph does not have "
+                    f"(fused or renamed by its optimiser): {', '.join(missing[:20])}")
+    if precision == "a16w8":
+        lost.append("RK3588 has no w8a16 in rknn-toolkit2 2.5.0: a16w8 runs as w16a16i_dfp (16-bit weights too, "
+                    "power-of-two scales), so per-tensor 16-bit plans and exact ranges are rounded to its grid")
+    if name == "encoder":
+        off_grid = max(float(np.abs(o - np.round(o)).max()) for o in outputs)
+        report["symbols_max_distance_to_integer"] = off_grid
+        if off_grid > 0:
+            lost.append(f"encoder output not on the integer grid (max distance {off_grid:.3g})")
+    report["lost"] = "; ".join(lost) if lost else "nothing"
+    return report
+
+
+# ---------------------------------------------------------------- the run and its atomic hand-over
+
+def toolkit_version() -> str:
+    from importlib.metadata import version
+    return version(TOOLKIT)
+
+
+def publish(work: Path, out_dir: Path, report: dict) -> None:
+    """Move the finished files into ``out_dir`` (each by one rename) and merge report.json's parts."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    previous = out_dir / "report.json"
+    if previous.exists():
+        old = json.loads(previous.read_text())
+        if (old.get("target"), old.get("precision")) == (report["target"], report["precision"]):
+            report["parts"] = {**old.get("parts", {}), **report["parts"]}
+    (work / "report.json").write_text(json.dumps(report, indent=2))
+    for path in sorted(work.iterdir()):
+        if path.is_file():
+            os.replace(path, out_dir / path.name)
+
+
+def run(job_path: Path) -> dict:
+    job = read_job(job_path)
+    out_dir = Path(job["out_dir"])
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        parts = {name: compile_part(name, part, job, work) for name, part in job["parts"].items()}
+        for name in parts:
+            shutil.rmtree(work / f".{name}")
+        report = {"target": job["target"], "precision": job["precision"],
+                  "toolchain": {"name": TOOLKIT, "version": toolkit_version()}, "parts": parts}
+        publish(work, out_dir, report)
+        return report
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list) -> int:
+    if len(argv) != 1:
+        print("usage: worker.py JOB.json", file=sys.stderr)
+        return 2
+    try:
+        report = run(Path(argv[0]))
+    except ToolchainError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except Exception as err:  # the toolkit raises bare exceptions; the protocol wants one line, not its traceback
+        where = traceback.extract_tb(err.__traceback__)[-1]
+        print(f"error: rknn worker: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
+              f"({Path(where.filename).name}:{where.lineno})", file=sys.stderr)
+        return 2
+    for name, part in report["parts"].items():
+        print(f"{report['target']} {report['precision']} {name}: {part['ops_npu']}/{part['ops_total']} ops on the NPU, "
+              f"{len(part['fallbacks'])} fallbacks -> {Path(report['parts'][name]['artefact']).name}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
