@@ -40,7 +40,6 @@ import re
 import shutil
 import sys
 import tempfile
-import traceback
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +219,12 @@ def symbol_bits(precision: str) -> int:
 
 
 def planned_ranges(part_name: str, part: dict, precision: str, params: dict) -> dict:
-    """Ranges to write: the job's ``tensor_ranges`` and the symbol tensor on the integer grid (scale 1, zp 0)."""
+    """Ranges to write: the job's ``tensor_ranges`` and the symbol tensor on the integer grid (scale 1, zp 0).
+
+    None under ``w16a16i_dfp``: its power-of-two scales come from its own ranges, and an edited range there fails
+    inside the toolkit (a symbol range of +-32768 "is too large for 'w16a16i_dfp'", +-16384 divides by zero)."""
+    if PRECISIONS[precision] != "w8a8":
+        return {}
     ranges = {name: (low, high) for name, (low, high, *_bits) in (part.get("tensor_ranges") or {}).items()}
     symbol_tensor = part["output"] if part_name == "encoder" else part["input"]
     ranges[quantised_name(params, symbol_tensor)] = SYMBOL_RANGE[symbol_bits(precision)]
@@ -309,7 +313,6 @@ def estimates(rows: list, memory: dict) -> dict:
 
 def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
     """Quantise, compile, export and simulate one part; returns its report entry."""
-    from rknn.api import RKNN
     eval_arrays = arrays(part["eval"])
     calibration = arrays(part["calibration"])
     if not eval_arrays or not calibration:
@@ -322,10 +325,11 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
     log = work / f"{name}_toolkit.log"
     graph = static_graph(part["onnx"], part["input"], shape, folder / f"{name}.onnx")
     dataset, fitted = write_dataset(calibration, shape, folder)
-    rknn = RKNN(verbose=True)
     cwd = os.getcwd()
+    rknn = None
     try:
         with toolkit_log(log):
+            rknn = new_toolkit()
             os.chdir(folder)
             check(rknn.config(target_platform=job["target"], quantized_dtype=PRECISIONS[job["precision"]],
                               quantized_algorithm="normal", quantized_method="channel"), "config", name, log)
@@ -338,7 +342,7 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
         build_starts = log.stat().st_size
         with toolkit_log(log):
             rknn.release()
-            rknn = RKNN(verbose=True)
+            rknn = new_toolkit()
             check(rknn.config(target_platform=job["target"], quantized_dtype=PRECISIONS[job["precision"]],
                               quantized_algorithm="normal", quantized_method="channel"), "config", name, log)
             check(rknn.hybrid_quantization_step2(str(folder / f"{graph.stem}.model"),
@@ -350,7 +354,9 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
             outputs = [simulate(rknn, array, name, log) for array in eval_arrays]
     finally:
         os.chdir(cwd)
-        rknn.release()
+        if rknn is not None:
+            with toolkit_log(log):
+                rknn.release()
     np.savez(work / f"{name}_outputs.npz", *outputs)
     rows = layer_table(log, build_starts)
     if not rows:
@@ -365,6 +371,15 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
             "toolkit_log": log.name}
 
 
+def new_toolkit():
+    """An RKNN object (imported here: the toolkit prints on import, and that goes to the part's log)."""
+    import warnings
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # its own pkg_resources deprecation
+        from rknn.api import RKNN
+        return RKNN(verbose=True)
+
+
 def simulate(rknn, array: np.ndarray, part: str, log: Path) -> np.ndarray:
     result = rknn.inference(inputs=[array], data_format="nchw")
     if result is None:
@@ -375,10 +390,10 @@ def simulate(rknn, array: np.ndarray, part: str, log: Path) -> np.ndarray:
 def quantisation_report(name: str, precision: str, carried: list, missing: list, symbol_tensor: str,
                         calib_count: int, fitted: int, outputs: list) -> dict:
     """What of the project's quantisation reached the toolkit, and what did not."""
-    report = {"toolkit_dtype": PRECISIONS[precision], "carried": carried,
-              "symbol_interface": f"{symbol_tensor} on [{SYMBOL_RANGE[symbol_bits(precision)][0]:.0f}, "
-                                  f"{SYMBOL_RANGE[symbol_bits(precision)][1]:.0f}] (scale 1, zero point 0) via "
-                                  "hybrid_quantization cfg min/max",
+    low, high = SYMBOL_RANGE[symbol_bits(precision)]
+    interface = (f"{symbol_tensor} on [{low:.0f}, {high:.0f}] (scale 1, zero point 0) via hybrid_quantization "
+                 "cfg min/max") if carried else "not carried (the toolkit's own range)"
+    report = {"toolkit_dtype": PRECISIONS[precision], "carried": carried, "symbol_interface": interface,
               "calibration_arrays": calib_count, "calibration_fitted_to_shape": fitted}
     lost = []
     if missing:
@@ -386,7 +401,9 @@ def quantisation_report(name: str, precision: str, carried: list, missing: list,
                     f"(fused or renamed by its optimiser): {', '.join(missing[:20])}")
     if precision == "a16w8":
         lost.append("RK3588 has no w8a16 in rknn-toolkit2 2.5.0: a16w8 runs as w16a16i_dfp (16-bit weights too, "
-                    "power-of-two scales), so per-tensor 16-bit plans and exact ranges are rounded to its grid")
+                    "power-of-two scales from the toolkit's own ranges); neither the symbol interface nor "
+                    "tensor_ranges can be written into its cfg, so the encoder's output is not rounded on the "
+                    "target (the host rounds it)")
     if name == "encoder":
         off_grid = max(float(np.abs(o - np.round(o)).max()) for o in outputs)
         report["symbols_max_distance_to_integer"] = off_grid
@@ -417,6 +434,23 @@ def publish(work: Path, out_dir: Path, report: dict) -> None:
             os.replace(path, out_dir / path.name)
 
 
+def one_line(err: BaseException) -> str:
+    """The toolkit raises exceptions whose text is a whole traceback: keep its last ``...Error: ...`` line."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip() and not line.startswith(" ")]
+    found = next((line for line in reversed(lines) if "Error" in line and "Traceback" not in line), None)
+    return found or f"{type(err).__name__}: {lines[-1] if lines else ''}"
+
+
+def keep_logs(work: Path, out_dir: Path) -> str:
+    """After a failure: the toolkit's logs beside ``out_dir`` (never inside it), for the user to read."""
+    logs = sorted(work.glob("*_toolkit.log"))
+    if not logs:
+        return ""
+    kept = out_dir.parent / f"{out_dir.name}.failed.log"
+    kept.write_text("".join(log.read_text(errors="replace") for log in logs))
+    return str(kept)
+
+
 def run(job_path: Path) -> dict:
     job = read_job(job_path)
     out_dir = Path(job["out_dir"])
@@ -424,6 +458,11 @@ def run(job_path: Path) -> dict:
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         parts = {name: compile_part(name, part, job, work) for name, part in job["parts"].items()}
+    except Exception as err:
+        kept = keep_logs(work, out_dir)
+        message = err.args[0] if isinstance(err, ToolchainError) else one_line(err)
+        raise ToolchainError(f"{message} (toolkit log: {kept})" if kept else message) from None
+    try:
         for name in parts:
             shutil.rmtree(work / f".{name}")
         report = {"target": job["target"], "precision": job["precision"],
@@ -443,10 +482,8 @@ def main(argv: list) -> int:
     except ToolchainError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    except Exception as err:  # the toolkit raises bare exceptions; the protocol wants one line, not its traceback
-        where = traceback.extract_tb(err.__traceback__)[-1]
-        print(f"error: rknn worker: {type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''} "
-              f"({Path(where.filename).name}:{where.lineno})", file=sys.stderr)
+    except Exception as err:  # a failure outside the toolkit's calls: still one line
+        print(f"error: rknn worker: {one_line(err)}", file=sys.stderr)
         return 2
     for name, part in report["parts"].items():
         print(f"{report['target']} {report['precision']} {name}: {part['ops_npu']}/{part['ops_total']} ops on the NPU, "
