@@ -187,7 +187,7 @@ def write_dataset(calibration: list, shape: tuple, folder: Path) -> tuple:
     return dataset, fitted
 
 
-def quantised_name(params: dict, tensor: str) -> str:
+def quantised_name(params: list, tensor: str) -> str:
     """The cfg entry of the integer copy the toolkit makes of a graph input/output (``x_int8``, ``symbols_int16``)."""
     for name in params:
         if name.startswith(tensor + "_int"):
@@ -195,22 +195,29 @@ def quantised_name(params: dict, tensor: str) -> str:
     return tensor
 
 
+def cfg_tensors(cfg: Path) -> list:
+    """Tensor names of a ``.quantization.cfg`` (the keys under ``quantize_parameters``, indented four spaces)."""
+    return [m.group(1) for m in re.finditer(r"^    (\S[^\n]*):$", cfg.read_text(), re.MULTILINE)]
+
+
 def edit_ranges(cfg: Path, ranges: dict) -> tuple:
-    """Set min/max of the cfg's tensors to ``ranges`` ({name: (low, high)}); returns (carried, not found)."""
-    from ruamel.yaml import YAML
-    yaml = YAML()
-    document = yaml.load(cfg.read_text())
-    params = document["quantize_parameters"]
+    """Set min/max of the cfg's tensors to ``ranges`` ({name: (low, high)}); returns (carried, not found).
+
+    Edited as text, line by line: the toolkit compares every scale and zero point with its own and refuses the
+    file if one differs, and a YAML round trip rewrites some of their floats."""
+    lines = cfg.read_text().splitlines(keepends=True)
     carried, missing = [], []
     for name, (low, high) in ranges.items():
-        entry = params.get(name)
-        if entry is None:
+        try:
+            at = lines.index(f"    {name}:\n")
+        except ValueError:
             missing.append(name)
             continue
-        entry["min"], entry["max"] = [float(low)], [float(high)]
+        for key, value in (("min", low), ("max", high)):
+            row = next(i for i in range(at + 1, len(lines)) if lines[i] == f"        {key}:\n")
+            lines[row + 1] = f"        -   {float(value)!r}\n"
         carried.append(name)
-    with cfg.open("w") as handle:
-        yaml.dump(document, handle)
+    cfg.write_text("".join(lines))
     return carried, missing
 
 
@@ -218,7 +225,7 @@ def symbol_bits(precision: str) -> int:
     return 16 if PRECISIONS[precision].startswith("w16") else 8
 
 
-def planned_ranges(part_name: str, part: dict, precision: str, params: dict) -> dict:
+def planned_ranges(part_name: str, part: dict, precision: str, params: list) -> dict:
     """Ranges to write: the job's ``tensor_ranges`` and the symbol tensor on the integer grid (scale 1, zp 0).
 
     None under ``w16a16i_dfp``: its power-of-two scales come from its own ranges, and an edited range there fails
@@ -336,9 +343,7 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
             check(rknn.load_onnx(str(graph)), "load_onnx", name, log)
             check(rknn.hybrid_quantization_step1(dataset=str(dataset)), "hybrid_quantization_step1", name, log)
         cfg = folder / f"{graph.stem}.quantization.cfg"
-        from ruamel.yaml import YAML
-        params = YAML().load(cfg.read_text())["quantize_parameters"]
-        carried, missing = edit_ranges(cfg, planned_ranges(name, part, job["precision"], params))
+        carried, missing = edit_ranges(cfg, planned_ranges(name, part, job["precision"], cfg_tensors(cfg)))
         build_starts = log.stat().st_size
         with toolkit_log(log):
             rknn.release()
