@@ -357,6 +357,10 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
             check(rknn.export_rknn(str(artefact)), "export_rknn", name, log)
             check(rknn.init_runtime(), "init_runtime (simulator)", name, log)
             outputs = [simulate(rknn, array, name, log) for array in eval_arrays]
+    except ToolchainError:
+        raise
+    except Exception as err:  # the toolkit raises, too, besides returning -1
+        raise ToolchainError(f"rknn-toolkit2 failed for the {name}: {one_line(err)}") from None
     finally:
         os.chdir(cwd)
         if rknn is not None:
@@ -458,7 +462,7 @@ def keep_logs(work: Path, out_dir: Path) -> str:
 
 def run(job_path: Path) -> dict:
     job = read_job(job_path)
-    out_dir = Path(job["out_dir"])
+    out_dir = Path(job["out_dir"]).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
