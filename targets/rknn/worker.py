@@ -10,7 +10,9 @@ Runs inside ``.venv-rknn`` (see ``targets/rknn/requirements.txt``), never the pr
 It imports only the toolkit, numpy, the toolkit's own onnx and onnxruntime, and the standard library (the job
 format and report are in docs/npu_targets_rknn.md and /work/notes/npu_protocol.md). Per part it
 
-1. makes the graph static at the eval arrays' shape (RKNN models have fixed shapes; the toolkit's own constant
+1. makes the graph static at the part's ``compile_shape`` (the protocol's optional key; else calibration arr_0's
+   shape), and once more per other eval shape (``<part>_<H>x<W>.rknn``; calibration arrays of another shape are
+   centre-cropped or zero-padded to it), and (RKNN models have fixed shapes; the toolkit's own constant
    folding fails on the exported dynamic-H/W graphs, so onnxruntime's basic level folds them first), and writes
    each ConvTranspose's ``output_padding`` as an asymmetric end pad (the same function; the toolkit's
    ConvTranspose channel tiling drops ``output_padding`` and then fails on the shapes);
@@ -319,17 +321,54 @@ def estimates(rows: list, memory: dict) -> dict:
 # ---------------------------------------------------------------- one part
 
 def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
-    """Quantise, compile, export and simulate one part; returns its report entry."""
+    """Quantise, compile, export and simulate one part at its compile shape (and once more per other eval shape:
+    RKNN models are static); returns its report entry, counts and estimates at the compile shape."""
     eval_arrays = arrays(part["eval"])
     calibration = arrays(part["calibration"])
     if not eval_arrays or not calibration:
         raise ToolchainError(f"part {name!r}: calibration and eval need at least one array each")
-    shape = tuple(eval_arrays[0].shape)
-    if any(tuple(a.shape) != shape for a in eval_arrays):
-        raise ToolchainError(f"part {name!r}: eval arrays differ in shape; one job per shape (RKNN models are static)")
-    folder = work / f".{name}"
-    folder.mkdir()
+    compile_shape = tuple(int(v) for v in (part.get("compile_shape") or calibration[0].shape))
+    shapes = list(dict.fromkeys([compile_shape] + [tuple(a.shape) for a in eval_arrays]))
     log = work / f"{name}_toolkit.log"
+    outputs, extra, built = [None] * len(eval_arrays), [], None
+    for shape in shapes:
+        stem = name if shape == compile_shape else f"{name}_{shape[2]}x{shape[3]}"
+        rknn, info = compile_at(name, stem, part, job, work, shape, calibration, log)
+        try:
+            with toolkit_log(log):
+                for index, array in enumerate(eval_arrays):
+                    if tuple(array.shape) == shape:
+                        outputs[index] = simulate(rknn, array, name, log)
+        except ToolchainError:
+            raise
+        except Exception as err:
+            raise ToolchainError(f"rknn-toolkit2 inference (simulator) failed for the {name}: {one_line(err)}") from None
+        finally:
+            with toolkit_log(log):
+                rknn.release()
+        if shape == compile_shape:
+            built = info
+        else:
+            extra.append(f"{stem}.rknn")
+    np.savez(work / f"{name}_outputs.npz", *outputs)
+    found = placement(built["rows"])
+    symbol_tensor = part["output"] if name == "encoder" else part["input"]
+    return {"artefact": f"{name}.rknn", "artefacts_other_shapes": extra,
+            **{k: found[k] for k in ("ops_total", "ops_npu", "fallbacks")},
+            "estimates": estimates(built["rows"], built["memory"]), "input_shape": list(compile_shape),
+            "layers": found["layers"],
+            "quantisation": quantisation_report(name, job["precision"], built["carried"], built["missing"],
+                                                symbol_tensor, len(calibration), built["fitted"], outputs),
+            "toolkit_log": log.name}
+
+
+def compile_at(name: str, stem: str, part: dict, job: dict, work: Path, shape: tuple, calibration: list,
+               log: Path):
+    """The RKNN model of one part at one static ``shape``, exported to ``<stem>.rknn`` and ready on the simulator.
+
+    Returns the toolkit object (the caller runs and releases it) and what the build printed and carried."""
+    folder = work / f".{stem}"
+    folder.mkdir()
     graph = static_graph(part["onnx"], part["input"], shape, folder / f"{name}.onnx")
     dataset, fitted = write_dataset(calibration, shape, folder)
     cwd = os.getcwd()
@@ -353,31 +392,23 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
             check(rknn.hybrid_quantization_step2(str(folder / f"{graph.stem}.model"),
                                                  str(folder / f"{graph.stem}.data"), str(cfg)),
                   "hybrid_quantization_step2 (build)", name, log)
-            artefact = work / f"{name}.rknn"
-            check(rknn.export_rknn(str(artefact)), "export_rknn", name, log)
+            check(rknn.export_rknn(str(work / f"{stem}.rknn")), "export_rknn", name, log)
             check(rknn.init_runtime(), "init_runtime (simulator)", name, log)
-            outputs = [simulate(rknn, array, name, log) for array in eval_arrays]
-    except ToolchainError:
-        raise
-    except Exception as err:  # the toolkit raises, too, besides returning -1
-        raise ToolchainError(f"rknn-toolkit2 failed for the {name}: {one_line(err)}") from None
-    finally:
-        os.chdir(cwd)
+    except Exception as err:
         if rknn is not None:
             with toolkit_log(log):
                 rknn.release()
-    np.savez(work / f"{name}_outputs.npz", *outputs)
+        if isinstance(err, ToolchainError):
+            raise
+        raise ToolchainError(f"rknn-toolkit2 failed for the {name}: {one_line(err)}") from None
+    finally:
+        os.chdir(cwd)
     rows = layer_table(log, build_starts)
     if not rows:
-        raise ToolchainError(f"rknn-toolkit2 printed no layer table for the {name} (see {log.name})")
-    found = placement(rows)
-    symbol_tensor = part["output"] if name == "encoder" else part["input"]
-    return {"artefact": artefact.name, **{k: found[k] for k in ("ops_total", "ops_npu", "fallbacks")},
-            "estimates": estimates(rows, memory_sizes(log, build_starts)), "input_shape": list(shape),
-            "layers": found["layers"],
-            "quantisation": quantisation_report(name, job["precision"], carried, missing, symbol_tensor,
-                                                len(calibration), fitted, outputs),
-            "toolkit_log": log.name}
+        raise ToolchainError(f"rknn-toolkit2 printed no layer table for the {name}")
+    shutil.rmtree(folder)
+    return rknn, {"rows": rows, "memory": memory_sizes(log, build_starts), "carried": carried, "missing": missing,
+                  "fitted": fitted}
 
 
 def new_toolkit():
@@ -472,8 +503,6 @@ def run(job_path: Path) -> dict:
         message = err.args[0] if isinstance(err, ToolchainError) else one_line(err)
         raise ToolchainError(f"{message} (toolkit log: {kept})" if kept else message) from None
     try:
-        for name in parts:
-            shutil.rmtree(work / f".{name}")
         report = {"target": job["target"], "precision": job["precision"],
                   "toolchain": {"name": TOOLKIT, "version": toolkit_version()}, "parts": parts}
         publish(work, out_dir, report)
