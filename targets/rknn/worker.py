@@ -12,10 +12,10 @@ format and report are in docs/npu_targets_rknn.md and /work/notes/npu_protocol.m
 
 1. makes the graph static at the part's ``compile_shape`` (the protocol's optional key; else calibration arr_0's
    shape), and once more per other eval shape (``<part>_<H>x<W>.rknn``; calibration arrays of another shape are
-   centre-cropped or zero-padded to it), and (RKNN models have fixed shapes; the toolkit's own constant
-   folding fails on the exported dynamic-H/W graphs, so onnxruntime's basic level folds them first), and writes
-   each ConvTranspose's ``output_padding`` as an asymmetric end pad (the same function; the toolkit's
-   ConvTranspose channel tiling drops ``output_padding`` and then fails on the shapes);
+   centre-cropped or zero-padded to it). The toolkit's own constant folding fails on the exported dynamic-H/W
+   graphs, so onnxruntime's basic level folds them first; each ConvTranspose's ``output_padding`` is written as
+   an asymmetric end pad (the same function: the toolkit's ConvTranspose channel tiling drops
+   ``output_padding`` and then fails on the shapes);
 2. quantises with the toolkit's hybrid-quantisation route (``hybrid_quantization_step1`` -> edit its
    ``.quantization.cfg`` -> ``hybrid_quantization_step2``): that file is the only place the toolkit takes a
    tensor's range from outside. The symbol interface is carried there (the encoder's output and the decoder's
