@@ -154,15 +154,22 @@ def test_refusals_are_one_line_and_keep_earlier_artefacts(npu_run, tmp_path):
     (out_dir / "encoder.rknn").write_bytes(b"earlier artefact")
     (out_dir / "report.json").write_text('{"earlier": true}')
     bad_target = worker(write_job(npu_run["graphs"], tmp_path, out_dir, parts=("encoder",), target="rk9999"))
-    # a calibration array the graph cannot take: the toolkit itself refuses it
+    # calibration arrays the graph cannot take: refused by the worker at the graph's shape (no compile_shape) ...
     job = write_job(npu_run["graphs"], tmp_path, out_dir, parts=("encoder",))
     np.savez(tmp_path / "enc_calib.npz", np.zeros((1, 4, SIZE, SIZE), np.float32))
     bad_calibration = worker(job)
-    for done in (bad_target, bad_calibration):
+    # ... and by the toolkit itself when the compiled shape is given
+    spec = json.loads(job.read_text())
+    spec["parts"]["encoder"]["compile_shape"] = [1, 3, SIZE, SIZE]
+    job.write_text(json.dumps(spec))
+    toolkit_refusal = worker(job)
+    for done in (bad_target, bad_calibration, toolkit_refusal):
         assert done.returncode == 2
         assert len(done.stderr.strip().splitlines()) == 1 and done.stderr.startswith("error: ")
         assert "Traceback" not in done.stderr
-    assert "rk9999" in bad_target.stderr and "rknn-toolkit2" in bad_calibration.stderr
+    assert "rk9999" in bad_target.stderr and "[1, 4, 64, 64]" in bad_calibration.stderr
+    assert "rknn-toolkit2" in toolkit_refusal.stderr and "shape" in toolkit_refusal.stderr
     assert (out_dir / "encoder.rknn").read_bytes() == b"earlier artefact"
     assert json.loads((out_dir / "report.json").read_text()) == {"earlier": True}
     assert sorted(p.name for p in out_dir.iterdir()) == ["encoder.rknn", "report.json"]
+    assert [p.name for p in out_dir.parent.iterdir() if p.name.startswith(".")] == []  # no temporary folder left

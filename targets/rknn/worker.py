@@ -8,7 +8,7 @@ Runs inside ``.venv-rknn`` (see ``targets/rknn/requirements.txt``), never the pr
     .venv-rknn/bin/python targets/rknn/worker.py JOB.json
 
 It imports only the toolkit, numpy, the toolkit's own onnx and onnxruntime, and the standard library (the job
-format and report are in docs/npu_targets_rknn.md and /work/notes/npu_protocol.md). Per part it
+format and report are in docs/npu_targets_rknn.md). Per part it
 
 1. makes the graph static at the part's ``compile_shape`` (the protocol's optional key; else calibration arr_0's
    shape), and once more per other eval shape (``<part>_<H>x<W>.rknn``; calibration arrays of another shape are
@@ -110,13 +110,17 @@ def static_graph(src: str, input_name: str, shape: tuple, out: Path) -> Path:
     options = ort.SessionOptions()
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
     options.optimized_model_filepath = str(out)
-    options.log_severity_level = 3
-    ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
-    model = onnx.load(str(out))
-    for node in model.graph.node:
-        if node.op_type == "ConvTranspose":
-            output_padding_as_end_pad(node)
-    record_shapes(model, input_name, shape)
+    options.log_severity_level = 4
+    try:
+        ort.InferenceSession(model.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = onnx.load(str(out))
+        for node in model.graph.node:
+            if node.op_type == "ConvTranspose":
+                output_padding_as_end_pad(node)
+        record_shapes(model, input_name, shape)
+    except Exception as err:  # onnxruntime's own message says which node refuses the shape
+        raise ToolchainError(f"{Path(src).name} does not run at input shape {list(shape)}: "
+                             f"{str(err).splitlines()[0]}") from None
     onnx.save(model, str(out))
     return out
 
@@ -149,7 +153,7 @@ def record_shapes(model: onnx.ModelProto, input_name: str, shape: tuple) -> None
     tensors = [o for n in model.graph.node for o in n.output if o]
     probe.graph.output.extend(helper.make_empty_tensor_value_info(t) for t in tensors if t not in outputs)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    options.log_severity_level = 4
     session = ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
     values = session.run(None, {input_name: np.zeros(shape, np.float32)})
     info = {o.name: helper.make_tensor_value_info(o.name, helper.np_dtype_to_tensor_dtype(v.dtype), list(v.shape))
@@ -493,16 +497,17 @@ def keep_logs(work: Path, out_dir: Path) -> str:
 
 def run(job_path: Path) -> dict:
     job = read_job(job_path)
+    ort.set_default_logger_severity(4)  # the toolkit's own onnxruntime sessions log failures past our redirect
     out_dir = Path(job["out_dir"]).resolve()
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
-        parts = {name: compile_part(name, part, job, work) for name, part in job["parts"].items()}
-    except Exception as err:
-        kept = keep_logs(work, out_dir)
-        message = err.args[0] if isinstance(err, ToolchainError) else one_line(err)
-        raise ToolchainError(f"{message} (toolkit log: {kept})" if kept else message) from None
-    try:
+        try:
+            parts = {name: compile_part(name, part, job, work) for name, part in job["parts"].items()}
+        except Exception as err:
+            kept = keep_logs(work, out_dir)
+            message = err.args[0] if isinstance(err, ToolchainError) else one_line(err)
+            raise ToolchainError(f"{message} (toolkit log: {kept})" if kept else message) from None
         report = {"target": job["target"], "precision": job["precision"],
                   "toolchain": {"name": TOOLKIT, "version": toolkit_version()}, "parts": parts}
         publish(work, out_dir, report)
