@@ -24,7 +24,8 @@ import numpy as np
 import torch
 
 from src.images import image_tensor, load_rgb
-from src.int8 import pad_to, run, session, symbol_graphs
+from src.quant.ptq import pad_to, run, session
+from src.quant.symbols import symbol_graphs
 from src.model_factory import build_model, make_arch
 from src.sample_photos import skimage_photos
 

@@ -18,7 +18,8 @@ import numpy as np
 import pytest
 import torch
 
-from src.int8 import run as run_graph, session, symbol_graphs
+from src.quant.ptq import run as run_graph, session
+from src.quant.symbols import symbol_graphs
 from src.model_factory import build_model, make_arch
 
 REPO = Path(__file__).resolve().parents[1]
