@@ -76,7 +76,11 @@ def npu_run(tmp_path_factory):
     folder = tmp_path_factory.mktemp("rknn_npu")
     graphs = small_graphs("npu", folder)
     out_dir = folder / "out" / "rk3588-w8a8"
-    done = worker(write_job(graphs, folder, out_dir))
+    job = write_job(graphs, folder, out_dir)
+    spec = json.loads(job.read_text())
+    spec["parts"]["encoder"]["tensor_ranges"] = {"/g_a/g_a.0/Conv_output_0": [-1.5, 1.25, 8], "/not/in/graph": [0, 1, 8]}
+    job.write_text(json.dumps(spec))
+    done = worker(job)
     assert done.returncode == 0, done.stderr
     return {"graphs": graphs, "folder": folder, "out": out_dir, "stdout": done.stdout,
             "report": json.loads((out_dir / "report.json").read_text())}
@@ -120,7 +124,9 @@ def test_target_encoder_outputs_integer_symbols(npu_run):
     reference = run_graph(session(npu_run["graphs"]["encoder"]), np.load(npu_run["folder"] / "enc_eval.npz")["arr_0"])
     assert (symbols == reference).mean() > 0.8 and np.abs(symbols - reference).max() <= 2
     quantisation = npu_run["report"]["parts"]["encoder"]["quantisation"]
-    assert quantisation["carried"] == ["symbols_int8"] and quantisation["symbols_max_distance_to_integer"] == 0
+    assert quantisation["symbols_max_distance_to_integer"] == 0
+    assert quantisation["carried"] == ["/g_a/g_a.0/Conv_output_0", "symbols_int8"]  # the job's range, the interface
+    assert "/not/in/graph" in quantisation["lost"]
 
 
 def test_static_graph_is_exact_in_float(npu_run, tmp_path):
