@@ -32,8 +32,8 @@ ROW = re.compile(r"^D RKNN: \[[\d:.]+\]\s+\d+\s+(\S+)\s+\S+\s+(NPU|CPU)\s")
 @pytest.fixture(scope="module", autouse=True)
 def toolkit_venv():
     if not PYTHON.exists():
-        pytest.fail("no .venv-rknn: python3.11 -m venv .venv-rknn && .venv-rknn/bin/pip install -r "
-                    "targets/rknn/requirements.txt && .venv-rknn/bin/pip install --no-deps rknn-toolkit2==2.5.0")
+        pytest.fail("no .venv-rknn: ./run.sh npu-setup rknn (targets/rknn/requirements.txt, then "
+                    "requirements-nodeps.txt with --no-deps)")
 
 
 def small_graphs(kind: str, folder: Path) -> dict:

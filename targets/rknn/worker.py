@@ -2,9 +2,9 @@
 
 Runs inside ``.venv-rknn`` (see ``targets/rknn/requirements.txt``), never the project's ``.venv``:
 
-    python3.11 -m venv .venv-rknn
-    .venv-rknn/bin/pip install -r targets/rknn/requirements.txt
-    .venv-rknn/bin/pip install --no-deps rknn-toolkit2==2.5.0
+    python3.11 -m venv .venv-rknn                      (or: ./run.sh npu-setup rknn)
+    .venv-rknn/bin/python -m pip install -r targets/rknn/requirements.txt
+    .venv-rknn/bin/python -m pip install --no-deps -r targets/rknn/requirements-nodeps.txt
     .venv-rknn/bin/python targets/rknn/worker.py JOB.json
 
 It imports only the toolkit, numpy, the toolkit's own onnx and onnxruntime, and the standard library (the job
