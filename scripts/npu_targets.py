@@ -1,0 +1,125 @@
+"""Compile the codec for NPU targets with their vendors' toolchains and measure it there, with real bits.
+
+    python -m scripts.npu_targets --ckpt CKPT [CKPT ...] --calib_dir PHOTOS --eval_dir PHOTOS \
+        [--targets ethos-u55-256 ethos-u85-256 rk3588] [--precision w8a8 a16w8] \
+        [--upsample convtranspose subpixel] [--input_size 768x512] [--out npu_out]
+
+Per model, target and precision it writes ``OUT/<model>/<target>-<precision>/``: the target's artefacts (Vela's
+compiled ``<part>_vela.tflite`` and the int8 ``<part>_int8.tflite``; ``<part>.rknn``), ``report.json`` and
+``report.md`` (ops on the NPU, every CPU fallback with the compiler's reason, its estimates for ``--input_size``,
+and the codec's round trip on the eval photos through the target's quantised model beside FP32 and the project's
+own ONNX INT8), and ``OUT/summary.{json,md}`` over all of them. Toolchains run in their own venvs
+(``./run.sh npu-setup``); see ``docs/npu_targets.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from src.bundle import check_factorized
+from src.checkpoint import write_atomic
+from src.cli import UserError, run_cli
+from src.int8 import PROFILES
+from src.model_factory import load_checkpoint_model
+from src.targets import jobs, report
+from src.targets.registry import TARGETS, check_precisions, resolve_targets
+from src.targets.rewrites import TARGET_UPSAMPLE
+from src.targets.study import assemble, measure_target, prepare
+from src.targets.toolchains import installed
+
+
+def input_size(text: str) -> Tuple[int, int]:
+    try:
+        width, height = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected WIDTHxHEIGHT, e.g. 768x512, got {text!r}") from None
+    return width, height
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Compile the codec for NPU targets and measure it there.",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("Model")
+    g.add_argument("--ckpt", nargs="+", required=True, help="checkpoint(s) of this project (float or QAT) or a "
+                   "CompressAI bmshj2018-factorized state dict")
+    g.add_argument("--upsample", nargs="+", default=["convtranspose"], choices=sorted(TARGET_UPSAMPLE),
+                   help="decoder upsampling form(s) compiled: " + "; ".join(f"{k}: {v}" for k, v in TARGET_UPSAMPLE.items()))
+    g = p.add_argument_group("Photos")
+    g.add_argument("--calib_dir", required=True, help="calibration photos (whole images)")
+    g.add_argument("--calib_count", type=int, default=10, help="calibration photos used (sorted by name)")
+    g.add_argument("--eval_dir", required=True, help="held-out photos for the round trip (whole images)")
+    g.add_argument("--eval_count", type=int, default=24, help="held-out photos used (sorted by name)")
+    g = p.add_argument_group("Targets")
+    g.add_argument("--targets", nargs="+", default=None,
+                   help=f"of {', '.join(TARGETS)}; default: every target whose toolchain is installed")
+    g.add_argument("--precision", nargs="+", default=sorted(PROFILES), choices=sorted(PROFILES))
+    g.add_argument("--input_size", type=input_size, default=(768, 512),
+                   help="WIDTHxHEIGHT the artefacts are compiled for (the compilers' latency figures)")
+    g.add_argument("--out", default="npu_out", help="output folder")
+    return p
+
+
+def chosen_targets(names: Optional[Sequence[str]]):
+    if names:
+        return resolve_targets(names)
+    found = [t for t in TARGETS.values() if installed(t.toolchain)]
+    if not found:
+        raise UserError("no NPU toolchain is installed: run `./run.sh npu-setup` (or name --targets)")
+    return found
+
+
+def model_label(arch: Optional[Dict], upsample: str) -> str:
+    kind = {"none": "gdn", "relu": "relu", "npu": "npu"}[arch["replace"]] if arch else "gdn"
+    return f"{kind}_{upsample}"
+
+
+def load_model(path: str):
+    model, arch, _ = load_checkpoint_model(Path(path))
+    check_factorized(model)
+    model.update(force=True)
+    return model.eval(), arch
+
+
+def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
+    args = get_args_parser().parse_args(argv)
+    start = time.perf_counter()
+    targets = chosen_targets(args.targets)
+    check_precisions(targets, args.precision)
+    calibration = jobs.load_photos(Path(args.calib_dir), args.calib_count, "--calib_dir",
+                                   minimum=jobs.MIN_CALIBRATION_PHOTOS)
+    eval_images = jobs.load_photos(Path(args.eval_dir), args.eval_count, "--eval_dir")
+    models = [(path, *load_model(path)) for path in args.ckpt]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    with tempfile.TemporaryDirectory(dir=out, prefix=".work.") as work:
+        for path, model, arch in models:
+            shapes = jobs.compile_shapes(args.input_size, int(model.entropy_bottleneck.quantiles.shape[0]))
+            for upsample in args.upsample:
+                label = model_label(arch, upsample)
+                folder = Path(work) / label
+                print(f"{label}: graphs, calibration and references ({path})", flush=True)
+                prep = prepare(model, label, upsample, calibration, eval_images, args.precision, folder)
+                for target in targets:
+                    for precision in args.precision:
+                        print(f"{label}: {target.name} {precision}", flush=True)
+                        stage = folder / f"{target.name}-{precision}"
+                        result = measure_target(prep, target, precision, eval_images, shapes, stage)
+                        result["checkpoint"], result["upsample"] = str(path), upsample
+                        assemble(result, stage, out / label / f"{target.name}-{precision}")
+                        rows.append(report.summary_row(result))
+    write_atomic(out / "summary.json", lambda f: f.write(json.dumps(rows, indent=2).encode()))
+    table = report.summary_markdown(rows)
+    write_atomic(out / "summary.md", lambda f: f.write(table.encode()))
+    print(table)
+    print(f"npu targets finished in {time.perf_counter() - start:.0f}s; reports in {out}/")
+    return rows
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,83 @@
+"""The per-target report (Markdown beside report.json) and the table over models x targets x precisions."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Sequence
+
+PARTS = ("encoder", "decoder")
+
+
+def fallbacks_text(part: Dict) -> str:
+    if not part["fallbacks"]:
+        return "none"
+    return "; ".join(f"{f['op']} `{f['name']}`: {f['reason']}" for f in part["fallbacks"])
+
+
+def latency_text(part: Dict) -> str:
+    value = part.get("estimates", {}).get("latency_ms")
+    return "-" if value is None else f"{value:.1f}"
+
+
+def point_text(point: Dict) -> str:
+    return f"{point['psnr']:.2f} dB / {point['ms_ssim']:.4f} / {point['bpp']:.4f}"
+
+
+def target_markdown(result: Dict) -> str:
+    """One target and precision: ops on the NPU, each fallback with the compiler's reason, its estimates, the round
+    trip beside FP32 and the project's ONNX INT8."""
+    lines = [f"# {result['model']} on {result['target']} ({result['precision']})", "",
+             f"Toolchain: {result['toolchain']['name']} {result['toolchain']['version']}", "",
+             "| part | compiled input | ops on NPU | estimates | fallbacks (compiler's reason) |",
+             "| --- | --- | --- | --- | --- |"]
+    for name in PARTS:
+        part = result["parts"][name]
+        est = ", ".join(f"{k} {v:.4g}" for k, v in sorted(part.get("estimates", {}).items()))
+        lines.append(f"| {name} | {'x'.join(map(str, part.get('input_shape', [])))} | "
+                     f"{part['ops_npu']} / {part['ops_total']} | {est} | {fallbacks_text(part)} |")
+    rt = result["roundtrip"]
+    lines += ["", f"Round trip on {rt['eval_images']} held-out photos (whole, padded to 64; real bits; "
+                  "PSNR / MS-SSIM / bpp):", "",
+              "| codec | PSNR / MS-SSIM / bpp |", "| --- | --- |",
+              f"| FP32 graphs | {point_text(rt['fp32'])} |",
+              f"| project's {rt['project_int8']['source']} | {point_text(rt['project_int8'])} |",
+              f"| {result['target']} {result['precision']} | {point_text(rt['target'])} |", "",
+              f"Target encoder's symbols: integer {rt['symbols']['integer']}, range "
+              f"[{rt['symbols']['min']:.0f}, {rt['symbols']['max']:.0f}], outside int8 {rt['symbols']['outside_int8']}.",
+              ""]
+    for name in PARTS:
+        q = result["parts"][name].get("quantisation", {})
+        if q:
+            lines.append(f"- {name}: carried {'; '.join(q.get('carried', []))}. Lost: {q.get('lost', 'nothing')}.")
+    return "\n".join(lines) + "\n"
+
+
+def summary_row(result: Dict) -> Dict:
+    enc, dec = (result["parts"][p] for p in PARTS)
+    rt = result["roundtrip"]
+    return {"model": result["model"], "target": result["target"], "precision": result["precision"],
+            "encoder_npu": [enc["ops_npu"], enc["ops_total"]], "decoder_npu": [dec["ops_npu"], dec["ops_total"]],
+            "fallbacks": [f"{p}: {f['op']} ({f['reason']})" for p in PARTS for f in result["parts"][p]["fallbacks"]],
+            "encoder_ms": enc.get("estimates", {}).get("latency_ms"),
+            "decoder_ms": dec.get("estimates", {}).get("latency_ms"),
+            "input_shape": enc.get("input_shape"),
+            "target": rt["target"], "fp32": rt["fp32"], "project_int8": rt["project_int8"],
+            "symbols_integer": rt["symbols"]["integer"]}
+
+
+def summary_markdown(rows: Sequence[Dict]) -> str:
+    """The thesis table: per model x target x precision, ops on the NPU, fallbacks, latency, rate and quality."""
+    lines = ["| model | target | precision | encoder ops on NPU | decoder ops on NPU | fallbacks | enc / dec ms "
+             "(Vela/toolkit) | target PSNR / MS-SSIM / bpp | project ONNX INT8 | FP32 |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        ms = "/".join("-" if v is None else f"{v:.1f}" for v in (r["encoder_ms"], r["decoder_ms"]))
+        fall = "; ".join(r["fallbacks"]) if r["fallbacks"] else "none"
+        lines.append(f"| {r['model']} | {r['target']} | {r['precision']} | {r['encoder_npu'][0]}/{r['encoder_npu'][1]} "
+                     f"| {r['decoder_npu'][0]}/{r['decoder_npu'][1]} | {fall} | {ms} | "
+                     f"{point_text(r['target'])} | {point_text(r['project_int8'])} | {point_text(r['fp32'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def missing_rows(rows: Sequence[Dict], expected: List[str]) -> List[str]:
+    have = {f"{r['model']}/{r['target']}/{r['precision']}" for r in rows}
+    return [e for e in expected if e not in have]

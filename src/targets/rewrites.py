@@ -1,0 +1,148 @@
+"""Exact float rewrites that let NPU converters place the decoder's upsampling, and the graph forms per upsampling.
+
+A stride-s ConvTranspose with kernel K, padding p and output padding q writes
+output pixel ``o = s*i + k - p`` from input pixel ``i`` through tap ``k``, and
+its output is ``s`` times its input when ``K + q - 2p == s`` (bmshj2018's
+``deconv``: K=5, s=2, p=2, q=1). TensorFlow's SAME transposed convolution has
+the same output size but crops its full output ``(K' - s) // 2`` pixels at the
+start, so with K=5 it starts one pixel later than PyTorch: onnx2tf therefore
+writes a VALID TRANSPOSE_CONV (output ``2*in + 3``) plus a crop, and Vela
+refuses that shape ("Unsupported IFM/OFM shapes") and leaves the heaviest ops
+of the decoder on the CPU.
+
+``same_padded_convtranspose`` appends ``e = 2p + s - K`` zero taps at the end
+of each kernel axis: a ``K' = 2p + s`` kernel with padding p and no output
+padding maps every tap to the same output pixel (``o = s*i + k - p``, the
+appended taps carry zeros), has output ``s*in``, and crops exactly p = (K' -
+s) / 2 at the start, which is TensorFlow's SAME. Same function, sums in the
+same order plus exact zeros; the converter writes one SAME TRANSPOSE_CONV.
+The other route is ``src.subpixel``'s sub-pixel convolution (Conv + DepthToSpace).
+
+ECA's gate convolves the pooled channel vector with a 1-D kernel across channels, which the exported graph writes
+as Shape -> Reshape (N, 1, C) -> Conv1d -> Reshape (N, C, 1, 1): shape arithmetic a converter must keep dynamic
+(onnx2tf leaves a batch-dynamic Conv2D that TFLite's integer builtins refuse). ``BandedECAGate`` computes the same
+gate as a 1x1 convolution from C to C channels whose weight is the banded (Toeplitz) matrix of the 1-D kernel:
+``out[c] = sum_j w[j] * in[c + j - k//2]`` is row c of that matrix times the vector, the zero entries adding exact
+zeros. Pool -> Conv 1x1 -> Clip -> Mul: no reshape, every op NPU-native.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from src.int8 import fold_gate
+from src.npu_blocks import ECAGate
+from src.subpixel import subpixel_rewrite
+
+TARGET_UPSAMPLE = {
+    "convtranspose": "each stride-2 ConvTranspose with its kernel zero-padded so converters write SAME "
+                     "(same_padded_convtranspose)",
+    "subpixel": "each stride-2 ConvTranspose as Conv + DepthToSpace (src.subpixel)",
+    "as_trained": "the ConvTransposes as trained (K=5, output padding 1): onnx2tf writes VALID + crop",
+}
+
+
+def can_pad_to_same(layer: nn.Module) -> bool:
+    """A 2-D ConvTranspose (no groups, no dilation) whose output is ``stride`` x its input and whose kernel can grow
+    to ``2p + s`` (on both axes)."""
+    if type(layer) is not nn.ConvTranspose2d or layer.groups != 1 or tuple(layer.dilation) != (1, 1):
+        return False
+    for axis in (0, 1):
+        k, s, p, q = layer.kernel_size[axis], layer.stride[axis], layer.padding[axis], layer.output_padding[axis]
+        if k + q - 2 * p != s or 2 * p + s < k:
+            return False
+    return True
+
+
+@torch.no_grad()
+def same_padded_convtranspose(layer: nn.ConvTranspose2d) -> nn.ConvTranspose2d:
+    """``layer`` with zero taps appended so that its kernel is ``2p + s`` and its output padding 0 (module docstring)."""
+    if not can_pad_to_same(layer):
+        raise ValueError(f"cannot pad {layer} to a SAME transposed convolution")
+    size = tuple(2 * p + s for p, s in zip(layer.padding, layer.stride))
+    padded = nn.ConvTranspose2d(layer.in_channels, layer.out_channels, size, stride=layer.stride,
+                                padding=layer.padding, output_padding=0, bias=layer.bias is not None)
+    padded = padded.to(layer.weight.device, layer.weight.dtype)
+    padded.weight.zero_()
+    k_h, k_w = layer.kernel_size
+    padded.weight[:, :, :k_h, :k_w] = layer.weight
+    if layer.bias is not None:
+        padded.bias.copy_(layer.bias)
+    return padded
+
+
+def same_padded_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
+    """A copy of ``module`` with every ``can_pad_to_same`` ConvTranspose2d padded; (copy, how many)."""
+    module = copy.deepcopy(module)
+    found = [(name, child) for name, child in module.named_modules() if can_pad_to_same(child)
+             and tuple(child.kernel_size) != tuple(2 * p + s for p, s in zip(child.padding, child.stride))]
+    for name, child in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, same_padded_convtranspose(child))
+    return module, len(found)
+
+
+@torch.no_grad()
+def banded_conv(conv1d: nn.Conv1d, channels: int) -> nn.Conv2d:
+    """The 1x1 Conv2d (C -> C) that applies ``conv1d`` (1 -> 1 channel, odd kernel, same padding) across channels."""
+    k = conv1d.kernel_size[0]
+    if conv1d.in_channels != 1 or conv1d.out_channels != 1 or k % 2 == 0 or conv1d.padding[0] != k // 2:
+        raise ValueError(f"cannot write {conv1d} as a banded 1x1 convolution")
+    taps = conv1d.weight.reshape(k)
+    matrix = conv1d.weight.new_zeros(channels, channels)
+    for j in range(k):
+        matrix += torch.diag(taps[j].expand(channels - abs(j - k // 2)), diagonal=j - k // 2)
+    conv = nn.Conv2d(channels, channels, 1).to(conv1d.weight.device, conv1d.weight.dtype)
+    conv.weight.copy_(matrix.reshape(channels, channels, 1, 1))
+    conv.bias.fill_(float(conv1d.bias[0]) if conv1d.bias is not None else 0.0)
+    return conv
+
+
+class BandedECAGate(nn.Module):
+    """``ECAGate`` as mean -> 1x1 banded conv -> Clip(0, 2) -> Mul (module docstring); its HardSigmoid folded
+    into the clip as ``src.int8.fold_gate`` folds the blocks' gates."""
+
+    def __init__(self, gate: ECAGate, channels: int):
+        super().__init__()
+        self.pool, self.gated = gate.pool, gate.gated
+        self.gate = fold_gate(banded_conv(gate.conv, channels), 0.0, 2.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.gated(x * self.gate(self.pool(x)))
+
+
+def eca_channels(module: nn.Module, name: str) -> int:
+    """The channel count an ECA gate sees: the output channels of the convolution its block projects with."""
+    block = module.get_submodule(name.rpartition(".")[0]) if "." in name else module
+    return block.project.out_channels
+
+
+def banded_eca_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
+    """A copy of ``module`` with every ``ECAGate`` as a ``BandedECAGate``; (copy, how many)."""
+    module = copy.deepcopy(module)
+    found = [(name, child) for name, child in module.named_modules() if isinstance(child, ECAGate)]
+    for name, child in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, BandedECAGate(child, eca_channels(module, name)))
+    return module, len(found)
+
+
+def target_model(model: nn.Module, upsample: str) -> nn.Module:
+    """A copy of ``model`` in the form the NPU converters place: ECA gates banded, g_s's upsampling as ``upsample``
+    (``TARGET_UPSAMPLE``). Every rewrite computes the same function in float."""
+    if upsample not in TARGET_UPSAMPLE:
+        raise ValueError(f"upsample must be one of {sorted(TARGET_UPSAMPLE)}, got {upsample!r}")
+    rewritten = copy.copy(model)
+    rewritten._modules = dict(model._modules)
+    rewritten.g_a = banded_eca_rewrite(model.g_a)[0]
+    g_s = banded_eca_rewrite(model.g_s)[0]
+    if upsample != "as_trained":
+        g_s = (same_padded_rewrite if upsample == "convtranspose" else subpixel_rewrite)(g_s)[0]
+    rewritten.g_s = g_s
+    return rewritten

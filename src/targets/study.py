@@ -1,0 +1,128 @@
+"""One model through every requested NPU target: graphs, references, worker jobs, round trip, assembled folder.
+
+For one model (a checkpoint, its decoder's upsampling in one ``TARGET_UPSAMPLE`` form) this module:
+
+1. exports the symbol-interface graphs (``src.int8.symbol_graphs``) and calibrates them as the project does
+   (``src.int8.calibrate``: whole photos; the decoder on the FP32 encoder's symbols);
+2. measures the references on the eval photos through the same coder: the FP32 graphs and the project's own
+   ONNX INT8 of each precision profile (``quantise_pair`` with MSE ranges), or a QAT checkpoint's own pair;
+3. per target and precision: the encoder job, the symbols coded with real bits, the decoder job on the decoded
+   symbols (``roundtrip``), and the target's folder assembled (artefacts, ``report.json``, ``report.md``)
+   beside the earlier one only once everything succeeded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import numpy as np
+import torch
+from torch import nn
+
+from src.int8 import SymbolCodec, calibrate, mean_points, quantise_pair, symbol_bits, symbol_graphs
+from src.qat import export_pair as qat_export_pair, float_twin, is_qat_model
+from src.targets import jobs, report as reports
+from src.targets.registry import Target
+from src.targets.rewrites import target_model
+from src.targets.roundtrip import ReplayCodec, code_symbols, key, symbol_summary
+from src.targets.toolchains import run_worker
+
+
+@dataclass
+class Prepared:
+    """One model ready for the targets: its graphs, the project's calibration, and the reference points."""
+    label: str
+    graphs: Dict[str, Path]
+    calibration_images: List[np.ndarray]
+    calibration_symbols: List[np.ndarray]
+    entropy_bottleneck: nn.Module
+    references: Dict[str, Dict]
+    latent_channels: int
+
+
+def reference_points(model: nn.Module, graphs: Dict[str, Path], calib, eval_images: Sequence[torch.Tensor],
+                     precisions: Sequence[str], folder: Path) -> Dict[str, Dict]:
+    """FP32 and the project's ONNX INT8 (per precision; a QAT model: its own pair) through the same coder."""
+    eb = model.entropy_bottleneck
+    refs = {"fp32": mean_points(SymbolCodec(graphs["encoder"], graphs["decoder"], eb), eval_images, jobs.PAD_MULTIPLE)[0]}
+    for precision in precisions:
+        if is_qat_model(model):
+            pair = qat_export_pair(model, calib.images, folder / f"qat_{precision}")
+            name = f"onnx_qat_{pair.precision}"
+        else:
+            pair = quantise_pair(calib, precision, "mse", folder / f"onnx_int8_{precision}")
+            name = f"onnx_int8_{precision}"
+        refs[precision] = {**mean_points(SymbolCodec(pair.encoder, pair.decoder, eb), eval_images,
+                                         jobs.PAD_MULTIPLE)[0], "source": name}
+    return refs
+
+
+def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[torch.Tensor],
+            eval_images: Sequence[torch.Tensor], precisions: Sequence[str], folder: Path) -> Prepared:
+    float_model = float_twin(model) if is_qat_model(model) else model
+    rewritten = target_model(float_model.eval(), upsample)
+    arrays = jobs.padded(calibration)
+    graphs = symbol_graphs(rewritten, torch.from_numpy(arrays[0]), folder / "graphs")
+    calib = calibrate(graphs, arrays, folder / "calibration")
+    refs = reference_points(model if is_qat_model(model) else rewritten, graphs, calib, eval_images, precisions,
+                            folder / "references")
+    refs["symbols_outside_int8_calibration"] = symbol_bits(calib.symbols)[1]
+    return Prepared(label, graphs, calib.images, calib.symbols, model.entropy_bottleneck, refs,
+                    int(model.entropy_bottleneck.quantiles.shape[0]))
+
+
+def run_part(target: Target, precision: str, part: str, spec: Dict, stage: Path) -> Dict:
+    job = jobs.write_job(stage / f"{part}_job.json", target.name, precision, {part: spec}, stage / part)
+    return run_worker(target.toolchain, job)
+
+
+def measure_target(prep: Prepared, target: Target, precision: str, eval_images: Sequence[torch.Tensor],
+                   shapes: Dict[str, List[int]], stage: Path) -> Dict:
+    """Both parts compiled for ``target`` and the codec's round trip through them; the merged report."""
+    eval_arrays = jobs.padded(eval_images)
+    enc_spec = jobs.encoder_part(prep.graphs, jobs.write_arrays(stage / "enc_calib.npz", prep.calibration_images),
+                                 jobs.write_arrays(stage / "enc_eval.npz", eval_arrays), shapes["encoder"])
+    enc = run_part(target, precision, "encoder", enc_spec, stage)
+    symbols = jobs.read_arrays(stage / "encoder" / "encoder_outputs.npz")
+    coded = [code_symbols(prep.entropy_bottleneck, s) for s in symbols]
+    dec_spec = jobs.decoder_part(prep.graphs, jobs.write_arrays(stage / "dec_calib.npz", prep.calibration_symbols),
+                                 jobs.write_arrays(stage / "dec_eval.npz", [d for _, d in coded]), shapes["decoder"])
+    dec = run_part(target, precision, "decoder", dec_spec, stage)
+    x_hats = jobs.read_arrays(stage / "decoder" / "decoder_outputs.npz")
+    codec = ReplayCodec(prep.entropy_bottleneck, {key(a): s for a, (s, _) in zip(eval_arrays, coded)},
+                        {key(d): x for (_, d), x in zip(coded, x_hats)})
+    point, rows = mean_points(codec, eval_images, jobs.PAD_MULTIPLE)
+    return {"model": prep.label, "target": target.name, "precision": precision, "toolchain": enc["toolchain"],
+            "parts": {**enc["parts"], **dec["parts"]},
+            "roundtrip": {"target": point, "per_image": rows, "fp32": prep.references["fp32"],
+                          "project_int8": prep.references[precision],
+                          "symbols": {**symbol_summary(symbols),
+                                      "outside_int8": int(sum(((s < -128) | (s > 127)).sum() for s in symbols)),
+                                      "outside_int8_calibration": prep.references["symbols_outside_int8_calibration"]},
+                          "eval_images": len(eval_images)}}
+
+
+def assemble(result: Dict, stage: Path, target_dir: Path) -> Path:
+    """The target's folder: artefacts of both parts, report.json and report.md; replaces an earlier one whole."""
+    target_dir.parent.mkdir(parents=True, exist_ok=True)
+    built = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=f".{target_dir.name}.new."))
+    for part in ("encoder", "decoder"):
+        for file in sorted((stage / part).iterdir()):
+            if file.is_file() and file.name != "report.json" and not file.name.endswith("_outputs.npz"):
+                shutil.copy2(file, built / file.name)
+    (built / "report.json").write_text(json.dumps(result, indent=2))
+    (built / "report.md").write_text(reports.target_markdown(result))
+    if target_dir.exists():
+        old = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=f".{target_dir.name}.old."))
+        os.replace(target_dir, old / "previous")
+        os.replace(built, target_dir)
+        shutil.rmtree(old)
+    else:
+        os.replace(built, target_dir)
+    return target_dir
