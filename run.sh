@@ -2,6 +2,10 @@
 # The project's two commands (see README):
 #   ./run.sh demo   create .venv if missing, install, run the whole recipe on real photos
 #   ./run.sh test   create/update .venv and run the test suite
+# NPU targets (docs/npu_targets.md; needs the package registry once, for the toolchain venvs):
+#   ./run.sh npu-setup [ethosu] [rknn]   create the toolchain venvs .venv-<toolchain>/ (never touches .venv)
+#   ./run.sh npu        the toolchain venvs, then the demo's models compiled for every target, with the table
+#   ./run.sh npu-test   the toolchain tests (tests_npu/), after ./run.sh test
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -30,5 +34,12 @@ case "${1:-}" in
   test) shift
         .venv/bin/python -m pytest -q tests --ignore=tests/test_codec.py "$@"
         exec .venv/bin/python -m pytest -q tests/test_codec.py "$@" ;;
-  *) echo "usage: ./run.sh demo|test" >&2; exit 2 ;;
+  npu-setup) shift; exec .venv/bin/python -m scripts.npu_setup "$@" ;;
+  npu) shift
+       .venv/bin/python -m scripts.npu_setup
+       exec .venv/bin/python -m scripts.npu_demo "$@" ;;
+  npu-test) shift
+            .venv/bin/python -m scripts.npu_setup
+            exec .venv/bin/python -m pytest -q tests_npu "$@" ;;
+  *) echo "usage: ./run.sh demo|test|npu|npu-setup|npu-test" >&2; exit 2 ;;
 esac

@@ -8,7 +8,8 @@ Per model, target and precision it writes ``OUT/<model>/<target>-<precision>/``:
 compiled ``<part>_vela.tflite`` and the int8 ``<part>_int8.tflite``; ``<part>.rknn``), ``report.json`` and
 ``report.md`` (ops on the NPU, every CPU fallback with the compiler's reason, its estimates for ``--input_size``,
 and the codec's round trip on the eval photos through the target's quantised model beside FP32 and the project's
-own ONNX INT8), and ``OUT/summary.{json,md}`` over all of them. Toolchains run in their own venvs
+own ONNX INT8), and ``OUT/summary.{json,md}`` over all of them (rows of earlier runs into the same OUT kept,
+those measured again replaced). Toolchains run in their own venvs
 (``./run.sh npu-setup``); see ``docs/npu_targets.md``.
 """
 
@@ -23,7 +24,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 from src.bundle import check_factorized
 from src.checkpoint import write_atomic
-from src.cli import UserError, run_cli
+from src.cli import UserError, run_cli, str2bool
 from src.int8 import PROFILES
 from src.model_factory import load_checkpoint_model
 from src.targets import jobs, report
@@ -60,6 +61,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--precision", nargs="+", default=sorted(PROFILES), choices=sorted(PROFILES))
     g.add_argument("--input_size", type=input_size, default=(768, 512),
                    help="WIDTHxHEIGHT the artefacts are compiled for (the compilers' latency figures)")
+    g.add_argument("--allow_fallbacks", type=str2bool, default=False,
+                   help="keep a compile with operators left on the CPU as a result (default: refuse it in one "
+                        "line naming the operator and the compiler's reason, the earlier artefacts kept)")
     g.add_argument("--out", default="npu_out", help="output folder")
     return p
 
@@ -83,6 +87,16 @@ def load_model(path: str):
     check_factorized(model)
     model.update(force=True)
     return model.eval(), arch
+
+
+def refuse_fallbacks(result: Dict) -> None:
+    """One line naming the first operator the compiler left on the CPU and its reason, with the count."""
+    found = [(part, f) for part, report_ in result["parts"].items() for f in report_["fallbacks"]]
+    if found:
+        part, first = found[0]
+        raise UserError(f"{result['model']} on {result['target']} {result['precision']}: {len(found)} operator(s) "
+                        f"left on the CPU, first the {part}'s {first['op']} '{first['name']}': {first['reason']} "
+                        "(--allow_fallbacks true records them as a result)")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
@@ -111,10 +125,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                         stage = folder / f"{target.name}-{precision}"
                         result = measure_target(prep, target, precision, eval_images, shapes, stage)
                         result["checkpoint"], result["upsample"] = str(path), upsample
+                        if not args.allow_fallbacks:
+                            refuse_fallbacks(result)
                         assemble(result, stage, out / label / f"{target.name}-{precision}")
                         rows.append(report.summary_row(result))
-    write_atomic(out / "summary.json", lambda f: f.write(json.dumps(rows, indent=2).encode()))
-    table = report.summary_markdown(rows)
+    summary = out / "summary.json"
+    every = report.merged_rows(json.loads(summary.read_text()) if summary.is_file() else [], rows)
+    write_atomic(summary, lambda f: f.write(json.dumps(every, indent=2).encode()))
+    table = report.summary_markdown(every)
     write_atomic(out / "summary.md", lambda f: f.write(table.encode()))
     print(table)
     print(f"npu targets finished in {time.perf_counter() - start:.0f}s; reports in {out}/")

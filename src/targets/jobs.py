@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Dict, List, Sequence, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -72,11 +72,15 @@ def part_spec(onnx_path: Path, input_name: str, output_name: str, calibration: P
             "compile_shape": list(compile_shape)}
 
 
-def write_job(path: Path, target: str, precision: str, parts: Dict[str, Dict], out_dir: Path) -> Path:
-    """One job file of the worker protocol (``docs/npu_targets.md``)."""
+def write_job(path: Path, target: str, precision: str, parts: Dict[str, Dict], out_dir: Path,
+              cache_dir: Optional[Path] = None) -> Path:
+    """One job file of the worker protocol (``docs/npu_targets.md``); ``cache_dir`` (optional) lets a worker
+    reuse what does not depend on the target (the Ethos-U int8 model is the same for U55, U65 and U85)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"target": target, "precision": precision, "parts": parts,
-                                "out_dir": str(Path(out_dir).resolve())}, indent=2))
+    job = {"target": target, "precision": precision, "parts": parts, "out_dir": str(Path(out_dir).resolve())}
+    if cache_dir is not None:
+        job["cache_dir"] = str(Path(cache_dir).resolve())
+    path.write_text(json.dumps(job, indent=2))
     return path
 
 

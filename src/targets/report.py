@@ -60,7 +60,7 @@ def summary_row(result: Dict) -> Dict:
             "encoder_ms": enc.get("estimates", {}).get("latency_ms"),
             "decoder_ms": dec.get("estimates", {}).get("latency_ms"),
             "input_shape": enc.get("input_shape"),
-            "target": rt["target"], "fp32": rt["fp32"], "project_int8": rt["project_int8"],
+            "target_point": rt["target"], "fp32": rt["fp32"], "project_int8": rt["project_int8"],
             "symbols_integer": rt["symbols"]["integer"]}
 
 
@@ -74,10 +74,14 @@ def summary_markdown(rows: Sequence[Dict]) -> str:
         fall = "; ".join(r["fallbacks"]) if r["fallbacks"] else "none"
         lines.append(f"| {r['model']} | {r['target']} | {r['precision']} | {r['encoder_npu'][0]}/{r['encoder_npu'][1]} "
                      f"| {r['decoder_npu'][0]}/{r['decoder_npu'][1]} | {fall} | {ms} | "
-                     f"{point_text(r['target'])} | {point_text(r['project_int8'])} | {point_text(r['fp32'])} |")
+                     f"{point_text(r['target_point'])} | {point_text(r['project_int8'])} | {point_text(r['fp32'])} |")
     return "\n".join(lines) + "\n"
 
 
-def missing_rows(rows: Sequence[Dict], expected: List[str]) -> List[str]:
-    have = {f"{r['model']}/{r['target']}/{r['precision']}" for r in rows}
-    return [e for e in expected if e not in have]
+def merged_rows(earlier: Sequence[Dict], new: Sequence[Dict]) -> List[Dict]:
+    """``earlier`` rows with those of the same model, target and precision replaced by ``new`` (kept in order)."""
+    def ident(row):
+        return row["model"], row["target"], row["precision"]
+    fresh = {ident(r): r for r in new}
+    kept = [fresh.pop(ident(r), r) for r in earlier]
+    return kept + [r for r in new if ident(r) in fresh]

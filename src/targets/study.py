@@ -78,7 +78,8 @@ def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[t
 
 
 def run_part(target: Target, precision: str, part: str, spec: Dict, stage: Path) -> Dict:
-    job = jobs.write_job(stage / f"{part}_job.json", target.name, precision, {part: spec}, stage / part)
+    job = jobs.write_job(stage / f"{part}_job.json", target.name, precision, {part: spec}, stage / part,
+                         cache_dir=stage.parent / f"cache-{target.toolchain}")
     return run_worker(target.toolchain, job)
 
 

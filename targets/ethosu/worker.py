@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import io
 import json
 import os
@@ -42,6 +43,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log lines would bury the worker's one line
 TOOLCHAIN = "ethos-u-vela"
+WORKER_VERSION = "ethosu-worker-1"  # part of the int8 cache key: bump when the conversion changes
 # Vela's accelerator and the system / memory configuration of its shipped Arm/vela.ini that each target is
 # compiled for (Arm's reference systems for each NPU; the estimates hold for these clocks and memories).
 TARGETS = {
@@ -399,7 +401,58 @@ def quantised_model(spec: Dict, shape: Tuple[int, ...], calibration: Sequence[np
     return set_interface(flatbuffer, spec.get("input", "x"), spec.get("output", "y"), precision)
 
 
-def compile_part(part: str, spec: Dict, target: str, precision: str, out_dir: Path) -> Dict:
+def digest(*parts) -> str:
+    """A cache key over files (by content) and plain values."""
+    h = hashlib.sha256(WORKER_VERSION.encode())
+    for part in parts:
+        h.update(Path(part).read_bytes() if isinstance(part, Path) else json.dumps(part).encode())
+    return h.hexdigest()[:24]
+
+
+def cached_model(spec: Dict, shape: Tuple[int, ...], calibration: Sequence[np.ndarray], precision: str, work: Path,
+                 cache: Path | None) -> Tuple[bytes, List[str], bool]:
+    """``quantised_model``, reused from ``cache`` when the same ONNX, calibration, shape and precision made one.
+
+    The int8 model does not depend on the Ethos-U variant (only Vela's compile does), so U55, U65 and U85 jobs
+    of one model share it, and its LiteRT outputs (``cached_outputs``).
+    """
+    if cache is None:
+        return (*quantised_model(spec, shape, calibration, precision, work), False)
+    key = digest(Path(spec["onnx"]), Path(spec["calibration"]), list(shape), precision,
+                 spec.get("input"), spec.get("output"))
+    model, notes = cache / f"{key}.tflite", cache / f"{key}.json"
+    if model.is_file() and notes.is_file():
+        return model.read_bytes(), json.loads(notes.read_text()), True
+    flatbuffer, carried = quantised_model(spec, shape, calibration, precision, work)
+    cache.mkdir(parents=True, exist_ok=True)
+    atomic_write(model, flatbuffer)
+    atomic_write(notes, json.dumps(carried).encode())
+    return flatbuffer, carried, False
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    temp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    temp.write_bytes(data)
+    os.replace(temp, path)
+
+
+def cached_outputs(model_path: Path, array: np.ndarray, cache: Path | None) -> np.ndarray:
+    if cache is None:
+        return run_tflite(model_path, [array])[0]
+    h = hashlib.sha256(model_path.read_bytes())
+    h.update(np.ascontiguousarray(array, np.float32).tobytes())
+    path = cache / f"out_{h.hexdigest()[:24]}.npy"
+    if path.is_file():
+        return np.load(path)
+    out = run_tflite(model_path, [array])[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    buffer = io.BytesIO()
+    np.save(buffer, out)
+    atomic_write(path, buffer.getvalue())
+    return out
+
+
+def compile_part(part: str, spec: Dict, target: str, precision: str, out_dir: Path, cache: Path | None) -> Dict:
     calibration = load_arrays(spec["calibration"])
     if not calibration:
         raise WorkerError(f"{part}: no calibration arrays in {spec['calibration']}")
@@ -407,17 +460,21 @@ def compile_part(part: str, spec: Dict, target: str, precision: str, out_dir: Pa
     shape = tuple(int(d) for d in spec.get("compile_shape") or calibration[0].shape)
     models: Dict[Tuple[int, ...], Path] = {}
     carried: List[str] = []
+    reused = []
     for wanted in dict.fromkeys([shape] + [tuple(a.shape) for a in evals]):
-        flatbuffer, carried = quantised_model(spec, wanted, calibration, precision, out_dir)
-        path = out_dir / (f"{part}_int8.tflite" if wanted == shape else f"{part}_int8_{'x'.join(map(str, wanted))}.tflite")
-        path.write_bytes(flatbuffer)
-        models[wanted] = path
+        flatbuffer, carried, hit = cached_model(spec, wanted, calibration, precision, out_dir, cache)
+        name = f"{part}_int8.tflite" if wanted == shape else f"{part}_int8_{'x'.join(map(str, wanted))}.tflite"
+        models[wanted] = out_dir / name
+        models[wanted].write_bytes(flatbuffer)
+        if hit:
+            reused.append(name)
     report = vela_report(models[shape], target, out_dir, part)
     report["int8_model"] = models[shape].name
+    report["int8_models_reused_from_cache"] = reused
     report["tflite_ops"] = tflite_ops(models[shape])
     report["input_shape"] = list(shape)
     if evals:
-        outputs = [run_tflite(models[tuple(a.shape)], [a])[0] for a in evals]
+        outputs = [cached_outputs(models[tuple(a.shape)], a, cache) for a in evals]
         np.savez(out_dir / f"{part}_outputs.npz", *outputs)
         report["eval_models"] = {"x".join(map(str, s)): p.name for s, p in models.items()}
     report["quantisation"] = {
@@ -442,7 +499,8 @@ def run_job(job: Dict) -> Path:
         versions = toolchain_versions()
         report = {"target": job["target"], "precision": job["precision"],
                   "toolchain": {"name": TOOLCHAIN, "version": versions["ethos-u-vela"], "versions": versions},
-                  "parts": {part: compile_part(part, spec, job["target"], job["precision"], temp)
+                  "parts": {part: compile_part(part, spec, job["target"], job["precision"], temp,
+                                               Path(job["cache_dir"]) if job.get("cache_dir") else None)
                             for part, spec in job["parts"].items()}}
         (temp / "report.json").write_text(json.dumps(report, indent=2))
         replace_folder(temp, out_dir)

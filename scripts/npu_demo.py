@@ -1,0 +1,49 @@
+"""The demo's models through every installed NPU target: ``./run.sh npu`` (after ``./run.sh demo``).
+
+    python -m scripts.npu_demo [--demo_out demo_out] [--out npu_out] [--targets ...] [--precision ...]
+
+Compiles the GDN control, the ReLU swap and the NPU blocks (ConvTranspose and sub-pixel decoders) that
+``scripts.demo`` fine-tuned, calibrated on the demo's training photos and measured on its held-out photos, with
+``scripts.npu_targets``; prints the table. Runs the demo first when its models are missing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+from scripts import npu_targets
+from src.cli import run_cli
+from src.int8 import PROFILES
+
+# (checkpoint under demo_out, decoder upsampling forms compiled)
+DEMO_MODELS = (("gdn_base/best_loss.pt", ["convtranspose"]),
+               ("relu_all_finetuned/best_loss.pt", ["convtranspose"]),
+               ("npu_all_finetuned/best_loss.pt", ["convtranspose", "subpixel"]))
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    p = argparse.ArgumentParser(description="The demo's models through every installed NPU target.")
+    p.add_argument("--demo_out", default="demo_out", help="the demo's output folder (./run.sh demo)")
+    p.add_argument("--out", default="npu_out")
+    p.add_argument("--targets", nargs="+", default=None, help="default: every target whose toolchain is installed")
+    p.add_argument("--precision", nargs="+", default=sorted(PROFILES), choices=sorted(PROFILES))
+    p.add_argument("--input_size", default="768x512", help="WIDTHxHEIGHT of the compilers' latency figures")
+    args = p.parse_args(argv)
+    demo = Path(args.demo_out)
+    if not all((demo / ckpt).is_file() for ckpt, _ in DEMO_MODELS):
+        print(f"the demo's models are not in {demo}/: running the demo first (./run.sh demo)", flush=True)
+        subprocess.run([sys.executable, "-m", "scripts.demo", "--out", str(demo)], check=True)
+    common = ["--calib_dir", str(demo / "coco" / "train2017"), "--eval_dir", str(demo / "coco" / "val2017"),
+              "--precision", *args.precision, "--input_size", args.input_size, "--out", args.out]
+    if args.targets:
+        common += ["--targets", *args.targets]
+    for ckpt, upsample in DEMO_MODELS:
+        npu_targets.main(["--ckpt", str(demo / ckpt), "--upsample", *upsample, *common])
+
+
+if __name__ == "__main__":
+    run_cli(main)

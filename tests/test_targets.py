@@ -1,0 +1,218 @@
+"""NPU targets, the project side (no toolchain needed): the rewrites' float exactness, the replayed round trip,
+the report's rows, and every refusal that happens before a toolchain runs."""
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from scripts import npu_setup, npu_targets
+from src.checkpoint import save_checkpoint
+from src.int8 import SymbolCodec, mean_points, pad_to, symbol_graphs
+from src.model_factory import build_model, make_arch
+from src.npu_blocks import ECAGate
+from src.targets import report, toolchains
+from src.targets.jobs import padded
+from src.targets.rewrites import (BandedECAGate, can_pad_to_same, same_padded_convtranspose, same_padded_rewrite,
+                                  target_model)
+from src.targets.roundtrip import ReplayCodec, code_symbols, key
+from tests.conftest import one_line_error, photo_paths
+from src.images import image_tensor, load_rgb
+
+
+def randomised(model: nn.Module, seed: int = 0) -> nn.Module:
+    """Every parameter random (the identity init would make the blocks' insides vanish and any rewrite look exact)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "entropy_bottleneck" not in name:
+                param.copy_(torch.randn_like(param) * (0.5 / max(1, param[0].numel()) ** 0.5))
+    return model.eval()
+
+
+@pytest.mark.parametrize("kernel, stride, padding, output_padding", [(5, 2, 2, 1), (3, 2, 1, 1), (4, 2, 1, 0)])
+def test_same_padded_convtranspose_is_exact(kernel, stride, padding, output_padding):
+    torch.manual_seed(0)
+    layer = nn.ConvTranspose2d(6, 4, kernel, stride=stride, padding=padding, output_padding=output_padding)
+    assert can_pad_to_same(layer)
+    padded_layer = same_padded_convtranspose(layer)
+    assert padded_layer.kernel_size == (2 * padding + stride,) * 2 and padded_layer.output_padding == (0, 0)
+    x = torch.randn(2, 6, 7, 9)
+    assert torch.equal(layer(x), padded_layer(x))
+
+
+def test_convtranspose_that_cannot_be_padded_is_left_alone():
+    odd = nn.ConvTranspose2d(4, 4, 5, stride=2, padding=2)  # output 2*in - 1: not stride x input
+    assert not can_pad_to_same(odd)
+    module, count = same_padded_rewrite(nn.Sequential(odd))
+    assert count == 0 and module[0].kernel_size == (5, 5)
+
+
+def test_banded_eca_gate_is_exact():
+    torch.manual_seed(0)
+    gate = ECAGate(5, init_identity=False)
+    nn.init.normal_(gate.conv.weight)
+    nn.init.normal_(gate.conv.bias)
+    x = torch.randn(2, 16, 6, 5)
+    torch.testing.assert_close(BandedECAGate(gate, 16)(x), gate(x), rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("replace", ["npu", "relu", "none"])
+@pytest.mark.parametrize("upsample", ["convtranspose", "subpixel", "as_trained"])
+def test_target_model_computes_the_same_function(replace, upsample):
+    model = randomised(build_model(make_arch(quality=1, replace=replace)))
+    rewritten = target_model(model, upsample)
+    x = torch.rand(1, 3, 64, 96)
+    with torch.no_grad():
+        y = model.g_a(x)
+        torch.testing.assert_close(rewritten.g_a(x), y, rtol=0, atol=1e-4 * float(y.abs().max()))
+        x_hat = model.g_s(y)
+        torch.testing.assert_close(rewritten.g_s(y), x_hat, rtol=0, atol=1e-4 * float(x_hat.abs().max()))
+    kinds = {type(m).__name__ for m in rewritten.modules()}
+    assert "ECAGate" not in kinds
+    if upsample == "convtranspose":
+        assert all(m.kernel_size == (6, 6) for m in rewritten.g_s.modules() if isinstance(m, nn.ConvTranspose2d))
+    if upsample == "subpixel":
+        assert not any(isinstance(m, nn.ConvTranspose2d) for m in rewritten.g_s.modules())
+
+
+def test_npu_target_graphs_have_no_shape_arithmetic(tmp_path):
+    """The ECA reshapes are gone: the graphs a converter sees are static from their input on."""
+    import onnx
+    model = randomised(build_model(make_arch(quality=1, replace="npu")))
+    model.update(force=True)
+    graphs = symbol_graphs(target_model(model, "convtranspose"), torch.rand(1, 3, 64, 64), tmp_path)
+    for path in (graphs["encoder_centred"], graphs["decoder"]):
+        ops = {node.op_type for node in onnx.load(str(path)).graph.node}
+        assert not ops & {"Shape", "Reshape", "Gather", "HardSigmoid"}, ops
+
+
+def small_images(count: int, offset: int = 0, side: int = 96):
+    images = []
+    for path in photo_paths()[offset:offset + count]:
+        image = load_rgb(path)
+        image.thumbnail((side, side))
+        images.append(image_tensor(image))
+    return images
+
+
+def test_replayed_round_trip_is_the_symbol_codec_round_trip(tmp_path):
+    """The round trip a target's outputs go through (coded symbols, replayed decoder outputs) measures exactly what
+    ``SymbolCodec`` measures when the 'target' outputs are the FP32 graphs' own."""
+    import onnxruntime as ort
+    model = randomised(build_model(make_arch(quality=1, replace="npu")))
+    with torch.no_grad():
+        model.g_a[-1].weight.mul_(40.0)  # symbols over many integers
+    model.update(force=True)
+    images = small_images(2)
+    graphs = symbol_graphs(model, torch.from_numpy(padded(images)[0]), tmp_path)
+    encoder, decoder = (ort.InferenceSession(str(graphs[p])) for p in ("encoder", "decoder"))
+    arrays = padded(images)
+    symbols = [encoder.run(None, {"x": a})[0] for a in arrays]
+    assert max(float(np.abs(s).max()) for s in symbols) > 3
+    coded = [code_symbols(model.entropy_bottleneck, s) for s in symbols]
+    x_hats = [decoder.run(None, {"symbols": d})[0] for _, d in coded]
+    replay = ReplayCodec(model.entropy_bottleneck, {key(a): s for a, (s, _) in zip(arrays, coded)},
+                         {key(d): x for (_, d), x in zip(coded, x_hats)})
+    expected = mean_points(SymbolCodec(graphs["encoder"], graphs["decoder"], model.entropy_bottleneck), images, 64)[0]
+    assert mean_points(replay, images, 64)[0] == pytest.approx(expected, rel=1e-6)
+
+
+def fake_result(model="npu_convtranspose", target="ethos-u55-256", precision="w8a8", fallbacks=()):
+    point = {"psnr": 30.0, "ms_ssim": 0.95, "bpp": 0.5}
+    part = {"ops_npu": 10 - len(fallbacks), "ops_total": 10, "fallbacks": list(fallbacks),
+            "estimates": {"latency_ms": 12.5}, "input_shape": [1, 3, 512, 768]}
+    return {"model": model, "target": target, "precision": precision,
+            "toolchain": {"name": "ethos-u-vela", "version": "5.2.0"},
+            "parts": {"encoder": part, "decoder": dict(part)},
+            "roundtrip": {"target": point, "fp32": point, "project_int8": {**point, "source": "onnx_int8_w8a8"},
+                          "symbols": {"integer": True, "min": -5, "max": 7, "outside_int8": 0}, "eval_images": 2}}
+
+
+def test_summary_rows_merge_and_table():
+    earlier = [report.summary_row(fake_result()), report.summary_row(fake_result(target="ethos-u85-256"))]
+    fallback = {"op": "TRANSPOSE_CONV", "name": "up", "reason": "Unsupported IFM/OFM shapes"}
+    new = [report.summary_row(fake_result(fallbacks=[fallback])), report.summary_row(fake_result(precision="a16w8"))]
+    rows = report.merged_rows(earlier, new)
+    assert [(r["target"], r["precision"]) for r in rows] == [("ethos-u55-256", "w8a8"), ("ethos-u85-256", "w8a8"),
+                                                            ("ethos-u55-256", "a16w8")]
+    assert rows[0]["encoder_npu"] == [9, 10] and "Unsupported IFM/OFM shapes" in rows[0]["fallbacks"][0]
+    table = report.summary_markdown(rows)
+    assert "| npu_convtranspose | ethos-u55-256 | w8a8 | 9/10 | 9/10 |" in table
+    assert "12.5/12.5" in table and "30.00 dB / 0.9500 / 0.5000" in table
+
+
+def test_a_fallback_is_refused_in_one_line_naming_the_operator_and_reason():
+    fallback = {"op": "TRANSPOSE_CONV", "name": "up", "reason": "Unsupported IFM/OFM shapes"}
+    with pytest.raises(npu_targets.UserError, match="TRANSPOSE_CONV 'up': Unsupported IFM/OFM shapes"):
+        npu_targets.refuse_fallbacks(fake_result(fallbacks=[fallback]))
+    npu_targets.refuse_fallbacks(fake_result())
+
+
+@pytest.fixture(scope="module")
+def refusal_files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("npu_refusals")
+    arch = make_arch(quality=1, replace="npu")
+    model = build_model(arch)
+    model.update(force=True)
+    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, root / "npu.pt")
+    hyper = make_arch(base_model="bmshj2018-hyperprior", quality=1, replace="relu")
+    save_checkpoint({"state_dict": build_model(hyper).state_dict(), "arch": hyper}, root / "hyper.pt")
+    (root / "junk.pt").write_bytes(b"\x00" * 64)
+    photos = root / "photos"
+    photos.mkdir()
+    for index, image in enumerate(small_images(5)):
+        from PIL import Image
+        Image.fromarray((image[0].permute(1, 2, 0).numpy() * 255).astype(np.uint8)).save(photos / f"{index}.png")
+    few = root / "few"
+    few.mkdir()
+    (few / "0.png").write_bytes((photos / "0.png").read_bytes())
+    (few / "broken.jpg").write_bytes(b"not a jpeg")
+    return root
+
+
+NPU_REFUSALS = {
+    "unknown target": (["--targets", "ethos-u99"], "unknown target 'ethos-u99'"),
+    "too few calibration photos": (["--calib_dir", "{root}/few"], "at least 4 readable photos"),
+    "missing calibration folder": (["--calib_dir", "{root}/nowhere"], "does not exist"),
+    "checkpoint of the wrong kind": (["--ckpt", "{root}/hyper.pt"], "factorized-prior"),
+    "not a checkpoint": (["--ckpt", "{root}/junk.pt"], "not a readable PyTorch checkpoint"),
+    "input size not a multiple of 64": (["--input_size", "100x64"], "multiples of 64"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(NPU_REFUSALS))
+def test_npu_targets_refusals_are_one_line(case, refusal_files, tmp_path, capsys):
+    flags, needle = NPU_REFUSALS[case]
+    argv = {"--ckpt": str(refusal_files / "npu.pt"), "--calib_dir": str(refusal_files / "photos"),
+            "--eval_dir": str(refusal_files / "photos"), "--targets": "ethos-u55-256", "--precision": "w8a8",
+            "--out": str(tmp_path / "out"), "--input_size": "64x64"}
+    argv.update({flag: value.format(root=refusal_files) for flag, value in zip(flags[::2], flags[1::2])})
+    err = one_line_error(npu_targets.main, [item for pair in argv.items() for item in pair], capsys)
+    assert needle in err, err
+    assert not (tmp_path / "out" / "npu_convtranspose").exists()
+
+
+def test_missing_toolchain_names_the_install_command(tmp_path):
+    (tmp_path / "targets" / "ethosu").mkdir(parents=True)
+    (tmp_path / "targets" / "ethosu" / "requirements.txt").write_text("ethos-u-vela==5.2.0\n")
+    with pytest.raises(toolchains.UserError, match=r"run `\./run\.sh npu-setup ethosu`"):
+        toolchains.toolchain_python("ethosu", tmp_path)
+    # a venv built from other requirements is not taken for this one
+    (tmp_path / ".venv-ethosu").mkdir()
+    (tmp_path / ".venv-ethosu" / toolchains.STAMP).write_text("0" * 64 + "\n")
+    assert not toolchains.installed("ethosu", tmp_path)
+
+
+def test_failed_install_is_one_line_naming_the_command(tmp_path):
+    (tmp_path / "targets" / "ethosu").mkdir(parents=True)
+    (tmp_path / "targets" / "ethosu" / "requirements.txt").write_text("ethos-u-vela==5.2.0\n")
+    with pytest.raises(toolchains.UserError, match=r"`false -m venv .*\.venv-ethosu` exited 1"):
+        toolchains.create_venv("ethosu", tmp_path, python="/bin/false")
+    assert not toolchains.installed("ethosu", tmp_path)
+
+
+def test_setup_of_an_unknown_toolchain_is_one_line(capsys):
+    assert "no toolchain 'tpu'" in one_line_error(npu_setup.main, ["tpu"], capsys)
