@@ -123,7 +123,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                     for precision in args.precision:
                         print(f"{label}: {target.name} {precision}", flush=True)
                         stage = folder / f"{target.name}-{precision}"
-                        result = measure_target(prep, target, precision, eval_images, shapes, stage)
+                        result = measure_target(prep, target, precision, eval_images, shapes, stage, out)
                         result["checkpoint"], result["upsample"] = str(path), upsample
                         if not args.allow_fallbacks:
                             refuse_fallbacks(result)

@@ -24,6 +24,11 @@ as Shape -> Reshape (N, 1, C) -> Conv1d -> Reshape (N, C, 1, 1): shape arithmeti
 gate as a 1x1 convolution from C to C channels whose weight is the banded (Toeplitz) matrix of the 1-D kernel:
 ``out[c] = sum_j w[j] * in[c + j - k//2]`` is row c of that matrix times the vector, the zero entries adding exact
 zeros. Pool -> Conv 1x1 -> Clip -> Mul: no reshape, every op NPU-native.
+
+CompressAI's GDN computes its non-negative beta and gamma from their parametrisation at every call and reshapes
+gamma with the input's channel count, so the exported graph derives a convolution's weight at run time (Max, Pow,
+Sub, Shape, Reshape), which onnx2tf cannot convert. ``ConstantGDN`` holds those values as the weight and bias of a
+1x1 convolution: the same ``x * rsqrt(conv(x^2))`` (``sqrt`` for IGDN) with the same numbers.
 """
 
 from __future__ import annotations
@@ -33,6 +38,8 @@ from typing import Tuple
 
 import torch
 from torch import nn
+
+from compressai.layers import GDN
 
 from src.int8 import fold_gate
 from src.npu_blocks import ECAGate
@@ -133,15 +140,46 @@ def banded_eca_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
     return module, len(found)
 
 
+class ConstantGDN(nn.Module):
+    """GDN / IGDN with beta and gamma as a 1x1 convolution's constants: ``x * rsqrt(beta + gamma * x^2)``
+    (``x * sqrt(...)`` inverse), as CompressAI's ``GDN.forward`` computes it."""
+
+    def __init__(self, gdn: GDN):
+        super().__init__()
+        with torch.no_grad():
+            beta, gamma = gdn.beta_reparam(gdn.beta), gdn.gamma_reparam(gdn.gamma)
+        channels = beta.numel()
+        self.inverse = gdn.inverse
+        self.norm = nn.Conv2d(channels, channels, 1).to(beta.device, beta.dtype)
+        with torch.no_grad():
+            self.norm.weight.copy_(gamma.reshape(channels, channels, 1, 1))
+            self.norm.bias.copy_(beta)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        norm = self.norm(x * x)
+        return x * (torch.sqrt(norm) if self.inverse else torch.rsqrt(norm))
+
+
+def constant_gdn_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
+    """A copy of ``module`` with every GDN / IGDN as a ``ConstantGDN``; (copy, how many)."""
+    module = copy.deepcopy(module)
+    found = [(name, child) for name, child in module.named_modules() if isinstance(child, GDN)]
+    for name, child in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, ConstantGDN(child))
+    return module, len(found)
+
+
 def target_model(model: nn.Module, upsample: str) -> nn.Module:
-    """A copy of ``model`` in the form the NPU converters place: ECA gates banded, g_s's upsampling as ``upsample``
-    (``TARGET_UPSAMPLE``). Every rewrite computes the same function in float."""
+    """A copy of ``model`` in the form the NPU converters place: GDN's parameters as constants, ECA gates banded,
+    g_s's upsampling as ``upsample`` (``TARGET_UPSAMPLE``). Every rewrite computes the same function in float."""
     if upsample not in TARGET_UPSAMPLE:
         raise ValueError(f"upsample must be one of {sorted(TARGET_UPSAMPLE)}, got {upsample!r}")
     rewritten = copy.copy(model)
     rewritten._modules = dict(model._modules)
-    rewritten.g_a = banded_eca_rewrite(model.g_a)[0]
-    g_s = banded_eca_rewrite(model.g_s)[0]
+    rewritten.g_a = banded_eca_rewrite(constant_gdn_rewrite(model.g_a)[0])[0]
+    g_s = banded_eca_rewrite(constant_gdn_rewrite(model.g_s)[0])[0]
     if upsample != "as_trained":
         g_s = (same_padded_rewrite if upsample == "convtranspose" else subpixel_rewrite)(g_s)[0]
     rewritten.g_s = g_s

@@ -77,24 +77,27 @@ def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[t
                     int(model.entropy_bottleneck.quantiles.shape[0]))
 
 
-def run_part(target: Target, precision: str, part: str, spec: Dict, stage: Path) -> Dict:
+def run_part(target: Target, precision: str, part: str, spec: Dict, stage: Path, cache_root: Path) -> Dict:
     job = jobs.write_job(stage / f"{part}_job.json", target.name, precision, {part: spec}, stage / part,
-                         cache_dir=stage.parent / f"cache-{target.toolchain}")
+                         cache_dir=cache_root / f".cache-{target.toolchain}")
     return run_worker(target.toolchain, job)
 
 
 def measure_target(prep: Prepared, target: Target, precision: str, eval_images: Sequence[torch.Tensor],
-                   shapes: Dict[str, List[int]], stage: Path) -> Dict:
-    """Both parts compiled for ``target`` and the codec's round trip through them; the merged report."""
+                   shapes: Dict[str, List[int]], stage: Path, cache_root: Path) -> Dict:
+    """Both parts compiled for ``target`` and the codec's round trip through them; the merged report.
+
+    ``cache_root`` holds each toolchain's content-addressed cache (what does not depend on the target variant).
+    """
     eval_arrays = jobs.padded(eval_images)
     enc_spec = jobs.encoder_part(prep.graphs, jobs.write_arrays(stage / "enc_calib.npz", prep.calibration_images),
                                  jobs.write_arrays(stage / "enc_eval.npz", eval_arrays), shapes["encoder"])
-    enc = run_part(target, precision, "encoder", enc_spec, stage)
+    enc = run_part(target, precision, "encoder", enc_spec, stage, cache_root)
     symbols = jobs.read_arrays(stage / "encoder" / "encoder_outputs.npz")
     coded = [code_symbols(prep.entropy_bottleneck, s) for s in symbols]
     dec_spec = jobs.decoder_part(prep.graphs, jobs.write_arrays(stage / "dec_calib.npz", prep.calibration_symbols),
                                  jobs.write_arrays(stage / "dec_eval.npz", [d for _, d in coded]), shapes["decoder"])
-    dec = run_part(target, precision, "decoder", dec_spec, stage)
+    dec = run_part(target, precision, "decoder", dec_spec, stage, cache_root)
     x_hats = jobs.read_arrays(stage / "decoder" / "decoder_outputs.npz")
     codec = ReplayCodec(prep.entropy_bottleneck, {key(a): s for a, (s, _) in zip(eval_arrays, coded)},
                         {key(d): x for (_, d), x in zip(coded, x_hats)})

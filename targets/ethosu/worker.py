@@ -402,10 +402,15 @@ def quantised_model(spec: Dict, shape: Tuple[int, ...], calibration: Sequence[np
 
 
 def digest(*parts) -> str:
-    """A cache key over files (by content) and plain values."""
-    h = hashlib.sha256(WORKER_VERSION.encode())
+    """A cache key over files (by content), arrays (by values) and plain values, and the toolchain's versions."""
+    h = hashlib.sha256(json.dumps([WORKER_VERSION, toolchain_versions()]).encode())
     for part in parts:
-        h.update(Path(part).read_bytes() if isinstance(part, Path) else json.dumps(part).encode())
+        if isinstance(part, Path):
+            h.update(part.read_bytes())
+        elif isinstance(part, np.ndarray):
+            h.update(str(part.shape).encode() + np.ascontiguousarray(part, np.float32).tobytes())
+        else:
+            h.update(json.dumps(part).encode())
     return h.hexdigest()[:24]
 
 
@@ -418,8 +423,7 @@ def cached_model(spec: Dict, shape: Tuple[int, ...], calibration: Sequence[np.nd
     """
     if cache is None:
         return (*quantised_model(spec, shape, calibration, precision, work), False)
-    key = digest(Path(spec["onnx"]), Path(spec["calibration"]), list(shape), precision,
-                 spec.get("input"), spec.get("output"))
+    key = digest(Path(spec["onnx"]), *calibration, list(shape), precision, spec.get("input"), spec.get("output"))
     model, notes = cache / f"{key}.tflite", cache / f"{key}.json"
     if model.is_file() and notes.is_file():
         return model.read_bytes(), json.loads(notes.read_text()), True
