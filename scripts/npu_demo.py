@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 
 from scripts import npu_targets
 from src.cli import run_cli
-from src.int8 import PROFILES
+from src.quant.scheme import PROFILES
 
 # (checkpoint under demo_out, decoder upsampling forms compiled)
 DEMO_MODELS = (("gdn_base/best_loss.pt", ["convtranspose"]),

@@ -22,10 +22,10 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
-from src.bundle import check_factorized
+from src.codec.build import check_factorized
 from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli, str2bool
-from src.int8 import PROFILES
+from src.quant.scheme import PROFILES
 from src.model_factory import load_checkpoint_model
 from src.targets import jobs, report
 from src.targets.registry import TARGETS, check_precisions, resolve_targets
@@ -53,7 +53,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Photos")
     g.add_argument("--calib_dir", required=True, help="calibration photos (whole images)")
     g.add_argument("--calib_count", type=int, default=10, help="calibration photos used (sorted by name)")
-    g.add_argument("--eval_dir", required=True, help="held-out photos for the round trip (whole images)")
+    g.add_argument("--eval_dir", default=None, help="held-out photos for the round trip (whole images); without "
+                   "it the targets compile and report only")
     g.add_argument("--eval_count", type=int, default=24, help="held-out photos used (sorted by name)")
     g = p.add_argument_group("Targets")
     g.add_argument("--targets", nargs="+", default=None,
@@ -106,7 +107,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     check_precisions(targets, args.precision)
     calibration = jobs.load_photos(Path(args.calib_dir), args.calib_count, "--calib_dir",
                                    minimum=jobs.MIN_CALIBRATION_PHOTOS)
-    eval_images = jobs.load_photos(Path(args.eval_dir), args.eval_count, "--eval_dir")
+    eval_images = jobs.load_photos(Path(args.eval_dir), args.eval_count, "--eval_dir") if args.eval_dir else []
     models = [(path, *load_model(path)) for path in args.ckpt]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -10,7 +10,8 @@ from torch import nn
 
 from scripts import npu_setup, npu_targets
 from src.checkpoint import save_checkpoint
-from src.int8 import SymbolCodec, mean_points, pad_to, symbol_graphs
+from src.quant.ptq import SymbolCodec, mean_points
+from src.quant.symbols import symbol_graphs
 from src.model_factory import build_model, make_arch
 from src.npu_blocks import ECAGate
 from src.targets import report, toolchains

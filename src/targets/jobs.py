@@ -1,6 +1,6 @@
 """What a toolchain worker is given: the symbol-interface graphs of one model, its calibration and eval arrays.
 
-The graphs are ``src.int8``'s symbol interface, so a target model has the codec's own boundary: the encoder
+The graphs are ``src.quant.symbols``' symbol interface, so a target model has the codec's own boundary: the encoder
 graph ends at ``y - median`` (``encoder_centred``: no Round, the target's output quantiser at scale 1 is the
 rounding, as in the project's ONNX INT8) and the decoder graph takes the symbols. Calibration and eval arrays are
 whole photos padded to a multiple of 64 as ``src.eval`` pads them (the decoder's: the FP32 encoder's symbols of
@@ -19,7 +19,8 @@ import torch
 from src.cli import UserError
 from src.eval import readable_images
 from src.images import image_tensor, list_images, load_rgb
-from src.int8 import ENCODER_OUTPUT, pad_to
+from src.quant.ptq import pad_to
+from src.quant.symbols import ENCODER_OUTPUT
 
 PAD_MULTIPLE = 64
 MIN_CALIBRATION_PHOTOS = 4
@@ -65,11 +66,14 @@ def read_arrays(path: Path) -> List[np.ndarray]:
         return [data[f"arr_{i}"] for i in range(len(data.files))]
 
 
-def part_spec(onnx_path: Path, input_name: str, output_name: str, calibration: Path, eval_arrays: Path,
-              compile_shape: Sequence[int]) -> Dict:
-    return {"onnx": str(Path(onnx_path).resolve()), "input": input_name, "output": output_name,
-            "calibration": str(Path(calibration).resolve()), "eval": str(Path(eval_arrays).resolve()),
-            "compile_shape": list(compile_shape)}
+def part_spec(onnx_path: Path, input_name: str, output_name: str, calibration: Path,
+              eval_arrays: Optional[Path], compile_shape: Sequence[int]) -> Dict:
+    """One part of a job; without ``eval_arrays`` the worker compiles and reports only."""
+    spec = {"onnx": str(Path(onnx_path).resolve()), "input": input_name, "output": output_name,
+            "calibration": str(Path(calibration).resolve()), "compile_shape": list(compile_shape)}
+    if eval_arrays is not None:
+        spec["eval"] = str(Path(eval_arrays).resolve())
+    return spec
 
 
 def write_job(path: Path, target: str, precision: str, parts: Dict[str, Dict], out_dir: Path,
@@ -84,9 +88,11 @@ def write_job(path: Path, target: str, precision: str, parts: Dict[str, Dict], o
     return path
 
 
-def encoder_part(graphs: Dict[str, Path], calibration: Path, eval_arrays: Path, shape: Sequence[int]) -> Dict:
+def encoder_part(graphs: Dict[str, Path], calibration: Path, eval_arrays: Optional[Path],
+                 shape: Sequence[int]) -> Dict:
     return part_spec(graphs["encoder_centred"], "x", ENCODER_OUTPUT, calibration, eval_arrays, shape)
 
 
-def decoder_part(graphs: Dict[str, Path], calibration: Path, eval_arrays: Path, shape: Sequence[int]) -> Dict:
+def decoder_part(graphs: Dict[str, Path], calibration: Path, eval_arrays: Optional[Path],
+                 shape: Sequence[int]) -> Dict:
     return part_spec(graphs["decoder"], ENCODER_OUTPUT, "x_hat", calibration, eval_arrays, shape)

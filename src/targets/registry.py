@@ -12,7 +12,7 @@ from src.cli import UserError
 class Target:
     name: str
     toolchain: str                 # folder under targets/, venv .venv-<toolchain>
-    precisions: Tuple[str, ...]    # the project's profiles (src.int8.PROFILES) the hardware runs
+    precisions: Tuple[str, ...]    # the project's profiles (src.quant.scheme.PROFILES) the hardware runs
     description: str
 
 

@@ -18,7 +18,9 @@ def latency_text(part: Dict) -> str:
     return "-" if value is None else f"{value:.1f}"
 
 
-def point_text(point: Dict) -> str:
+def point_text(point) -> str:
+    if point is None:
+        return "-"
     return f"{point['psnr']:.2f} dB / {point['ms_ssim']:.4f} / {point['bpp']:.4f}"
 
 
@@ -35,15 +37,10 @@ def target_markdown(result: Dict) -> str:
         lines.append(f"| {name} | {'x'.join(map(str, part.get('input_shape', [])))} | "
                      f"{part['ops_npu']} / {part['ops_total']} | {est} | {fallbacks_text(part)} |")
     rt = result["roundtrip"]
-    lines += ["", f"Round trip on {rt['eval_images']} held-out photos (whole, padded to 64; real bits; "
-                  "PSNR / MS-SSIM / bpp):", "",
-              "| codec | PSNR / MS-SSIM / bpp |", "| --- | --- |",
-              f"| FP32 graphs | {point_text(rt['fp32'])} |",
-              f"| project's {rt['project_int8']['source']} | {point_text(rt['project_int8'])} |",
-              f"| {result['target']} {result['precision']} | {point_text(rt['target'])} |", "",
-              f"Target encoder's symbols: integer {rt['symbols']['integer']}, range "
-              f"[{rt['symbols']['min']:.0f}, {rt['symbols']['max']:.0f}], outside int8 {rt['symbols']['outside_int8']}.",
-              ""]
+    if rt is None:
+        lines += ["", "Compiled only (no eval photos): no round trip measured.", ""]
+    else:
+        lines += round_trip_lines(result)
     for name in PARTS:
         q = result["parts"][name].get("quantisation", {})
         if q:
@@ -51,9 +48,22 @@ def target_markdown(result: Dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def round_trip_lines(result: Dict) -> List[str]:
+    rt = result["roundtrip"]
+    return ["", f"Round trip on {rt['eval_images']} held-out photos (whole, padded to 64; real bits; "
+                "PSNR / MS-SSIM / bpp):", "",
+            "| codec | PSNR / MS-SSIM / bpp |", "| --- | --- |",
+            f"| FP32 graphs | {point_text(rt['fp32'])} |",
+            f"| project's {rt['project_int8']['source']} | {point_text(rt['project_int8'])} |",
+            f"| {result['target']} {result['precision']} | {point_text(rt['target'])} |", "",
+            f"Target encoder's symbols: integer {rt['symbols']['integer']}, range "
+            f"[{rt['symbols']['min']:.0f}, {rt['symbols']['max']:.0f}], outside int8 {rt['symbols']['outside_int8']}.",
+            ""]
+
+
 def summary_row(result: Dict) -> Dict:
     enc, dec = (result["parts"][p] for p in PARTS)
-    rt = result["roundtrip"]
+    rt = result["roundtrip"] or {"target": None, "fp32": None, "project_int8": None, "symbols": {"integer": None}}
     return {"model": result["model"], "target": result["target"], "precision": result["precision"],
             "encoder_npu": [enc["ops_npu"], enc["ops_total"]], "decoder_npu": [dec["ops_npu"], dec["ops_total"]],
             "fallbacks": [f"{p}: {f['op']} ({f['reason']})" for p in PARTS for f in result["parts"][p]["fallbacks"]],

@@ -16,7 +16,7 @@ padding maps every tap to the same output pixel (``o = s*i + k - p``, the
 appended taps carry zeros), has output ``s*in``, and crops exactly p = (K' -
 s) / 2 at the start, which is TensorFlow's SAME. Same function, sums in the
 same order plus exact zeros; the converter writes one SAME TRANSPOSE_CONV.
-The other route is ``src.subpixel``'s sub-pixel convolution (Conv + DepthToSpace).
+The other route is ``src.codec.subpixel``'s sub-pixel convolution (Conv + DepthToSpace).
 
 ECA's gate convolves the pooled channel vector with a 1-D kernel across channels, which the exported graph writes
 as Shape -> Reshape (N, 1, C) -> Conv1d -> Reshape (N, C, 1, 1): shape arithmetic a converter must keep dynamic
@@ -37,18 +37,16 @@ import copy
 from typing import Tuple
 
 import torch
+from compressai.layers import GDN
 from torch import nn
 
-from compressai.layers import GDN
-
-from src.int8 import fold_gate
-from src.npu_blocks import ECAGate
-from src.subpixel import subpixel_rewrite
+from src.codec.subpixel import subpixel_rewrite
+from src.npu_blocks import ECAGate, fold_gate
 
 TARGET_UPSAMPLE = {
     "convtranspose": "each stride-2 ConvTranspose with its kernel zero-padded so converters write SAME "
                      "(same_padded_convtranspose)",
-    "subpixel": "each stride-2 ConvTranspose as Conv + DepthToSpace (src.subpixel)",
+    "subpixel": "each stride-2 ConvTranspose as Conv + DepthToSpace (src.codec.subpixel)",
     "as_trained": "the ConvTransposes as trained (K=5, output padding 1): onnx2tf writes VALID + crop",
 }
 
@@ -112,7 +110,7 @@ def banded_conv(conv1d: nn.Conv1d, channels: int) -> nn.Conv2d:
 
 class BandedECAGate(nn.Module):
     """``ECAGate`` as mean -> 1x1 banded conv -> Clip(0, 2) -> Mul (module docstring); its HardSigmoid folded
-    into the clip as ``src.int8.fold_gate`` folds the blocks' gates."""
+    into the clip as ``src.quant.symbols.fold_gate`` folds the blocks' gates."""
 
     def __init__(self, gate: ECAGate, channels: int):
         super().__init__()

@@ -3,7 +3,7 @@
 A target's encoder and decoder run inside its worker (another venv, another process), so one image's round trip
 is split in passes: the worker's encoder gives each padded eval image's symbols; the project's coder writes them
 (``code_symbols``: real rANS strings, decoded back and checked); the worker's decoder runs on the decoded
-symbols. ``ReplayCodec`` then hands ``src.eval.bitstream_roundtrip`` (via ``src.int8.mean_points``) those
+symbols. ``ReplayCodec`` then hands ``src.codec.roundtrip.bitstream_roundtrip`` (via ``src.quant.ptq.mean_points``) those
 strings and decoded images, so padding, cropping, bits and metrics are computed by exactly the code that measures
 the FP32 and ONNX INT8 codecs beside it.
 """

@@ -2,8 +2,8 @@
 
 For one model (a checkpoint, its decoder's upsampling in one ``TARGET_UPSAMPLE`` form) this module:
 
-1. exports the symbol-interface graphs (``src.int8.symbol_graphs``) and calibrates them as the project does
-   (``src.int8.calibrate``: whole photos; the decoder on the FP32 encoder's symbols);
+1. exports the symbol-interface graphs (``src.quant.symbols.symbol_graphs``) and calibrates them as the project does
+   (``src.quant.ptq.calibrate``: whole photos; the decoder on the FP32 encoder's symbols);
 2. measures the references on the eval photos through the same coder: the FP32 graphs and the project's own
    ONNX INT8 of each precision profile (``quantise_pair`` with MSE ranges), or a QAT checkpoint's own pair;
 3. per target and precision: the encoder job, the symbols coded with real bits, the decoder job on the decoded
@@ -25,8 +25,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from src.int8 import SymbolCodec, calibrate, mean_points, quantise_pair, symbol_bits, symbol_graphs
-from src.qat import export_pair as qat_export_pair, float_twin, is_qat_model
+from src.quant.fake_quant import float_twin, is_qat_model
+from src.quant.ptq import SymbolCodec, calibrate, mean_points, quantise_pair, symbol_bits
+from src.quant.qat import export_pair as qat_export_pair
+from src.quant.symbols import symbol_graphs
 from src.targets import jobs, report as reports
 from src.targets.registry import Target
 from src.targets.rewrites import target_model
@@ -70,8 +72,8 @@ def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[t
     arrays = jobs.padded(calibration)
     graphs = symbol_graphs(rewritten, torch.from_numpy(arrays[0]), folder / "graphs")
     calib = calibrate(graphs, arrays, folder / "calibration")
-    refs = reference_points(model if is_qat_model(model) else rewritten, graphs, calib, eval_images, precisions,
-                            folder / "references")
+    refs = (reference_points(model if is_qat_model(model) else rewritten, graphs, calib, eval_images, precisions,
+                             folder / "references") if eval_images else {})
     refs["symbols_outside_int8_calibration"] = symbol_bits(calib.symbols)[1]
     return Prepared(label, graphs, calib.images, calib.symbols, model.entropy_bottleneck, refs,
                     int(model.entropy_bottleneck.quantiles.shape[0]))
@@ -88,7 +90,10 @@ def measure_target(prep: Prepared, target: Target, precision: str, eval_images: 
     """Both parts compiled for ``target`` and the codec's round trip through them; the merged report.
 
     ``cache_root`` holds each toolchain's content-addressed cache (what does not depend on the target variant).
+    Without eval images the parts are compiled and reported only (``roundtrip`` None).
     """
+    if not eval_images:
+        return compile_only(prep, target, precision, shapes, stage, cache_root)
     eval_arrays = jobs.padded(eval_images)
     enc_spec = jobs.encoder_part(prep.graphs, jobs.write_arrays(stage / "enc_calib.npz", prep.calibration_images),
                                  jobs.write_arrays(stage / "enc_eval.npz", eval_arrays), shapes["encoder"])
@@ -110,6 +115,18 @@ def measure_target(prep: Prepared, target: Target, precision: str, eval_images: 
                                       "outside_int8": int(sum(((s < -128) | (s > 127)).sum() for s in symbols)),
                                       "outside_int8_calibration": prep.references["symbols_outside_int8_calibration"]},
                           "eval_images": len(eval_images)}}
+
+
+def compile_only(prep: Prepared, target: Target, precision: str, shapes: Dict[str, List[int]], stage: Path,
+                 cache_root: Path) -> Dict:
+    enc_spec = jobs.encoder_part(prep.graphs, jobs.write_arrays(stage / "enc_calib.npz", prep.calibration_images),
+                                 None, shapes["encoder"])
+    dec_spec = jobs.decoder_part(prep.graphs, jobs.write_arrays(stage / "dec_calib.npz", prep.calibration_symbols),
+                                 None, shapes["decoder"])
+    enc = run_part(target, precision, "encoder", enc_spec, stage, cache_root)
+    dec = run_part(target, precision, "decoder", dec_spec, stage, cache_root)
+    return {"model": prep.label, "target": target.name, "precision": precision, "toolchain": enc["toolchain"],
+            "parts": {**enc["parts"], **dec["parts"]}, "roundtrip": None}
 
 
 def assemble(result: Dict, stage: Path, target_dir: Path) -> Path:
