@@ -207,6 +207,12 @@ def test_missing_toolchain_names_the_install_command(tmp_path):
     (tmp_path / ".venv-ethosu").mkdir()
     (tmp_path / ".venv-ethosu" / toolchains.STAMP).write_text("0" * 64 + "\n")
     assert not toolchains.installed("ethosu", tmp_path)
+    stamp = toolchains.requirements_digest("ethosu", tmp_path)
+    (tmp_path / ".venv-ethosu" / toolchains.STAMP).write_text(stamp + "\n")
+    assert toolchains.toolchain_python("ethosu", tmp_path) == tmp_path / ".venv-ethosu" / "bin" / "python"
+    # a --no-deps file is part of what the venv was built from
+    (tmp_path / "targets" / "ethosu" / "requirements-nodeps.txt").write_text("some-toolkit==1.0\n")
+    assert not toolchains.installed("ethosu", tmp_path)
 
 
 def test_failed_install_is_one_line_naming_the_command(tmp_path):

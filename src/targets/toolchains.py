@@ -24,6 +24,12 @@ def requirements(toolchain: str, repo: Path = REPO) -> Path:
     return repo / "targets" / toolchain / "requirements.txt"
 
 
+def requirements_nodeps(toolchain: str, repo: Path = REPO) -> Path:
+    """Optional second file, installed with ``--no-deps`` after the first: a toolkit whose own pins cannot be
+    installed as declared (RKNN-Toolkit2 pins a CUDA torch; the CPU torch of ``requirements.txt`` stands in)."""
+    return repo / "targets" / toolchain / "requirements-nodeps.txt"
+
+
 def venv_dir(toolchain: str, repo: Path = REPO) -> Path:
     return repo / f".venv-{toolchain}"
 
@@ -38,7 +44,10 @@ def install_command(toolchain: str) -> str:
 
 
 def requirements_digest(toolchain: str, repo: Path = REPO) -> str:
-    return hashlib.sha256(requirements(toolchain, repo).read_bytes()).hexdigest()
+    digest = hashlib.sha256(requirements(toolchain, repo).read_bytes())
+    if requirements_nodeps(toolchain, repo).is_file():
+        digest.update(requirements_nodeps(toolchain, repo).read_bytes())
+    return digest.hexdigest()
 
 
 def installed(toolchain: str, repo: Path = REPO) -> bool:
@@ -75,9 +84,10 @@ def create_venv(toolchain: str, repo: Path = REPO, python: str = sys.executable)
     if installed(toolchain, repo):
         return venv / "bin" / "python"
     (venv / STAMP).unlink(missing_ok=True)
-    steps = [[python, "-m", "venv", str(venv)],
-             [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q",
-              "-r", str(reqs)]]
+    pip = [str(venv / "bin" / "python"), "-m", "pip", "install", "--disable-pip-version-check", "-q"]
+    steps = [[python, "-m", "venv", str(venv)], [*pip, "-r", str(reqs)]]
+    if requirements_nodeps(toolchain, repo).is_file():
+        steps.append([*pip, "--no-deps", "-r", str(requirements_nodeps(toolchain, repo))])
     for command in steps:
         if command[0] != python or not (venv / "bin" / "python").exists():
             done = subprocess.run(command, capture_output=True, text=True)
