@@ -143,7 +143,8 @@ def test_summary_rows_merge_and_table():
                                                             ("ethos-u55-256", "a16w8")]
     assert rows[0]["encoder_npu"] == [9, 10] and "Unsupported IFM/OFM shapes" in rows[0]["fallbacks"][0]
     table = report.summary_markdown(rows)
-    assert "| npu_convtranspose | ethos-u55-256 | w8a8 | 9/10 | 9/10 |" in table
+    assert "| npu_convtranspose | ethos-u55-256 | w8a8 | 9/10 | 9/10 | 1x encoder: TRANSPOSE_CONV, 1x decoder: " \
+           "TRANSPOSE_CONV |" in table
     assert "12.5/12.5" in table and "30.00 dB / 0.9500 / 0.5000" in table
 
 

@@ -74,6 +74,17 @@ def summary_row(result: Dict) -> Dict:
             "symbols_integer": rt["symbols"]["integer"]}
 
 
+def fallback_counts(fallbacks: Sequence[str]) -> str:
+    """'decoder: 3x SQRT, 3x QUANTIZE, ...' from the rows' fallback lines (each reason is in report.md)."""
+    if not fallbacks:
+        return "none"
+    counts: Dict[str, int] = {}
+    for line in fallbacks:
+        key = line.split(" (", 1)[0]
+        counts[key] = counts.get(key, 0) + 1
+    return ", ".join(f"{n}x {key}" for key, n in counts.items())
+
+
 def summary_markdown(rows: Sequence[Dict]) -> str:
     """The thesis table: per model x target x precision, ops on the NPU, fallbacks, latency, rate and quality."""
     lines = ["| model | target | precision | encoder ops on NPU | decoder ops on NPU | fallbacks | enc / dec ms "
@@ -81,7 +92,7 @@ def summary_markdown(rows: Sequence[Dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ms = "/".join("-" if v is None else f"{v:.1f}" for v in (r["encoder_ms"], r["decoder_ms"]))
-        fall = "; ".join(r["fallbacks"]) if r["fallbacks"] else "none"
+        fall = fallback_counts(r["fallbacks"])
         lines.append(f"| {r['model']} | {r['target']} | {r['precision']} | {r['encoder_npu'][0]}/{r['encoder_npu'][1]} "
                      f"| {r['decoder_npu'][0]}/{r['decoder_npu'][1]} | {fall} | {ms} | "
                      f"{point_text(r['target_point'])} | {point_text(r['project_int8'])} | {point_text(r['fp32'])} |")
