@@ -22,11 +22,13 @@ import time
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
+import torch
+
 from src.codec.build import check_factorized
 from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli, str2bool
 from src.quant.scheme import PROFILES
-from src.model_factory import load_checkpoint_model
+from src.eval import load_model as load_eval_model
 from src.targets import jobs, report
 from src.targets.registry import TARGETS, check_precisions, resolve_targets
 from src.targets.rewrites import TARGET_UPSAMPLE
@@ -84,10 +86,11 @@ def model_label(arch: Optional[Dict], upsample: str) -> str:
 
 
 def load_model(path: str):
-    model, arch, _ = load_checkpoint_model(Path(path))
+    """The checkpoint's model on the CPU (``src.eval.load_model``: entropy tables as saved, rebuilt if empty),
+    refused in one line unless it is a factorized-prior codec (the symbol interface's)."""
+    model, arch, _ = load_eval_model(Path(path), torch.device("cpu"))
     check_factorized(model)
-    model.update(force=True)
-    return model.eval(), arch
+    return model, arch
 
 
 def refuse_fallbacks(result: Dict) -> None:

@@ -202,7 +202,7 @@ def op_names(model) -> List[str]:
     return [by_code[max(code.builtinCode, code.deprecatedBuiltinCode)] for code in model.operatorCodes]
 
 
-def interface_quantisation(name: str, precision: str, bits_dtype) -> Tuple[float, int] | None:
+def interface_quantisation(name: str, precision: str) -> Tuple[float, int] | None:
     """(scale, zero point) the codec's interface tensor ``name`` has, or None to keep the calibrated one."""
     if name == SYMBOLS:
         return 1.0, 0
@@ -257,7 +257,7 @@ def set_interface(flatbuffer: bytes, input_name: str, output_name: str, precisio
     graph = model.subgraphs[0]
     carried = []
     for name, index, downstream in ((input_name, graph.inputs[0], True), (output_name, graph.outputs[0], False)):
-        wanted = interface_quantisation(name, precision, None)
+        wanted = interface_quantisation(name, precision)
         if wanted is not None:
             set_quantisation(model, index, *wanted, downstream=downstream)
             carried.append(f"{name} at scale {wanted[0]:.6g}, zero point {wanted[1]}")
