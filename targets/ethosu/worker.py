@@ -503,8 +503,8 @@ def run_job(job: Dict) -> Path:
         versions = toolchain_versions()
         report = {"target": job["target"], "precision": job["precision"],
                   "toolchain": {"name": TOOLCHAIN, "version": versions["ethos-u-vela"], "versions": versions},
-                  "parts": {part: compile_part(part, spec, job["target"], job["precision"], temp,
-                                               Path(job["cache_dir"]) if job.get("cache_dir") else None)
+                  "parts": {part: named(part, compile_part, part, spec, job["target"], job["precision"], temp,
+                                        Path(job["cache_dir"]) if job.get("cache_dir") else None)
                             for part, spec in job["parts"].items()}}
         (temp / "report.json").write_text(json.dumps(report, indent=2))
         replace_folder(temp, out_dir)
@@ -512,6 +512,14 @@ def run_job(job: Dict) -> Path:
         if not os.environ.get("ETHOSU_WORKER_KEEP"):  # debugging: keep the half-built folder
             shutil.rmtree(temp, ignore_errors=True)
     return out_dir
+
+
+def named(part: str, function, *args):
+    """``function(*args)``, its one-line error naming the part (encoder / decoder) it was compiling."""
+    try:
+        return function(*args)
+    except WorkerError as err:
+        raise WorkerError(f"{part}: {err}") from err
 
 
 def replace_folder(built: Path, target: Path) -> None:
