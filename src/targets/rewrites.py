@@ -109,16 +109,23 @@ def banded_conv(conv1d: nn.Conv1d, channels: int) -> nn.Conv2d:
 
 
 class BandedECAGate(nn.Module):
-    """``ECAGate`` as mean -> 1x1 banded conv -> Clip(0, 2) -> Mul (module docstring); its HardSigmoid folded
-    into the clip as ``src.quant.symbols.fold_gate`` folds the blocks' gates."""
+    """``ECAGate`` as mean (``separable_mean``) -> 1x1 banded conv -> Clip(0, 2) -> Mul (module docstring); its
+    HardSigmoid folded into the clip as ``src.npu_blocks.fold_gate`` folds the blocks' gates."""
 
     def __init__(self, gate: ECAGate, channels: int):
         super().__init__()
-        self.pool, self.gated = gate.pool, gate.gated
+        self.gated = gate.gated
         self.gate = fold_gate(banded_conv(gate.conv, channels), 0.0, 2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gated(x * self.gate(self.pool(x)))
+        return self.gated(x * self.gate(separable_mean(x)))
+
+
+def separable_mean(x: torch.Tensor) -> torch.Tensor:
+    """The mean over H and W as a mean over H, then over W: the same value (sums in another order), but each
+    reduction is one axis long. Vela places a 16-bit MEAN only up to 65536 reduced elements, and ECA's first pool
+    at 768x512 reduces 384 x 256 = 98304 (on the U55 in 16x8 it fell back to the CPU: "Too many reduced elements")."""
+    return x.mean(dim=2, keepdim=True).mean(dim=3, keepdim=True)
 
 
 def eca_channels(module: nn.Module, name: str) -> int:
