@@ -146,7 +146,7 @@ def test_the_absolute_step_qat_checkpoint_loads_converted_and_refuses_to_resume(
     for name, fq in learned.items():
         key = next(k for k in old if k.endswith(".scale") and k[: -len("scale")] + "learning_enabled" in old
                    and model.get_parameter(k[: -len("scale")] + "log_scale") is fq.log_scale)
-        assert float(fq.scale) == pytest.approx(float(old[key]), rel=1e-6), name
+        assert float(fq.scale.detach()) == pytest.approx(float(old[key]), rel=1e-6), name
     err = one_line_error(train_finetune_npu.main, resume_argv(last, *QAT), capsys)
     assert "learned scales were stepped as themselves" in err
 
