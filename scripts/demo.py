@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence
 import torch
 
 from src.checkpoint import save_checkpoint
+from src.checkpoint_format import weights_payload
 from src.cli import UserError, run_cli
 from src.codec.roundtrip import bitstream_roundtrip
 from src.commands import run
@@ -71,7 +72,7 @@ def zoo_base(out: Path) -> Optional[Path]:
         print(f"note: {err}")
         return None
     path = out / "zoo_q1.pt"
-    save_checkpoint({"state_dict": state, "arch": make_arch(quality=QUALITY, replace="none")}, path)
+    save_checkpoint(weights_payload(state, make_arch(quality=QUALITY, replace="none")), path)
     return path
 
 

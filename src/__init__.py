@@ -7,7 +7,8 @@ Layout, by concern (dependencies point down this list; ``tests/test_layout.py`` 
 - ``quant/``: PTQ and QAT (torch-only ``scheme``/``fake_quant``/``symbols``; the onnx/onnxruntime rest);
 - ``codec/``: the shipped codec (bundle, file format, runtimes, the shared bitstream round trip);
 - model core: ``model_factory`` (architecture description -> model; reads checkpoints into models),
-  ``checkpoint`` (the payload on disk), ``npu_blocks``, ``replace_gdn``, ``replace_gdn_npu``;
+  ``checkpoint`` (the payload on disk), ``checkpoint_format`` (its version and the upgrade of every earlier
+  format), ``npu_blocks``, ``replace_gdn``, ``replace_gdn_npu``;
 - helpers: ``data``, ``images``, ``losses``, ``precision``, ``schedule``, ``distributed``, ``cli``, ...
 
 ``model_factory`` and ``checkpoint`` stay single modules at the top: they are what every entry point

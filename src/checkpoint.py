@@ -3,7 +3,9 @@
 Writes are atomic (``write_atomic`` below): a crash, even SIGKILL, mid-save leaves the
 previous file intact. Reads use ``torch.load(weights_only=True)``, which refuses pickled
 objects instead of running them; that is why checkpoints hold only tensors,
-plain containers and numbers (``vars(args)``, never the Namespace).
+plain containers and numbers (``vars(args)``, never the Namespace). Every read
+checkpoint of this project comes out in the current format
+(``src.checkpoint_format``: its version and the upgrade of each earlier one).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.checkpoint_format import upgrade_payload
 from src.cli import UserError
 
 
@@ -59,7 +62,7 @@ def save_checkpoint(payload: Dict[str, Any], path: Path) -> None:
 
 
 def read_checkpoint(path: Path) -> Dict[str, Any]:
-    """Load a checkpoint or a plain state dict safely; bad files become one-line errors."""
+    """Load a checkpoint (upgraded to the current format) or a plain state dict safely; bad files are one line."""
     path = Path(path)
     if path.is_dir():
         raise UserError(f"checkpoint {path} is a folder, not a checkpoint file")
@@ -79,7 +82,7 @@ def read_checkpoint(path: Path) -> Dict[str, Any]:
         raise UserError(f"{path} is not a readable PyTorch checkpoint ({type(err).__name__}: {reason})") from None
     if not isinstance(payload, dict):
         raise UserError(f"{path} is not a checkpoint: it holds a {type(payload).__name__}, not a dict")
-    return payload
+    return upgrade_payload(payload, str(path))
 
 
 def state_and_arch(payload: Dict[str, Any], path: Path):

@@ -9,8 +9,9 @@ The description is a plain dict (it is stored in every checkpoint, and
      "qat": None | src.quant.scheme.qat_scheme(precision, scales)}
 
 ``qat`` marks a quantisation-aware model: the same network with fake-quant
-in g_a/g_s, whose scales are in the state dict (older checkpoints have no
-``qat`` key and read as None).
+in g_a/g_s, whose scales are in the state dict. A checkpoint is read in the
+current format whatever its age (``src.checkpoint_format`` upgrades it on
+read), so this module knows only today's description.
 
 Training, eval, export and resume all rebuild the exact network from it.
 """
@@ -29,11 +30,12 @@ from compressai.zoo import load_state_dict as rename_zoo_keys
 from torch import nn
 
 from src.checkpoint import read_checkpoint, save_checkpoint, state_and_arch
+from src.checkpoint_format import weights_payload
 from compressai.layers import GDN
 
 from src.cli import UserError
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
-from src.quant.fake_quant import prepare_qat, upgrade_state_dict
+from src.quant.fake_quant import prepare_qat
 from src.quant.scheme import normalise_scheme
 from src.replace_gdn import REPLACE_MODES, find_gdn_layers, replace_gdn_with_relu
 from src.replace_gdn_npu import fit_blocks_to_gdn, replace_gdn_with_npu
@@ -224,7 +226,6 @@ def check_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], s
 
 def load_weights(model: nn.Module, state_dict: Mapping[str, torch.Tensor], source: str) -> nn.Module:
     """Strictly load ``state_dict`` (CompressAI resizes the entropy-coder tables itself)."""
-    state_dict = upgrade_state_dict(model, state_dict)
     check_state_dict(model, state_dict, source)
     model.load_state_dict(dict(state_dict))
     return model
@@ -312,5 +313,5 @@ def swapped_checkpoint(base: Path, replace: str, parts: str, out: Path,
         gdn = model_from_base_weights(dict(arch, replace="none"), state, base_arch, str(base))
         fit_blocks_to_gdn(gdn, model, fit_images, steps=300)
     model.update(force=True)
-    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, out)
+    save_checkpoint(weights_payload(model.state_dict(), arch), out)
     return out

@@ -12,12 +12,13 @@ import train_finetune_npu
 from scripts import export_onnx
 from src import eval as recipe_eval
 from src.checkpoint import read_checkpoint, state_and_arch
+from src.checkpoint_format import absolute_step_scales_to_4
 from src.cli import UserError
 from src.model_factory import build_model, load_weights, make_arch, model_from_base_weights, model_from_checkpoint
 from src.quant.fake_quant import LearnedFakeQuantize, activation_quantisers, float_twin, placement, qat_sites, qat_state
 from src.quant.ptq import run, session
 from src.quant.qat import calibrate, calibration_images, export_pair, graph_qparams
-from src.quant.scheme import LOG_SCALE_GAIN, is_absolute_step_scheme, qat_scheme
+from src.quant.scheme import LOG_SCALE_GAIN, qat_scheme
 from src.quant.symbols import latent_medians
 from tests.conftest import assert_same_weights, common_args, final_state, photo_paths, qat_flags
 
@@ -176,17 +177,23 @@ def absolute_step_state(state):
     return old
 
 
-def test_a_state_dict_of_the_absolute_step_scales_loads_converted(photos, tmp_path):
+def test_the_absolute_step_upgrade_keeps_every_calibrated_scale(photos, tmp_path):
+    """Format 3 -> 4 (src.checkpoint_format) on a calibrated model, its scales of every size: each comes back as it
+    was; the run is marked not resumable, but a frozen-scale one is (its scales were buffers then as now)."""
     model = qat_model(scales="learned")
     calibrate(model, photos, "mse", tmp_path)
-    old = absolute_step_state(model.state_dict())
-    fresh = load_weights(qat_model(scales="learned"), old, "a checkpoint of the earlier scheme")
+    earlier = {k: v for k, v in qat_scheme(scales="learned").items() if k != "learned_scales"}
+    payload = {"state_dict": absolute_step_state(model.state_dict()), "arch": dict(float_arch(), qat=earlier),
+               "optimizer": {}, "args": {}}
+    payload = absolute_step_scales_to_4(payload, "a checkpoint of the earlier scheme")
+    assert payload["arch"]["qat"] == qat_scheme(scales="learned") and payload["not_resumable"]
+    fresh = load_weights(qat_model(scales="learned"), payload["state_dict"], "a checkpoint of the earlier scheme")
     for name, fq in activation_quantisers(fresh).items():
         assert float(fq.scale) == pytest.approx(float(activation_quantisers(model)[name].scale), rel=1e-5), name
-    assert is_absolute_step_scheme({k: v for k, v in qat_scheme().items() if k != "learned_scales"})
-    assert not is_absolute_step_scheme(qat_scheme()) and not is_absolute_step_scheme(None)
-    frozen = {k: v for k, v in qat_scheme(scales="frozen").items() if k != "learned_scales"}
-    assert not is_absolute_step_scheme(frozen), "frozen scales were buffers before too: that resume is exact"
+    frozen = qat_model(scales="frozen")
+    payload = {"state_dict": frozen.state_dict(), "arch": dict(float_arch(), qat=dict(earlier, scales="frozen")),
+               "optimizer": {}, "args": {}}
+    assert "not_resumable" not in absolute_step_scales_to_4(payload, "frozen"), "its resume is exact"
 
 
 def test_learned_scales_get_gradients_and_frozen_ones_are_buffers(photos, tmp_path):
@@ -262,24 +269,6 @@ def test_qat_phases_in_order_in_the_log_and_the_checkpoint(qat_run):
     assert arch["qat"] == qat_scheme("w8a8", "learned") and payload["args"]["qat_calib_count"] == 2
     model, _ = model_from_checkpoint(state, arch, str(ckpt))
     assert qat_state(model) == "training with learned scales", "the default"
-
-
-def test_a_checkpoint_of_the_absolute_step_scales_exports_but_does_not_resume(qat_run, prepared64, coco_root,
-                                                                              tmp_path):
-    ckpt, _ = qat_run
-    payload = read_checkpoint(ckpt)
-    payload["state_dict"] = absolute_step_state(payload["state_dict"])
-    payload["arch"]["qat"] = {k: v for k, v in payload["arch"]["qat"].items() if k != "learned_scales"}
-    old = tmp_path / "old" / "last.pt"
-    old.parent.mkdir()
-    torch.save(payload, old)
-    model, _, _ = recipe_eval.load_model(old, torch.device("cpu"))
-    fresh, _, _ = recipe_eval.load_model(ckpt, torch.device("cpu"))
-    for name, fq in activation_quantisers(model).items():
-        assert float(fq.scale) == pytest.approx(float(activation_quantisers(fresh)[name].scale), rel=1e-5), name
-    with pytest.raises(UserError, match="learned scales were stepped as themselves"):
-        train_finetune_npu.main(common_args(prepared64, tmp_path / "old", *qat_flags(coco_root), "--resume", str(old),
-                                            "--extend_epochs", "1"))
 
 
 def test_qat_resume_is_exact(float_run, prepared64, coco_root, tmp_path):

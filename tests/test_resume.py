@@ -6,7 +6,6 @@ import signal
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
 import torch
@@ -171,62 +170,3 @@ def test_written_files_follow_the_umask(umask, mode, coco_root, tmp_path):
         os.umask(old)
     written = [tmp_path / "c.pt", tmp_path / "crops" / "manifest.json", *(tmp_path / "crops" / "train").glob("*.png")]
     assert len(written) > 2 and {p.stat().st_mode & 0o777 for p in written} == {mode}
-
-
-
-# ---------------------------------------------------------------- checkpoints of older code
-
-BEFORE_ENGINE_PACKAGE = "cf8d687c66f31373a11d9e9197608c2b031faf9f"  # the last commit with src/engine.py in one file
-
-
-def code_at(commit: str, into: Path) -> Path:
-    """The training code of ``commit`` (git archive of this repository's history), to run as it was.
-
-    A tree without that history (a shallow clone, a zip export) cannot hold the old code, and only then is the
-    test skipped, saying why; in a full clone a missing commit or a failing git is a failure.
-    """
-    shallow = subprocess.run(["git", "-C", str(REPO), "rev-parse", "--is-shallow-repository"], capture_output=True,
-                             text=True)
-    if not (REPO / ".git").exists() or shallow.stdout.strip() == "true":
-        pytest.skip(f"this checkout has no git history (shallow clone or export): commit {commit[:12]}'s code "
-                    "cannot be rebuilt here")
-    try:
-        archive = subprocess.run(["git", "-C", str(REPO), "archive", commit, "src", "scripts", "train_finetune_npu.py"],
-                                 capture_output=True, check=True, timeout=120).stdout
-    except (OSError, subprocess.CalledProcessError) as err:
-        pytest.fail(f"needs git and this repository's history with commit {commit[:12]} (a full clone, not a "
-                    f"shallow one or an export): {getattr(err, 'stderr', b'').decode()[-300:] or err}")
-    into.mkdir(parents=True)
-    subprocess.run(["tar", "-x", "-C", str(into)], input=archive, check=True)
-    return into
-
-
-def test_checkpoint_of_the_code_before_the_engine_package_resumes_exactly(prepared64, tmp_path):
-    """A run saved by the single-file engine continues under the package as it would have under the old code."""
-    old = code_at(BEFORE_ENGINE_PACKAGE, tmp_path / "old_code")
-    flags = [*EXACT[:-1], "2", "--epochs", "1"]
-    first = common_args(prepared64, tmp_path / "first", *flags)
-    done = subprocess.run([sys.executable, "-m", "src.train_finetune_relu", *first], cwd=old, capture_output=True,
-                          text=True, timeout=300, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-    assert done.returncode == 0, done.stderr[-3000:]
-    saved = tmp_path / "first" / "ckpt" / "last.pt"
-    for who, where in (("old", tmp_path / "by_old"), ("new", tmp_path / "by_new")):
-        shutil.copytree(tmp_path / "first", where)
-        argv = common_args(prepared64, where, *flags, "--resume", str(where / "ckpt" / "last.pt"), "--extend_epochs", "1")
-        if who == "old":
-            result = subprocess.run([sys.executable, "-m", "src.train_finetune_relu", *argv], cwd=old, text=True,
-                                    capture_output=True, timeout=300, env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
-            assert result.returncode == 0, result.stderr[-3000:]
-        else:
-            train_finetune_relu.main(argv)
-    by_old = torch.load(tmp_path / "by_old" / "ckpt" / "last.pt", weights_only=True)
-    by_new = torch.load(tmp_path / "by_new" / "ckpt" / "last.pt", weights_only=True)
-    assert by_new["epoch"] == 2 and by_new["step"] == 4 and by_new["step"] > torch.load(saved, weights_only=True)["step"]
-    assert_same_weights(by_old["state_dict"], by_new["state_dict"])
-    assert by_new.keys() == by_old.keys() and by_new["arch"] == by_old["arch"]
-    # the flags are the old ones but for the QAT phase's (issue 22 replaced --qat_calib_steps/--qat_freeze_after)
-    changed = set(by_new["args"]) ^ set(by_old["args"])
-    assert changed and all(name.startswith("qat_") for name in changed), changed
-    for a, b in zip(by_old["optimizer"]["state"].values(), by_new["optimizer"]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
-    assert by_new["scheduler"] == by_old["scheduler"] and by_new["scaler"] == by_old["scaler"]

@@ -81,10 +81,13 @@ def loop_config(args: argparse.Namespace, steps: int) -> LoopConfig:
                       recon_dir=Path(args.recon_dir), recon_count=args.recon_count, recon_every=args.recon_every)
 
 
-def output_config(args: argparse.Namespace) -> OutputConfig:
-    """The output folders, and the flags as every checkpoint stores them (``vars(args)`` at the time of the call)."""
+def output_config(args: argparse.Namespace, data_fingerprint: Optional[Dict[str, Any]] = None,
+                  amp_dtype: str = "") -> OutputConfig:
+    """The output folders, and what every checkpoint stores beside the weights: the flags as given
+    (``vars(args)``), and the data and AMP dtype that setup found for them."""
     return OutputConfig(save_dir=Path(args.save_dir), recon_dir=Path(args.recon_dir), recon_count=args.recon_count,
-                        overwrite=args.overwrite, resume=args.resume, flags=dict(vars(args)))
+                        overwrite=args.overwrite, resume=args.resume, flags=dict(vars(args)),
+                        data_fingerprint=data_fingerprint, amp_dtype=amp_dtype)
 
 
 def schedule_config(args: argparse.Namespace) -> ScheduleConfig:
@@ -212,13 +215,13 @@ def planned_epochs(ckpt: Dict[str, Any], args: argparse.Namespace, dist: DistInf
 
     ``amp_dtypes``: (saved, current) AMP dtype as resolved, which ``--amp_dtype`` is compared by.
     """
-    saved_total = int(ckpt.get("epochs_total", ckpt["args"].get("epochs", args.epochs)))
+    saved_total = int(ckpt["epochs_total"])
     finished = ckpt["epoch"] >= saved_total
     if finished and not args.extend_epochs:
         raise UserError(f"nothing to do: {args.resume} finished its {saved_total} epochs; add --extend_epochs N "
                         "to train N more (changing --epochs would change the schedule of the epochs already run)")
     extending = finished and args.extend_epochs > 0
-    changes = resume_flag_changes(ckpt.get("args", {}), args, extending, int(ckpt.get("world_size", 1)),
+    changes = resume_flag_changes(ckpt["args"], args, extending, int(ckpt["world_size"]),
                                   dist.world_size, amp_dtypes)
     if changes:
         raise UserError(f"--resume {args.resume} was run with other flags ({'; '.join(changes)}); resume with the "
@@ -297,13 +300,12 @@ def build_run(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[
         check_amp_support(device, args.amp, amp_dtype)
     except ValueError as err:
         raise UserError(str(err)) from None
-    args.amp_dtype_resolved = amp_dtype  # saved with the flags: "auto" on resume is compared by what it became
     say = print if dist.is_main else (lambda *a, **k: None)
     seed_everything(args.seed)
     # -- data
     train_ds, val_ds = build_datasets(Path(args.coco_dir), args.use_prepared, args.crop_size, args.seed)
     side, val_side = check_datasets(train_ds, val_ds, args.crop_size, args.coco_dir)
-    args.data_fingerprint = data_fingerprint(train_ds, val_ds)  # saved with the flags: --resume needs the same data
+    fingerprint = data_fingerprint(train_ds, val_ds)  # saved beside the flags: --resume needs the same data
     try:
         arch = make_arch(args.model, args.quality, args.metric, replace, args.replace_parts, enc_kwargs, dec_kwargs,
                          qat=qat_arch(args))
@@ -315,8 +317,8 @@ def build_run(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[
     extending = False
     if resume is not None:
         check_resume(resume, args.resume)  # the architecture is compared later: a changed flag says more
-        check_same_data(resume, args.resume, args.coco_dir, args.data_fingerprint)
-        saved_dtype = resume["args"].get("amp_dtype_resolved") or resolve_amp_dtype(
+        check_same_data(resume, args.resume, args.coco_dir, fingerprint)
+        saved_dtype = resume["amp_dtype"] or resolve_amp_dtype(  # "auto" is compared by what it became
             device, resume["args"].get("amp_dtype", args.amp_dtype))[0]
         state.epochs_total, extending = planned_epochs(resume, args, dist, amp_dtypes=(saved_dtype, amp_dtype))
     error = ""
@@ -344,7 +346,7 @@ def build_run(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[
         raise UserError(f"{len(train_ds)} train crops over {dist.world_size} process(es) make no batch of "
                         f"{args.batch_size}")
     tr = build_trainer(args, model, device, side, dist, steps, state, resume, extending, say)
-    out = output_config(args)
+    out = output_config(args, fingerprint, amp_dtype)
     kept = f"nothing was saved in {args.save_dir}"
     if resume is not None and out.last.resolve() == Path(args.resume).resolve():
         kept = f"{args.resume} is kept as it was (step {state.steps_run})"

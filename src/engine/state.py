@@ -2,8 +2,9 @@
 
 Plain values only (``TrainState``, the frozen ``OutputConfig`` and
 ``ScheduleConfig``); the flags were read once, in ``src.engine.setup``.
-The payload and its file names are a contract: eval, export, the codec and
-older checkpoints (``tests/fixtures``) rely on them.
+The payload and its file names are a contract: eval, export and the codec
+rely on them. Its format has a version (``src.checkpoint_format``, which
+upgrades every earlier one on read; a file of each is in ``tests/fixtures``).
 """
 
 from __future__ import annotations
@@ -22,17 +23,17 @@ from torch import nn
 
 from src.checkpoint import (RunLock, link_or_copy_atomic, orphan_temp_files, prepare_output_dir, restore_rng_state,
                             rng_state, save_checkpoint, state_and_arch, unwrap)
+from src.checkpoint_format import FORMAT_VERSION, TRAINING_KEYS
 from src.cli import UserError
 from src.data import fingerprint_change
 from src.distributed import DistInfo, agree_on_error, all_gather_objects, barrier
 from src.engine.trainer import Trainer
 from src.model_factory import make_arch
-from src.quant.scheme import is_absolute_step_scheme
 from src.schedule import LRSchedule, build_schedule
 
 RUN_CHECKPOINTS = ("last.pt", "best_msssim.pt", "best_loss.pt")
 RECON_TAG = re.compile(r"^epoch_\d{3,}$")
-RESUME_KEYS = ("args", "arch", "epoch", "step", "optimizer", "scheduler", "scaler", "best_msssim", "rng")
+RESUME_KEYS = TRAINING_KEYS  # all of them: the engine reads them without fallbacks
 
 
 @dataclass
@@ -50,14 +51,16 @@ class TrainState:
 
 @dataclass(frozen=True)
 class OutputConfig:
-    """Where a run writes, and what it saves as its flags (``src.engine.setup.output_config``)."""
+    """Where a run writes, and what it saves beside the weights (``src.engine.setup.output_config``)."""
 
     save_dir: Path
     recon_dir: Path
     recon_count: int = 8
     overwrite: bool = False
     resume: Optional[str] = None
-    flags: Mapping[str, Any] = field(default_factory=dict)  # checkpoint key "args": the run's flags, as a dict
+    flags: Mapping[str, Any] = field(default_factory=dict)  # checkpoint key "args": the flags as given, as a dict
+    data_fingerprint: Optional[Mapping[str, Any]] = None  # the data trained on (src.data.data_fingerprint)
+    amp_dtype: str = ""  # the AMP dtype the run runs, "auto" resolved (--resume compares it)
 
     @property
     def last(self) -> Path:
@@ -103,16 +106,14 @@ def check_resume(resume: Dict[str, Any], path: str) -> Dict[str, Any]:
     if not isinstance(resume["args"], dict):
         raise UserError(f"--resume {path}: its 'args' is a {type(resume['args']).__name__}, not the flags "
                         "of a run")
+    if resume.get("not_resumable"):  # set by the upgrade of its format (src.checkpoint_format)
+        raise UserError(f"--resume {path} {resume['not_resumable']}")
     return checked_arch(resume["arch"], f"--resume {path}")
 
 
 def check_resume_arch(resume: Dict[str, Any], path: str, arch: Dict[str, Any]) -> None:
     """The --resume checkpoint holds the architecture these flags build."""
     ckpt_arch = check_resume(resume, path)
-    if is_absolute_step_scheme(resume["arch"].get("qat")):
-        raise UserError(f"--resume {path} is a QAT run whose learned scales were stepped as themselves (before "
-                        "log-space scales): its optimizer state does not carry over; export it as it is, or run "
-                        "the QAT phase again from its float checkpoint (--base_checkpoint)")
     if ckpt_arch != arch:
         raise UserError(f"--resume {path} holds {ckpt_arch['replace']}/{ckpt_arch['replace_parts']} "
                         f"q={ckpt_arch['quality']}; rerun with the flags of that run")
@@ -120,7 +121,7 @@ def check_resume_arch(resume: Dict[str, Any], path: str, arch: Dict[str, Any]) -
 
 def check_same_data(resume: Dict[str, Any], path: str, coco_dir: str, fingerprint: Dict[str, Any]) -> None:
     """A resumed run must see the data its checkpoint was trained on (``src.data.data_fingerprint``)."""
-    saved = resume["args"].get("data_fingerprint")
+    saved = resume["data_fingerprint"]
     change = fingerprint_change(saved, fingerprint) if saved else None
     if change:
         raise UserError(f"--resume {path} was trained on other data than --coco_dir {coco_dir} "
@@ -138,9 +139,8 @@ def restore_training_state(ckpt: Dict[str, Any], optimizer: torch.optim.Optimize
     schedule.load_state_dict(ckpt["scheduler"])
     scaler.load_state_dict(ckpt["scaler"])
     state.epoch, state.steps_run, state.best_msssim = ckpt["epoch"], ckpt["step"], ckpt["best_msssim"]
-    state.epoch_step = ckpt.get("epoch_step", 0)
-    state.best_loss = ckpt.get("best_loss", math.inf)
-    per_rank = ckpt.get("rng_per_rank") or [ckpt["rng"]]
+    state.epoch_step, state.best_loss = ckpt["epoch_step"], ckpt["best_loss"]
+    per_rank = ckpt["rng_per_rank"]
     restore_rng_state(per_rank[dist.rank] if len(per_rank) == dist.world_size else per_rank[0])
 
 
@@ -169,7 +169,7 @@ def fast_forward_schedule(optimizer: torch.optim.Optimizer, schedule: LRSchedule
 
 # ---------------------------------------------------------------- saving
 
-def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState, flags: Mapping[str, Any],
+def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState, out: OutputConfig,
                        rng_states: List[Dict[str, Any]]) -> Dict[str, Any]:
     """Everything needed to rebuild (eval/export) or continue (resume) the run.
 
@@ -178,13 +178,14 @@ def checkpoint_payload(tr: Trainer, arch: Dict[str, Any], state: TrainState, fla
     ``eval_model checkpoint`` can read a GDN-control checkpoint.
     """
     return {
-        "state_dict": unwrap(tr.model).state_dict(), "arch": arch,
+        "format_version": FORMAT_VERSION, "state_dict": unwrap(tr.model).state_dict(), "arch": arch,
         "optimizer": tr.optimizer.state_dict(),
         "aux_optimizer": tr.aux_optimizer.state_dict() if tr.aux_optimizer else None,
         "scheduler": tr.schedule.state_dict(), "scaler": tr.scaler.state_dict(),
         "epoch": state.epoch, "step": state.steps_run, "epoch_step": state.epoch_step,
         "best_msssim": state.best_msssim, "best_loss": state.best_loss, "epochs_total": state.epochs_total,
-        "world_size": tr.dist.world_size, "args": flags, "rng": rng_states[0], "rng_per_rank": rng_states,
+        "world_size": tr.dist.world_size, "args": dict(out.flags), "data_fingerprint": out.data_fingerprint,
+        "amp_dtype": out.amp_dtype, "rng": rng_states[0], "rng_per_rank": rng_states,
     }
 
 
@@ -215,7 +216,7 @@ def save_epoch_checkpoints(tr: Trainer, arch: Dict[str, Any], state: TrainState,
     refresh_entropy_tables(tr.model)
     rng_states = all_gather_objects(rng_state(), tr.dist)  # each rank resumes its own noise and worker seeds
     if tr.dist.is_main:
-        save_checkpoint(checkpoint_payload(tr, arch, state, out.flags, rng_states), out.last)
+        save_checkpoint(checkpoint_payload(tr, arch, state, out, rng_states), out.last)
         for best in bests:
             link_or_copy_atomic(out.last, out.save_dir / f"{best}.pt")
         if "best_msssim" in bests:

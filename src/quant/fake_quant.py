@@ -1,8 +1,7 @@
 """QAT's torch side: the fake-quant modules, where they sit (the sites), and the model-level operations on them.
 
 Torch only (no onnx, no onnxruntime): the model factory builds a QAT model
-(``prepare_qat``) and reads its checkpoints (``upgrade_state_dict``) with
-this module alone. How the sites are found in the exported graph, and how
+(``prepare_qat``) with this module alone. How the sites are found in the exported graph, and how
 calibration and export run, is ``src.quant.qat`` (the onnx side).
 """
 
@@ -223,23 +222,6 @@ def prepare_qat(model: nn.Module, scheme: Mapping[str, Any]) -> nn.Module:
             module.output_fake_quant, module.output_fake_quant_factor = fq, site.factor
             module.register_forward_hook(_quantise_output)
     return model
-
-
-def upgrade_state_dict(model: nn.Module, state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
-    """``state`` with the learned scales of the earlier scheme (torch.ao's ``_LearnableFakeQuantize``: the scale
-    itself and an idle observer) as ``model``'s log-space ones, so the checkpoints it wrote still load for
-    evaluation and export (their resume is refused: ``is_absolute_step_scheme``). Anything else is untouched."""
-    state = dict(state)
-    for path, module in model.named_modules():
-        if not isinstance(module, LearnedFakeQuantize):
-            continue
-        owner = path + "."
-        if owner + "scale" in state and owner + "log_scale" not in state:
-            state[owner + "log_scale"] = torch.log(state.pop(owner + "scale").float().reshape(1)) / LOG_SCALE_GAIN
-            obsolete = ("static_enabled", "learning_enabled", "eps", "activation_post_process")
-            for key in [k for k in state if k.startswith(owner) and k[len(owner):].split(".")[0] in obsolete]:
-                del state[key]
-    return state
 
 
 def activation_quantisers(model: nn.Module) -> Dict[str, FakeQuantizeBase]:

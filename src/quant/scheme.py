@@ -28,6 +28,11 @@ DEFAULT_PRECISION, DEFAULT_SCALES = "w8a8", "learned"  # learned: measured bette
 LOG_SCALE_GAIN = 30.0  # learned scales: relative step per optimizer step ~ LOG_SCALE_GAIN * lr (LearnedFakeQuantize)
 
 
+# The fields of a QAT scheme that decide the network (the others are prose). "learned_scales" says how a stored
+# log_scale reads (the gain), so it is one of them.
+SCHEME_FIELDS = ("parts", "precision", "scales", "placement", "interface", "learned_scales")
+
+
 def qat_scheme(precision: str = DEFAULT_PRECISION, scales: str = DEFAULT_SCALES, placement: str = "graph",
                interface: str = "symbols") -> Dict[str, Any]:
     """The QAT part of an architecture description (what ``prepare_qat`` builds).
@@ -51,28 +56,24 @@ def qat_scheme(precision: str = DEFAULT_PRECISION, scales: str = DEFAULT_SCALES,
 
 
 def normalise_scheme(qat: Any) -> Optional[Dict[str, Any]]:
-    """None, or the full scheme for True / a stored scheme; ValueError for anything else (e.g. an old scheme)."""
+    """None, or the full scheme for True / a stored scheme; ValueError for anything else.
+
+    A stored scheme is matched on what builds the network (``SCHEME_FIELDS``);
+    its prose ("weights", "activations") is for a reader and takes today's
+    wording (it named ``src.int8`` before the move to ``src/quant``). Schemes of
+    earlier checkpoint formats never get here: ``src.checkpoint_format``
+    upgrades them on read (or refuses the first QAT's).
+    """
     if not qat:
         return None
     if qat is True:
         return qat_scheme()
     if not isinstance(qat, Mapping) or "precision" not in qat or "scales" not in qat:
-        raise ValueError(f"qat must be None or a scheme of src.quant.scheme.qat_scheme(), got {qat!r} (a QAT checkpoint "
-                         "of the old observer scheme: run the QAT phase again from its float checkpoint)")
+        raise ValueError(f"qat must be None or a scheme of src.quant.scheme.qat_scheme(), got {qat!r}")
     scheme = qat_scheme(qat["precision"], qat["scales"], qat.get("placement", "graph"), qat.get("interface", "symbols"))
-    # A scheme from before log-space scales: its scales load converted (LearnedFakeQuantize); only a resume
-    # refuses it (is_absolute_step_scheme), as its optimizer state belongs to the scales themselves.
-    stored = {"learned_scales": scheme["learned_scales"], **qat}
-    if stored != scheme:
+    if set(qat) != set(scheme) or any(qat[key] != scheme[key] for key in SCHEME_FIELDS):
         raise ValueError(f"qat must be None or {scheme}, got {dict(qat)!r}")
     return scheme
-
-
-def is_absolute_step_scheme(qat: Any) -> bool:
-    """A stored QAT scheme whose learned scales were parameters themselves (before ``LearnedFakeQuantize``'s log
-    space). Not a frozen-scale one: its scales were buffers then as now, so its resume is exact."""
-    return (isinstance(qat, Mapping) and "precision" in qat and "learned_scales" not in qat
-            and qat.get("scales") == "learned")
 
 
 def qat_arch(args: Any) -> Optional[Dict[str, Any]]:
