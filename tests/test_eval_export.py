@@ -15,7 +15,7 @@ from src.cli import UserError
 from src.codec.roundtrip import bitstream_roundtrip
 from src.images import center_crop_tensor, load_rgb
 from src.quant import onnx_export
-from src.quant.ptq import SymbolCodec, mean_points, pad_to
+from src.quant.ptq import SymbolCodec, mean_points, pad_to, run, session
 from src.quant.symbols import SymbolDecoder, SymbolEncoder, symbol_graphs
 from tests.conftest import photo_paths
 
@@ -141,7 +141,7 @@ def test_int8_export_gdn_against_npu(checkpoints, prepared64, tmp_path):
         with torch.no_grad():
             symbols = SymbolEncoder(model, rounded=True)(image)
             fp32 = SymbolDecoder(model)(symbols).numpy()
-        int8 = onnx_export.run(onnx_export.session(Path(report["int8_path"])), symbols.numpy())
+        int8 = run(session(Path(report["int8_path"])), symbols.numpy())
         assert 0 < np.abs(int8 - fp32).max() and np.abs(int8 - fp32).mean() < 0.05
         ops = onnx_export.op_histogram(Path(report["int8_path"]))
         assert ops.get("QuantizeLinear", 0) > 0 and ops.get("DequantizeLinear", 0) > 0
