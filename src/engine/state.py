@@ -31,6 +31,7 @@ from src.quant.scheme import is_absolute_step_scheme
 from src.schedule import LRSchedule, build_schedule
 
 RUN_CHECKPOINTS = ("last.pt", "best_msssim.pt", "best_loss.pt")
+TRAINING_SCRIPTS = {"relu": "python -m src.train_finetune_relu", "npu": "python train_finetune_npu.py"}
 RECON_TAG = re.compile(r"^epoch_\d{3,}$")
 RESUME_KEYS = ("args", "arch", "epoch", "step", "optimizer", "scheduler", "scaler", "best_msssim", "rng")
 
@@ -104,6 +105,15 @@ def check_resume(resume: Dict[str, Any], path: str) -> Dict[str, Any]:
         raise UserError(f"--resume {path}: its 'args' is a {type(resume['args']).__name__}, not the flags "
                         "of a run")
     return checked_arch(resume["arch"], f"--resume {path}")
+
+
+def check_resume_kind(resume: Dict[str, Any], path: str, arch: Dict[str, Any]) -> None:
+    """The --resume checkpoint replaced GDN as this script does (ReLU or NPU blocks); said before any other check,
+    since no flag of this script makes the other kind's run continue (not even --extend_epochs)."""
+    saved = (resume.get("arch") or {}).get("replace")
+    if saved in TRAINING_SCRIPTS and arch["replace"] in TRAINING_SCRIPTS and saved != arch["replace"]:
+        raise UserError(f"--resume {path} is a run of {saved} blocks and this script trains {arch['replace']} "
+                        f"blocks: resume it with {TRAINING_SCRIPTS[saved]}")
 
 
 def check_resume_arch(resume: Dict[str, Any], path: str, arch: Dict[str, Any]) -> None:
