@@ -198,7 +198,7 @@ def decode_symbols(coder: RangeCoder, header: Header, payload: bytes, source: st
         raise UserError(f"{source} is corrupt: {err}") from None
 
 
-
+def psnr(a: np.ndarray, b: np.ndarray) -> float:
     """PSNR of two 8-bit images over all pixels and channels (``src.losses.psnr_8bit`` on uint8 arrays)."""
     mse = max(float(np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)), 1e-10)
     return float(20 * np.log10(255) - 10 * np.log10(mse))
