@@ -114,7 +114,6 @@ def prepare(out: Path) -> None:
     """A q1 NPU bundle of random weights (as the tests make) and a seed corpus of valid inputs for each target."""
     import numpy as np
     import torch
-    from PIL import Image
 
     from scripts import export_onnx
     from src.codec.bundle import MANIFEST, TABLES_FILE, Codec, load_bundle

@@ -102,8 +102,8 @@ def code_image(model, x: torch.Tensor, source: str = "the model") -> Dict[str, f
 
 def check_size(width: int, height: int) -> None:
     """``ValueError`` (a skip, in a folder) for an image over ``MAX_PIXELS`` once padded; runs before decoding."""
-    if padded_pixels(height, width, PAD_MULTIPLE) > MAX_PIXELS:
-        raise ValueError(f"{width}x{height} is more than the {MAX_PIXELS} pixels (padded to {PAD_MULTIPLE}) "
+    if padded_pixels(height, width) > MAX_PIXELS:
+        raise ValueError(f"{width}x{height} is more than the {MAX_PIXELS} pixels (padded to 64) "
                          "this evaluation codes")
 
 

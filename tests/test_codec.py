@@ -16,7 +16,6 @@ from PIL import Image
 from torch import nn
 
 from scripts import codec as codec_cli, export_onnx
-from src import eval as recipe_eval
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.codec.bundle import Bundle, Codec, file_sha256, load_bundle, padded_input, psnr
