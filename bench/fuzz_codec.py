@@ -19,7 +19,11 @@ The first byte of an input picks what the rest is fed to:
   that mutations reach the payload checks and the range decoder;
 - 2: a bundle's ``manifest.json`` bytes, to ``parse_manifest``;
 - 3: an ``entropy.npz``'s bytes, to ``EntropyTables.load`` and ``validate``, and
-  a valid tables file then codes and decodes a few symbols.
+  a valid tables file then codes and decodes a few symbols;
+- 4: a bare payload, straight to the range decoder for a 1x1 image's M*4*4
+  symbols (past the length pre-check, so every check of ``src.codec.rans`` is
+  reached); one it accepts must be what CompressAI's encoder writes for the
+  symbols it decoded, byte for byte.
 
 Anything but a ``UserError`` is a finding (libFuzzer saves the input under
 ``OUT/artifacts/``); so is an input that runs over ``-timeout`` seconds or
@@ -38,7 +42,7 @@ import zlib
 from pathlib import Path
 from typing import List, Sequence
 
-TARGETS = ("file", "restamped_file", "manifest", "tables")
+TARGETS = ("file", "restamped_file", "manifest", "tables", "payload")
 SEED_SIZES = ((1, 1), (17, 5), (64, 64), (40, 72))
 
 
@@ -86,10 +90,22 @@ class Target:
                 self.decoder.decode(stamp(body, self.bundle.table_hash), "fuzz")
             elif TARGETS[kind] == "manifest":
                 parse_manifest(body, "fuzz")
-            else:
+            elif TARGETS[kind] == "tables":
                 self.tables(body)
+            else:
+                self.payload(body)
         except UserError:
             pass
+
+    def payload(self, body: bytes) -> None:
+        """Decode ``body`` as 4x4 latents; accepted payloads must re-encode to themselves (rANS is a bijection)."""
+        coder = self.decoder.coder
+        try:
+            symbols = coder.decode(body, 4, 4)
+        except ValueError:
+            return
+        if coder.encode(symbols) != body:
+            raise AssertionError("an accepted payload is not what the encoder writes for its symbols")
 
     def tables(self, body: bytes) -> None:
         """Load and validate tables; valid ones must code symbols and decode them back exactly."""
@@ -117,6 +133,7 @@ def prepare(out: Path) -> None:
 
     from scripts import export_onnx
     from src.codec.bundle import MANIFEST, TABLES_FILE, Codec, load_bundle
+    from src.codec.format import HEADER
     from src.codec.tables import TABLE_KEYS, EntropyTables
     from src.checkpoint import save_checkpoint
     from src.model_factory import build_model, make_arch
@@ -142,6 +159,8 @@ def prepare(out: Path) -> None:
         data = coder.encode(np.asarray(photo.resize((width, height)), dtype=np.uint8))
         for kind in (0, 1):
             (seeds / f"{TARGETS[kind]}_{width}x{height}").write_bytes(bytes([kind]) + data)
+        if (width, height) == (1, 1):
+            (seeds / "payload_1x1").write_bytes(bytes([4]) + data[HEADER.size:])
     (seeds / "manifest").write_bytes(bytes([2]) + (out / "bundle" / MANIFEST).read_bytes())
     (seeds / "tables").write_bytes(bytes([3]) + (out / "bundle" / TABLES_FILE).read_bytes())
     small = EntropyTables(bundle.tables.cdfs[:2], bundle.tables.cdf_lengths[:2], bundle.tables.offsets[:2],
