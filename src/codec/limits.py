@@ -3,8 +3,9 @@
 Why a limit and not tiles: the NPU encoder's blocks pool over the whole image
 (``GlobalAveragePool`` in its graph), so a tiled encoder cannot give the
 untiled symbols; and peak memory grows with the pixels: with the q1 bundle on
-onnxruntime, about 0.9 GB per megapixel to encode and 1.1 GB to decode
-(measured, docs/codec.md 'Limits'), so at the limit a decode stays near 10 GB.
+onnxruntime, about 0.8 GB per megapixel to encode and 1.1 GB to decode, over
+~1 GB of libraries (measured, docs/codec.md 'Limits'): 7.6 GB to encode at
+the limit, about 10 GB to decode, what a 16 GB machine still runs.
 The codec (``src.codec``), ``src.eval`` and ``scripts.export_onnx --input_size``
 share it.
 """
