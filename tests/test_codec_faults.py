@@ -121,14 +121,28 @@ def test_bundle_never_replaces_a_folder_that_is_not_a_bundle(codec_files, tmp_pa
     assert (mixed / "notes.txt").read_text() == "mine" and (forged / "decoder.onnx").read_bytes() == b"not a graph"
 
 
+def device_nodes(folder: Path) -> list:
+    """Copies of /dev/full and /dev/null (character devices 1,7 and 1,3) and a FIFO, made in ``folder``.
+
+    Never the system's own nodes: a regression would replace them (the tester's ``-o /dev/full`` as root turned
+    the device into a PNG). Making a device node needs root (CAP_MKNOD); without it only the FIFO is tested.
+    """
+    nodes = []
+    for name, minor in (("full", 7), ("null", 3)):
+        try:
+            os.mknod(folder / name, 0o666 | stat.S_IFCHR, os.makedev(1, minor))
+            nodes.append(folder / name)
+        except PermissionError:
+            pass
+    os.mkfifo(folder / "pipe")
+    os.mkfifo(folder / "pipe.png")
+    return nodes + [folder / "pipe"]
+
+
 def test_codec_output_that_is_a_device_or_a_fifo_is_refused_untouched(codec_files, good_file, tmp_path, capsys):
     bundle_dir, image = str(codec_files["bundle"]), str(codec_files["root"] / "a.png")
-    for name in ("pipe", "pipe.png"):
-        os.mkfifo(tmp_path / name)
-    cases = [(["encode", "-b", bundle_dir, image, "-o"], Path("/dev/full")),
-             (["encode", "-b", bundle_dir, image, "-o"], Path("/dev/null")),
-             (["encode", "-b", bundle_dir, image, "-o"], tmp_path / "pipe"),
-             (["decode", "-b", bundle_dir, str(good_file), "-o"], tmp_path / "pipe.png")]
+    cases = [(["encode", "-b", bundle_dir, image, "-o"], node) for node in device_nodes(tmp_path)]
+    cases.append((["decode", "-b", bundle_dir, str(good_file), "-o"], tmp_path / "pipe.png"))
     for argv, out in cases:
         before = os.stat(out)
         err = one_line_error(codec_cli.main, argv + [str(out)], capsys)
@@ -485,7 +499,8 @@ def no_evaluation(monkeypatch):
 def test_eval_checks_its_outputs_before_evaluating(case, needle, codec_files, eval_images, tmp_path, capsys,
                                                    monkeypatch):
     (tmp_path / "a_file").write_text("x")
-    flags = {"json_folder": ["--json", str(tmp_path)], "json_device": ["--json", "/dev/full"],
+    device = device_nodes(tmp_path)[0]  # a copy of /dev/full, or a FIFO without root
+    flags = {"json_folder": ["--json", str(tmp_path)], "json_device": ["--json", str(device)],
              "json_under_file": ["--json", str(tmp_path / "a_file" / "r.json")],
              "plot_xyz": ["--plot", str(tmp_path / "rd.xyz")], "plot_folder": ["--plot", str(tmp_path / "rd.png")]}[case]
     (tmp_path / "rd.png").mkdir()
