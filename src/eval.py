@@ -205,10 +205,11 @@ def parse_curves(texts: Sequence[str]) -> Dict[str, List[Path]]:
             raise UserError(str(err)) from None
         if name in curves:
             raise UserError(f"--curve {name} is given twice")
+        curves[name] = [resolve_checkpoint(c) for c in checkpoints]
+    for name, checkpoints in curves.items():
         if len(checkpoints) < 2:
             raise UserError(f"--curve {name} has one point: a curve needs at least 2 (BD-rate needs {MIN_POINTS}); "
                             "evaluate a single checkpoint with --checkpoint")
-        curves[name] = [resolve_checkpoint(c) for c in checkpoints]
     return curves
 
 
