@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli, str2bool
-from src.images import center_crop_box, fit_for_crop, list_images, load_rgb, random_crop_box
+from src.images import center_crop_box, fit_for_crop, list_images, load_rgb, random_crop_box, unusable_entries
 
 SPLITS = {"train": "train2017", "val": "val2017"}
 # zlib level 1: lossless like any level, 3x faster to encode than PIL's default 6,
@@ -248,6 +248,10 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict:
     counts: Counter = Counter()
     skipped: Dict[str, str] = {}
     mapping: Dict[str, List[str]] = {}
+    for split in sorted({job.split for job in jobs}):
+        for path, reason in unusable_entries(coco_dir / SPLITS[split]).items():
+            counts[f"skipped_{reason}"] += 1
+            skipped[f"{SPLITS[split]}/{path.name}"] = reason
     for job, (status, reason, names) in zip(jobs, results):
         src_key = f"{SPLITS[job.split]}/{job.source.name}"
         if status == "skipped":

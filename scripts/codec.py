@@ -5,7 +5,9 @@
     python -m scripts.codec audit -b bundle/ [--runtime openvino]
 
 Needs only the bundle, onnxruntime or OpenVINO, and CompressAI's range coder:
-no checkpoint, no training code. Any image size (padded to 64, cropped back).
+no checkpoint, no training code. Images of any shape up to ``src.codec.limits.MAX_PIXELS`` (8 388 608 pixels
+once padded to 64, cropped back), refused above it before any pixel is decoded. ``-o`` must be a new or regular
+file that is not the input (decode writes ``.png``; encode never writes under an image's name).
 The file format and the bundle are described in ``src/codec/bundle.py`` and
 ``docs/codec.md``. A file decodes with any bundle of the same model and
 entropy tables (FP32 or INT8, either runtime); a file made with other
@@ -19,11 +21,16 @@ import time
 from pathlib import Path
 from typing import Dict, Optional, Sequence
 
-from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli
 from src.codec.bundle import GRAPH_FILES, Bundle, Codec, image_array, load_bundle
 from src.codec.format import HEADER
 from src.codec.runtimes import RUNTIMES, audit_line, runtime_audit
+from src.codec.tables import largest_file
+from src.outputs import check_output_file, write_output
+
+# decode writes PNG (lossless: the decoded pixels as they are); encode writes a codec file, never under an image's name.
+DECODED_SUFFIXES = (".png",)
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".webp", ".tif", ".tiff", ".ppm", ".gif")
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -42,10 +49,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def read_bytes(path: Path) -> bytes:
+def read_bytes(path: Path, bundle: Bundle) -> bytes:
+    """The file to decode, read only when it is no longer than the largest file the bundle can decode."""
     if not path.is_file():
         raise UserError(f"{path} not found")
+    size, largest = path.stat().st_size, largest_file(bundle.tables.channels)
+    if size > largest:
+        raise UserError(f"{path} is {size} bytes, more than the {largest} of the largest image this codec decodes")
     return path.read_bytes()
+
+
+def check_out(args: argparse.Namespace) -> Path:
+    """-o, before the bundle is loaded: not the input, a folder, a device, a FIFO, or a name of the wrong kind."""
+    out = Path(args.out)
+    if args.command == "decode":
+        return check_output_file(out, "-o", inputs=[Path(args.source)], suffixes=DECODED_SUFFIXES, what="a PNG")
+    if out.suffix.lower() in IMAGE_SUFFIXES:
+        raise UserError(f"-o {out}: encode writes a codec file, not an image; name it e.g. {out.with_suffix('.npcf')}")
+    return check_output_file(out, "-o", inputs=[Path(args.source)])
 
 
 def encode(args: argparse.Namespace, bundle: Bundle) -> Dict:
@@ -54,7 +75,7 @@ def encode(args: argparse.Namespace, bundle: Bundle) -> Dict:
     start = time.perf_counter()
     data = coder.encode(image, args.source)
     seconds = time.perf_counter() - start
-    write_atomic(Path(args.out), lambda handle: handle.write(data))
+    write_output(Path(args.out), lambda handle: handle.write(data), "-o")
     height, width = image.shape[:2]
     print(f"{args.source} ({width}x{height}) -> {args.out}: {len(data)} bytes, "
           f"{8 * len(data) / (height * width):.4f} bpp ({HEADER.size}-byte header), "
@@ -65,12 +86,12 @@ def encode(args: argparse.Namespace, bundle: Bundle) -> Dict:
 def decode(args: argparse.Namespace, bundle: Bundle) -> Dict:
     from PIL import Image
 
-    data = read_bytes(Path(args.source))
+    data = read_bytes(Path(args.source), bundle)
     coder = Codec(bundle, args.runtime, parts=("decoder",))
     start = time.perf_counter()
     image = coder.decode(data, args.source)
     seconds = time.perf_counter() - start
-    write_atomic(Path(args.out), lambda handle: Image.fromarray(image).save(handle, format="PNG"))
+    write_output(Path(args.out), lambda handle: Image.fromarray(image).save(handle, format="PNG"), "-o")
     print(f"{args.source} -> {args.out} ({image.shape[1]}x{image.shape[0]}), {seconds:.2f} s on {args.runtime}")
     return {"shape": image.shape, "seconds": seconds}
 
@@ -85,6 +106,8 @@ def audit(args: argparse.Namespace, bundle: Bundle) -> Dict:
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
+    if args.command in ("encode", "decode"):
+        check_out(args)
     bundle = load_bundle(Path(args.bundle))
     return {"encode": encode, "decode": decode, "audit": audit}[args.command](args, bundle)
 

@@ -56,12 +56,14 @@ from torch import nn
 from torch.onnx import _constants as onnx_constants
 
 from src.checkpoint import current_umask
+from src.codec.limits import MAX_PIXELS
 from src.cli import UserError, run_cli
-from src.codec.build import write_bundle
+from src.codec.build import check_target, write_bundle
 from src.codec.subpixel import UPSAMPLE_MODES
 from src.data import image_files
-from src.images import DECODE_ERRORS, center_crop_tensor, image_tensor, load_rgb
+from src.images import DECODE_ERRORS, center_crop_tensor, decode_reason, image_tensor, load_rgb
 from src.model_factory import load_checkpoint_model, make_arch
+from src.outputs import check_output_file
 from src.quant.fake_quant import float_twin, is_qat_model
 from src.quant.onnx_export import (MAX_ABS_ERROR, NPU_FORBIDDEN_OPS, export_graph, int8_report, op_histogram,
                                    output_errors, part_input)
@@ -137,14 +139,26 @@ def check_arguments(args: argparse.Namespace) -> Path:
                         f"QuantizeLinear/DequantizeLinear with an axis, which opset {args.opset} lacks")
     if args.input_size <= 0:
         raise UserError(f"--input_size {args.input_size} must be a positive multiple of the model's stride 16")
+    if args.input_size ** 2 > MAX_PIXELS:
+        raise UserError(f"--input_size {args.input_size}: a {args.input_size}x{args.input_size} trace is more than the "
+                        f"{MAX_PIXELS} pixels the codec codes (docs/codec.md, 'Limits'); the graphs with --dynamic "
+                        "take any size up to that")
     out = Path(args.out)
     if out.is_dir():
         raise UserError(f"--out {out} is a folder; name the graph file, e.g. {out / (args.part + '.onnx')}")
+    check_output_file(out, "--out", inputs=[Path(p) for p in (args.ckpt, args.image) if p])
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise UserError(f"--out {out}: its folder cannot be created ({err.strerror or err})") from None
     return out
+
+
+def check_counts(args: argparse.Namespace) -> None:
+    """Image counts must be positive: a negative one would slice from the end and pick images nobody named."""
+    for flag in ("calib_count", "int8_eval_count"):
+        if getattr(args, flag) <= 0:
+            raise UserError(f"--{flag} {getattr(args, flag)} must be at least 1")
 
 
 @contextlib.contextmanager
@@ -182,7 +196,7 @@ def decodable(files: List[Path], what: str, source: str) -> List[Path]:
         try:
             load_rgb(path)
         except DECODE_ERRORS as err:
-            print(f"warning: skipping {path}: cannot be decoded ({(str(err).splitlines() or [''])[0][:120]})")
+            print(f"warning: skipping {path}: cannot be decoded ({decode_reason(err)})")
             continue
         kept.append(path)
     if files and not kept:
@@ -230,7 +244,7 @@ def verification_image(args: argparse.Namespace, payload: Dict, size: Tuple[int,
     try:
         return center_crop_tensor(path, size)
     except DECODE_ERRORS as err:
-        raise UserError(f"verification image {path} cannot be decoded ({str(err).splitlines()[0][:100]}); "
+        raise UserError(f"verification image {path} cannot be decoded ({decode_reason(err)}); "
                         "pass another --image") from None
 
 
@@ -260,6 +274,8 @@ def export_bundle(args: argparse.Namespace, model: nn.Module, arch: Optional[Dic
     calibration, eval_from = [], ""
     if args.int8:
         calib_files, verification, eval_from = split_calibration(args, is_qat_model(model))
+        calib_files = decodable(calib_files, "calibration", args.int8)
+        verification = decodable(verification, "verification", eval_from)
         calibration = [pad_to(image_tensor(load_rgb(f)).numpy(), 64) for f in calib_files]
     elif args.int8_eval_dir:
         verification = image_files(Path(args.int8_eval_dir), "verification")[: args.int8_eval_count]
@@ -274,7 +290,9 @@ def export_bundle(args: argparse.Namespace, model: nn.Module, arch: Optional[Dic
 
 def main(argv: Optional[Sequence[str]] = None) -> Dict:
     args = get_args_parser().parse_args(argv)
+    check_counts(args)
     if args.bundle:
+        check_target(Path(args.bundle))
         model, arch, payload = load_export_model(args)
         return export_bundle(args, model, arch, payload)
     if not args.out:

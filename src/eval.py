@@ -31,10 +31,12 @@ from tqdm import tqdm
 from src.cli import UserError, run_cli, str2bool
 from src.codec.roundtrip import bitstream_roundtrip
 from src.data import image_files
-from src.images import DECODE_ERRORS, image_tensor, load_rgb
+from src.images import DECODE_ERRORS, decode_reason, image_tensor, load_rgb
+from src.codec.limits import MAX_PIXELS, padded_pixels
 from src.losses import bpp_from_likelihoods, quantised_metrics
 from src.model_factory import load_checkpoint_model
-from src.rd_curves import compare_curves, curve_point, curves_table, parse_curve, plot_curves
+from src.outputs import check_output_file, write_output
+from src.rd_curves import MIN_POINTS, compare_curves, curve_point, curves_table, parse_curve, plot_curves
 
 METRIC_KEYS = ("psnr", "ms_ssim", "bpp_est", "bpp_real", "enc_s", "dec_s")
 
@@ -98,20 +100,45 @@ def code_image(model, x: torch.Tensor, source: str = "the model") -> Dict[str, f
             "enc_s": coded["enc_s"], "dec_s": coded["dec_s"]}
 
 
+def check_size(width: int, height: int) -> None:
+    """``ValueError`` (a skip, in a folder) for an image over ``MAX_PIXELS`` once padded; runs before decoding."""
+    if padded_pixels(height, width) > MAX_PIXELS:
+        raise ValueError(f"{width}x{height} is more than the {MAX_PIXELS} pixels (padded to 64) "
+                         "this evaluation codes")
+
+
 def readable_images(files: List[Path]) -> List[Path]:
     """The files that decode; each other one is named with its reason, and a summary line counts them."""
     good = []
     for file in files:
         try:
-            load_rgb(file)
+            load_rgb(file, check_size)
             good.append(file)
         except DECODE_ERRORS as err:
-            print(f"warning: skipping {file}: cannot be decoded ({str(err).splitlines()[0][:120]})")
+            print(f"warning: skipping {file}: cannot be decoded ({decode_reason(err)})")
     if len(good) < len(files):
         print(f"{len(files) - len(good)} of {len(files)} images skipped (unreadable)")
     if not good:
         raise UserError(f"none of the {len(files)} image files in {files[0].parent} could be decoded")
     return good
+
+
+def plot_formats() -> Sequence[str]:
+    """The file suffixes matplotlib can save a figure as (png, pdf, svg, ...)."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return tuple(f".{ext}" for ext in FigureCanvasBase.get_supported_filetypes())
+
+
+def check_outputs(args: argparse.Namespace, checkpoints: Sequence[Path]) -> None:
+    """--json and --plot, before anything is evaluated: an unwritable one would lose the whole evaluation."""
+    if args.json:
+        check_output_file(Path(args.json), "--json", inputs=checkpoints)
+    if args.plot:
+        check_output_file(Path(args.plot), "--plot", inputs=checkpoints, suffixes=plot_formats(),
+                          what="a figure (a format matplotlib writes)")
+    if args.json and args.plot and Path(args.json).resolve() == Path(args.plot).resolve():
+        raise UserError(f"--json and --plot are the same file {args.json}")
 
 
 def evaluate_checkpoint(path: Path, files: List[Path], device: torch.device) -> Dict[str, Any]:
@@ -179,6 +206,10 @@ def parse_curves(texts: Sequence[str]) -> Dict[str, List[Path]]:
         if name in curves:
             raise UserError(f"--curve {name} is given twice")
         curves[name] = [resolve_checkpoint(c) for c in checkpoints]
+    for name, checkpoints in curves.items():
+        if len(checkpoints) < 2:
+            raise UserError(f"--curve {name} has one point: a curve needs at least 2 (BD-rate needs {MIN_POINTS}); "
+                            "evaluate a single checkpoint with --checkpoint")
     return curves
 
 
@@ -199,6 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
         raise UserError("give --checkpoint CKPT [CKPT ...] or --curve NAME=CKPT,CKPT,... (or both)")
     checkpoints = [resolve_checkpoint(c) for c in args.checkpoint]
     curves = parse_curves(args.curve)
+    check_outputs(args, checkpoints + [c for ckpts in curves.values() for c in ckpts])
     files = image_files(eval_folder(args), "eval image")
     files = readable_images(files[: args.max_images] if args.max_images > 0 else files)
     device = torch.device(args.device)
@@ -211,15 +243,23 @@ def main(argv: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     if curves:
         report["curves"] = report_curves(curves, by_path)
     if args.json:
-        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.json).write_text(json.dumps(report, indent=1))
+        text = json.dumps(report, indent=1).encode()
+        write_output(Path(args.json), lambda handle: handle.write(text), "--json")
     if args.plot:
+        write_plot(args, report, curves, by_path, checkpoints, len(files))
+    return report
+
+
+def write_plot(args: argparse.Namespace, report: Dict[str, Any], curves: Dict[str, List[Path]],
+               by_path: Dict[Path, Dict[str, Any]], checkpoints: List[Path], count: int) -> None:
+    try:
         if curves:
-            plot_curves(report["curves"]["points"], Path(args.plot), title=f"{len(files)} images from "
+            plot_curves(report["curves"]["points"], Path(args.plot), title=f"{count} images from "
                         f"{eval_folder(args)}")
         else:
             plot_rd([by_path[c] for c in checkpoints], Path(args.plot))
-    return report
+    except OSError as err:
+        raise UserError(f"--plot {args.plot} could not be written ({err.strerror or err})") from None
 
 
 if __name__ == "__main__":

@@ -8,23 +8,52 @@ reads a photo (data preparation, raw-COCO training, eval) goes through
 
 from __future__ import annotations
 
+import errno
 import random
 from pathlib import Path
-from typing import List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torchvision.transforms.functional import pil_to_tensor
 
-# What PIL raises for an empty, truncated, corrupt or non-image file.
-DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError)
+from src.cli import UserError
+
+# What PIL raises for an empty, truncated, corrupt or non-image file, or one whose header claims more pixels than
+# PIL's decompression-bomb limit (``Image.MAX_IMAGE_PIXELS`` * 2; a 109 KB PNG can claim 30000 x 30000).
+DECODE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+ANIMATED_FORMATS = ("GIF", "PNG", "WEBP")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".ppm")
 
 
 def list_images(folder: Path) -> List[Path]:
     """Image files directly inside ``folder``, sorted by name (a stable order)."""
     return sorted(p for p in Path(folder).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+
+
+def unusable_entries(folder: Path) -> Dict[Path, str]:
+    """Entries of ``folder`` with an image's name that ``list_images`` passes over, each with why.
+
+    ``not_a_file`` (a FIFO, socket or device: reading a FIFO would block),
+    ``dangling_link`` (its target is gone), ``link_loop`` (links that point at
+    each other); folders are not counted. So a tool can say what it skipped.
+    """
+    found = {}
+    for path in Path(folder).iterdir():
+        if path.suffix.lower() not in IMAGE_SUFFIXES or path.is_file() or path.is_dir():
+            continue
+        if path.is_symlink():
+            try:
+                path.resolve(strict=True)
+                found[path] = "not_a_file"
+            except RuntimeError:  # Python 3.11 resolve() on a link loop
+                found[path] = "link_loop"
+            except OSError as err:
+                found[path] = "link_loop" if err.errno == errno.ELOOP else "dangling_link"
+        else:
+            found[path] = "not_a_file"
+    return dict(sorted(found.items()))
 
 
 def sample_bits(img: Image.Image) -> Optional[int]:
@@ -76,17 +105,40 @@ def _to_8bit_rgb(img: Image.Image, bits: Optional[int] = None) -> Image.Image:
     return img.convert("RGB")  # L, 1, CMYK, YCbCr, LAB, HSV
 
 
-def load_rgb(path: Path) -> Image.Image:
+def load_rgb(path: Path, check_size: Optional[Callable[[int, int], None]] = None) -> Image.Image:
     """Decode ``path`` fully, apply its EXIF orientation and return 8-bit RGB (scaled as ``_to_8bit_rgb`` says).
 
-    Raises the PIL/OS error of a corrupt, truncated or non-image file; callers
-    decide whether that skips the file or stops the run.
+    Raises the PIL/OS error of a corrupt, truncated, non-image or
+    decompression-bomb file, and ``ValueError`` for an animation (a GIF, APNG
+    or WebP of several frames: which frame would be meant?); callers decide
+    whether that skips the file or stops the run. ``check_size(width, height)``
+    runs on the header's size before any pixel is decoded (and may raise).
     """
     with Image.open(path) as img:
+        if getattr(img, "is_animated", False) and img.format in ANIMATED_FORMATS:
+            raise ValueError(f"an animated {img.format} of {img.n_frames} frames; give one frame as an image")
+        if check_size is not None:
+            check_size(*img.size)
         bits = sample_bits(img)
         img.load()
         img = ImageOps.exif_transpose(img)
         return _to_8bit_rgb(img, bits)
+
+
+def decode_reason(err: BaseException) -> str:
+    """The first line of a decoder's error, short enough for a one-line message."""
+    return ((str(err).strip().splitlines() or [type(err).__name__])[0])[:120]
+
+
+def read_rgb(path: Path, what: str, check_size: Optional[Callable[[int, int], None]] = None) -> Image.Image:
+    """``load_rgb`` for a single image a command was given: a missing or undecodable file is one ``UserError``."""
+    path = Path(path)
+    if not path.is_file():
+        raise UserError(f"{what} {path} not found")
+    try:
+        return load_rgb(path, check_size)
+    except DECODE_ERRORS as err:
+        raise UserError(f"{what} {path} cannot be read as an image ({decode_reason(err)})") from None
 
 
 def center_crop_box(width: int, height: int, size: int, size_h: Optional[int] = None) -> Tuple[int, int, int, int]:

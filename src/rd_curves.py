@@ -149,6 +149,8 @@ def curves_table(curves: Mapping[str, Sequence[Mapping[str, float]]], deltas: Ma
                          f"{p['ms_ssim_db']:>11.3f}")
     anchor = next(iter(curves))
     lines.append("")
+    if not deltas:
+        return "\n".join(lines + [f"no Bjøntegaard deltas: '{anchor}' is the only curve (add a second --curve)"])
     lines.append(f"Bjøntegaard deltas against '{anchor}' ({BD_METHOD}, real bpp; BD-rate < 0 = fewer bits):")
     lines.append(f"{'curve':<20}{'BD-rate PSNR':>14}{'BD-PSNR':>10}{'BD-rate MS-SSIM':>17}{'BD-MS-SSIM':>12}")
     notes = []

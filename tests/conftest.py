@@ -139,3 +139,43 @@ def qat_run(float_run, prepared64, coco_root, tmp_path_factory):
         train_finetune_npu.main(common_args(prepared64, root, *qat_flags(coco_root, "--base_checkpoint",
                                                                          str(float_run))))
     return root / "ckpt" / "last.pt", log.getvalue()
+
+
+# ---------------------------------------------------------------- the codec
+
+def tiny_checkpoint(path: Path, seed: int) -> Path:
+    """A q1 NPU-all checkpoint of random weights with its entropy tables built (the codec tests' model)."""
+    from src.checkpoint import save_checkpoint
+    from src.model_factory import build_model, make_arch
+
+    torch.manual_seed(seed)
+    arch = make_arch(quality=1, replace="npu", replace_parts="all")
+    model = build_model(arch)
+    model.update(force=True)
+    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def codec_files(tmp_path_factory):
+    """A q1 NPU-all checkpoint, photos of odd sizes (a.png 150x110, b.png 90x130, calib/), and its FP32 bundle.
+
+    Shared by tests/test_codec.py and tests/test_codec_faults.py, which run.sh runs in one process of their own.
+    """
+    from scripts import export_onnx
+    from src import eval as recipe_eval
+
+    root = tmp_path_factory.mktemp("codec")
+    photos = photo_paths()
+    (root / "calib").mkdir()
+    load_rgb(photos[0]).resize((150, 110)).save(root / "a.png")
+    load_rgb(photos[1]).resize((90, 130)).save(root / "b.png")
+    for index, path in enumerate(photos[2:7]):
+        img = load_rgb(path)
+        img.thumbnail((96, 96))
+        img.save(root / "calib" / f"{index}.png")
+    ckpt = tiny_checkpoint(root / "model.pt", seed=0)
+    report = export_onnx.main(["--ckpt", str(ckpt), "--input_size", "64", "--bundle", str(root / "fp32"),
+                               "--image", str(root / "a.png")])
+    model, _, _ = recipe_eval.load_model(ckpt, torch.device("cpu"))
+    return {"root": root, "ckpt": ckpt, "bundle": root / "fp32", "report": report, "model": model}

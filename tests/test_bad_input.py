@@ -128,3 +128,13 @@ def test_eval_skips_unreadable_images_and_export_refuses_them(prepared64, tmp_pa
     err = one_line_error(export_onnx.main, export[:1] + [str(tmp_path / "moved.pt")] + export[2:], capsys)
     assert "is not here; pass --image PATH" in err
 
+
+
+def test_resume_of_the_other_scripts_run_names_the_script_first(float_run, prepared64, tmp_path, capsys):
+    """A finished NPU run resumed by the ReLU script: the real reason, not 'nothing to do, add --extend_epochs'."""
+    err = one_line_error(train_finetune_relu.main, common_args(prepared64, tmp_path, "--resume", str(float_run)),
+                         capsys)
+    assert "is a run of npu blocks" in err and "train_finetune_npu.py" in err and "nothing to do" not in err
+    err = one_line_error(train_finetune_relu.main, common_args(prepared64, tmp_path, "--resume", str(float_run),
+                                                               "--extend_epochs", "1"), capsys)
+    assert "is a run of npu blocks" in err

@@ -1,6 +1,7 @@
 import errno
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -264,3 +265,21 @@ def test_bad_out_dir_and_crop_size_are_one_line(case, needle, coco_root, tmp_pat
     with pytest.raises(UserError, match=needle):
         run(coco_root, out, "--crop_size", size)
     assert (tmp_path / "a_file").read_text() == "x"
+
+
+def test_fifos_and_broken_links_are_counted_and_named(coco_root, tmp_path, capsys):
+    """Entries with an image's name that are not files are skipped, counted and named, like unreadable images."""
+    coco = tmp_path / "coco"
+    shutil.copytree(coco_root, coco)
+    train = coco / "train2017"
+    os.mkfifo(train / "pipe.jpg")
+    (train / "dangling.jpg").symlink_to(tmp_path / "gone.jpg")
+    (train / "loop_a.jpg").symlink_to(train / "loop_b.jpg")
+    (train / "loop_b.jpg").symlink_to(train / "loop_a.jpg")
+    manifest = run(coco, tmp_path / "out")
+    counts, skipped = manifest["counts"], manifest["skipped"]
+    assert counts["skipped_not_a_file"] == 1 and counts["skipped_dangling_link"] == 1
+    assert counts["skipped_link_loop"] == 2
+    assert skipped["train2017/pipe.jpg"] == "not_a_file" and skipped["train2017/dangling.jpg"] == "dangling_link"
+    out = capsys.readouterr().out
+    assert "skipped train2017/pipe.jpg: not_a_file" in out and "skipped train2017/loop_a.jpg: link_loop" in out

@@ -16,7 +16,6 @@ from PIL import Image
 from torch import nn
 
 from scripts import codec as codec_cli, export_onnx
-from src import eval as recipe_eval
 from src.checkpoint import save_checkpoint
 from src.cli import UserError, run_cli
 from src.codec.bundle import Bundle, Codec, file_sha256, load_bundle, padded_input, psnr
@@ -30,43 +29,24 @@ from src.model_factory import build_model, make_arch
 from src.quant.onnx_export import op_histogram
 from src.quant.ptq import ArrayReader, prepared
 from src.quant.symbols import SymbolDecoder, export_module
-from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def tiny_checkpoint(path: Path, seed: int) -> Path:
-    torch.manual_seed(seed)
-    arch = make_arch(quality=1, replace="npu", replace_parts="all")
-    model = build_model(arch)
-    model.update(force=True)
-    save_checkpoint({"state_dict": model.state_dict(), "arch": arch}, path)
-    return path
-
-
 @pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    """A q1 NPU-all checkpoint (random weights, tables built), photos of odd sizes, and two bundles of it."""
-    root = tmp_path_factory.mktemp("codec")
-    photos = photo_paths()
-    (root / "calib").mkdir()
-    load_rgb(photos[0]).resize((150, 110)).save(root / "a.png")
-    load_rgb(photos[1]).resize((90, 130)).save(root / "b.png")
-    for index, path in enumerate(photos[2:7]):
-        img = load_rgb(path)
-        img.thumbnail((96, 96))
-        img.save(root / "calib" / f"{index}.png")
-    ckpt = tiny_checkpoint(root / "model.pt", seed=0)
-    base = ["--ckpt", str(ckpt), "--input_size", "64"]
-    bundles = {"fp32": root / "fp32", "int8_subpixel": root / "int8_sub"}
+def setup(codec_files):
+    """``codec_files`` (a q1 NPU-all checkpoint, photos of odd sizes, its FP32 bundle) and an INT8 sub-pixel bundle."""
+    root = codec_files["root"]
+    bundles = {"fp32": codec_files["bundle"], "int8_subpixel": root / "int8_sub"}
+    base = ["--ckpt", str(codec_files["ckpt"]), "--input_size", "64"]
     manifests = {
-        "fp32": export_onnx.main(base + ["--bundle", str(bundles["fp32"]), "--image", str(root / "a.png")]),
+        "fp32": codec_files["report"],
         "int8_subpixel": export_onnx.main(base + ["--bundle", str(bundles["int8_subpixel"]), "--int8",
                                                   str(root / "calib"), "--calib_count", "4", "--upsample",
                                                   "subpixel"]),
     }
-    model, _, _ = recipe_eval.load_model(ckpt, torch.device("cpu"))
-    return {"root": root, "ckpt": ckpt, "bundles": bundles, "reports": manifests, "model": model}
+    return {"root": root, "ckpt": codec_files["ckpt"], "bundles": bundles, "reports": manifests,
+            "model": codec_files["model"]}
 
 
 def encode_decode(bundle: Path, image: Path, tmp: Path, runtime: str = "onnxruntime", decoder_bundle=None):
@@ -133,7 +113,8 @@ def test_decode_needs_no_checkpoint_nor_training_code(setup, tmp_path):
     assert result.returncode == 0, result.stderr[-1500:]
     loaded = eval(result.stdout.strip().splitlines()[-1])
     decoder_modules = {"src.codec", "src.codec.bundle", "src.codec.format", "src.codec.latents", "src.codec.runtimes",
-                       "src.codec.tables", "src.cli", "src.checkpoint"}
+                       "src.codec.tables", "src.codec.rans", "src.codec.limits", "src.cli", "src.checkpoint",
+                       "src.outputs"}
     assert set(loaded) <= decoder_modules, loaded
     assert Image.open(tmp_path / "a.png").size == (150, 110)
 

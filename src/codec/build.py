@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -147,10 +148,54 @@ def audit(paths: Dict[str, Path]) -> Dict[str, Any]:
             for part, path in paths.items()}
 
 
+BUNDLE_FILES = frozenset([MANIFEST, TABLES_FILE, *GRAPH_FILES.values()])
+
+
 def check_target(target: Path) -> None:
-    """A bundle may replace an earlier bundle or an empty folder, nothing else the user has."""
-    if target.exists() and (not target.is_dir() or (any(target.iterdir()) and not (target / MANIFEST).is_file())):
-        raise UserError(f"--bundle {target} exists and is not a codec bundle: not overwriting it")
+    """A bundle may replace an empty folder or a bundle of this codec that holds nothing else, and nothing more.
+
+    "A bundle" is proved, not guessed from a file name: its manifest names
+    this format and the sha256 of its tables and graphs check out
+    (``load_bundle``). A folder that merely holds a ``manifest.json``
+    (``scripts.coco_prepare``'s output has one) is the user's, and kept.
+    """
+    target = Path(target)
+    if not target.exists():
+        if target.is_symlink():
+            raise UserError(f"--bundle {target} is a dangling link: not writing through it")
+        return
+    if not target.is_dir():
+        raise UserError(f"--bundle {target} exists and is not a folder: not overwriting it")
+    names = {p.name for p in target.iterdir()}
+    if not names:
+        return
+    try:
+        load_bundle(target)
+    except UserError as err:
+        raise UserError(f"--bundle {target} exists and is not a codec bundle: not overwriting it ({err})") from None
+    if names - BUNDLE_FILES:
+        extra = ", ".join(sorted(names - BUNDLE_FILES)[:3])
+        raise UserError(f"--bundle {target} is a codec bundle that also holds other files ({extra}): not "
+                        "overwriting it; move them or choose another folder")
+
+
+def remove_stale_builds(target: Path) -> None:
+    """Delete build folders of ``target`` left by an export that was killed (its pid in the name is gone)."""
+    for stale in target.parent.glob(f".{target.name}.build.*"):
+        match = re.fullmatch(rf"\.{re.escape(target.name)}\.build\.(\d+)\..*", stale.name)
+        if match and stale.is_dir() and not pid_alive(int(match.group(1))):
+            shutil.rmtree(stale, ignore_errors=True)
+            print(f"removed {stale}, left by an export that was killed")
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def replace_folder(built: Path, target: Path) -> None:
@@ -213,7 +258,8 @@ def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification
         print(f"sub-pixel rewrite: {count} ConvTranspose2d -> Conv2d + DepthToSpace")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build.") as tmp:
+    remove_stale_builds(out)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.build.{os.getpid()}.") as tmp:
         tmp = Path(tmp)
         folder = tmp / "bundle"
         folder.mkdir()

@@ -16,7 +16,9 @@
 The image is padded to a multiple of 64 (zeros around it, centred, as
 ``src.eval`` and CompressAI's eval pad it), coded, and cropped back. The
 payload is exactly the string ``EntropyBottleneck.compress`` writes, so a
-file is the bits ``src.eval`` counts plus the header.
+file is the bits ``src.eval`` counts plus the header. ``unpack`` refuses a
+header that is not self-consistent or claims more than ``MAX_PIXELS``, before
+anything is allocated for the image.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from dataclasses import dataclass
 from typing import Tuple
 
 from src.cli import UserError
+from src.codec.limits import MAX_PIXELS, padded_pixels
 
 MAGIC = b"NPCF"
 FORMAT_VERSION = 1
@@ -79,4 +82,13 @@ def unpack(data: bytes, source: str) -> Tuple[Header, bytes]:
     header = Header(table_hash, height, width, channels, lat_h, lat_w, payload_len)
     if height == 0 or width == 0 or (lat_h, lat_w) != latent_size(height, width):
         raise UserError(f"{source} is corrupt: latent {lat_h}x{lat_w} does not fit a {width}x{height} image")
+    check_pixels(height, width, source)
     return header, payload
+
+
+def check_pixels(height: int, width: int, source: str) -> None:
+    """Refuse an image larger than ``MAX_PIXELS`` once padded to 64, before anything is allocated for it."""
+    padded = padded_pixels(height, width, PAD_MULTIPLE)
+    if padded > MAX_PIXELS:
+        raise UserError(f"{source} is {width}x{height} ({padded} pixels padded to {PAD_MULTIPLE}): this codec "
+                        f"codes at most {MAX_PIXELS} pixels (docs/codec.md, 'Limits'); split the image")

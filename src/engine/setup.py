@@ -27,7 +27,8 @@ from src.data import EpochLoader, build_datasets, check_datasets, data_fingerpri
 from src.distributed import DistInfo, agree_on_error, barrier
 from src.engine.loop import LoopConfig, check_recon_origin
 from src.engine.state import (OutputConfig, ScheduleConfig, TrainState, check_resume, check_resume_arch,
-                              check_same_data, checked_arch, fast_forward_schedule, restore_training_state)
+                              check_resume_kind, check_same_data, checked_arch, fast_forward_schedule,
+                              restore_training_state)
 from src.engine.trainer import StepConfig, Trainer
 from src.losses import RecipeLoss
 from src.model_factory import download_pretrained_state, make_arch, model_from_base_weights
@@ -317,6 +318,7 @@ def build_run(args: argparse.Namespace, replace: str, enc_kwargs: Optional[Dict[
     extending = False
     if resume is not None:
         check_resume(resume, args.resume)  # the architecture is compared later: a changed flag says more
+        check_resume_kind(resume, args.resume, arch)  # ... except the script's own kind, which no flag changes
         check_same_data(resume, args.resume, args.coco_dir, fingerprint)
         saved_dtype = resume["amp_dtype"] or resolve_amp_dtype(  # "auto" is compared by what it became
             device, resume["args"].get("amp_dtype", args.amp_dtype))[0]

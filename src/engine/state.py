@@ -32,6 +32,7 @@ from src.model_factory import make_arch
 from src.schedule import LRSchedule, build_schedule
 
 RUN_CHECKPOINTS = ("last.pt", "best_msssim.pt", "best_loss.pt")
+TRAINING_SCRIPTS = {"relu": "python -m src.train_finetune_relu", "npu": "python train_finetune_npu.py"}
 RECON_TAG = re.compile(r"^epoch_\d{3,}$")
 RESUME_KEYS = TRAINING_KEYS  # all of them: the engine reads them without fallbacks
 
@@ -109,6 +110,15 @@ def check_resume(resume: Dict[str, Any], path: str) -> Dict[str, Any]:
     if resume.get("not_resumable"):  # set by the upgrade of its format (src.checkpoint_format)
         raise UserError(f"--resume {path} {resume['not_resumable']}")
     return checked_arch(resume["arch"], f"--resume {path}")
+
+
+def check_resume_kind(resume: Dict[str, Any], path: str, arch: Dict[str, Any]) -> None:
+    """The --resume checkpoint replaced GDN as this script does (ReLU or NPU blocks); said before any other check,
+    since no flag of this script makes the other kind's run continue (not even --extend_epochs)."""
+    saved = (resume.get("arch") or {}).get("replace")
+    if saved in TRAINING_SCRIPTS and arch["replace"] in TRAINING_SCRIPTS and saved != arch["replace"]:
+        raise UserError(f"--resume {path} is a run of {saved} blocks and this script trains {arch['replace']} "
+                        f"blocks: resume it with {TRAINING_SCRIPTS[saved]}")
 
 
 def check_resume_arch(resume: Dict[str, Any], path: str, arch: Dict[str, Any]) -> None:
