@@ -34,6 +34,9 @@ from tests.conftest import photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every bundle verifies on OpenVINO: these tests run in a pytest process of their own (run.sh, the marker's note)
+pytestmark = pytest.mark.own_process
+
 
 def tiny_checkpoint(path: Path, seed: int) -> Path:
     torch.manual_seed(seed)

@@ -61,9 +61,8 @@ def test_extend_epochs_rebuilds_the_schedule(kind, prepared64, tmp_path, capsys)
         assert final == pytest.approx(lr_after(kind, 5, 2, 10), abs=1e-12)
 
 
-def test_resume_refuses_changed_flags(prepared64, tmp_path):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "2"))
-    last = tmp_path / "ckpt" / "last.pt"
+def test_resume_refuses_changed_flags(finished_runs, prepared64, tmp_path):
+    last = finished_runs.get() / "ckpt" / "last.pt"  # common_args' 2 epochs
     with pytest.raises(UserError, match=r"--lr 0.0001 -> 0.001; --seed 0 -> 3"):
         train_finetune_relu.main(common_args(prepared64, tmp_path, "--resume", str(last), "--extend_epochs", "1",
                                              "--lr", "1e-3", "--seed", "3"))
