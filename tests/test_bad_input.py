@@ -26,7 +26,7 @@ BAD_TRAINING_INPUT = {
     "--base_checkpoint with pickled code": (["--base_checkpoint", "{evil}"], "refused to load"),
     "--base_checkpoint of another quality": (["--base_checkpoint", "{q6}"], "wrong shape"),
     "--epochs already done on resume": (["--resume", "{done}", "--epochs", "1"], "nothing to do"),
-    "AMP dtype the device cannot run": (["--amp_dtype", "fp16"], "does not work"),
+    "AMP dtype the device cannot run": (["--amp", "true", "--amp_dtype", "fp16"], "does not work"),
 }
 
 
@@ -44,6 +44,7 @@ def bad_files(tmp_path_factory, finished_runs):
             "evil": root / "evil.pt", "q6": root / "q6.pt", "done": finished_runs.get(*ONE_EPOCH) / "ckpt" / "last.pt"}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", sorted(BAD_TRAINING_INPUT))
 def test_bad_training_input_is_one_line(case, bad_files, prepared64, tmp_path, capsys, monkeypatch):
     flags, needle = BAD_TRAINING_INPUT[case]
@@ -55,6 +56,7 @@ def test_bad_training_input_is_one_line(case, bad_files, prepared64, tmp_path, c
     assert needle in one_line_error(train_finetune_relu.main, argv, capsys)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("flags, needle", [
     (["--enc_t", "1.5", "--enc_residual", "false"], "--enc_t must be >= 2 with --enc_residual false"),
     (["--enc_kdw", "4"], "--enc_kdw must be a positive odd kernel size"),
@@ -70,6 +72,7 @@ def test_bad_npu_block_flags_are_one_line_at_parsing(flags, needle, capsys):
     assert exit_info.value.code == 2 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("content", [b"just some text\n", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b""])
 def test_any_non_checkpoint_file_is_one_line(content, prepared64, tmp_path, capsys):
     from scripts import export_onnx

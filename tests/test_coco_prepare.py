@@ -130,6 +130,7 @@ def test_max_images(coco_root, tmp_path):
     manifest = run(coco_root, tmp_path, "--max_images", "2")
     assert manifest["counts"]["crops_train"] == 2 and manifest["counts"]["crops_val"] == 2
 
+@pytest.mark.quick
 
 def test_bad_coco_dir_is_one_line_and_nonzero(tmp_path, capsys):
     """A missing folder through the entry function; one without train2017/ as the user runs it (the subprocess
@@ -144,6 +145,7 @@ def test_bad_coco_dir_is_one_line_and_nonzero(tmp_path, capsys):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "train2017" in result.stderr
 
+@pytest.mark.quick
 
 def test_reusing_an_out_dir_with_other_crop_arguments_is_refused(coco_root, tmp_path):
     run(coco_root, tmp_path, "--max_images", "1")
@@ -254,6 +256,7 @@ def test_full_disk_before_the_first_crop_is_one_line(coco_root, tmp_path, monkey
     assert not list((tmp_path / "train").glob("*.png"))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case, needle", [
     ("file", "is a file, not a folder"),
     ("under_a_file", "cannot be created"),

@@ -13,7 +13,7 @@ import torch
 
 from src import engine
 from src.model_factory import build_model, load_weights
-from tests.conftest import EXACT, RECON, REPO, assert_same_weights, common_args, final_state, torchrun
+from tests.conftest import AMP, EXACT, RECON, REPO, assert_same_weights, common_args, final_state, torchrun
 
 
 def test_torchrun_corrupt_batches_and_a_corrupt_epoch_neither_hang_nor_abort(prepared64, tmp_path):
@@ -72,7 +72,7 @@ def test_torchrun_two_cpu_processes_hyperprior_recon_per_rank_rng(prepared64, tm
     """Two ranks (gloo): one printer, the same weights, a checkpoint without DDP's prefix, rank 0's recon PNGs;
     a hyperprior under DDP with no rate term (h_a/h_s frozen), and each rank its own RNG stream."""
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--model", "bmshj2018-hyperprior",
-                       "--replace_parts", "all", "--train_scope", "all", *RECON)
+                       "--replace_parts", "all", "--train_scope", "all", *RECON, *AMP)  # the recipe's bf16
     result = torchrun("src.train_finetune_relu", argv, 29521)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "x2 |" in result.stdout and "effective batch 4" in result.stdout
@@ -101,7 +101,7 @@ def test_torchrun_qat_ranks_share_rank_0s_scales(float_run, prepared64, coco_roo
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all",
                        "--qat", "true", "--qat_scales", "learned", "--base_checkpoint",
                        str(float_run), "--qat_calib_dir", str(coco_root / "train2017"),
-                       "--qat_calib_count", "2", "--amp", "false")
+                       "--qat_calib_count", "2")
     result = torchrun("train_finetune_npu.py", argv, 29527)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "QAT phase 2/2" in result.stdout and "same on all 2 ranks" in result.stdout

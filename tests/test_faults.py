@@ -22,7 +22,7 @@ from src.data import EpochLoader, PreparedCrops
 from src.distributed import DistInfo
 from src.model_factory import build_model, make_arch
 from src.train_args import get_args_parser, resume_flag_changes
-from tests.conftest import ONE_EPOCH, RECON, common_args, one_line_error, with_flags
+from tests.conftest import AMP, ONE_EPOCH, RECON, common_args, one_line_error, with_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,7 @@ def finite_weights(path):
 
 # ---------------------------------------------------------------- latents the range coder cannot take
 
+@pytest.mark.quick
 @pytest.mark.parametrize("latent, needle", [
     (torch.tensor([0.5, float("nan"), float("inf")]), "2 of 3 latent values are NaN/Inf"),
     (np.array([1.0, -float(LATENT_LIMIT)]), "latent values reach"),
@@ -44,6 +45,7 @@ def test_check_codable_refuses_nonfinite_and_absurd_latents(latent, needle):
         check_codable(latent, "ckpt.pt on kodim01.png")
     assert str(info.value).startswith("ckpt.pt on kodim01.png: ") and "\n" not in str(info.value)
 
+@pytest.mark.quick
 
 def test_check_codable_passes_sane_latents():
     check_codable(torch.randn(1, 192, 4, 4) * 300, "a model")
@@ -154,6 +156,7 @@ def test_an_epoch_with_every_step_skipped_says_so(prepared64, tmp_path, capsys, 
 
 
 # ---------------------------------------------------------------- resume after a signal, with workers
+@pytest.mark.quick
 
 def test_resumed_epoch_skips_its_done_batches_with_workers(prepared64):
     """A DataLoader with workers calls iter() on its batch sampler twice: the skip must hold for the second."""
@@ -264,8 +267,8 @@ def test_resume_on_another_dataset_is_refused(finished_runs, prepared64, tmp_pat
 
 
 def test_resume_compares_amp_dtype_by_what_it_resolves_to(finished_runs, prepared64, tmp_path, capsys):
-    finished_runs.copy(tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1")
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1",
+    finished_runs.copy(tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1", *AMP)
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1", *AMP,
                                          "--resume", str(tmp_path / "ckpt" / "last.pt"), "--extend_epochs", "1",
                                          "--amp_dtype", "bf16"))  # auto is bf16 on the CPU
     args = get_args_parser("x").parse_args(["--coco_dir", "d", "--amp_dtype", "fp16"])
@@ -298,8 +301,7 @@ def fault_files(tmp_path_factory, finished_runs):
     model = build_model(arch)
     torch.save({"state_dict": model.state_dict(), "arch": arch}, root / "no_args.pt")
     torch.save({"state_dict": model.state_dict(), "arch": {"quality": "high", "colour": 1}}, root / "bad_arch.pt")
-    done = torch.load(finished_runs.get("--epochs", "1", "--max_steps_per_epoch", "1") / "ckpt" / "last.pt",
-                      weights_only=True)
+    done = torch.load(finished_runs.get(*ONE_EPOCH) / "ckpt" / "last.pt", weights_only=True)
     done["arch"] = {"quality": 1, "replace": "sigmoid"}
     torch.save(done, root / "resume_bad_arch.pt")
     return {"tmp": root, "file": root / "a_file", "mixed": root / "mixed", "oblong": root / "oblong",
@@ -338,6 +340,7 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_training_input_is_one_line_before_training(case, fault_files, coco_root, prepared64, tmp_path, capsys):
     flags, needle = BAD_INPUT[case]
@@ -352,6 +355,7 @@ def test_bad_training_input_is_one_line_before_training(case, fault_files, coco_
     assert not (tmp_path / "ckpt" / "last.pt").exists()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("flags, needle", [
     (["--init_from_gdn", "true", "--gdn_fit_images", "0"], "--gdn_fit_images must be >= 1 with --init_from_gdn true"),
     (["--gdn_fit_steps", "-1"], "--gdn_fit_steps must be >= 1 with --init_from_gdn true (and never negative)"),

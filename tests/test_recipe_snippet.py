@@ -45,7 +45,7 @@ def edited_script(folder: Path) -> Path:
 def script_argv(data: Path, out: Path, *extra: str) -> list:
     return ["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "1",
             "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0", "--replace_parts", "all",
-            "--save_dir", str(out / "ckpt"), "--recon_dir", str(out / "recon"), "--recon_count", "0", *extra]
+            "--save_dir", str(out / "ckpt"), "--recon_dir", str(out / "recon"), "--recon_count", "0", "--amp", "false", *extra]
 
 
 def run_script(script: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
@@ -97,7 +97,7 @@ def test_snippet_c_trains_evaluates_exports_and_resumes_the_npu_model(prepared64
     with pytest.raises(UserError, match="holds npu/all"):  # the unedited script trains ReLU: it refuses the NPU run
         train_finetune_relu.main(["--coco_dir", str(prepared64), "--quality", "1", "--pretrained", "false",
                                   "--replace_parts", "all", "--epochs", "1", "--num_workers", "0", "--batch_size", "2",
-                                  "--max_steps_per_epoch", "2",
+                                  "--max_steps_per_epoch", "2", "--amp", "false",
                                   "--save_dir", str(tmp_path / "ckpt"), "--resume", str(last), "--extend_epochs", "1"])
 
 

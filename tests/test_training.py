@@ -20,7 +20,7 @@ from src.model_factory import build_model, make_arch
 from src.precision import apply_local_fp32
 from src.schedule import build_schedule
 from src.train_args import get_args_parser
-from tests.conftest import GDN_CONTROL, ONE_EPOCH, RECON, common_args
+from tests.conftest import AMP, GDN_CONTROL, ONE_EPOCH, RECON, common_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,7 +41,7 @@ def assert_run_outputs(tmp_path, replace):
 
 
 def test_relu_script_end_to_end(prepared64, tmp_path, capsys):
-    summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--wandb", "true", *RECON))
+    summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--wandb", "true", *RECON, *AMP))
     assert_run_outputs(tmp_path, "relu")
     out = capsys.readouterr().out
     for word in ("RD", "L1", "1-MSSSIM", "BPP", "λ", "MSSSIM", "PSNR"):
@@ -65,12 +65,13 @@ def test_relu_script_end_to_end(prepared64, tmp_path, capsys):
 
 def test_npu_script_end_to_end(prepared64, tmp_path):
     train_finetune_npu.main(common_args(prepared64, tmp_path, "--enc_t", "1.5", "--dec_gmax", "3.0",
-                                        "--amp_dtype", "fp16", *RECON))
+                                        *AMP, "--amp_dtype", "fp16", *RECON))
     assert_run_outputs(tmp_path, "npu")
     arch = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["arch"]
     assert arch["replace_parts"] == "all" and arch["enc_kwargs"]["t"] == 1.5 and arch["dec_kwargs"]["g_max"] == 3.0
 
 
+@pytest.mark.quick
 def test_npu_script_defaults():
     args = train_finetune_npu.get_npu_args_parser().parse_args(["--coco_dir", "x"])
     assert (args.replace_parts, args.save_dir, args.recon_dir) == ("all", "./checkpoints_npu", "./recon_npu")
@@ -86,6 +87,7 @@ def test_raw_coco_mode(coco_root, tmp_path):
     assert (tmp_path / "ckpt" / "last.pt").exists()
 
 
+@pytest.mark.quick
 def test_fixed_batch_overfits():
     torch.manual_seed(0)
     model = build_model(make_arch(quality=1, replace="relu", replace_parts="all"))
@@ -102,6 +104,7 @@ def test_fixed_batch_overfits():
     assert losses[-1] < 0.7 * losses[0]
 
 
+@pytest.mark.quick
 def test_loss_is_fp32_and_matches_formula():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 64, 64)
@@ -120,12 +123,14 @@ def test_loss_is_fp32_and_matches_formula():
     torch.testing.assert_close(parts["total"], 0.3 * l1 + 0.7 * (1 - msssim) + 0.5 * bpp)
 
 
+@pytest.mark.quick
 def test_small_crops_adapt_msssim_window_once(capsys):
     msssim_window.cache_clear()
     assert msssim_window(64) == 3 and msssim_window(64) == 3 and msssim_window(224) == 11
     assert capsys.readouterr().out.count("note:") == 1
 
 
+@pytest.mark.quick
 def test_local_fp32_entropy_gives_fp32_bpp_under_bf16():
     torch.manual_seed(0)
     model = build_model(make_arch(quality=1, replace="relu")).eval()
@@ -144,6 +149,7 @@ def test_local_fp32_entropy_gives_fp32_bpp_under_bf16():
     assert out["likelihoods"]["y"].dtype == torch.float32
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("replace, parts, mode, expected", [
     ("none", "none", "entropy", ["entropy_bottleneck"]),
     ("none", "none", "entropy+decoder", ["entropy_bottleneck", "g_s.1", "g_s.3", "g_s.5"]),  # IGDN, not convs
@@ -159,6 +165,7 @@ def test_local_fp32_policies_choose_modules(replace, parts, mode, expected):
     assert apply_local_fp32(model, mode) == expected
 
 
+@pytest.mark.quick
 def test_local_fp32_custom_picks_by_class_name():
     model = build_model(make_arch(quality=1, replace="npu", replace_parts="all"))
     assert apply_local_fp32(model, "custom", ["GDNishLiteDec"]) == ["g_s.1", "g_s.3", "g_s.5"]
@@ -178,6 +185,7 @@ def lr_curve(kind, epochs=3, steps=5, warmup=0, lr=1.0):
     return curve
 
 
+@pytest.mark.quick
 def test_lr_curve_cosine_with_warmup():
     curve = lr_curve("cosine", warmup=4)
     cosine = [(1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
@@ -185,6 +193,7 @@ def test_lr_curve_cosine_with_warmup():
     assert curve == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.quick
 def test_lr_curve_onecycle_steps_per_step_and_plateau_per_epoch():
     curve = lr_curve("onecycle")
     assert len(set(curve)) == len(curve), "onecycle changes the LR every step"
@@ -253,6 +262,7 @@ def test_overflow_check_names_module_and_keeps_last_checkpoint(finished_runs, pr
     assert "last good checkpoint" not in str(stopped.value) and "an earlier run's" in str(stopped.value)
 
 
+@pytest.mark.quick
 def test_stop_message_names_only_checkpoints_of_this_run(tmp_path):
     config = engine.StepConfig(last_checkpoint=tmp_path / "last.pt")
     state = engine.TrainState()
@@ -271,6 +281,7 @@ class _TouchOnLoad:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.quick
 def test_pickled_checkpoint_is_refused_not_executed(tmp_path):
     marker = tmp_path / "executed"
     torch.save({"state_dict": {}, "evil": _TouchOnLoad(marker)}, tmp_path / "evil.pt")
@@ -279,6 +290,7 @@ def test_pickled_checkpoint_is_refused_not_executed(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.quick
 def test_offline_pretrained_is_one_clear_line(prepared64, tmp_path, monkeypatch):
     import compressai.zoo.image as zoo_image
 
@@ -301,6 +313,7 @@ def test_gdn_base_checkpoint_starts_a_relu_run(finished_runs, prepared64, tmp_pa
     assert not torch.equal(relu["g_a.0.weight"], gdn["g_a.0.weight"])
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("extra, message", [
     (["--local_fp32", "custom"], "--local_fp32_custom"),
     (["--sched", "onecycle", "--lr_warmup_steps", "5"], "onecycle"),
@@ -311,6 +324,7 @@ def test_bad_flag_combinations(prepared64, tmp_path, extra, message):
         train_finetune_relu.main(common_args(prepared64, tmp_path, *extra))
 
 
+@pytest.mark.quick
 def test_cli_errors_are_single_lines(tmp_path, capsys):
     """Parsing errors through the script's entry function; one error found after parsing through the real process
     (the subprocess smoke test of src.train_finetune_relu; the cases themselves: BAD_TRAINING_INPUT)."""
@@ -343,11 +357,13 @@ def test_quantiles_train_with_aux_loss_only_when_entropy_model_trains(finished_r
 
 @pytest.mark.parametrize("dtype, scaled", [("fp16", True), ("bf16", False)])
 def test_grad_scaler_only_for_fp16(finished_runs, dtype, scaled):
-    ckpt = torch.load(finished_runs.get(*ONE_EPOCH, "--amp_dtype", dtype) / "ckpt" / "last.pt", weights_only=True)
+    ckpt = torch.load(finished_runs.get(*ONE_EPOCH, *AMP, "--amp_dtype", dtype) / "ckpt" / "last.pt",
+                      weights_only=True)
     scaler_state = ckpt["scaler"]
     assert ("scale" in scaler_state) == scaled
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"),
                                                   ((9, 0), "bf16")])
 def test_amp_dtype_auto_follows_native_bf16(capability, expected, monkeypatch):
@@ -360,6 +376,7 @@ def test_amp_dtype_auto_follows_native_bf16(capability, expected, monkeypatch):
     assert resolve_amp_dtype(torch.device("cpu"), "auto")[0] == "bf16"
 
 
+@pytest.mark.quick
 def test_local_fp32_survives_deepcopy_and_pickle():
     import copy
     import pickle
@@ -396,6 +413,7 @@ def synthetic_recon(root, noise=(0.02, 0.05), count=2, size=64):
     return originals, tags
 
 
+@pytest.mark.quick
 def test_recon_report_sheet_and_captions(tmp_path):
     import numpy as np
 
@@ -426,6 +444,7 @@ def drawn_sheet(monkeypatch):
     return kept
 
 
+@pytest.mark.quick
 def test_recon_sheet_shows_rate_beside_quality_and_an_rd_plot(tmp_path, monkeypatch, capsys):
     import numpy as np
 
@@ -454,6 +473,7 @@ def test_recon_sheet_shows_rate_beside_quality_and_an_rd_plot(tmp_path, monkeypa
     assert "mean bpp 0.2000" in capsys.readouterr().out
 
 
+@pytest.mark.quick
 def test_recon_sheet_without_rate_says_unknown(tmp_path, monkeypatch, capsys):
     from src import recon as recon_report
 
@@ -470,6 +490,7 @@ def test_recon_sheet_without_rate_says_unknown(tmp_path, monkeypatch, capsys):
         recon_report.main(["--recon_dir", str(tmp_path / "recon")])
 
 
+@pytest.mark.quick
 def test_recon_report_bad_folders(tmp_path):
     from src import recon as recon_report
 
@@ -486,6 +507,7 @@ def test_recon_report_bad_folders(tmp_path):
         recon_report.main(["--recon_dir", str(tmp_path / "r2")])
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
 @pytest.mark.parametrize("quality", ["0", "9", "three"])
 def test_quality_outside_compressai_is_one_line(make, quality, capsys):
@@ -499,6 +521,7 @@ def test_quality_outside_compressai_is_one_line(make, quality, capsys):
     assert make().parse_args(["--coco_dir", "x", "--quality", "8"]).quality == 8
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
 def test_help_shows_every_default_and_hides_removed_flags(make):
     parser = make()
