@@ -17,9 +17,9 @@ from tests.conftest import AMP, EXACT, RECON, REPO, assert_same_weights, common_
 
 
 def test_torchrun_corrupt_batches_and_a_corrupt_epoch_neither_hang_nor_abort(prepared64, tmp_path):
-    """Every file rank 1 draws in epoch 0 cut to 200 bytes, batches of 1: each step of epoch 0 has an empty batch on
-    rank 1 only (no rank may be left waiting), the epoch's metric reduce has one shape on every rank though rank 1
-    has no metrics, and epoch 1 mixes good and empty batches on both ranks."""
+    """Every file rank 1 draws in epoch 0 cut to 200 bytes, batches of 1: each step has an empty batch on rank 1 and
+    a good one on rank 0 (both must skip it, no rank left waiting), and the epoch's metric reduce has one shape on
+    every rank though rank 1 has no metrics."""
     from torch.utils.data import DistributedSampler
 
     from src.data import PreparedCrops
@@ -32,14 +32,12 @@ def test_torchrun_corrupt_batches_and_a_corrupt_epoch_neither_hang_nor_abort(pre
     for index in sampler:
         victim = dataset.files[index]
         victim.write_bytes(victim.read_bytes()[:200])
-    argv = common_args(data, tmp_path, "--epochs", "2", "--max_steps_per_epoch", "3", "--batch_size", "1",
+    argv = common_args(data, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "3", "--batch_size", "1",
                        "--device", "cpu", "--train_scope", "all")
     result = torchrun("src.train_finetune_relu", argv, 29519)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "an empty batch, step skipped" in result.stdout and "same on all 2 ranks" in result.stdout
-    epochs = [line for line in result.stdout.splitlines() if line.startswith("epoch ")]
-    assert len(epochs) == 2 and "every train step of this epoch was skipped" in epochs[0], epochs
-    assert "every train step of this epoch was skipped" not in epochs[1], epochs
+    assert result.stdout.count("an empty batch, step skipped") == 3 and "same on all 2 ranks" in result.stdout
+    assert "every train step of this epoch was skipped" in result.stdout
 
 
 def test_torchrun_sigterm_resume_is_exact(prepared64, tmp_path):
