@@ -79,7 +79,11 @@ def test_eval_refuses_a_diverged_checkpoint_instead_of_hanging(diverged_checkpoi
     err = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
     assert err.startswith(f"error: {diverged_checkpoints['huge']} on ") and "latent values reach" in err
-    err = one_line_error(recipe_eval.main, [*argv, str(diverged_checkpoints["nan"])], capsys)
+    with pytest.raises(SystemExit) as exit_info:  # stderr: the progress bar, then one line
+        run_cli(recipe_eval.main, [*argv, str(diverged_checkpoints["nan"])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err[-2000:]
+    err = err.strip().splitlines()[-1]
     assert err.startswith(f"error: {diverged_checkpoints['nan']} on ") and "latent values are NaN/Inf" in err
 
 
@@ -322,9 +326,10 @@ BAD_INPUT = {
     "--lambda_bpp -1": (["--lambda_bpp", "-1"], "--lambda_bpp must be a finite number >= 0"),
     "--overflow_tol -1": (["--overflow_tol", "-1"], "--overflow_tol must be a finite number > 0"),
     "--save_dir a file": (["--save_dir", "{file}"], "--save_dir {file} is a file, not a folder"),
-    "--recon_dir a file": (["--recon_dir", "{file}"], "--recon_dir {file} is a file, not a folder"),
+    "--recon_dir a file": (["--recon_dir", "{file}", *RECON], "--recon_dir {file} is a file, not a folder"),
     "--save_dir not creatable": (["--save_dir", "{file}/ckpt"], "cannot be created"),
-    "--recon_dir not creatable": (["--recon_dir", "{file}/recon"], "--recon_dir {file}/recon cannot be created"),
+    "--recon_dir not creatable": (["--recon_dir", "{file}/recon", *RECON],
+                                  "--recon_dir {file}/recon cannot be created"),
     "--coco_dir a file": (["--coco_dir", "{file}"], "--coco_dir {file} is a file, not a folder"),
     "prepared crops of mixed sizes": (["--coco_dir", "{mixed}"], "mixes crop sizes (64x64: 5"),
     "prepared crops not square": (["--coco_dir", "{oblong}"], "holds 64x96 crops; training needs square crops"),
