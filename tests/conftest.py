@@ -106,13 +106,13 @@ class FinishedRuns:
         return self.logs[(script, str(data or self.data), flags)]
 
     def copy(self, dest: Path, *flags: str, script: str = "relu", data: Path = None) -> Path:
-        """The finished run's ``ckpt/`` and ``recon/`` copied into ``dest``, where ``common_args(data, dest)`` has them."""
+        """The run's ``ckpt/`` and ``recon/`` copied into ``dest``, where ``common_args(data, dest)`` finds them."""
         shutil.copytree(self.get(*flags, script=script, data=data), dest, dirs_exist_ok=True)
         return dest
 
 
 def train_main(script: str):
-    """The ``main(argv)`` of a training script: ``relu`` (src/train_finetune_relu.py) or ``npu`` (train_finetune_npu.py)."""
+    """``main(argv)`` of a training script: ``relu`` (src/train_finetune_relu.py), ``npu`` (train_finetune_npu.py)."""
     if script == "npu":
         import train_finetune_npu
         return train_finetune_npu.main

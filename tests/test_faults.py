@@ -205,7 +205,8 @@ def test_resume_refuses_a_recon_dir_holding_other_originals(finished_runs, prepa
     origin = tmp_path / "recon" / "origin"
     shutil.copy(origin / "00001.png", origin / "00000.png")
     err = one_line_error(train_finetune_relu.main, common_args(
-        prepared64, tmp_path, *ONE_EPOCH, *RECON, "--resume", str(tmp_path / "ckpt" / "last.pt"), "--extend_epochs", "1"),
+        prepared64, tmp_path, *ONE_EPOCH, *RECON, "--resume", str(tmp_path / "ckpt" / "last.pt"),
+        "--extend_epochs", "1"),
         capsys)
     assert f"{origin / '00000.png'} is not this run's val crop 0" in err
 

@@ -45,7 +45,8 @@ def edited_script(folder: Path) -> Path:
 def script_argv(data: Path, out: Path, *extra: str) -> list:
     return ["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "1",
             "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0", "--replace_parts", "all",
-            "--save_dir", str(out / "ckpt"), "--recon_dir", str(out / "recon"), "--recon_count", "0", "--amp", "false", *extra]
+            "--save_dir", str(out / "ckpt"), "--recon_dir", str(out / "recon"), "--recon_count", "0", "--amp", "false",
+            *extra]
 
 
 def run_script(script: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
