@@ -5,7 +5,7 @@ The same refusals through a real bundle and scripts.codec: tests/test_codec.py.
 
 import pytest
 
-from src import codec
+from src.codec import format as codec
 from src.cli import UserError
 
 pytestmark = pytest.mark.quick  # the edit loop's tier: ./run.sh test -m quick
