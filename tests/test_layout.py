@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
+import pytest
+
 from tests.conftest import REPO, common_args
 
 PACKAGES = ("src", "scripts", "bench")
