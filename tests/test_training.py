@@ -87,7 +87,6 @@ def test_raw_coco_mode(coco_root, tmp_path):
     assert (tmp_path / "ckpt" / "last.pt").exists()
 
 
-@pytest.mark.quick
 def test_fixed_batch_overfits():
     torch.manual_seed(0)
     model = build_model(make_arch(quality=1, replace="relu", replace_parts="all"))
