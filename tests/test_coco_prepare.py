@@ -130,8 +130,8 @@ def test_max_images(coco_root, tmp_path):
     manifest = run(coco_root, tmp_path, "--max_images", "2")
     assert manifest["counts"]["crops_train"] == 2 and manifest["counts"]["crops_val"] == 2
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_bad_coco_dir_is_one_line_and_nonzero(tmp_path, capsys):
     """A missing folder through the entry function; one without train2017/ as the user runs it (the subprocess
     smoke test of scripts.coco_prepare)."""
@@ -145,8 +145,8 @@ def test_bad_coco_dir_is_one_line_and_nonzero(tmp_path, capsys):
     assert "Traceback" not in result.stderr
     assert result.stderr.strip().count("\n") == 0 and "train2017" in result.stderr
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_reusing_an_out_dir_with_other_crop_arguments_is_refused(coco_root, tmp_path):
     run(coco_root, tmp_path, "--max_images", "1")
     run(coco_root, tmp_path, "--max_images", "2")  # the same arguments complete it

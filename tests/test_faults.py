@@ -45,8 +45,8 @@ def test_check_codable_refuses_nonfinite_and_absurd_latents(latent, needle):
         check_codable(latent, "ckpt.pt on kodim01.png")
     assert str(info.value).startswith("ckpt.pt on kodim01.png: ") and "\n" not in str(info.value)
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_check_codable_passes_sane_latents():
     check_codable(torch.randn(1, 192, 4, 4) * 300, "a model")
     check_codable(np.full((2, 3), LATENT_LIMIT - 1.0), "a model")
@@ -160,8 +160,8 @@ def test_an_epoch_with_every_step_skipped_says_so(prepared64, tmp_path, capsys, 
 
 
 # ---------------------------------------------------------------- resume after a signal, with workers
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_resumed_epoch_skips_its_done_batches_with_workers(prepared64):
     """A DataLoader with workers calls iter() on its batch sampler twice: the skip must hold for the second."""
     dataset = PreparedCrops(prepared64 / "train")

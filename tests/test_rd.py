@@ -24,8 +24,8 @@ def tiny_pair():
     likelihoods = {"y": torch.full((1, 2, 2, 2), 0.25), "z": torch.full((1, 1, 1, 1), 0.5)}
     return x, x_hat, likelihoods
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_mse_distortion_closed_form():
     x, x_hat, likelihoods = tiny_pair()
     mse = 6 * 0.1 ** 2 / 48
@@ -52,8 +52,8 @@ def test_mse_rd_loss_is_compressai_loss_over_its_lmbda(quality):
     theirs = RateDistortionLoss(lmbda=ZOO_LMBDA[quality])(output, x)["loss"]
     torch.testing.assert_close(ours * ZOO_LMBDA[quality], theirs, rtol=1e-5, atol=1e-6)
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_l1_msssim_distortion_keeps_its_parts():
     x, x_hat, likelihoods = tiny_pair()
     x, x_hat = x.repeat(1, 1, 13, 13), x_hat.repeat(1, 1, 13, 13)  # 52 px: the smallest MS-SSIM window fits
@@ -100,8 +100,8 @@ def test_bd_rate_of_scaled_rates_is_factor_minus_one(factor):
         # the test curve is the anchor shifted right by log10(factor): slope * log10(factor) dB lower
         assert result["bd_quality"] == pytest.approx(-slope * math.log10(factor), abs=1e-6)
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_bd_needs_four_points_and_overlap():
     few = bd_deltas(power_curve([0.1, 0.5, 1.0]), power_curve([0.1, 0.5, 1.0, 2.0]), "psnr")
     assert few["bd_rate"] is None and few["bd_quality"] is None and "at least 4 points" in few["notes"][0]
@@ -113,8 +113,8 @@ def test_bd_needs_four_points_and_overlap():
     assert list(deltas) == ["npu"] and deltas["npu"]["psnr"]["bd_rate"] == pytest.approx(20.0, abs=1e-6)
     assert "| npu | +20.00 % | " in bd_markdown(deltas)
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_msssim_db_and_curve_parsing():
     assert msssim_db(0.99) == pytest.approx(20.0)
     assert parse_curve("gdn=a.pt, b.pt") == ("gdn", ["a.pt", "b.pt"])
@@ -153,8 +153,8 @@ def test_eval_curves_cli(prepared64, tmp_path, capsys):
         with pytest.raises(UserError, match=needle):
             recipe_eval.main(argv)
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_rd_study_plans_equal_budget_runs(tmp_path, capsys):
     from bench import rd_study
 
@@ -175,8 +175,8 @@ def test_rd_study_plans_equal_budget_runs(tmp_path, capsys):
         rd_study.main(["--coco_dir", "c", "--eval_dir", "k", "--work_dir", str(tmp_path / "zoo"), "--zoo_dir",
                        str(tmp_path), "--qualities", "2", "--dry_run"])
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_non_monotonic_curve_is_flagged():
     rates = [0.1, 0.2, 0.4, 0.8]
     bent = power_curve(rates)

@@ -97,8 +97,8 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(workers, prepared64, tmp_pa
     train_finetune_relu.main(argv + ["--resume", str(last)])
     assert_same_weights(final_state(tmp_path / "straight" / "ckpt" / "last.pt"), final_state(last))
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_raw_coco_crops_depend_on_seed_epoch_and_index_only(coco_root):
     from src.data import RawCocoCrops
 
@@ -120,7 +120,6 @@ def test_raw_coco_resume_is_exact_with_workers(coco_root, tmp_path):
                                          "--resume", str(last), "--extend_epochs", "2"))
     assert_same_weights(final_state(tmp_path / "straight" / "ckpt" / "last.pt"), final_state(last))
 
-@pytest.mark.quick
 
 def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     target = tmp_path / "last.pt"
@@ -139,8 +138,8 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert payload["epoch"] in (1, 2)
     assert payload["state_dict"]["w"].numel() in (3, 64 * 1024 * 1024)
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_full_disk_during_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     import src.checkpoint as checkpoint
 

@@ -58,8 +58,8 @@ def test_16bit_gray_png_is_scaled_by_its_bit_depth_in_every_pillow_mode(mode, tm
     widened = write_png16(tmp_path / "wide16.png", np.arange(256, dtype=np.uint16).reshape(16, 16) * 257)
     assert np.array_equal(np.asarray(load_rgb(widened))[..., 1], np.arange(256, dtype=np.uint8).reshape(16, 16))
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_16bit_rgb_png_agrees_with_the_same_gray_file(tmp_path):
     gray = np.asarray(load_rgb(write_png16(tmp_path / "gray16.png", SAMPLES_16)))
     as_rgb = np.asarray(load_rgb(write_png16(tmp_path / "rgb16.png", np.stack([SAMPLES_16] * 3, axis=-1))))
@@ -165,8 +165,8 @@ def recon_folder(root: Path, origin_size: int = 64, tag_size: int = 64) -> Path:
             Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)).save(root / tag / f"{index:05d}.png")
     return root
 
-@pytest.mark.quick
 
+@pytest.mark.quick
 def test_recon_tag_of_another_size_than_origin_is_one_line(tmp_path):
     from src import recon
 
