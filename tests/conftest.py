@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import io
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,11 +62,71 @@ def prepared64(tmp_path_factory, coco_root) -> Path:
 # ---------------------------------------------------------------- training runs in tests
 
 def common_args(data, tmp_path, *extra):
-    """A training run small enough for a test: q=1, random init, 2 epochs of 2 steps of 2 crops, 2 recon PNGs."""
+    """A training run small enough for a test: q=1, random init, 2 epochs of 2 steps of 2 crops, FP32, no recon.
+
+    A test that reads the recon folder asks for it with ``*RECON``; one about mixed precision with ``*AMP``.
+    """
     return ["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "2",
             "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0",
             "--save_dir", str(tmp_path / "ckpt"), "--recon_dir", str(tmp_path / "recon"),
-            "--recon_count", "2", "--log_every", "1", *extra]
+            "--recon_count", "0", "--log_every", "1", "--amp", "false", *extra]
+
+
+RECON = ("--recon_count", "2")  # the first 2 val crops and their reconstructions, each epoch, and the sheet
+# The recipe's default, bf16 autocast on the CPU: on a CPU without native bf16 (AVX2) a step costs ~3.5x the CPU time
+# of FP32 (measured here: 8.2 s against 2.3 s for 3 steps of q1 at 64 px), so only the tests about it pay for it.
+AMP = ("--amp", "true")
+
+
+class FinishedRuns:
+    """Training runs finished once per session, keyed by (script, data, flags).
+
+    Many tests need *a* finished run to refuse, resume, evaluate or break; they share one instead of training
+    their own. ``get`` gives the run's folder (``ckpt/``, ``recon/``), which nobody may change; a test that
+    changes the run (resumes it, adds files, trains into it) takes a ``copy`` in its own tmp_path.
+    """
+
+    def __init__(self, root: Path, data: Path):
+        self.root, self.data = root, data
+        self.folders, self.logs = {}, {}
+
+    def get(self, *flags: str, script: str = "relu", data: Path = None) -> Path:
+        key = (script, str(data or self.data), flags)
+        if key not in self.folders:
+            folder = self.root / f"run{len(self.folders)}"
+            log = io.StringIO()
+            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+                train_main(script)(common_args(data or self.data, folder, *flags))
+            self.folders[key], self.logs[key] = folder, log.getvalue()
+        return self.folders[key]
+
+    def log(self, *flags: str, script: str = "relu", data: Path = None) -> str:
+        """What the run printed (stdout and stderr)."""
+        self.get(*flags, script=script, data=data)
+        return self.logs[(script, str(data or self.data), flags)]
+
+    def copy(self, dest: Path, *flags: str, script: str = "relu", data: Path = None) -> Path:
+        """The run's ``ckpt/`` and ``recon/`` copied into ``dest``, where ``common_args(data, dest)`` finds them."""
+        shutil.copytree(self.get(*flags, script=script, data=data), dest, dirs_exist_ok=True)
+        return dest
+
+
+def train_main(script: str):
+    """``main(argv)`` of a training script: ``relu`` (src/train_finetune_relu.py), ``npu`` (train_finetune_npu.py)."""
+    if script == "npu":
+        import train_finetune_npu
+        return train_finetune_npu.main
+    from src import train_finetune_relu
+    return train_finetune_relu.main
+
+
+@pytest.fixture(scope="session")
+def finished_runs(tmp_path_factory, prepared64) -> FinishedRuns:
+    return FinishedRuns(tmp_path_factory.mktemp("finished_runs"), prepared64)
+
+
+ONE_EPOCH = ("--epochs", "1")  # the finished run most tests share: 1 epoch of 2 steps, ReLU encoder
+GDN_CONTROL = ("--replace_parts", "none", "--train_scope", "all", *ONE_EPOCH)  # CompressAI's own model, fine-tuned
 
 
 def with_flags(argv, flags, names):
@@ -117,28 +178,23 @@ def one_line_error(main, argv, capsys):
 
 def qat_flags(coco_root, *extra):
     return ("--qat", "true", "--qat_calib_dir", str(coco_root / "train2017"), "--qat_calib_count", "2",
-            "--amp", "false", "--train_scope", "all", "--sched", "none", "--max_steps_per_epoch", "3", *extra)
+            "--train_scope", "all", "--sched", "none", "--max_steps_per_epoch", "3", *extra)
 
 
-@pytest.fixture(scope="module")
-def float_run(prepared64, tmp_path_factory):
+FLOAT_NPU = ("--train_scope", "all")
+
+
+@pytest.fixture(scope="session")
+def float_run(finished_runs):
     """A float NPU-all run's last.pt: the start of the QAT phase tests (tests/test_qat.py, tests/test_codec.py)."""
-    import train_finetune_npu
-    root = tmp_path_factory.mktemp("float")
-    train_finetune_npu.main(common_args(prepared64, root, "--train_scope", "all", "--amp", "false"))
-    return root / "ckpt" / "last.pt"
+    return finished_runs.get(*FLOAT_NPU, script="npu") / "ckpt" / "last.pt"
 
 
-@pytest.fixture(scope="module")
-def qat_run(float_run, prepared64, coco_root, tmp_path_factory):
+@pytest.fixture(scope="session")
+def qat_run(float_run, finished_runs, coco_root):
     """(checkpoint, console log) of a 3-step QAT phase from ``float_run`` (whole calibration photos)."""
-    import train_finetune_npu
-    root = tmp_path_factory.mktemp("qat")
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        train_finetune_npu.main(common_args(prepared64, root, *qat_flags(coco_root, "--base_checkpoint",
-                                                                         str(float_run))))
-    return root / "ckpt" / "last.pt", log.getvalue()
+    flags = qat_flags(coco_root, "--base_checkpoint", str(float_run))
+    return finished_runs.get(*flags, script="npu") / "ckpt" / "last.pt", finished_runs.log(*flags, script="npu")
 
 
 # ---------------------------------------------------------------- the codec

@@ -9,7 +9,7 @@ import torch
 from src import train_finetune_relu
 from src.checkpoint import save_checkpoint
 from src.model_factory import build_model
-from tests.conftest import common_args, one_line_error, with_flags
+from tests.conftest import ONE_EPOCH, common_args, one_line_error, with_flags
 
 
 BAD_TRAINING_INPUT = {
@@ -26,12 +26,12 @@ BAD_TRAINING_INPUT = {
     "--base_checkpoint with pickled code": (["--base_checkpoint", "{evil}"], "refused to load"),
     "--base_checkpoint of another quality": (["--base_checkpoint", "{q6}"], "wrong shape"),
     "--epochs already done on resume": (["--resume", "{done}", "--epochs", "1"], "nothing to do"),
-    "AMP dtype the device cannot run": (["--amp_dtype", "fp16"], "does not work"),
+    "AMP dtype the device cannot run": (["--amp", "true", "--amp_dtype", "fp16"], "does not work"),
 }
 
 
 @pytest.fixture(scope="module")
-def bad_files(tmp_path_factory, prepared64):
+def bad_files(tmp_path_factory, finished_runs):
     root = tmp_path_factory.mktemp("bad")
     (root / "empty" / "train").mkdir(parents=True)
     (root / "empty" / "val").mkdir()
@@ -40,11 +40,11 @@ def bad_files(tmp_path_factory, prepared64):
     torch.save({"state_dict": {}, "hook": os.system}, root / "evil.pt")
     q6 = build_model({"quality": 6, "replace": "relu", "replace_parts": "encoder"})
     torch.save(q6.state_dict(), root / "q6.pt")
-    train_finetune_relu.main(common_args(prepared64, root / "done", "--epochs", "1"))
     return {"tmp": root, "empty": root / "empty", "junk": root / "junk.pt", "foreign": root / "foreign.pt",
-            "evil": root / "evil.pt", "q6": root / "q6.pt", "done": root / "done" / "ckpt" / "last.pt"}
+            "evil": root / "evil.pt", "q6": root / "q6.pt", "done": finished_runs.get(*ONE_EPOCH) / "ckpt" / "last.pt"}
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", sorted(BAD_TRAINING_INPUT))
 def test_bad_training_input_is_one_line(case, bad_files, prepared64, tmp_path, capsys, monkeypatch):
     flags, needle = BAD_TRAINING_INPUT[case]
@@ -56,6 +56,7 @@ def test_bad_training_input_is_one_line(case, bad_files, prepared64, tmp_path, c
     assert needle in one_line_error(train_finetune_relu.main, argv, capsys)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("flags, needle", [
     (["--enc_t", "1.5", "--enc_residual", "false"], "--enc_t must be >= 2 with --enc_residual false"),
     (["--enc_kdw", "4"], "--enc_kdw must be a positive odd kernel size"),
@@ -71,6 +72,7 @@ def test_bad_npu_block_flags_are_one_line_at_parsing(flags, needle, capsys):
     assert exit_info.value.code == 2 and needle in err and "Traceback" not in err
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("content", [b"just some text\n", b"\x89PNG\r\n\x1a\n" + b"\x00" * 40, b""])
 def test_any_non_checkpoint_file_is_one_line(content, prepared64, tmp_path, capsys):
     from scripts import export_onnx
@@ -98,31 +100,31 @@ def test_corrupt_prepared_file_is_reported_and_skipped(prepared64, tmp_path, cap
     assert f"skipping unreadable image {victim}" in capfd.readouterr().err
 
 
-def test_eval_skips_unreadable_images_and_export_refuses_them(prepared64, tmp_path, capsys):
+def test_eval_skips_unreadable_images_and_export_refuses_them(finished_runs, prepared64, tmp_path, capsys):
     from scripts import export_onnx
     from src import eval as recipe_eval
 
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
+    last = finished_runs.get(*ONE_EPOCH) / "ckpt" / "last.pt"
     folder = tmp_path / "photos"
     shutil.copytree(prepared64 / "val", folder)
     good = sorted(folder.glob("*.png"))
     (folder / "empty.png").write_bytes(b"")
     (folder / "text.jpg").write_text("not an image")
     (folder / "truncated.png").write_bytes(good[0].read_bytes()[:200])
-    report = recipe_eval.main(["--image_dir", str(folder), "--checkpoint", str(tmp_path / "ckpt" / "last.pt")])
+    report = recipe_eval.main(["--image_dir", str(folder), "--checkpoint", str(last)])
     out = capsys.readouterr().out
     assert [img["name"] for img in report["results"][0]["images"]] == [p.name for p in good]
     assert "3 of 5 images skipped" in out and f"skipping {folder / 'truncated.png'}" in out
     for victim in good:
         victim.unlink()
     err = one_line_error(recipe_eval.main, ["--image_dir", str(folder), "--checkpoint",
-                                            str(tmp_path / "ckpt" / "last.pt")], capsys)
+                                            str(last)], capsys)
     assert "could be decoded" in err
-    export = ["--ckpt", str(tmp_path / "ckpt" / "last.pt"), "--out", str(tmp_path / "e.onnx"), "--part", "encoder",
+    export = ["--ckpt", str(last), "--out", str(tmp_path / "e.onnx"), "--part", "encoder",
               "--input_size", "64"]
     err = one_line_error(export_onnx.main, export + ["--image", str(folder / "truncated.png")], capsys)
     assert "cannot be decoded" in err and "--image" in err
-    moved = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    moved = torch.load(last, weights_only=True)
     moved["args"]["coco_dir"] = str(tmp_path / "elsewhere")
     save_checkpoint(moved, tmp_path / "moved.pt")
     err = one_line_error(export_onnx.main, export[:1] + [str(tmp_path / "moved.pt")] + export[2:], capsys)

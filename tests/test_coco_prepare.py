@@ -12,6 +12,7 @@ from PIL import Image
 
 from scripts import coco_prepare
 from src.cli import UserError
+from tests.conftest import one_line_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -131,18 +132,22 @@ def test_max_images(coco_root, tmp_path):
     assert manifest["counts"]["crops_train"] == 2 and manifest["counts"]["crops_val"] == 2
 
 
-@pytest.mark.parametrize("layout, needle", [("missing", "does not exist"), ("no_train", "train2017")])
-def test_bad_coco_dir_is_one_line_and_nonzero(tmp_path, layout, needle):
+@pytest.mark.quick
+def test_bad_coco_dir_is_one_line_and_nonzero(tmp_path, capsys):
+    """A missing folder through the entry function; one without train2017/ as the user runs it (the subprocess
+    smoke test of scripts.coco_prepare)."""
     coco = tmp_path / "coco"
-    if layout == "no_train":
-        coco.mkdir()
-    result = subprocess.run([sys.executable, "-m", "scripts.coco_prepare", "--coco_dir", str(coco),
-                             "--out_dir", str(tmp_path / "out")], cwd=REPO, capture_output=True, text=True)
+    argv = ["--coco_dir", str(coco), "--out_dir", str(tmp_path / "out")]
+    assert "does not exist" in one_line_error(coco_prepare.main, argv, capsys)
+    coco.mkdir()
+    result = subprocess.run([sys.executable, "-m", "scripts.coco_prepare", *argv], cwd=REPO, capture_output=True,
+                            text=True)
     assert result.returncode == 2
     assert "Traceback" not in result.stderr
-    assert result.stderr.strip().count("\n") == 0 and needle in result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "train2017" in result.stderr
 
 
+@pytest.mark.quick
 def test_reusing_an_out_dir_with_other_crop_arguments_is_refused(coco_root, tmp_path):
     run(coco_root, tmp_path, "--max_images", "1")
     run(coco_root, tmp_path, "--max_images", "2")  # the same arguments complete it
@@ -252,6 +257,7 @@ def test_full_disk_before_the_first_crop_is_one_line(coco_root, tmp_path, monkey
     assert not list((tmp_path / "train").glob("*.png"))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case, needle", [
     ("file", "is a file, not a folder"),
     ("under_a_file", "cannot be created"),

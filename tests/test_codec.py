@@ -32,6 +32,9 @@ from src.quant.symbols import SymbolDecoder, export_module
 
 REPO = Path(__file__).resolve().parents[1]
 
+# Every bundle verifies on OpenVINO: these tests run in a pytest process of their own (run.sh, the marker's note)
+pytestmark = pytest.mark.own_process
+
 
 @pytest.fixture(scope="module")
 def setup(codec_files):

@@ -36,6 +36,8 @@ from src.codec.limits import MAX_PIXELS, padded_pixels
 from src.codec.tables import TABLE_ERRORS, TABLE_KEYS, EntropyTables
 from tests.conftest import one_line_error
 
+pytestmark = pytest.mark.own_process  # loads OpenVINO through the codec fixtures (see run.sh)
+
 REPO = Path(__file__).resolve().parents[1]
 FUZZ_FIXTURES = REPO / "tests" / "fixtures" / "codec_fuzz"
 

@@ -13,38 +13,13 @@ import torch
 
 from src import engine
 from src.model_factory import build_model, load_weights
-from tests.conftest import EXACT, REPO, assert_same_weights, common_args, final_state, torchrun
+from tests.conftest import AMP, EXACT, RECON, REPO, assert_same_weights, common_args, final_state, torchrun
 
 
-def test_torchrun_two_cpu_processes(prepared64, tmp_path):
-    argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all")
-    result = torchrun("src.train_finetune_relu", argv, 29517)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "x2 |" in result.stdout and "effective batch 4" in result.stdout
-    assert "same on all 2 ranks" in result.stdout
-    assert result.stdout.count("epoch 1/1") == 1, "only rank 0 prints"
-    printed = float(result.stdout.split("weights checksum ")[1].split()[0])
-    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
-    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
-    model = load_weights(build_model(ckpt["arch"]), ckpt["state_dict"], "ddp")
-    assert engine.weights_checksum(model) == pytest.approx(printed, rel=1e-6)
-    assert sorted(p.name for p in (tmp_path / "recon" / "epoch_001").iterdir()) == ["00000.png", "00001.png"]
-
-
-def test_torchrun_rank_with_an_all_corrupt_batch_does_not_hang(prepared64, tmp_path):
-    data = tmp_path / "data"
-    shutil.copytree(prepared64, data)
-    for victim in sorted((data / "train").glob("*.png"))[::2]:  # every other crop: some rank's batch of 1 is bad
-        victim.write_bytes(b"not a png")
-    argv = common_args(data, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "0", "--batch_size", "1",
-                       "--device", "cpu", "--train_scope", "all")
-    result = torchrun("src.train_finetune_relu", argv, 29519)
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert "an empty batch, step skipped" in result.stdout and "same on all 2 ranks" in result.stdout
-
-
-def test_torchrun_rank_with_a_whole_corrupt_epoch_does_not_abort(prepared64, tmp_path):
-    """Every file rank 1 draws in epoch 0 cut to 200 bytes: the epoch's metric reduce has one shape on every rank."""
+def test_torchrun_corrupt_batches_and_a_corrupt_epoch_neither_hang_nor_abort(prepared64, tmp_path):
+    """Every file rank 1 draws in epoch 0 cut to 200 bytes, batches of 1: each step has an empty batch on rank 1 and
+    a good one on rank 0 (both must skip it, no rank left waiting), and the epoch's metric reduce has one shape on
+    every rank though rank 1 has no metrics."""
     from torch.utils.data import DistributedSampler
 
     from src.data import PreparedCrops
@@ -57,10 +32,12 @@ def test_torchrun_rank_with_a_whole_corrupt_epoch_does_not_abort(prepared64, tmp
     for index in sampler:
         victim = dataset.files[index]
         victim.write_bytes(victim.read_bytes()[:200])
-    argv = common_args(data, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all")
-    result = torchrun("src.train_finetune_relu", argv, 29529)
+    argv = common_args(data, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "3", "--batch_size", "1",
+                       "--device", "cpu", "--train_scope", "all")
+    result = torchrun("src.train_finetune_relu", argv, 29519)
     assert result.returncode == 0, result.stderr[-3000:]
-    assert "every train step of this epoch was skipped" in result.stdout and "same on all 2 ranks" in result.stdout
+    assert result.stdout.count("an empty batch, step skipped") == 3 and "same on all 2 ranks" in result.stdout
+    assert "every train step of this epoch was skipped" in result.stdout
 
 
 def test_torchrun_sigterm_resume_is_exact(prepared64, tmp_path):
@@ -89,14 +66,22 @@ def test_torchrun_sigterm_resume_is_exact(prepared64, tmp_path):
     assert_same_weights(final_state(tmp_path / "straight" / "ckpt" / "last.pt"), final_state(last))
 
 
-def test_torchrun_hyperprior_recon_per_rank_rng(prepared64, tmp_path):
-    """A hyperprior under DDP with no rate term (h_a/h_s frozen), and each rank its own RNG stream."""
+def test_torchrun_two_cpu_processes_hyperprior_recon_per_rank_rng(prepared64, tmp_path):
+    """Two ranks (gloo): one printer, the same weights, a checkpoint without DDP's prefix, rank 0's recon PNGs;
+    a hyperprior under DDP with no rate term (h_a/h_s frozen), and each rank its own RNG stream."""
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--model", "bmshj2018-hyperprior",
-                       "--replace_parts", "all", "--train_scope", "all")
+                       "--replace_parts", "all", "--train_scope", "all", *RECON, *AMP)  # the recipe's bf16
     result = torchrun("src.train_finetune_relu", argv, 29521)
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "x2 |" in result.stdout and "effective batch 4" in result.stdout
     assert "hyperprior" in result.stdout and "same on all 2 ranks" in result.stdout
+    assert result.stdout.count("epoch 1/1") == 1, "only rank 0 prints"
+    printed = float(result.stdout.split("weights checksum ")[1].split()[0])
     ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+    assert not any(k.startswith("module.") for k in ckpt["state_dict"])
+    model = load_weights(build_model(ckpt["arch"]), ckpt["state_dict"], "ddp")
+    assert engine.weights_checksum(model) == pytest.approx(printed, rel=1e-6)
+    assert sorted(p.name for p in (tmp_path / "recon" / "epoch_001").iterdir()) == ["00000.png", "00001.png"]
     first, second = ckpt["rng_per_rank"]
     assert not torch.equal(first["torch"], second["torch"]), "ranks must not share quantisation noise"
 
@@ -109,16 +94,12 @@ def test_torchrun_init_from_gdn_fits_on_rank_0_and_broadcasts(prepared64, tmp_pa
     assert result.stdout.count("init_from_gdn: fitting 6 blocks") == 1 and "same on all 2 ranks" in result.stdout
 
 
-def test_torchrun_qat_ranks_share_rank_0s_scales(prepared64, coco_root, tmp_path):
+def test_torchrun_qat_ranks_share_rank_0s_scales(float_run, prepared64, coco_root, tmp_path):
     """QAT under DDP: parametrised weights, hooks, learned scales (parameters) train to the same weights."""
-    import train_finetune_npu
-
-    train_finetune_npu.main(common_args(prepared64, tmp_path / "float", "--epochs", "1", "--train_scope", "all",
-                                        "--amp", "false"))
     argv = common_args(prepared64, tmp_path, "--epochs", "1", "--device", "cpu", "--train_scope", "all",
                        "--qat", "true", "--qat_scales", "learned", "--base_checkpoint",
-                       str(tmp_path / "float" / "ckpt" / "last.pt"), "--qat_calib_dir", str(coco_root / "train2017"),
-                       "--qat_calib_count", "2", "--amp", "false")
+                       str(float_run), "--qat_calib_dir", str(coco_root / "train2017"),
+                       "--qat_calib_count", "2")
     result = torchrun("train_finetune_npu.py", argv, 29527)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "QAT phase 2/2" in result.stdout and "same on all 2 ranks" in result.stdout

@@ -5,6 +5,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.quick  # the edit loop's tier: ./run.sh test -m quick
+
 ENGINE = Path(__file__).resolve().parents[1] / "src" / "engine"
 
 

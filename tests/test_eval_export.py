@@ -8,35 +8,25 @@ import pytest
 import torch
 from PIL import Image
 
-import train_finetune_npu
 from scripts import export_onnx
-from src import eval as recipe_eval, train_finetune_relu
+from src import eval as recipe_eval
 from src.cli import UserError
 from src.codec.roundtrip import bitstream_roundtrip
 from src.images import center_crop_tensor, load_rgb
 from src.quant import onnx_export
 from src.quant.ptq import SymbolCodec, mean_points, pad_to, run, session
 from src.quant.symbols import SymbolDecoder, SymbolEncoder, symbol_graphs
-from tests.conftest import photo_paths
+from tests.conftest import GDN_CONTROL, ONE_EPOCH, photo_paths
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def train(module, data, out, *extra):
-    module.main(["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "1",
-                 "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0", "--save_dir", str(out),
-                 "--recon_dir", str(out / "recon"), "--recon_count", "1", *extra])
-    return out / "last.pt"
-
-
 @pytest.fixture(scope="module")
-def checkpoints(prepared64, tmp_path_factory):
-    root = tmp_path_factory.mktemp("ckpts")
-    return {
-        "gdn": train(train_finetune_relu, prepared64, root / "gdn", "--replace_parts", "none", "--train_scope", "all"),
-        "relu": train(train_finetune_relu, prepared64, root / "relu"),
-        "npu": train(train_finetune_npu, prepared64, root / "npu"),
-    }
+def checkpoints(finished_runs):
+    """The last.pt of a 1-epoch run of each kind: CompressAI's GDN model, ReLU encoder, NPU blocks."""
+    return {"gdn": finished_runs.get(*GDN_CONTROL) / "ckpt" / "last.pt",
+            "relu": finished_runs.get(*ONE_EPOCH) / "ckpt" / "last.pt",
+            "npu": finished_runs.get(*ONE_EPOCH, script="npu") / "ckpt" / "last.pt"}
 
 
 @pytest.fixture(scope="module")

@@ -22,7 +22,7 @@ from src.data import EpochLoader, PreparedCrops
 from src.distributed import DistInfo
 from src.model_factory import build_model, make_arch
 from src.train_args import get_args_parser, resume_flag_changes
-from tests.conftest import common_args, one_line_error, with_flags
+from tests.conftest import AMP, ONE_EPOCH, RECON, common_args, one_line_error, with_flags
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -34,6 +34,7 @@ def finite_weights(path):
 
 # ---------------------------------------------------------------- latents the range coder cannot take
 
+@pytest.mark.quick
 @pytest.mark.parametrize("latent, needle", [
     (torch.tensor([0.5, float("nan"), float("inf")]), "2 of 3 latent values are NaN/Inf"),
     (np.array([1.0, -float(LATENT_LIMIT)]), "latent values reach"),
@@ -45,6 +46,7 @@ def test_check_codable_refuses_nonfinite_and_absurd_latents(latent, needle):
     assert str(info.value).startswith("ckpt.pt on kodim01.png: ") and "\n" not in str(info.value)
 
 
+@pytest.mark.quick
 def test_check_codable_passes_sane_latents():
     check_codable(torch.randn(1, 192, 4, 4) * 300, "a model")
     check_codable(np.full((2, 3), LATENT_LIMIT - 1.0), "a model")
@@ -66,15 +68,23 @@ def diverged_checkpoints(tmp_path_factory):
     return paths
 
 
-@pytest.mark.parametrize("name, needle", [("nan", "latent values are NaN/Inf"), ("huge", "latent values reach")])
-def test_eval_refuses_a_diverged_checkpoint_instead_of_hanging(name, needle, diverged_checkpoints, prepared64):
-    """Before the fix CompressAI's range coder never returned on these (the subprocess times out)."""
-    result = subprocess.run([sys.executable, "-m", "src.eval", "--checkpoint", str(diverged_checkpoints[name]),
-                             "--image_dir", str(prepared64 / "val"), "--max_images", "1"],
+def test_eval_refuses_a_diverged_checkpoint_instead_of_hanging(diverged_checkpoints, prepared64, capsys):
+    """Before the fix CompressAI's range coder never returned on these. The absurd one runs as the user runs it
+    (src.eval's subprocess smoke test: a hang times out); the NaN one through the same entry function."""
+    from src import eval as recipe_eval
+
+    argv = ["--image_dir", str(prepared64 / "val"), "--max_images", "1", "--checkpoint"]
+    result = subprocess.run([sys.executable, "-m", "src.eval", *argv, str(diverged_checkpoints["huge"])],
                             cwd=REPO, capture_output=True, text=True, timeout=240)
     err = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    assert err.startswith(f"error: {diverged_checkpoints[name]} on ") and needle in err
+    assert err.startswith(f"error: {diverged_checkpoints['huge']} on ") and "latent values reach" in err
+    with pytest.raises(SystemExit) as exit_info:  # stderr: the progress bar, then one line
+        run_cli(recipe_eval.main, [*argv, str(diverged_checkpoints["nan"])])
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err[-2000:]
+    err = err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {diverged_checkpoints['nan']} on ") and "latent values are NaN/Inf" in err
 
 
 def test_demo_sheet_refuses_a_diverged_stage(diverged_checkpoints, prepared64, tmp_path):
@@ -112,7 +122,7 @@ def test_nan_weights_stop_the_run_and_keep_the_last_good_checkpoint(prepared64, 
 
     monkeypatch.setattr(engine.step, "step_optimizers", step_then_poison)
     with pytest.raises(SystemExit) as exit_info:
-        run_cli(train_finetune_relu.main, common_args(prepared64, tmp_path, "--epochs", "3"))
+        run_cli(train_finetune_relu.main, common_args(prepared64, tmp_path, "--epochs", "3", *RECON))
     out, err = capsys.readouterr()
     assert exit_info.value.code == 3
     assert "diverged after epoch 2 and is not saved" in err and "(epoch 1) is kept" in err, err
@@ -151,6 +161,7 @@ def test_an_epoch_with_every_step_skipped_says_so(prepared64, tmp_path, capsys, 
 
 # ---------------------------------------------------------------- resume after a signal, with workers
 
+@pytest.mark.quick
 def test_resumed_epoch_skips_its_done_batches_with_workers(prepared64):
     """A DataLoader with workers calls iter() on its batch sampler twice: the skip must hold for the second."""
     dataset = PreparedCrops(prepared64 / "train")
@@ -163,23 +174,23 @@ def test_resumed_epoch_skips_its_done_batches_with_workers(prepared64):
 
 # ---------------------------------------------------------------- output folders: one run each
 
-def test_fresh_run_refuses_a_folder_holding_another_run(prepared64, tmp_path, capsys):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
+def test_fresh_run_refuses_a_folder_holding_another_run(finished_runs, prepared64, tmp_path, capsys):
+    finished_runs.copy(tmp_path, *ONE_EPOCH, *RECON)
     before = (tmp_path / "ckpt" / "last.pt").read_bytes()
-    capsys.readouterr()
-    err = one_line_error(train_finetune_relu.main, common_args(prepared64, tmp_path, "--epochs", "1"), capsys)
+    err = one_line_error(train_finetune_relu.main, common_args(prepared64, tmp_path, *ONE_EPOCH, *RECON), capsys)
     assert "hold another run" in err and "--overwrite true" in err and "--resume" in err
     assert (tmp_path / "ckpt" / "last.pt").read_bytes() == before
-    err = one_line_error(train_finetune_relu.main, common_args(prepared64, tmp_path / "other", "--epochs", "1",
+    err = one_line_error(train_finetune_relu.main, common_args(prepared64, tmp_path / "other", *ONE_EPOCH, *RECON,
                                                                "--recon_dir", str(tmp_path / "recon")), capsys)
     assert "hold another run" in err and str(tmp_path / "recon" / "epoch_001") in err
 
 
-def test_overwrite_replaces_the_earlier_run_entirely(prepared64, coco_root, tmp_path, capsys):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "2", "--max_steps_per_epoch", "1"))
+def test_overwrite_replaces_the_earlier_run_entirely(finished_runs, coco_root, tmp_path, capsys):
+    finished_runs.copy(tmp_path, "--epochs", "2", "--max_steps_per_epoch", "1", *RECON)
     old_origin = (tmp_path / "recon" / "origin" / "00000.png").read_bytes()
     train_finetune_relu.main(common_args(coco_root, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1",
-                                         "--use_prepared", "false", "--crop_size", "80", "--overwrite", "true"))
+                                         "--use_prepared", "false", "--crop_size", "80", "--overwrite", "true",
+                                         *RECON))
     assert "--overwrite true: removed the earlier run's" in capsys.readouterr().out
     # the earlier run's epoch_002 and its rate record epoch_002.json are gone; the new run's epoch_001 is its own
     assert sorted(p.name for p in (tmp_path / "recon").iterdir()) == ["epoch_001", "epoch_001.json", "origin",
@@ -189,13 +200,13 @@ def test_overwrite_replaces_the_earlier_run_entirely(prepared64, coco_root, tmp_
     assert torch.load(tmp_path / "ckpt" / "best_loss.pt", weights_only=True)["args"]["crop_size"] == 80
 
 
-def test_resume_refuses_a_recon_dir_holding_other_originals(prepared64, tmp_path, capsys):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
+def test_resume_refuses_a_recon_dir_holding_other_originals(finished_runs, prepared64, tmp_path, capsys):
+    finished_runs.copy(tmp_path, *ONE_EPOCH, *RECON)
     origin = tmp_path / "recon" / "origin"
-    capsys.readouterr()
     shutil.copy(origin / "00001.png", origin / "00000.png")
     err = one_line_error(train_finetune_relu.main, common_args(
-        prepared64, tmp_path, "--epochs", "1", "--resume", str(tmp_path / "ckpt" / "last.pt"), "--extend_epochs", "1"),
+        prepared64, tmp_path, *ONE_EPOCH, *RECON, "--resume", str(tmp_path / "ckpt" / "last.pt"),
+        "--extend_epochs", "1"),
         capsys)
     assert f"{origin / '00000.png'} is not this run's val crop 0" in err
 
@@ -212,7 +223,7 @@ def test_a_second_run_at_the_same_time_is_refused_and_a_dead_ones_lock_taken_ove
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
     lock.write_text(f"pid {dead.pid} on here\n")  # a run killed with -9: its lock file stays, its flock is gone
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", *RECON))
     assert not lock.exists() and not (tmp_path / "recon" / RunLock.NAME).exists(), "released on exit"
 
 
@@ -238,7 +249,7 @@ def test_full_disk_under_recon_dir_is_one_line_and_keeps_the_checkpoint(prepared
 
     monkeypatch.setattr(recon, "write_atomic", full_disk)
     with pytest.raises(SystemExit) as exit_info:  # after an epoch: stderr holds its progress bars, then one line
-        run_cli(train_finetune_relu.main, common_args(prepared64, tmp_path, "--epochs", "1"))
+        run_cli(train_finetune_relu.main, common_args(prepared64, tmp_path, "--epochs", "1", *RECON))
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and "Traceback" not in err
     last_line = err.strip().splitlines()[-1]
@@ -248,10 +259,9 @@ def test_full_disk_under_recon_dir_is_one_line_and_keeps_the_checkpoint(prepared
 
 # ---------------------------------------------------------------- resume: the same data, dtypes by what they run
 
-def test_resume_on_another_dataset_is_refused(prepared64, tmp_path, capsys):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
+def test_resume_on_another_dataset_is_refused(finished_runs, prepared64, tmp_path, capsys):
+    finished_runs.copy(tmp_path, *ONE_EPOCH)
     other = tmp_path / "other"
-    capsys.readouterr()
     shutil.copytree(prepared64, other)
     for extra in sorted((other / "train").glob("*.png"))[:3]:
         extra.unlink()
@@ -261,9 +271,9 @@ def test_resume_on_another_dataset_is_refused(prepared64, tmp_path, capsys):
     assert "was trained on other data" in err and "train 24 -> 21 files" in err
 
 
-def test_resume_compares_amp_dtype_by_what_it_resolves_to(prepared64, tmp_path, capsys):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1"))
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1",
+def test_resume_compares_amp_dtype_by_what_it_resolves_to(finished_runs, prepared64, tmp_path, capsys):
+    finished_runs.copy(tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1", *AMP)
+    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--max_steps_per_epoch", "1", *AMP,
                                          "--resume", str(tmp_path / "ckpt" / "last.pt"), "--extend_epochs", "1",
                                          "--amp_dtype", "bf16"))  # auto is bf16 on the CPU
     args = get_args_parser("x").parse_args(["--coco_dir", "d", "--amp_dtype", "fp16"])
@@ -283,21 +293,20 @@ def write_sized_crops(root, sizes):
 
 
 @pytest.fixture(scope="module")
-def fault_files(tmp_path_factory, prepared64):
+def fault_files(tmp_path_factory, finished_runs):
     root = tmp_path_factory.mktemp("faults")
     (root / "a_file").write_text("not a folder")
     write_sized_crops(root / "mixed", [(64, 64)] * 5 + [(96, 96)] * 2)
     write_sized_crops(root / "oblong", [(64, 96)] * 6)
     unreadable_val = root / "unreadable_val"
-    shutil.copytree(prepared64, unreadable_val)
+    shutil.copytree(finished_runs.data, unreadable_val)
     for victim in (unreadable_val / "val").glob("*.png"):
         victim.write_bytes(victim.read_bytes()[:200])
     arch = make_arch(quality=1, replace="relu", replace_parts="encoder")
     model = build_model(arch)
     torch.save({"state_dict": model.state_dict(), "arch": arch}, root / "no_args.pt")
     torch.save({"state_dict": model.state_dict(), "arch": {"quality": "high", "colour": 1}}, root / "bad_arch.pt")
-    train_finetune_relu.main(common_args(prepared64, root / "done", "--epochs", "1", "--max_steps_per_epoch", "1"))
-    done = torch.load(root / "done" / "ckpt" / "last.pt", weights_only=True)
+    done = torch.load(finished_runs.get(*ONE_EPOCH) / "ckpt" / "last.pt", weights_only=True)
     done["arch"] = {"quality": 1, "replace": "sigmoid"}
     torch.save(done, root / "resume_bad_arch.pt")
     return {"tmp": root, "file": root / "a_file", "mixed": root / "mixed", "oblong": root / "oblong",
@@ -318,9 +327,10 @@ BAD_INPUT = {
     "--lambda_bpp -1": (["--lambda_bpp", "-1"], "--lambda_bpp must be a finite number >= 0"),
     "--overflow_tol -1": (["--overflow_tol", "-1"], "--overflow_tol must be a finite number > 0"),
     "--save_dir a file": (["--save_dir", "{file}"], "--save_dir {file} is a file, not a folder"),
-    "--recon_dir a file": (["--recon_dir", "{file}"], "--recon_dir {file} is a file, not a folder"),
+    "--recon_dir a file": (["--recon_dir", "{file}", *RECON], "--recon_dir {file} is a file, not a folder"),
     "--save_dir not creatable": (["--save_dir", "{file}/ckpt"], "cannot be created"),
-    "--recon_dir not creatable": (["--recon_dir", "{file}/recon"], "--recon_dir {file}/recon cannot be created"),
+    "--recon_dir not creatable": (["--recon_dir", "{file}/recon", *RECON],
+                                  "--recon_dir {file}/recon cannot be created"),
     "--coco_dir a file": (["--coco_dir", "{file}"], "--coco_dir {file} is a file, not a folder"),
     "prepared crops of mixed sizes": (["--coco_dir", "{mixed}"], "mixes crop sizes (64x64: 5"),
     "prepared crops not square": (["--coco_dir", "{oblong}"], "holds 64x96 crops; training needs square crops"),
@@ -336,6 +346,7 @@ BAD_INPUT = {
 }
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case", sorted(BAD_INPUT))
 def test_bad_training_input_is_one_line_before_training(case, fault_files, coco_root, prepared64, tmp_path, capsys):
     flags, needle = BAD_INPUT[case]
@@ -350,6 +361,7 @@ def test_bad_training_input_is_one_line_before_training(case, fault_files, coco_
     assert not (tmp_path / "ckpt" / "last.pt").exists()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("flags, needle", [
     (["--init_from_gdn", "true", "--gdn_fit_images", "0"], "--gdn_fit_images must be >= 1 with --init_from_gdn true"),
     (["--gdn_fit_steps", "-1"], "--gdn_fit_steps must be >= 1 with --init_from_gdn true (and never negative)"),
@@ -363,9 +375,8 @@ def test_bad_gdn_fit_flags_are_one_line_at_parsing(flags, needle, capsys):
 
 # ---------------------------------------------------------------- non-finite steps
 
-def test_nonfinite_steps_are_skipped_then_stop(prepared64, tmp_path, capsys):
-    train_finetune_relu.main(common_args(prepared64, tmp_path / "base", "--epochs", "1"))
-    ckpt = torch.load(tmp_path / "base" / "ckpt" / "last.pt", weights_only=True)
+def test_nonfinite_steps_are_skipped_then_stop(finished_runs, prepared64, tmp_path, capsys):
+    ckpt = torch.load(finished_runs.get(*ONE_EPOCH) / "ckpt" / "last.pt", weights_only=True)
     ckpt["state_dict"]["g_a.0.weight"] *= float("inf")
     save_checkpoint(ckpt, tmp_path / "nan.pt")
     with pytest.raises(engine.TrainingStopped, match="3 non-finite steps in a row"):
@@ -400,9 +411,8 @@ def test_inf_gradient_with_finite_loss_is_skipped(clip, prepared64, tmp_path, ca
     assert all(torch.isfinite(p).all() for p in summary["model"].parameters())
 
 
-def test_stopped_run_has_its_own_exit_code(prepared64, tmp_path, capsys):
-    train_finetune_relu.main(common_args(prepared64, tmp_path / "base", "--epochs", "1"))
-    ckpt = torch.load(tmp_path / "base" / "ckpt" / "last.pt", weights_only=True)
+def test_stopped_run_has_its_own_exit_code(finished_runs, prepared64, tmp_path, capsys):
+    ckpt = torch.load(finished_runs.get(*ONE_EPOCH) / "ckpt" / "last.pt", weights_only=True)
     ckpt["state_dict"]["g_a.0.weight"] *= float("nan")
     save_checkpoint(ckpt, tmp_path / "nan.pt")
     with pytest.raises(SystemExit) as exit_info:

@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Optional, Set, Tuple
 
+import pytest
+
 from tests.conftest import REPO, common_args
 
 PACKAGES = ("src", "scripts", "bench")
@@ -167,18 +169,22 @@ def import_cycles(root: Path) -> List[List[str]]:
     return sorted(cycles)
 
 
+@pytest.mark.quick
 def test_model_core_engine_and_eval_import_no_onnx():
     assert deployment_imports(REPO) == []
 
 
+@pytest.mark.quick
 def test_src_imports_neither_bench_nor_scripts():
     assert imports_of_bench_or_scripts(REPO) == []
 
 
+@pytest.mark.quick
 def test_no_import_cycles():
     assert import_cycles(REPO) == []
 
 
+@pytest.mark.quick
 def test_the_only_qat_edge_is_still_needed():
     """The exemption names an import that exists, and it does lead to onnx (else it should go)."""
     inner, _ = import_graph(REPO)
@@ -196,6 +202,7 @@ def plant(root: Path, files: Dict[str, str]) -> Path:
     return root
 
 
+@pytest.mark.quick
 def test_the_rules_catch_planted_violations(tmp_path):
     """A function-level onnx import two modules away, a TYPE_CHECKING cycle, src importing bench: each is reported."""
     root = plant(tmp_path, {

@@ -7,6 +7,8 @@ import torch
 from src.npu_blocks import GDNishLiteDec, GDNishLiteEnc
 from src.quant.onnx_export import NPU_FORBIDDEN_OPS
 
+pytestmark = pytest.mark.quick  # the edit loop's tier: ./run.sh test -m quick
+
 
 @pytest.mark.parametrize("act", ["relu6", "hardswish"])
 @pytest.mark.parametrize("residual", [True, False])

@@ -1,6 +1,8 @@
 """QAT as a phase after float training: placement = the exported INT8 graph, PTQ's calibration, phases, resume."""
 
 
+import copy
+
 import numpy as np
 import onnx
 import pytest
@@ -56,6 +58,26 @@ def photos():
     return [a[..., :128, :128] for a in arrays]
 
 
+@pytest.fixture(scope="module")
+def calibrated(photos, tmp_path_factory):
+    """``calibrated(precision, scales, **ablation)``: (a QAT model calibrated on ``photos``, calibrate's report).
+
+    Each scheme is calibrated (exported and run through onnxruntime's calibration) once per module; every test
+    gets its own deep copy to train, update or export.
+    """
+    done = {}
+
+    def calibrated_model(precision="w8a8", scales="frozen", **ablation):
+        key = (precision, scales, tuple(sorted(ablation.items())))
+        if key not in done:
+            model = qat_model(precision, scales, **ablation)
+            done[key] = model, calibrate(model, photos, "mse", tmp_path_factory.mktemp("calib"))
+        model, info = done[key]
+        return copy.deepcopy(model), info
+
+    return calibrated_model
+
+
 def test_sites_are_the_fused_graph_tensors_of_the_npu_blocks():
     names = [s.name for s in qat_sites(build_model(float_arch()))]
     assert "g_a.1.act1" in names and "g_a.1.expand" not in names, "Conv + ReLU6 is one quantised tensor"
@@ -74,9 +96,8 @@ def test_uncalibrated_qat_computes_the_float_model():
 
 
 @pytest.mark.parametrize("precision", ["w8a8", "a16w8"])
-def test_placement_and_outputs_equal_the_exported_int8_graph(precision, photos, tmp_path):
-    model = qat_model(precision)
-    info = calibrate(model, photos, "mse", tmp_path / "calib")  # raises if a site and a graph tensor differ
+def test_placement_and_outputs_equal_the_exported_int8_graph(precision, calibrated, photos, tmp_path):
+    model, info = calibrated(precision)  # calibrate raises if a site and a graph tensor differ
     assert qat_state(model) == "training with frozen scales" and info["sites"] == len(activation_quantisers(model))
     assert info["sixteen_bit"] == (0 if precision == "w8a8" else 14)
     pair = export_pair(model, photos, tmp_path / "export")
@@ -108,9 +129,8 @@ def test_placement_and_outputs_equal_the_exported_int8_graph(precision, photos, 
     assert off.max() <= MAX_STEPS and off.mean() <= MEAN_STEPS, (off.max(), off.mean())
 
 
-def test_weights_are_rounded_as_onnxruntime_rounds_them(photos, tmp_path):
-    model = qat_model()
-    calibrate(model, photos, "mse", tmp_path / "calib")
+def test_weights_are_rounded_as_onnxruntime_rounds_them(calibrated, photos, tmp_path):
+    model, _ = calibrated()
     graph = onnx.load(str(export_pair(model, photos, tmp_path / "export").decoder)).graph
     consts = {i.name: numpy_helper.to_array(i) for i in graph.initializer}
     checked = 0
@@ -140,11 +160,10 @@ def test_weights_are_rounded_as_onnxruntime_rounds_them(photos, tmp_path):
     assert checked >= 7, "every g_s conv and ConvTranspose"
 
 
-def test_learned_scales_take_the_same_relative_step_whatever_their_size(photos, tmp_path):
+def test_learned_scales_take_the_same_relative_step_whatever_their_size(calibrated):
     """Adam steps a parameter by about the lr: in log space that is one fraction of every scale. Learnt as
     themselves, the scales of 1e-4 to 1e-3 moved by -91 % to +426 % in 320 steps, those near 2e-2 by -10 % to +7 %."""
-    model = qat_model(scales="learned")
-    calibrate(model, photos, "mse", tmp_path)
+    model, _ = calibrated(scales="learned")
     quantisers = {n: q for n, q in activation_quantisers(model).items() if isinstance(q, LearnedFakeQuantize)}
     before = {n: float(q.scale) for n, q in quantisers.items()}
     assert max(before.values()) / min(before.values()) > 10, "the sites' scales differ in size"
@@ -177,11 +196,10 @@ def absolute_step_state(state):
     return old
 
 
-def test_the_absolute_step_upgrade_keeps_every_calibrated_scale(photos, tmp_path):
+def test_the_absolute_step_upgrade_keeps_every_calibrated_scale(calibrated):
     """Format 3 -> 4 (src.checkpoint_format) on a calibrated model, its scales of every size: each comes back as it
     was; the run is marked not resumable, but a frozen-scale one is (its scales were buffers then as now)."""
-    model = qat_model(scales="learned")
-    calibrate(model, photos, "mse", tmp_path)
+    model, _ = calibrated(scales="learned")
     earlier = {k: v for k, v in qat_scheme(scales="learned").items() if k != "learned_scales"}
     payload = {"state_dict": absolute_step_state(model.state_dict()), "arch": dict(float_arch(), qat=earlier),
                "optimizer": {}, "args": {}}
@@ -196,10 +214,8 @@ def test_the_absolute_step_upgrade_keeps_every_calibrated_scale(photos, tmp_path
     assert "not_resumable" not in absolute_step_scales_to_4(payload, "frozen"), "its resume is exact"
 
 
-def test_learned_scales_get_gradients_and_frozen_ones_are_buffers(photos, tmp_path):
-    learned, frozen = qat_model(scales="learned"), qat_model(scales="frozen")
-    for model in (learned, frozen):
-        calibrate(model, photos, "mse", tmp_path / model.__class__.__name__ / str(id(model)))
+def test_learned_scales_get_gradients_and_frozen_ones_are_buffers(calibrated):
+    (learned, _), (frozen, _) = calibrated(scales="learned"), calibrated(scales="frozen")
     fq = activation_quantisers(learned)["g_s.1.act"]
     assert isinstance(fq, LearnedFakeQuantize) and qat_state(learned) == "training with learned scales"
     learned.train()(torch.rand(2, 3, 64, 64))["x_hat"].mean().backward()
@@ -226,9 +242,8 @@ def test_ablations_round_where_the_graph_does_not(photos, tmp_path):
                      )["only_in_graph"] == []
 
 
-def test_qat_state_dict_rebuilds_the_same_model(photos, tmp_path):
-    model = qat_model(scales="learned")
-    calibrate(model, photos, "mse", tmp_path)
+def test_qat_state_dict_rebuilds_the_same_model(calibrated):
+    model, _ = calibrated(scales="learned")
     model.update(force=True)
     arch = make_arch(**dict(float_arch(), qat=qat_scheme("w8a8", "learned")))
     rebuilt, _ = model_from_checkpoint(model.state_dict(), arch, "mem")

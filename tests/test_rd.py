@@ -25,6 +25,7 @@ def tiny_pair():
     return x, x_hat, likelihoods
 
 
+@pytest.mark.quick
 def test_mse_distortion_closed_form():
     x, x_hat, likelihoods = tiny_pair()
     mse = 6 * 0.1 ** 2 / 48
@@ -40,6 +41,7 @@ def test_mse_distortion_closed_form():
     assert recon["total"].item() == pytest.approx(255 ** 2 * mse, rel=1e-5)
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("quality", [1, 4, 8])
 def test_mse_rd_loss_is_compressai_loss_over_its_lmbda(quality):
     torch.manual_seed(quality)
@@ -51,6 +53,7 @@ def test_mse_rd_loss_is_compressai_loss_over_its_lmbda(quality):
     torch.testing.assert_close(ours * ZOO_LMBDA[quality], theirs, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.quick
 def test_l1_msssim_distortion_keeps_its_parts():
     x, x_hat, likelihoods = tiny_pair()
     x, x_hat = x.repeat(1, 1, 13, 13), x_hat.repeat(1, 1, 13, 13)  # 52 px: the smallest MS-SSIM window fits
@@ -65,7 +68,7 @@ def test_mse_training_logs_mse_and_keeps_best_loss(prepared64, tmp_path, capsys)
             "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0", "--save_dir",
             str(tmp_path / "ckpt"), "--recon_dir", str(tmp_path / "recon"), "--recon_count", "1", "--log_every", "1",
             "--replace_parts", "none", "--train_scope", "all", "--loss_type", "rd", "--distortion", "mse",
-            "--lambda_bpp", "150", "--lr", "1e-3", "--wandb", "true"]
+            "--lambda_bpp", "150", "--lr", "1e-3", "--wandb", "true", "--amp", "false"]
     summary = train_finetune_relu.main(argv)
     out = capsys.readouterr().out
     assert "| MSE " in out and "1-MSSSIM" not in out
@@ -85,6 +88,7 @@ def power_curve(rates, a=30.0, b=8.0):
     return [{"bpp": r, "psnr": a + b * math.log10(r), "ms_ssim_db": 10 + 5 * math.log10(r)} for r in rates]
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("factor", [1.1, 0.8, 1.5])
 def test_bd_rate_of_scaled_rates_is_factor_minus_one(factor):
     rates = [0.1, 0.25, 0.5, 1.0, 2.0]
@@ -97,6 +101,7 @@ def test_bd_rate_of_scaled_rates_is_factor_minus_one(factor):
         assert result["bd_quality"] == pytest.approx(-slope * math.log10(factor), abs=1e-6)
 
 
+@pytest.mark.quick
 def test_bd_needs_four_points_and_overlap():
     few = bd_deltas(power_curve([0.1, 0.5, 1.0]), power_curve([0.1, 0.5, 1.0, 2.0]), "psnr")
     assert few["bd_rate"] is None and few["bd_quality"] is None and "at least 4 points" in few["notes"][0]
@@ -109,6 +114,7 @@ def test_bd_needs_four_points_and_overlap():
     assert "| npu | +20.00 % | " in bd_markdown(deltas)
 
 
+@pytest.mark.quick
 def test_msssim_db_and_curve_parsing():
     assert msssim_db(0.99) == pytest.approx(20.0)
     assert parse_curve("gdn=a.pt, b.pt") == ("gdn", ["a.pt", "b.pt"])
@@ -125,7 +131,7 @@ def test_eval_curves_cli(prepared64, tmp_path, capsys):
                                   "--epochs", "1", "--max_steps_per_epoch", "1", "--batch_size", "2",
                                   "--num_workers", "0", "--save_dir", str(run), "--recon_dir", str(run / "recon"),
                                   "--recon_count", "1", "--loss_type", "rd", "--distortion", "mse",
-                                  "--lambda_bpp", lam])
+                                  "--lambda_bpp", lam, "--amp", "false"])
         runs.append(run)
     photos = prepared64 / "val"
     report = recipe_eval.main(["--image_dir", str(photos), "--curve", f"a={runs[0]},{runs[1]}",
@@ -148,6 +154,7 @@ def test_eval_curves_cli(prepared64, tmp_path, capsys):
             recipe_eval.main(argv)
 
 
+@pytest.mark.quick
 def test_rd_study_plans_equal_budget_runs(tmp_path, capsys):
     from bench import rd_study
 
@@ -169,6 +176,7 @@ def test_rd_study_plans_equal_budget_runs(tmp_path, capsys):
                        str(tmp_path), "--qualities", "2", "--dry_run"])
 
 
+@pytest.mark.quick
 def test_non_monotonic_curve_is_flagged():
     rates = [0.1, 0.2, 0.4, 0.8]
     bent = power_curve(rates)

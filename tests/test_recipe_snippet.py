@@ -11,6 +11,7 @@ and write checkpoints that eval, export and resume rebuild as NPU.
 import math
 import os
 import re
+import runpy
 import subprocess
 import sys
 from pathlib import Path
@@ -41,16 +42,32 @@ def edited_script(folder: Path) -> Path:
     return path
 
 
-def run_script(script: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
-    argv = ["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "1",
+def script_argv(data: Path, out: Path, *extra: str) -> list:
+    return ["--coco_dir", str(data), "--quality", "1", "--pretrained", "false", "--epochs", "1",
             "--max_steps_per_epoch", "2", "--batch_size", "2", "--num_workers", "0", "--replace_parts", "all",
-            "--save_dir", str(out / "ckpt"), "--recon_dir", str(out / "recon"), "--recon_count", "1", *extra]
+            "--save_dir", str(out / "ckpt"), "--recon_dir", str(out / "recon"), "--recon_count", "0", "--amp", "false",
+            *extra]
+
+
+def run_script(script: Path, data: Path, out: Path, *extra: str) -> subprocess.CompletedProcess:
+    """The edited script as the user runs it: ``python path/to/script.py ...``."""
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True, cwd=REPO, env=env,
-                          timeout=600)
+    return subprocess.run([sys.executable, str(script), *script_argv(data, out, *extra)], capture_output=True,
+                          text=True, cwd=REPO, env=env, timeout=600)
 
 
-def test_snippet_c_trains_evaluates_exports_and_resumes_the_npu_model(prepared64, tmp_path):
+def run_script_here(script: Path, data: Path, out: Path, *extra: str, monkeypatch) -> int:
+    """The edited script run as ``__main__`` in this process (its exit code): what ``python script.py`` runs, without
+    a second interpreter importing the whole stack again."""
+    monkeypatch.setattr(sys, "argv", [str(script), *script_argv(data, out, *extra)])
+    try:
+        runpy.run_path(str(script), run_name="__main__")
+    except SystemExit as stop:
+        return stop.code
+    return 0
+
+
+def test_snippet_c_trains_evaluates_exports_and_resumes_the_npu_model(prepared64, tmp_path, capsys, monkeypatch):
     script = edited_script(tmp_path)
     run = run_script(script, prepared64, tmp_path)
     assert run.returncode == 0, run.stderr[-2000:]
@@ -69,20 +86,23 @@ def test_snippet_c_trains_evaluates_exports_and_resumes_the_npu_model(prepared64
         assert not set(report["ops"]) & set(onnx_export.NPU_FORBIDDEN_OPS)
         assert all(max(e.values()) < 1e-3 for e in report["errors"].values())
 
-    resumed = run_script(script, prepared64, tmp_path, "--resume", str(last), "--extend_epochs", "1")
-    assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert f"resumed from {last}" in resumed.stdout
+    capsys.readouterr()
+    resumed = run_script_here(script, prepared64, tmp_path, "--resume", str(last), "--extend_epochs", "1",
+                              monkeypatch=monkeypatch)
+    out, err = capsys.readouterr()
+    assert resumed == 0, err[-2000:]
+    assert f"resumed from {last}" in out
     again = torch.load(last, weights_only=True)
     assert (again["epoch"], again["step"], again["arch"]) == (2, 4, ckpt["arch"])
 
     with pytest.raises(UserError, match="holds npu/all"):  # the unedited script trains ReLU: it refuses the NPU run
         train_finetune_relu.main(["--coco_dir", str(prepared64), "--quality", "1", "--pretrained", "false",
                                   "--replace_parts", "all", "--epochs", "1", "--num_workers", "0", "--batch_size", "2",
-                                  "--max_steps_per_epoch", "2",
+                                  "--max_steps_per_epoch", "2", "--amp", "false",
                                   "--save_dir", str(tmp_path / "ckpt"), "--resume", str(last), "--extend_epochs", "1"])
 
 
-def test_snippet_after_the_relu_swap_is_one_clear_line(prepared64, tmp_path):
+def test_snippet_after_the_relu_swap_is_one_clear_line(prepared64, tmp_path, capsys, monkeypatch):
     """Put after the ReLU swap instead, the snippet finds no GDN left: said in one line, no silent ReLU run."""
     lines = (REPO / "src" / "train_finetune_relu.py").read_text().splitlines()
     swap = next(i for i, line in enumerate(lines) if "replace_gdn_with_relu(model" in line)
@@ -91,7 +111,8 @@ def test_snippet_after_the_relu_swap_is_one_clear_line(prepared64, tmp_path):
                             *(indent + line for line in SNIPPET), indent + "return model"]
     script = tmp_path / "late.py"
     script.write_text("\n".join(lines) + "\n")
-    run = run_script(script, prepared64, tmp_path)
-    assert run.returncode == 2 and "Traceback" not in run.stderr
-    assert "no GDN/IGDN to replace" in run.stderr and "right after the model is built" in run.stderr
+    code = run_script_here(script, prepared64, tmp_path, monkeypatch=monkeypatch)
+    err = capsys.readouterr().err
+    assert code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1, err
+    assert "no GDN/IGDN to replace" in err and "right after the model is built" in err
     assert not (tmp_path / "ckpt").exists()

@@ -13,6 +13,8 @@ from src.quant.onnx_export import NPU_FORBIDDEN_OPS
 from src.replace_gdn import find_gdn_layers, replace_gdn_with_relu, set_trainable_parts
 from src.replace_gdn_npu import replace_gdn_with_npu
 
+pytestmark = pytest.mark.quick  # the edit loop's tier: ./run.sh test -m quick
+
 MODELS = ["bmshj2018-factorized", "bmshj2018-hyperprior", "mbt2018-mean"]
 LEFT = {"none": (3, 3), "encoder": (0, 3), "decoder": (3, 0), "all": (0, 0)}
 

@@ -60,9 +60,8 @@ def test_extend_epochs_rebuilds_the_schedule(kind, prepared64, tmp_path, capsys)
         assert final == pytest.approx(lr_after(kind, 5, 2, 10), abs=1e-12)
 
 
-def test_resume_refuses_changed_flags(prepared64, tmp_path):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "2"))
-    last = tmp_path / "ckpt" / "last.pt"
+def test_resume_refuses_changed_flags(finished_runs, prepared64, tmp_path):
+    last = finished_runs.get() / "ckpt" / "last.pt"  # common_args' 2 epochs
     with pytest.raises(UserError, match=r"--lr 0.0001 -> 0.001; --seed 0 -> 3"):
         train_finetune_relu.main(common_args(prepared64, tmp_path, "--resume", str(last), "--extend_epochs", "1",
                                              "--lr", "1e-3", "--seed", "3"))
@@ -98,6 +97,7 @@ def test_sigterm_saves_mid_epoch_and_resume_is_exact(workers, prepared64, tmp_pa
     assert_same_weights(final_state(tmp_path / "straight" / "ckpt" / "last.pt"), final_state(last))
 
 
+@pytest.mark.quick
 def test_raw_coco_crops_depend_on_seed_epoch_and_index_only(coco_root):
     from src.data import RawCocoCrops
 
@@ -138,6 +138,7 @@ def test_sigkill_during_save_leaves_previous_checkpoint_loadable(tmp_path):
     assert payload["state_dict"]["w"].numel() in (3, 64 * 1024 * 1024)
 
 
+@pytest.mark.quick
 def test_full_disk_during_save_is_one_line_and_keeps_the_old_file(tmp_path, monkeypatch):
     import src.checkpoint as checkpoint
 
@@ -157,6 +158,7 @@ def test_full_disk_during_save_is_one_line_and_keeps_the_old_file(tmp_path, monk
     assert [p.name for p in tmp_path.iterdir()] == ["last.pt"], "no temp file is left behind"
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("umask, mode", [(0o022, 0o644), (0o077, 0o600)])
 def test_written_files_follow_the_umask(umask, mode, coco_root, tmp_path):
     from scripts import coco_prepare

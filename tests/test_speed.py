@@ -85,10 +85,17 @@ def global_norm(tensors) -> float:
 SAME_TRAINING_SHARE = 0.02
 
 
+@pytest.fixture(scope="module")
+def plain_weights(prepared64, tmp_path_factory):
+    """(initial, final) weights of the plain run both speed flags are compared with."""
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        return run_weights(prepared64, tmp_path_factory.mktemp("plain"), monkeypatch)
+
+
 @pytest.mark.parametrize("flags", [("--fused_optimizer", "true"), ("--channels_last", "true")])
-def test_speed_flags_train_the_same_weights(flags, prepared64, tmp_path, monkeypatch):
+def test_speed_flags_train_the_same_weights(flags, plain_weights, prepared64, tmp_path, monkeypatch):
     """fp32, 3 steps from one seed: the same start, and the same end relative to the size of the update."""
-    initial, plain = run_weights(prepared64, tmp_path / "plain", monkeypatch)
+    initial, plain = plain_weights
     initial_fast, fast = run_weights(prepared64, tmp_path / "fast", monkeypatch, *flags)
     assert plain.keys() == fast.keys() == initial.keys()
     assert all(torch.equal(initial[k], initial_fast[k]) for k in initial), "both runs start from the same weights"

@@ -39,6 +39,7 @@ def write_png16(path: Path, samples: np.ndarray) -> Path:
     return path
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("mode", ["I;16", "I;16B", "I"])
 def test_16bit_gray_png_is_scaled_by_its_bit_depth_in_every_pillow_mode(mode, tmp_path, monkeypatch):
     """Pillow versions open 16-bit gray PNGs as I;16 or I: the pixels must not depend on which."""
@@ -58,6 +59,7 @@ def test_16bit_gray_png_is_scaled_by_its_bit_depth_in_every_pillow_mode(mode, tm
     assert np.array_equal(np.asarray(load_rgb(widened))[..., 1], np.arange(256, dtype=np.uint8).reshape(16, 16))
 
 
+@pytest.mark.quick
 def test_16bit_rgb_png_agrees_with_the_same_gray_file(tmp_path):
     gray = np.asarray(load_rgb(write_png16(tmp_path / "gray16.png", SAMPLES_16)))
     as_rgb = np.asarray(load_rgb(write_png16(tmp_path / "rgb16.png", np.stack([SAMPLES_16] * 3, axis=-1))))
@@ -110,6 +112,7 @@ OPSETS = (onnx_constants.ONNX_MIN_OPSET,
           getattr(onnx_constants, "ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET", onnx_constants.ONNX_MAX_OPSET))
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case, needle", [
     ("input_0", "--input_size 0 must be a positive multiple of the model's stride 16"),
     ("opset_low", rf"--opset {OPSETS[0] - 1} is outside {OPSETS[0]}\.\.{OPSETS[1]}, the opsets the TorchScript"),
@@ -163,6 +166,7 @@ def recon_folder(root: Path, origin_size: int = 64, tag_size: int = 64) -> Path:
     return root
 
 
+@pytest.mark.quick
 def test_recon_tag_of_another_size_than_origin_is_one_line(tmp_path):
     from src import recon
 
@@ -172,6 +176,7 @@ def test_recon_tag_of_another_size_than_origin_is_one_line(tmp_path):
     assert not (tmp_path / "recon" / "report.png").exists()
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("case, needle", [
     ("folder", "is a folder"),
     ("under_a_file", "cannot be created"),

@@ -1,5 +1,4 @@
 import argparse
-import json
 import math
 import subprocess
 import sys
@@ -14,15 +13,14 @@ from torchvision.transforms.functional import pil_to_tensor
 import train_finetune_npu
 from src import engine, train_finetune_relu
 from src.checkpoint import read_checkpoint, save_checkpoint
-from src.cli import UserError
+from src.cli import UserError, run_cli
 from src.data import PreparedCrops
-from src.images import load_rgb
 from src.losses import RecipeLoss, msssim_window
 from src.model_factory import build_model, make_arch
 from src.precision import apply_local_fp32
 from src.schedule import build_schedule
 from src.train_args import get_args_parser
-from tests.conftest import common_args, photo_paths
+from tests.conftest import AMP, GDN_CONTROL, ONE_EPOCH, RECON, common_args
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -43,7 +41,7 @@ def assert_run_outputs(tmp_path, replace):
 
 
 def test_relu_script_end_to_end(prepared64, tmp_path, capsys):
-    summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--wandb", "true"))
+    summary = train_finetune_relu.main(common_args(prepared64, tmp_path, "--wandb", "true", *RECON, *AMP))
     assert_run_outputs(tmp_path, "relu")
     out = capsys.readouterr().out
     for word in ("RD", "L1", "1-MSSSIM", "BPP", "λ", "MSSSIM", "PSNR"):
@@ -67,12 +65,13 @@ def test_relu_script_end_to_end(prepared64, tmp_path, capsys):
 
 def test_npu_script_end_to_end(prepared64, tmp_path):
     train_finetune_npu.main(common_args(prepared64, tmp_path, "--enc_t", "1.5", "--dec_gmax", "3.0",
-                                        "--amp_dtype", "fp16"))
+                                        *AMP, "--amp_dtype", "fp16", *RECON))
     assert_run_outputs(tmp_path, "npu")
     arch = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["arch"]
     assert arch["replace_parts"] == "all" and arch["enc_kwargs"]["t"] == 1.5 and arch["dec_kwargs"]["g_max"] == 3.0
 
 
+@pytest.mark.quick
 def test_npu_script_defaults():
     args = train_finetune_npu.get_npu_args_parser().parse_args(["--coco_dir", "x"])
     assert (args.replace_parts, args.save_dir, args.recon_dir) == ("all", "./checkpoints_npu", "./recon_npu")
@@ -104,6 +103,7 @@ def test_fixed_batch_overfits():
     assert losses[-1] < 0.7 * losses[0]
 
 
+@pytest.mark.quick
 def test_loss_is_fp32_and_matches_formula():
     torch.manual_seed(0)
     x = torch.rand(2, 3, 64, 64)
@@ -122,12 +122,14 @@ def test_loss_is_fp32_and_matches_formula():
     torch.testing.assert_close(parts["total"], 0.3 * l1 + 0.7 * (1 - msssim) + 0.5 * bpp)
 
 
+@pytest.mark.quick
 def test_small_crops_adapt_msssim_window_once(capsys):
     msssim_window.cache_clear()
     assert msssim_window(64) == 3 and msssim_window(64) == 3 and msssim_window(224) == 11
     assert capsys.readouterr().out.count("note:") == 1
 
 
+@pytest.mark.quick
 def test_local_fp32_entropy_gives_fp32_bpp_under_bf16():
     torch.manual_seed(0)
     model = build_model(make_arch(quality=1, replace="relu")).eval()
@@ -146,6 +148,7 @@ def test_local_fp32_entropy_gives_fp32_bpp_under_bf16():
     assert out["likelihoods"]["y"].dtype == torch.float32
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("replace, parts, mode, expected", [
     ("none", "none", "entropy", ["entropy_bottleneck"]),
     ("none", "none", "entropy+decoder", ["entropy_bottleneck", "g_s.1", "g_s.3", "g_s.5"]),  # IGDN, not convs
@@ -161,6 +164,7 @@ def test_local_fp32_policies_choose_modules(replace, parts, mode, expected):
     assert apply_local_fp32(model, mode) == expected
 
 
+@pytest.mark.quick
 def test_local_fp32_custom_picks_by_class_name():
     model = build_model(make_arch(quality=1, replace="npu", replace_parts="all"))
     assert apply_local_fp32(model, "custom", ["GDNishLiteDec"]) == ["g_s.1", "g_s.3", "g_s.5"]
@@ -180,6 +184,7 @@ def lr_curve(kind, epochs=3, steps=5, warmup=0, lr=1.0):
     return curve
 
 
+@pytest.mark.quick
 def test_lr_curve_cosine_with_warmup():
     curve = lr_curve("cosine", warmup=4)
     cosine = [(1 + math.cos(math.pi * e / 3)) / 2 for e in range(3)]
@@ -187,6 +192,7 @@ def test_lr_curve_cosine_with_warmup():
     assert curve == pytest.approx(expected, rel=1e-6)
 
 
+@pytest.mark.quick
 def test_lr_curve_onecycle_steps_per_step_and_plateau_per_epoch():
     curve = lr_curve("onecycle")
     assert len(set(curve)) == len(curve), "onecycle changes the LR every step"
@@ -240,8 +246,8 @@ def test_fp16_clips_unscaled_gradients(prepared64, tmp_path, monkeypatch):
     assert 0.2 < norms["fp16"] / norms["bf16"] < 5
 
 
-def test_overflow_check_names_module_and_keeps_last_checkpoint(prepared64, tmp_path):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1"))
+def test_overflow_check_names_module_and_keeps_last_checkpoint(finished_runs, prepared64, tmp_path):
+    finished_runs.copy(tmp_path, *ONE_EPOCH)
     good = (tmp_path / "ckpt" / "last.pt").read_bytes()
     ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
     ckpt["state_dict"]["g_s.2.weight"] *= 1e30  # a decoder layer that blows up
@@ -255,26 +261,13 @@ def test_overflow_check_names_module_and_keeps_last_checkpoint(prepared64, tmp_p
     assert "last good checkpoint" not in str(stopped.value) and "an earlier run's" in str(stopped.value)
 
 
+@pytest.mark.quick
 def test_stop_message_names_only_checkpoints_of_this_run(tmp_path):
     config = engine.StepConfig(last_checkpoint=tmp_path / "last.pt")
     state = engine.TrainState()
     assert engine.last_good_checkpoint(state, config) == "no checkpoint was written by this run"
     state.last_saved = tmp_path / "resumed_from.pt"
     assert engine.last_good_checkpoint(state, config) == f"last good checkpoint: {tmp_path / 'resumed_from.pt'}"
-
-
-def test_gdn_control_checkpoint_is_read_by_compressai_eval_model(prepared64, tmp_path):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--replace_parts", "none", "--train_scope", "all",
-                                         "--epochs", "1"))
-    photos = tmp_path / "photos"  # CompressAI's eval needs images over 160 px (MS-SSIM)
-    photos.mkdir()
-    load_rgb(photo_paths()[0]).resize((256, 192)).save(photos / "astronaut.png")
-    result = subprocess.run([sys.executable, "-m", "compressai.utils.eval_model", "checkpoint",
-                             str(photos), "-a", "bmshj2018-factorized", "-p",
-                             str(tmp_path / "ckpt" / "last.pt")], capture_output=True, text=True, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
-    metrics = json.loads(result.stdout[result.stdout.index("{"):])["results"]
-    assert metrics["bpp"][0] > 0 and metrics["psnr-rgb"][0] > 0
 
 
 class _TouchOnLoad:
@@ -287,6 +280,7 @@ class _TouchOnLoad:
         return (Path.touch, (self.marker,))
 
 
+@pytest.mark.quick
 def test_pickled_checkpoint_is_refused_not_executed(tmp_path):
     marker = tmp_path / "executed"
     torch.save({"state_dict": {}, "evil": _TouchOnLoad(marker)}, tmp_path / "evil.pt")
@@ -295,6 +289,7 @@ def test_pickled_checkpoint_is_refused_not_executed(tmp_path):
     assert not marker.exists()
 
 
+@pytest.mark.quick
 def test_offline_pretrained_is_one_clear_line(prepared64, tmp_path, monkeypatch):
     import compressai.zoo.image as zoo_image
 
@@ -308,10 +303,8 @@ def test_offline_pretrained_is_one_clear_line(prepared64, tmp_path, monkeypatch)
         train_finetune_relu.main(argv)
 
 
-def test_gdn_base_checkpoint_starts_a_relu_run(prepared64, tmp_path):
-    train_finetune_relu.main(common_args(prepared64, tmp_path / "gdn", "--replace_parts", "none",
-                                         "--train_scope", "all", "--epochs", "1"))
-    base = tmp_path / "gdn" / "ckpt" / "last.pt"
+def test_gdn_base_checkpoint_starts_a_relu_run(finished_runs, prepared64, tmp_path):
+    base = finished_runs.get(*GDN_CONTROL) / "ckpt" / "last.pt"
     train_finetune_relu.main(common_args(prepared64, tmp_path, "--base_checkpoint", str(base), "--epochs", "1"))
     relu = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["state_dict"]
     gdn = torch.load(base, weights_only=True)["state_dict"]
@@ -319,6 +312,7 @@ def test_gdn_base_checkpoint_starts_a_relu_run(prepared64, tmp_path):
     assert not torch.equal(relu["g_a.0.weight"], gdn["g_a.0.weight"])
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("extra, message", [
     (["--local_fp32", "custom"], "--local_fp32_custom"),
     (["--sched", "onecycle", "--lr_warmup_steps", "5"], "onecycle"),
@@ -329,28 +323,31 @@ def test_bad_flag_combinations(prepared64, tmp_path, extra, message):
         train_finetune_relu.main(common_args(prepared64, tmp_path, *extra))
 
 
-def test_cli_errors_are_single_lines(tmp_path):
-    def run(*argv):
-        return subprocess.run([sys.executable, "-m", "src.train_finetune_relu", *argv], capture_output=True,
-                              text=True, cwd=REPO)
-
-    removed = run("--coco_dir", "x", "--amp_warmup_steps", "10")
-    assert removed.returncode == 2 and "--lr_warmup_steps" in removed.stderr and "--local_fp32" in removed.stderr
+@pytest.mark.quick
+def test_cli_errors_are_single_lines(tmp_path, capsys):
+    """Parsing errors through the script's entry function; one error found after parsing through the real process
+    (the subprocess smoke test of src.train_finetune_relu; the cases themselves: BAD_TRAINING_INPUT)."""
+    with pytest.raises(SystemExit) as removed:
+        run_cli(train_finetune_relu.main, ["--coco_dir", "x", "--amp_warmup_steps", "10"])
+    err = capsys.readouterr().err
+    assert removed.value.code == 2 and "--lr_warmup_steps" in err and "--local_fp32" in err
     for argv, needle in ((["--quality", "0"], "CompressAI's qualities are 1-8"),
                          (["--amp", "maybe"], "true or false")):
-        result = run("--coco_dir", str(tmp_path), *argv, "--pretrained", "false")
-        assert result.returncode == 2 and needle in result.stderr and "Traceback" not in result.stderr
-    # One error found after parsing, through the real process (the cases themselves: BAD_TRAINING_INPUT).
+        with pytest.raises(SystemExit) as result:
+            run_cli(train_finetune_relu.main, ["--coco_dir", str(tmp_path), *argv, "--pretrained", "false"])
+        err = capsys.readouterr().err
+        assert result.value.code == 2 and needle in err and "Traceback" not in err
     (tmp_path / "train").mkdir()
-    empty = run("--coco_dir", str(tmp_path), "--pretrained", "false")
+    empty = subprocess.run([sys.executable, "-m", "src.train_finetune_relu", "--coco_dir", str(tmp_path),
+                            "--pretrained", "false"], capture_output=True, text=True, cwd=REPO)
     assert empty.returncode == 2 and "holds no images" in empty.stderr
     assert empty.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in empty.stderr
 
 
 @pytest.mark.parametrize("scope, trained", [("all", True), ("replaced", False)])
-def test_quantiles_train_with_aux_loss_only_when_entropy_model_trains(prepared64, tmp_path, scope, trained):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--train_scope", scope))
-    ckpt = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)
+def test_quantiles_train_with_aux_loss_only_when_entropy_model_trains(finished_runs, scope, trained):
+    flags = ONE_EPOCH if scope == "replaced" else (*ONE_EPOCH, "--train_scope", scope)  # replaced: the default
+    ckpt = torch.load(finished_runs.get(*flags) / "ckpt" / "last.pt", weights_only=True)
     initial = build_model(make_arch(quality=1, replace="relu")).entropy_bottleneck.quantiles
     changed = not torch.equal(ckpt["state_dict"]["entropy_bottleneck.quantiles"], initial.detach())
     assert changed == trained
@@ -358,12 +355,14 @@ def test_quantiles_train_with_aux_loss_only_when_entropy_model_trains(prepared64
 
 
 @pytest.mark.parametrize("dtype, scaled", [("fp16", True), ("bf16", False)])
-def test_grad_scaler_only_for_fp16(prepared64, tmp_path, dtype, scaled):
-    train_finetune_relu.main(common_args(prepared64, tmp_path, "--epochs", "1", "--amp_dtype", dtype))
-    scaler_state = torch.load(tmp_path / "ckpt" / "last.pt", weights_only=True)["scaler"]
+def test_grad_scaler_only_for_fp16(finished_runs, dtype, scaled):
+    ckpt = torch.load(finished_runs.get(*ONE_EPOCH, *AMP, "--amp_dtype", dtype) / "ckpt" / "last.pt",
+                      weights_only=True)
+    scaler_state = ckpt["scaler"]
     assert ("scale" in scaler_state) == scaled
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("capability, expected", [((7, 5), "fp16"), ((7, 0), "fp16"), ((8, 0), "bf16"),
                                                   ((9, 0), "bf16")])
 def test_amp_dtype_auto_follows_native_bf16(capability, expected, monkeypatch):
@@ -376,6 +375,7 @@ def test_amp_dtype_auto_follows_native_bf16(capability, expected, monkeypatch):
     assert resolve_amp_dtype(torch.device("cpu"), "auto")[0] == "bf16"
 
 
+@pytest.mark.quick
 def test_local_fp32_survives_deepcopy_and_pickle():
     import copy
     import pickle
@@ -412,6 +412,7 @@ def synthetic_recon(root, noise=(0.02, 0.05), count=2, size=64):
     return originals, tags
 
 
+@pytest.mark.quick
 def test_recon_report_sheet_and_captions(tmp_path):
     import numpy as np
 
@@ -442,6 +443,7 @@ def drawn_sheet(monkeypatch):
     return kept
 
 
+@pytest.mark.quick
 def test_recon_sheet_shows_rate_beside_quality_and_an_rd_plot(tmp_path, monkeypatch, capsys):
     import numpy as np
 
@@ -470,6 +472,7 @@ def test_recon_sheet_shows_rate_beside_quality_and_an_rd_plot(tmp_path, monkeypa
     assert "mean bpp 0.2000" in capsys.readouterr().out
 
 
+@pytest.mark.quick
 def test_recon_sheet_without_rate_says_unknown(tmp_path, monkeypatch, capsys):
     from src import recon as recon_report
 
@@ -486,6 +489,7 @@ def test_recon_sheet_without_rate_says_unknown(tmp_path, monkeypatch, capsys):
         recon_report.main(["--recon_dir", str(tmp_path / "recon")])
 
 
+@pytest.mark.quick
 def test_recon_report_bad_folders(tmp_path):
     from src import recon as recon_report
 
@@ -502,6 +506,7 @@ def test_recon_report_bad_folders(tmp_path):
         recon_report.main(["--recon_dir", str(tmp_path / "r2")])
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
 @pytest.mark.parametrize("quality", ["0", "9", "three"])
 def test_quality_outside_compressai_is_one_line(make, quality, capsys):
@@ -515,6 +520,7 @@ def test_quality_outside_compressai_is_one_line(make, quality, capsys):
     assert make().parse_args(["--coco_dir", "x", "--quality", "8"]).quality == 8
 
 
+@pytest.mark.quick
 @pytest.mark.parametrize("make", [lambda: get_args_parser("x"), lambda: train_finetune_npu.get_npu_args_parser()])
 def test_help_shows_every_default_and_hides_removed_flags(make):
     parser = make()
