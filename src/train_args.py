@@ -129,7 +129,7 @@ def get_args_parser(description: str, save_dir: str = "./checkpoints", recon_dir
                    help="INT8 profile (src/quant/ptq.py): w8a8 = every activation 8-bit; a16w8 = 16-bit main path")
     g.add_argument("--qat_scales", default="learned", choices=SCALE_MODES,
                    help="learned = LSQ-train the 8-bit scales (in log space) from the calibrated ones (measured "
-                        "better, docs/int8_study.md); frozen = keep the calibrated scales")
+                        "better, docs/qat_study.md); frozen = keep the calibrated scales")
     g.add_argument("--qat_calib_dir", default=None,
                    help="whole photos the scales are calibrated on (default: COCO_DIR/train2017; never crops)")
     g.add_argument("--qat_calib_count", type=int, default=20, help="calibration photos used (sorted by name)")

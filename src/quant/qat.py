@@ -33,7 +33,7 @@ trained model the same:
   every activation's QAT scale and zero point as ``TensorQuantOverrides``: the
   shipped graph is the PTQ graph with QAT's weights and scales.
 
-Scales (``--qat_scales``): ``learned`` (the default, docs/int8_study.md)
+Scales (``--qat_scales``): ``learned`` (the default, docs/qat_study.md)
 trains the 8-bit ones with LSQ (torch's learnable fake-quant op) from the
 calibrated start, in log space (``LearnedFakeQuantize``: every scale moves by
 the same fraction per step, whatever its size); ``frozen`` keeps the

@@ -24,7 +24,7 @@ QAT_PARTS = ("g_a", "g_s")
 SCALE_MODES = ("frozen", "learned")
 PLACEMENTS, INTERFACES = ("graph", "double"), ("symbols", "latent")
 PRECISIONS = ("w8a8", "a16w8")  # src.quant.scheme.PROFILES
-DEFAULT_PRECISION, DEFAULT_SCALES = "w8a8", "learned"  # learned: measured better (docs/int8_study.md)
+DEFAULT_PRECISION, DEFAULT_SCALES = "w8a8", "learned"  # learned: measured better (docs/qat_study.md)
 LOG_SCALE_GAIN = 30.0  # learned scales: relative step per optimizer step ~ LOG_SCALE_GAIN * lr (LearnedFakeQuantize)
 
 
