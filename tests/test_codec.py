@@ -117,7 +117,8 @@ def test_decode_needs_no_checkpoint_nor_training_code(setup, tmp_path):
     loaded = eval(result.stdout.strip().splitlines()[-1])
     decoder_modules = {"src.codec", "src.codec.bundle", "src.codec.format", "src.codec.latents", "src.codec.runtimes",
                        "src.codec.tables", "src.codec.rans", "src.codec.limits", "src.cli", "src.checkpoint",
-                       "src.outputs"}
+                       "src.outputs",
+                       "src.checkpoint_format"}  # src.checkpoint's payload versions: torch + src.cli, no model code
     assert set(loaded) <= decoder_modules, loaded
     assert Image.open(tmp_path / "a.png").size == (150, 110)
 

@@ -95,7 +95,9 @@ def test_snippet_c_trains_evaluates_exports_and_resumes_the_npu_model(prepared64
     again = torch.load(last, weights_only=True)
     assert (again["epoch"], again["step"], again["arch"]) == (2, 4, ckpt["arch"])
 
-    with pytest.raises(UserError, match="is a run of npu blocks and this script trains relu blocks: resume it with python train_finetune_npu.py"):  # the unedited script trains ReLU: it refuses the NPU run
+    # the unedited script trains ReLU: it refuses the NPU run and names the script that resumes it
+    with pytest.raises(UserError, match="is a run of npu blocks and this script trains relu blocks: resume it with "
+                                        "python train_finetune_npu.py"):
         train_finetune_relu.main(["--coco_dir", str(prepared64), "--quality", "1", "--pretrained", "false",
                                   "--replace_parts", "all", "--epochs", "1", "--num_workers", "0", "--batch_size", "2",
                                   "--max_steps_per_epoch", "2", "--amp", "false",
