@@ -180,6 +180,21 @@ def link_or_copy_atomic(src: Path, dst: Path) -> None:
 # A run owns its --save_dir and --recon_dir: created and checked at start, locked against a second run
 # at the same time, cleaned of the temp files a killed run left there.
 
+def swap_in_folder(built: Path, target: Path) -> None:
+    """Put the finished folder ``built`` at ``target`` by renames only; what was at ``target`` goes only after.
+
+    A crash leaves either the old folder or the new one at ``target`` (the old one parked beside it in a
+    ``.NAME.old.*`` folder), never a half-written one. Callers check first that ``target`` may be replaced.
+    """
+    if target.exists():
+        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
+        os.replace(target, old / "previous")
+        os.replace(built, target)
+        shutil.rmtree(old)
+    else:
+        os.replace(built, target)
+
+
 def prepare_output_dir(folder: Path, flag: str) -> None:
     """Create ``folder`` (an output folder given as ``flag``) or say in one line why it cannot be used."""
     folder = Path(folder)

@@ -25,6 +25,7 @@ import onnx
 import torch
 from torch import nn
 
+from src.checkpoint import swap_in_folder
 from src.cli import UserError
 from src.codec.bundle import (BUNDLE_FORMAT, BUNDLE_VERSION, GRAPH_FILES, MANIFEST, TABLES_FILE, Bundle, Codec,
                               file_sha256, image_array, load_bundle, padded_input)
@@ -201,13 +202,7 @@ def pid_alive(pid: int) -> bool:
 def replace_folder(built: Path, target: Path) -> None:
     """Put the finished bundle ``built`` at ``target``; an earlier bundle there is replaced, anything else kept."""
     check_target(target)
-    if target.exists():
-        old = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}.old."))
-        os.replace(target, old / "bundle")
-        os.replace(built, target)
-        shutil.rmtree(old)
-    else:
-        os.replace(built, target)
+    swap_in_folder(built, target)
 
 
 def write_bundle(model: nn.Module, arch: Optional[Dict], out: Path, verification: Sequence[Path],

@@ -14,7 +14,6 @@ For one model (a checkpoint, its decoder's upsampling in one ``TARGET_UPSAMPLE``
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import tempfile
 from dataclasses import dataclass
@@ -25,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from src.checkpoint import swap_in_folder
 from src.quant.fake_quant import float_twin, is_qat_model
 from src.quant.ptq import SymbolCodec, calibrate, mean_points, quantise_pair, symbol_bits
 from src.quant.qat import export_pair as qat_export_pair
@@ -139,11 +139,5 @@ def assemble(result: Dict, stage: Path, target_dir: Path) -> Path:
                 shutil.copy2(file, built / file.name)
     (built / "report.json").write_text(json.dumps(result, indent=2))
     (built / "report.md").write_text(reports.target_markdown(result))
-    if target_dir.exists():
-        old = Path(tempfile.mkdtemp(dir=target_dir.parent, prefix=f".{target_dir.name}.old."))
-        os.replace(target_dir, old / "previous")
-        os.replace(built, target_dir)
-        shutil.rmtree(old)
-    else:
-        os.replace(built, target_dir)
+    swap_in_folder(built, target_dir)
     return target_dir
