@@ -3,13 +3,17 @@
     python -m scripts.npu_targets --ckpt CKPT [CKPT ...] --calib_dir PHOTOS --eval_dir PHOTOS \
         [--targets ethos-u55-256 ethos-u85-256 rk3588] [--precision w8a8 a16w8] \
         [--upsample convtranspose subpixel] [--input_size 768x512] [--out npu_out]
+    python -m scripts.npu_targets --curve gdn=q1.pt,q2.pt,q3.pt,q4.pt --curve npu=... --calib_dir ... --eval_dir ...
 
 Per model, target and precision it writes ``OUT/<model>/<target>-<precision>/``: the target's artefacts (Vela's
 compiled ``<part>_vela.tflite`` and the int8 ``<part>_int8.tflite``; ``<part>.rknn``), ``report.json`` and
 ``report.md`` (ops on the NPU, every CPU fallback with the compiler's reason, its estimates for ``--input_size``,
 and the codec's round trip on the eval photos through the target's quantised model beside FP32 and the project's
 own ONNX INT8), and ``OUT/summary.{json,md}`` over all of them (rows of earlier runs into the same OUT kept,
-those measured again replaced). Toolchains run in their own venvs
+those measured again replaced). ``--curve NAME=CKPT,...`` names a model's rate points (as ``src.eval --curve``):
+each point is measured as above (``OUT/<NAME>-r<k>_<upsample>/``) and ``OUT/curves.{json,md}`` holds the
+Bjøntegaard deltas of each target's quantised codec and of the project's ONNX INT8 against the FP32 graphs of the
+same points, and of each curve against the first on the same target. Toolchains run in their own venvs
 (``./run.sh npu-setup``); see ``docs/npu_targets.md``.
 """
 
@@ -29,6 +33,7 @@ from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli, str2bool
 from src.quant.scheme import PROFILES
 from src.eval import load_model as load_eval_model
+from src.rd_curves import parse_curve
 from src.targets import jobs, report
 from src.targets.registry import TARGETS, check_precisions, resolve_targets
 from src.targets.rewrites import TARGET_UPSAMPLE
@@ -48,8 +53,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Compile the codec for NPU targets and measure it there.",
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     g = p.add_argument_group("Model")
-    g.add_argument("--ckpt", nargs="+", required=True, help="checkpoint(s) of this project (float or QAT) or a "
+    g.add_argument("--ckpt", nargs="+", default=[], help="checkpoint(s) of this project (float or QAT) or a "
                    "CompressAI bmshj2018-factorized state dict")
+    g.add_argument("--curve", action="append", default=[], metavar="NAME=CKPT[,CKPT...]",
+                   help="one model's rate points, lowest rate first (repeatable; the first curve is the anchor of "
+                        "the cross-curve BD-rate on each target, e.g. the GDN control): each point measured as "
+                        "--ckpt is, then BD-rate against FP32 per target into OUT/curves.{json,md}")
     g.add_argument("--upsample", nargs="+", default=["convtranspose"], choices=sorted(TARGET_UPSAMPLE),
                    help="decoder upsampling form(s) compiled: " + "; ".join(f"{k}: {v}" for k, v in TARGET_UPSAMPLE.items()))
     g = p.add_argument_group("Photos")
@@ -80,9 +89,30 @@ def chosen_targets(names: Optional[Sequence[str]]):
     return found
 
 
-def model_label(arch: Optional[Dict], upsample: str) -> str:
+def model_label(arch: Optional[Dict], upsample: str, curve: Optional[str] = None, rate_point: int = 0) -> str:
+    """The model's folder under OUT: ``<kind>_<upsample>``, or ``<curve>-r<k>_<upsample>`` for a curve's k-th point."""
+    if curve:
+        return f"{curve}-r{rate_point}_{upsample}"
     kind = {"none": "gdn", "relu": "relu", "npu": "npu"}[arch["replace"]] if arch else "gdn"
     return f"{kind}_{upsample}"
+
+
+def model_sources(args) -> List[Tuple[str, Optional[str], int]]:
+    """(checkpoint, curve name or None, rate point from 1) of every model to measure, in the order given."""
+    sources = [(path, None, 0) for path in args.ckpt]
+    names = set()
+    for text in args.curve:
+        try:
+            name, paths = parse_curve(text)
+        except ValueError as error:
+            raise UserError(str(error)) from None
+        if name in names or not name.replace("_", "").isalnum():
+            raise UserError(f"--curve {text!r}: each curve needs its own name of letters, digits and '_'")
+        names.add(name)
+        sources += [(path, name, k) for k, path in enumerate(paths, 1)]
+    if not sources:
+        raise UserError("name the model: --ckpt CKPT [CKPT ...] or --curve NAME=CKPT,CKPT,...")
+    return sources
 
 
 def load_model(path: str):
@@ -103,23 +133,34 @@ def refuse_fallbacks(result: Dict) -> None:
                         "(--allow_fallbacks true records them as a result)")
 
 
+def write_curves(out: Path, rows: Sequence[Dict]) -> List[Dict]:
+    """``OUT/curves.{json,md}``: the BD figures over every curve's rate points in the summary; printed too."""
+    deltas = report.curve_deltas(rows)
+    write_atomic(out / "curves.json", lambda f: f.write(json.dumps(deltas, indent=2).encode()))
+    table = report.curves_markdown(deltas)
+    write_atomic(out / "curves.md", lambda f: f.write(table.encode()))
+    print(table)
+    return deltas
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = get_args_parser().parse_args(argv)
     start = time.perf_counter()
+    sources = model_sources(args)
     targets = chosen_targets(args.targets)
     check_precisions(targets, args.precision)
     calibration = jobs.load_photos(Path(args.calib_dir), args.calib_count, "--calib_dir",
                                    minimum=jobs.MIN_CALIBRATION_PHOTOS)
     eval_images = jobs.load_photos(Path(args.eval_dir), args.eval_count, "--eval_dir") if args.eval_dir else []
-    models = [(path, *load_model(path)) for path in args.ckpt]
+    models = [(path, curve, k, *load_model(path)) for path, curve, k in sources]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".work.") as work:
-        for path, model, arch in models:
+        for path, curve, rate_point, model, arch in models:
             shapes = jobs.compile_shapes(args.input_size, int(model.entropy_bottleneck.quantiles.shape[0]))
             for upsample in args.upsample:
-                label = model_label(arch, upsample)
+                label = model_label(arch, upsample, curve, rate_point)
                 folder = Path(work) / label
                 print(f"{label}: graphs, calibration and references ({path})", flush=True)
                 prep = prepare(model, label, upsample, calibration, eval_images, args.precision, folder)
@@ -128,7 +169,7 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                         print(f"{label}: {target.name} {precision}", flush=True)
                         stage = folder / f"{target.name}-{precision}"
                         result = measure_target(prep, target, precision, eval_images, shapes, stage, out)
-                        result["checkpoint"], result["upsample"] = str(path), upsample
+                        result.update(checkpoint=str(path), upsample=upsample, curve=curve, rate_point=rate_point)
                         if not args.allow_fallbacks:
                             refuse_fallbacks(result)
                         assemble(result, stage, out / label / f"{target.name}-{precision}")
@@ -139,6 +180,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     table = report.summary_markdown(every)
     write_atomic(out / "summary.md", lambda f: f.write(table.encode()))
     print(table)
+    if any(row.get("curve") for row in every):
+        write_curves(out, every)
     print(f"npu targets finished in {time.perf_counter() - start:.0f}s; reports in {out}/")
     return rows
 

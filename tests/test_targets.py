@@ -148,6 +148,39 @@ def test_summary_rows_merge_and_table():
     assert "12.5/12.5" in table and "30.00 dB / 0.9500 / 0.5000" in table
 
 
+def curve_rows(curve, target, scale_target, scale_int8, upsample="convtranspose"):
+    """Four rate points whose target / project INT8 codecs spend ``scale`` x the FP32 bits for the same PSNR."""
+    rows = []
+    for k, (bpp, psnr) in enumerate([(0.15, 24.0), (0.25, 25.0), (0.40, 26.0), (0.65, 26.8)], 1):
+        fp32 = {"psnr": psnr, "ms_ssim": 1 - 10 ** (-psnr / 20), "bpp": bpp}
+        result = fake_result(model=f"{curve}-r{k}_{upsample}", target=target)
+        result["roundtrip"].update(fp32=fp32, target={**fp32, "bpp": bpp * scale_target},
+                                   project_int8={**fp32, "bpp": bpp * scale_int8, "source": "onnx_int8_w8a8"})
+        result.update(curve=curve, rate_point=k, upsample=upsample)
+        rows.append(report.summary_row(result))
+    return rows
+
+
+def test_curve_bd_rates_against_fp32_and_the_first_curve():
+    rows = (curve_rows("gdn", "ethos-u55-256", 1.10, 1.05) + curve_rows("npu", "ethos-u55-256", 1.02, 1.04)
+            + curve_rows("npu", "rk3588", 1.03, 1.04))
+    deltas = {(d["curve"], d["target"]): d for d in report.curve_deltas(rows[::-1])}  # order of rows is not order of points
+    gdn, npu = deltas[("gdn", "ethos-u55-256")], deltas[("npu", "ethos-u55-256")]
+    # the same PSNR at scale x the bits is a BD-rate of (scale - 1) on both quality axes
+    assert gdn["vs_fp32"]["target_point"]["psnr"]["bd_rate"] == pytest.approx(10.0, abs=1e-6)
+    assert gdn["vs_fp32"]["project_int8"]["ms_ssim_db"]["bd_rate"] == pytest.approx(5.0, abs=1e-6)
+    assert gdn["within_project"] is False and npu["within_project"] is True
+    # on the U55, the first curve seen (rows reversed: npu) anchors; gdn spends 1.10/1.02 of its bits
+    assert npu["vs_anchor"]["anchor"] == "npu_convtranspose"
+    assert gdn["vs_anchor"]["psnr"]["bd_rate"] == pytest.approx((1.10 / 1.02 - 1) * 100, abs=1e-6)
+    assert deltas[("npu", "rk3588")]["vs_anchor"]["psnr"]["bd_rate"] == pytest.approx(0.0, abs=1e-9)
+    table = report.curves_markdown(report.curve_deltas(rows))
+    assert "| gdn | convtranspose | ethos-u55-256 | w8a8 | 4 | +10.00 % / +10.00 % | +5.00 % / +5.00 % | no | " \
+           "(anchor) |" in table
+    short = report.curve_deltas(curve_rows("npu", "rk3588", 1.0, 1.0)[:3])
+    assert short[0]["within_project"] is None and "needs at least 4 points" in report.curves_markdown(short)
+
+
 def test_a_fallback_is_refused_in_one_line_naming_the_operator_and_reason():
     fallback = {"op": "TRANSPOSE_CONV", "name": "up", "reason": "Unsupported IFM/OFM shapes"}
     with pytest.raises(npu_targets.UserError, match="TRANSPOSE_CONV 'up': Unsupported IFM/OFM shapes"):
@@ -184,6 +217,8 @@ NPU_REFUSALS = {
     "checkpoint of the wrong kind": (["--ckpt", "{root}/hyper.pt"], "factorized-prior"),
     "not a checkpoint": (["--ckpt", "{root}/junk.pt"], "not a readable PyTorch checkpoint"),
     "input size not a multiple of 64": (["--input_size", "100x64"], "multiples of 64"),
+    "curve without checkpoints": (["--curve", "npu="], "expected NAME=CKPT"),
+    "curve of a hyperprior": (["--curve", "npu={root}/npu.pt,{root}/hyper.pt"], "factorized-prior"),
 }
 
 

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
+
+from src.rd_curves import MIN_POINTS, QUALITY_AXES, bd_deltas, msssim_db
 
 PARTS = ("encoder", "decoder")
 
@@ -71,7 +73,8 @@ def summary_row(result: Dict) -> Dict:
             "decoder_ms": dec.get("estimates", {}).get("latency_ms"),
             "input_shape": enc.get("input_shape"),
             "target_point": rt["target"], "fp32": rt["fp32"], "project_int8": rt["project_int8"],
-            "symbols_integer": rt["symbols"]["integer"]}
+            "symbols_integer": rt["symbols"]["integer"],
+            "curve": result.get("curve"), "rate_point": result.get("rate_point"), "upsample": result.get("upsample")}
 
 
 def fallback_counts(fallbacks: Sequence[str]) -> str:
@@ -106,3 +109,83 @@ def merged_rows(earlier: Sequence[Dict], new: Sequence[Dict]) -> List[Dict]:
     fresh = {ident(r): r for r in new}
     kept = [fresh.pop(ident(r), r) for r in earlier]
     return kept + [r for r in new if ident(r) in fresh]
+
+
+# ---------------------------------------------------------------- rate points of one model: BD-rate on each target
+
+CODECS = ("target_point", "project_int8")  # each compared with the FP32 graphs of its own rate points
+
+
+def curve_groups(rows: Sequence[Dict]) -> Dict[Tuple[str, str, str, str], List[Dict]]:
+    """Rows of ``--curve`` models with a round trip, by (curve, upsample, target, precision), in rate-point order."""
+    groups: Dict[Tuple[str, str, str, str], List[Dict]] = {}
+    for row in rows:
+        if row.get("curve") and row["target_point"] is not None:
+            groups.setdefault((row["curve"], row["upsample"], row["target"], row["precision"]), []).append(row)
+    return {k: sorted(v, key=lambda r: r["rate_point"]) for k, v in groups.items()}
+
+
+def _points(rows: Sequence[Dict], codec: str) -> List[Dict]:
+    return [{**r[codec], "ms_ssim_db": msssim_db(r[codec]["ms_ssim"])} for r in rows]
+
+
+def curve_deltas(rows: Sequence[Dict]) -> List[Dict]:
+    """Per curve, upsampling, target and precision: the BD figures of the target's quantised codec and of the
+    project's own ONNX INT8 (same profile, same rate points) against the FP32 graphs, on PSNR and MS-SSIM (dB);
+    and, per target and precision, each curve's target codec against the first curve's (the GDN control when it
+    is named first), so what a swap costs *on that NPU* is one number.
+
+    ``within_project`` says whether the target's BD-rate cost is at most the project's ONNX INT8 cost (PSNR);
+    ``None`` where either delta could not be computed (``notes`` say why).
+    """
+    groups = curve_groups(rows)
+    out = []
+    for (curve, upsample, target, precision), members in groups.items():
+        fp32 = _points(members, "fp32")
+        entry = {"curve": curve, "upsample": upsample, "target": target, "precision": precision,
+                 "points": len(members), "vs_fp32": {}}
+        for codec in CODECS:
+            entry["vs_fp32"][codec] = {axis: bd_deltas(fp32, _points(members, codec), axis, "fp32", codec)
+                                       for axis in QUALITY_AXES}
+        t, p = (entry["vs_fp32"][c]["psnr"]["bd_rate"] for c in CODECS)
+        entry["within_project"] = None if t is None or p is None else bool(t <= p + 1e-9)
+        out.append(entry)
+    anchors: Dict[Tuple[str, str], Tuple[str, List[Dict]]] = {}
+    for (curve, upsample, target, precision), members in groups.items():
+        anchors.setdefault((target, precision), (f"{curve}_{upsample}", members))
+    for entry in out:
+        name, members = anchors[(entry["target"], entry["precision"])]
+        own = groups[(entry["curve"], entry["upsample"], entry["target"], entry["precision"])]
+        entry["vs_anchor"] = {"anchor": name, **{axis: bd_deltas(_points(members, "target_point"),
+                                                                  _points(own, "target_point"), axis, name,
+                                                                  entry["curve"]) for axis in QUALITY_AXES}}
+    return out
+
+
+def _pct(value: Optional[float]) -> str:
+    return "n/a" if value is None else f"{value:+.2f} %"
+
+
+def curves_markdown(deltas: Sequence[Dict]) -> str:
+    """The BD table: target vs FP32 beside the project's ONNX INT8 vs FP32, and each curve vs the first on the
+    same target (all on the target's quantised codec, real bits), with the reasons for any n/a."""
+    lines = ["| curve | decoder | target | precision | points | BD-rate target vs FP32 (PSNR / MS-SSIM) | "
+             "BD-rate project ONNX INT8 vs FP32 (PSNR / MS-SSIM) | target cost <= project's | BD-rate vs first "
+             "curve on this target (PSNR / MS-SSIM) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    notes = []
+    for d in deltas:
+        t, p, a = d["vs_fp32"]["target_point"], d["vs_fp32"]["project_int8"], d["vs_anchor"]
+        verdict = {None: "n/a", True: "yes", False: "no"}[d["within_project"]]
+        anchor = "(anchor)" if a["anchor"] == f"{d['curve']}_{d['upsample']}" else (
+            f"{_pct(a['psnr']['bd_rate'])} / {_pct(a['ms_ssim_db']['bd_rate'])} vs {a['anchor']}")
+        lines.append(f"| {d['curve']} | {d['upsample']} | {d['target']} | {d['precision']} | {d['points']} | "
+                     f"{_pct(t['psnr']['bd_rate'])} / {_pct(t['ms_ssim_db']['bd_rate'])} | "
+                     f"{_pct(p['psnr']['bd_rate'])} / {_pct(p['ms_ssim_db']['bd_rate'])} | {verdict} | {anchor} |")
+        for what, by_axis in (("target vs fp32", t), ("project int8 vs fp32", p)):
+            notes += [f"- {d['curve']} {d['target']} {d['precision']}, {what}, {axis}: {note}"
+                      for axis, delta in by_axis.items() for note in delta["notes"]]
+    if not deltas:
+        lines.append(f"| (no curve with round trips: --curve needs eval photos and {MIN_POINTS} rate points) "
+                     "| | | | | | | | |")
+    return "\n".join(lines + ([""] + sorted(set(notes), key=notes.index) if notes else [])) + "\n"
