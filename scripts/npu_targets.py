@@ -38,7 +38,7 @@ from src.targets import jobs, report
 from src.targets.registry import TARGETS, check_precisions, resolve_targets
 from src.targets.rewrites import TARGET_UPSAMPLE
 from src.targets.study import assemble, measure_target, prepare
-from src.targets.toolchains import installed
+from src.targets.toolchains import installed, toolchain_python
 
 
 def input_size(text: str) -> Tuple[int, int]:
@@ -74,8 +74,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--input_size", type=input_size, default=(768, 512),
                    help="WIDTHxHEIGHT the artefacts are compiled for (the compilers' latency figures)")
     g.add_argument("--allow_fallbacks", type=str2bool, default=False,
-                   help="keep a compile with operators left on the CPU as a result (default: refuse it in one "
-                        "line naming the operator and the compiler's reason, the earlier artefacts kept)")
+                   help="record what the compilers do with the model as results: operators left on the CPU, and "
+                        "a converter's or compiler's refusal of a target and precision (a row naming its reason; "
+                        "the other targets go on). Default: refuse either in one line naming the operator and "
+                        "the compiler's reason, the earlier artefacts kept")
     g.add_argument("--out", default="npu_out", help="output folder")
     return p
 
@@ -153,12 +155,15 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                                    minimum=jobs.MIN_CALIBRATION_PHOTOS)
     eval_images = jobs.load_photos(Path(args.eval_dir), args.eval_count, "--eval_dir") if args.eval_dir else []
     models = [(path, curve, k, *load_model(path)) for path, curve, k in sources]
+    shapes = {path: jobs.compile_shapes(args.input_size, int(model.entropy_bottleneck.quantiles.shape[0]))
+              for path, _, _, model, _ in models}
+    for toolchain in sorted({t.toolchain for t in targets}):
+        toolchain_python(toolchain)  # missing: one line (not a refused row) before any compile
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".work.") as work:
         for path, curve, rate_point, model, arch in models:
-            shapes = jobs.compile_shapes(args.input_size, int(model.entropy_bottleneck.quantiles.shape[0]))
             for upsample in args.upsample:
                 label = model_label(arch, upsample, curve, rate_point)
                 folder = Path(work) / label
@@ -168,8 +173,16 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                     for precision in args.precision:
                         print(f"{label}: {target.name} {precision}", flush=True)
                         stage = folder / f"{target.name}-{precision}"
-                        result = measure_target(prep, target, precision, eval_images, shapes, stage, out)
-                        result.update(checkpoint=str(path), upsample=upsample, curve=curve, rate_point=rate_point)
+                        ident = dict(checkpoint=str(path), upsample=upsample, curve=curve, rate_point=rate_point)
+                        try:
+                            result = measure_target(prep, target, precision, eval_images, shapes[path], stage, out)
+                        except UserError as error:
+                            if not args.allow_fallbacks:
+                                raise
+                            print(f"{label}: {target.name} {precision} refused by the toolchain: {error}", flush=True)
+                            rows.append(report.refused_row(label, target.name, precision, str(error), ident))
+                            continue
+                        result.update(ident)
                         if not args.allow_fallbacks:
                             refuse_fallbacks(result)
                         assemble(result, stage, out / label / f"{target.name}-{precision}")

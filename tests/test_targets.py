@@ -146,6 +146,11 @@ def test_summary_rows_merge_and_table():
     assert "| npu_convtranspose | ethos-u55-256 | w8a8 | 9/10 | 9/10 | 1x encoder: TRANSPOSE_CONV, 1x decoder: " \
            "TRANSPOSE_CONV |" in table
     assert "12.5/12.5" in table and "30.00 dB / 0.9500 / 0.5000" in table
+    refused = report.refused_row("gdn_convtranspose", "ethos-u55-256", "a16w8", "Quantization to 16x8-bit not yet "
+                                 "supported for op: 'SQRT'", {"upsample": "convtranspose"})
+    table = report.summary_markdown(report.merged_rows(rows, [refused]))
+    assert "| gdn_convtranspose | ethos-u55-256 | a16w8 | - | - | refused: Quantization to 16x8-bit not yet " \
+           "supported for op: 'SQRT' | -/- | - | - | - |" in table
 
 
 def curve_rows(curve, target, scale_target, scale_int8, upsample="convtranspose"):

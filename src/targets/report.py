@@ -77,6 +77,15 @@ def summary_row(result: Dict) -> Dict:
             "curve": result.get("curve"), "rate_point": result.get("rate_point"), "upsample": result.get("upsample")}
 
 
+def refused_row(model: str, target: str, precision: str, reason: str, ident: Dict) -> Dict:
+    """A summary row for a target and precision whose converter or compiler refused the model (``reason``: its
+    one line), recorded under ``--allow_fallbacks true`` as a result like a fallback."""
+    return {"model": model, "target": target, "precision": precision, "encoder_npu": None, "decoder_npu": None,
+            "fallbacks": [], "refused": reason, "encoder_ms": None, "decoder_ms": None, "input_shape": None,
+            "target_point": None, "fp32": None, "project_int8": None, "symbols_integer": None,
+            **{k: ident.get(k) for k in ("curve", "rate_point", "upsample")}}
+
+
 def fallback_counts(fallbacks: Sequence[str]) -> str:
     """'decoder: 3x SQRT, 3x QUANTIZE, ...' from the rows' fallback lines (each reason is in report.md)."""
     if not fallbacks:
@@ -95,9 +104,10 @@ def summary_markdown(rows: Sequence[Dict]) -> str:
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         ms = "/".join("-" if v is None else f"{v:.1f}" for v in (r["encoder_ms"], r["decoder_ms"]))
-        fall = fallback_counts(r["fallbacks"])
-        lines.append(f"| {r['model']} | {r['target']} | {r['precision']} | {r['encoder_npu'][0]}/{r['encoder_npu'][1]} "
-                     f"| {r['decoder_npu'][0]}/{r['decoder_npu'][1]} | {fall} | {ms} | "
+        fall = f"refused: {r['refused']}" if r.get("refused") else fallback_counts(r["fallbacks"])
+        enc, dec = ("-" if r[k] is None else f"{r[k][0]}/{r[k][1]}" for k in ("encoder_npu", "decoder_npu"))
+        lines.append(f"| {r['model']} | {r['target']} | {r['precision']} | {enc} "
+                     f"| {dec} | {fall} | {ms} | "
                      f"{point_text(r['target_point'])} | {point_text(r['project_int8'])} | {point_text(r['fp32'])} |")
     return "\n".join(lines) + "\n"
 
