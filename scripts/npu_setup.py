@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 
 from src.cli import run_cli
 from src.targets.registry import TARGETS
-from src.targets.toolchains import create_venv, requirements
+from src.targets.toolchains import create_venv, installed, requirements
 
 TOOLCHAINS = tuple(dict.fromkeys(t.toolchain for t in TARGETS.values()))
 
@@ -26,7 +26,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     args = p.parse_args(argv)
     for toolchain in args.toolchains:
         start = time.perf_counter()
-        print(f"{toolchain}: creating .venv-{toolchain} (first time: several minutes)", flush=True)
+        if not installed(toolchain):
+            print(f"{toolchain}: creating .venv-{toolchain} from targets/{toolchain}/ (several minutes)", flush=True)
         python = create_venv(toolchain)
         print(f"{toolchain}: ready ({python}, {time.perf_counter() - start:.0f}s)", flush=True)
 
