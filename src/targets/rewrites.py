@@ -28,7 +28,11 @@ zeros. Pool -> Conv 1x1 -> Clip -> Mul: no reshape, every op NPU-native.
 CompressAI's GDN computes its non-negative beta and gamma from their parametrisation at every call and reshapes
 gamma with the input's channel count, so the exported graph derives a convolution's weight at run time (Max, Pow,
 Sub, Shape, Reshape), which onnx2tf cannot convert. ``ConstantGDN`` holds those values as the weight and bias of a
-1x1 convolution: the same ``x * rsqrt(conv(x^2))`` (``sqrt`` for IGDN) with the same numbers.
+1x1 convolution: the same ``x * rsqrt(conv(x^2))`` (``sqrt`` for IGDN) with the same numbers. Its ``rsqrt`` is
+written ``one / sqrt`` with ``one`` a (1, 1, 1, 1) constant: what ``torch.rsqrt`` exports to (Div(1, Sqrt), which
+onnx2tf fuses into TFLite's RSQRT), but with a 4-D numerator, because onnx2tf fails on the scalar one when the
+image is square ("Output tensors of a Functional model must be the output of a TensorFlow `Layer` ... Found: 1.0",
+measured on the demo's GDN control at 512x512; 768x512 converted).
 """
 
 from __future__ import annotations
@@ -159,10 +163,11 @@ class ConstantGDN(nn.Module):
         with torch.no_grad():
             self.norm.weight.copy_(gamma.reshape(channels, channels, 1, 1))
             self.norm.bias.copy_(beta)
+        self.register_buffer("one", torch.ones(1, 1, 1, 1, dtype=beta.dtype, device=beta.device))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         norm = self.norm(x * x)
-        return x * (torch.sqrt(norm) if self.inverse else torch.rsqrt(norm))
+        return x * (torch.sqrt(norm) if self.inverse else self.one / torch.sqrt(norm))
 
 
 def constant_gdn_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
