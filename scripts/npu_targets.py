@@ -29,6 +29,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import torch
 
 from src.codec.build import check_factorized
+from src.codec.bundle import load_bundle
+from src.codec.tables import EntropyTables
 from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli, str2bool
 from src.quant.scheme import PROFILES
@@ -55,6 +57,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Model")
     g.add_argument("--ckpt", nargs="+", default=[], help="checkpoint(s) of this project (float or QAT) or a "
                    "CompressAI bmshj2018-factorized state dict")
+    g.add_argument("--bundle", nargs="+", default=[], help="codec bundle(s) (scripts.export_onnx --bundle): the "
+                   "checkpoint its manifest names, checked against the bundle's entropy tables, compiled in the "
+                   "bundle's decoder form (subpixel, or the SAME-padded ConvTranspose)")
     g.add_argument("--curve", action="append", default=[], metavar="NAME=CKPT[,CKPT...]",
                    help="one model's rate points, lowest rate first (repeatable; the first curve is the anchor of "
                         "the cross-curve BD-rate on each target, e.g. the GDN control): each point measured as "
@@ -99,9 +104,34 @@ def model_label(arch: Optional[Dict], upsample: str, curve: Optional[str] = None
     return f"{kind}_{upsample}"
 
 
-def model_sources(args) -> List[Tuple[str, Optional[str], int]]:
-    """(checkpoint, curve name or None, rate point from 1) of every model to measure, in the order given."""
-    sources = [(path, None, 0) for path in args.ckpt]
+def bundle_source(folder: str) -> Tuple[str, str]:
+    """(checkpoint, decoder form) of a codec bundle: the checkpoint its manifest names, refused in one line unless
+    it still holds the entropy tables the bundle was written with.
+
+    The targets compile from the checkpoint, not from the bundle's graphs, because the rewrites that put the graphs
+    on the NPUs (``src.targets.rewrites``) are exact rewrites of PyTorch modules, which ONNX graphs no longer are.
+    """
+    bundle = load_bundle(Path(folder))
+    source = bundle.manifest.get("source") or ""
+    if not source:
+        raise UserError(f"{folder}: its manifest names no checkpoint; pass the checkpoint with --ckpt")
+    if not Path(source).is_file():
+        raise UserError(f"{folder} was written from {source}, which is not there (a relative path is read from "
+                        "the current folder); pass the checkpoint with --ckpt")
+    model, _ = load_model(source)
+    if EntropyTables.from_entropy_bottleneck(model.entropy_bottleneck).digest() != bundle.tables.digest():
+        raise UserError(f"{source} no longer holds the entropy tables of {folder} (trained on after the bundle "
+                        "was written?): write the bundle again, or pass the checkpoint with --ckpt")
+    return source, "subpixel" if bundle.manifest.get("upsample") == "subpixel" else "convtranspose"
+
+
+def model_sources(args) -> List[Tuple[str, Optional[str], int, Optional[str]]]:
+    """(checkpoint, curve name or None, rate point from 1, decoder form or None for --upsample) of every model to
+    measure, in the order given."""
+    sources = [(path, None, 0, None) for path in args.ckpt]
+    for folder in args.bundle:
+        checkpoint, form = bundle_source(folder)
+        sources.append((checkpoint, None, 0, form))
     names = set()
     for text in args.curve:
         try:
@@ -111,9 +141,9 @@ def model_sources(args) -> List[Tuple[str, Optional[str], int]]:
         if name in names or not name.replace("_", "").isalnum():
             raise UserError(f"--curve {text!r}: each curve needs its own name of letters, digits and '_'")
         names.add(name)
-        sources += [(path, name, k) for k, path in enumerate(paths, 1)]
+        sources += [(path, name, k, None) for k, path in enumerate(paths, 1)]
     if not sources:
-        raise UserError("name the model: --ckpt CKPT [CKPT ...] or --curve NAME=CKPT,CKPT,...")
+        raise UserError("name the model: --ckpt CKPT [CKPT ...], --bundle DIR or --curve NAME=CKPT,CKPT,...")
     return sources
 
 
@@ -154,17 +184,18 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     calibration = jobs.load_photos(Path(args.calib_dir), args.calib_count, "--calib_dir",
                                    minimum=jobs.MIN_CALIBRATION_PHOTOS)
     eval_images = jobs.load_photos(Path(args.eval_dir), args.eval_count, "--eval_dir") if args.eval_dir else []
-    models = [(path, curve, k, *load_model(path)) for path, curve, k in sources]
+    models = [(path, curve, k, [form] if form else args.upsample, *load_model(path))
+              for path, curve, k, form in sources]
     shapes = {path: jobs.compile_shapes(args.input_size, int(model.entropy_bottleneck.quantiles.shape[0]))
-              for path, _, _, model, _ in models}
+              for path, _, _, _, model, _ in models}
     for toolchain in sorted({t.toolchain for t in targets}):
         toolchain_python(toolchain)  # missing: one line (not a refused row) before any compile
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     with tempfile.TemporaryDirectory(dir=out, prefix=".work.") as work:
-        for path, curve, rate_point, model, arch in models:
-            for upsample in args.upsample:
+        for path, curve, rate_point, forms, model, arch in models:
+            for upsample in forms:
                 label = model_label(arch, upsample, curve, rate_point)
                 folder = Path(work) / label
                 print(f"{label}: graphs, calibration and references ({path})", flush=True)

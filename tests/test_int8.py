@@ -34,6 +34,8 @@ def spread_model(replace: str = "npu") -> torch.nn.Module:
                 module.bias.normal_(0, 0.5)
             if isinstance(module, GDNishLiteDec):
                 module.scale.weight.normal_(0, 0.5)
+        # medians away from 0 (an untrained prior's are all 0), so that the symbol interface's "- median" is seen
+        model.entropy_bottleneck.quantiles.add_(torch.randn(model.entropy_bottleneck.quantiles.shape[0], 1, 1) * 2)
     model.eval().update(force=True)
     return model
 
@@ -74,6 +76,7 @@ def test_fp32_symbol_graphs_are_the_codec(calibrated):
         expected = eb.quantize(model.g_a(x), "symbols", eb._get_medians()).float()
         x_hat = model.g_s(eb.dequantize(expected.int(), eb._get_medians()))
     got = run(session(fp32["encoder"]), held_out)
+    assert eb._get_medians().abs().max() > 1, "the medians are not all 0"
     assert len(np.unique(got)) > 5, "the test latent spans several symbols"
     assert (got == expected.numpy()).mean() > 0.999  # only .5 ties may round the other way
     decoded = run(session(fp32["decoder"]), expected.numpy())

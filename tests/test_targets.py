@@ -266,3 +266,20 @@ def test_failed_install_is_one_line_naming_the_command(tmp_path):
 
 def test_setup_of_an_unknown_toolchain_is_one_line(capsys):
     assert "no toolchain 'tpu'" in one_line_error(npu_setup.main, ["tpu"], capsys)
+
+
+def test_a_bundle_stands_for_the_checkpoint_it_was_written_from(codec_files, tmp_path, capsys):
+    import json
+    import shutil
+
+    from tests.conftest import tiny_checkpoint
+
+    assert npu_targets.bundle_source(str(codec_files["bundle"])) == (str(codec_files["ckpt"]), "convtranspose")
+    bundle = shutil.copytree(codec_files["bundle"], tmp_path / "bundle")
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    argv = ["--bundle", str(bundle), "--calib_dir", str(tmp_path), "--out", str(tmp_path / "out")]
+    for source, needle in ((tiny_checkpoint(tmp_path / "other.pt", seed=1), "no longer holds the entropy tables"),
+                           (tmp_path / "gone.pt", "which is not there")):
+        (bundle / "manifest.json").write_text(json.dumps({**manifest, "source": str(source)}))
+        assert needle in one_line_error(npu_targets.main, argv, capsys)
+    assert not (tmp_path / "out").exists()
