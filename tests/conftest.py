@@ -26,6 +26,20 @@ from src.sample_photos import COLOR_PHOTOS, skimage_photos
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+
+def share_cores_between_workers() -> None:
+    """Under pytest-xdist (``./run.sh test`` runs ``-n``), each worker takes its share of the cores for torch's
+    intra-op pool, and so do the processes it starts (``OMP_NUM_THREADS``): two workers with a pool of all cores
+    each would oversubscribe the CPU, and most test tensors are too small to gain from more than one thread."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(threads))
+        torch.set_num_threads(threads)
+
+
+share_cores_between_workers()
+
 REPO = Path(__file__).resolve().parents[1]
 
 

@@ -23,7 +23,7 @@ from src.model_factory import load_checkpoint_model, make_arch
 from src.train_args import get_args_parser
 from src.quant.fake_quant import activation_quantisers, qat_state
 from src.quant.scheme import LOG_SCALE_GAIN as QAT_LOG_SCALE_GAIN, qat_scheme
-from tests.conftest import REPO, assert_same_weights, final_state, one_line_error
+from tests.conftest import REPO, final_state, one_line_error
 
 FIXTURES = REPO / "tests" / "fixtures"
 CROPS = FIXTURES / "crops64"  # the fixtures' training data: resume checks it is the same (names and sizes)
@@ -99,9 +99,15 @@ def test_the_single_file_engine_checkpoint_resumes_as_that_engine_did(tmp_path):
     train_finetune_relu.main(resume_argv(last))
     by_new, by_old = raw(last), raw(fixture_file("relu_single_file_engine_extended", tmp_path))
     assert by_new["epoch"] == by_old["epoch"] == 2 and by_new["step"] == by_old["step"] == 4
-    assert_same_weights(by_old["state_dict"], by_new["state_dict"])
+    # Close, not bit-equal: the fixture was written on one CPU with its thread count, and a convolution's sums
+    # come in another order on another CPU or with another intra-op pool (pytest -n gives each worker its share);
+    # bit-exact resume within one machine is tests/test_resume.py's.
+    assert by_old["state_dict"].keys() == by_new["state_dict"].keys()
+    for key in by_old["state_dict"]:
+        torch.testing.assert_close(by_new["state_dict"][key], by_old["state_dict"][key], rtol=1e-4, atol=1e-6)
     for a, b in zip(by_old["optimizer"]["state"].values(), by_new["optimizer"]["state"].values()):
-        assert all(torch.equal(a[k], b[k]) for k in a)
+        for k in a:
+            torch.testing.assert_close(b[k], a[k], rtol=1e-4, atol=1e-7)
     assert by_new["scheduler"] == by_old["scheduler"] and by_new["scaler"] == by_old["scaler"]
     assert by_new["format_version"] == FORMAT_VERSION and by_new["arch"] == by_old["arch"]
     assert by_new["data_fingerprint"] == by_old["args"]["data_fingerprint"]
