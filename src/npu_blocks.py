@@ -339,7 +339,13 @@ class GDNishLiteDec(nn.Module):
 
     def gain(self, x: torch.Tensor) -> torch.Tensor:
         z = self.scale(self.act(self.bn(self.mix(x))))
-        return self.gain_out(self.g_min + (self.g_max - self.g_min) * self.gate(z))
+        gate = self.gate(z)
+        # The export form's range is [0, 1] already (its clip is the gate): no Mul by 1 and Add of 0 in its graph
+        # (onnx2tf turned that Mul into a bare 1.0 on square feature maps and stopped: "Output tensors of a
+        # Functional model must be the output of a TensorFlow `Layer` ... Found: 1.0"). 0 + 1 * g is g exactly.
+        if (self.g_min, self.g_max) != (0.0, 1.0):
+            gate = self.g_min + (self.g_max - self.g_min) * gate
+        return self.gain_out(gate)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.dw(self.gained(x * self.gain(x)))
@@ -360,7 +366,7 @@ class GDNishLiteDec(nn.Module):
         return ["mix"]
 
     def export_form(self) -> nn.Module:
-        """A copy whose gain is ``Clip(scale'(z), g_min, g_max)``: ``gain()`` then adds 0 and multiplies by 1."""
+        """A copy whose gain is ``Clip(scale'(z), g_min, g_max)``: its range is [0, 1] and ``gain()`` is the clip."""
         folded = copy.deepcopy(self)
         folded.scale, folded.gate = fold_gate(self.scale, self.g_min, self.g_max - self.g_min), nn.Identity()
         folded.g_min, folded.g_max = 0.0, 1.0

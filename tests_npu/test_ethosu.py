@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from PIL import Image
 
 from scripts import npu_targets
@@ -134,3 +135,44 @@ def test_worker_error_is_one_line_exit_2(run, tmp_path):
     lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
     assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
     assert not (tmp_path / "o").exists()
+
+
+CONVERT_SNIPPET = """
+import sys, tempfile, numpy as np
+from pathlib import Path
+sys.path.insert(0, "targets/ethosu")
+import worker
+array = np.load(sys.argv[2])
+try:
+    worker.saved_model(sys.argv[1], "x", list(array.shape), [array], Path(tempfile.mkdtemp()))
+    print("converted")
+except worker.WorkerError as err:
+    print(f"error: {err}")
+"""
+
+
+@pytest.mark.parametrize("form", ["as_trained", "target"])
+def test_onnx2tf_layout_errors_are_caught_and_the_decoder_form_avoids_them(form, tmp_path):
+    """A decoder block whose channel count equals its map's height, then the SAME-padded ConvTranspose (the NPU
+    blocks' decoder at 768x512 in small): onnx2tf mislays the block's residual Add and the worker's float check
+    refuses the model; the target form (residual as Sub, gate without the Mul by 1) converts and passes it."""
+    from src.npu_blocks import GDNishLiteDec
+    from src.quant.symbols import export_module, gates_as_clips
+    from src.targets.rewrites import same_padded_rewrite, subtracted_residual_rewrite
+    from tests.test_targets import randomised
+    torch.manual_seed(0)
+    decoder = randomised(nn.Sequential(GDNishLiteDec(8), nn.ConvTranspose2d(8, 8, 5, 2, 2, output_padding=1)))
+    decoder = same_padded_rewrite(decoder)[0]
+    if form == "target":
+        decoder = subtracted_residual_rewrite(decoder)[0]
+    x = torch.randn(1, 8, 8, 12)
+    graph = export_module(gates_as_clips(decoder), x, tmp_path / "decoder.onnx", "x", "y", 13)
+    np.save(tmp_path / "x.npy", x.numpy())
+    done = subprocess.run([str(venv_dir("ethosu") / "bin" / "python"), "-c", CONVERT_SNIPPET, str(graph),
+                           str(tmp_path / "x.npy")], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parents[1])
+    verdict = done.stdout.strip().splitlines()[-1] if done.stdout.strip() else done.stderr[-500:]
+    if form == "as_trained":
+        assert verdict.startswith("error: onnx2tf's float model") and "layout error" in verdict, verdict
+    else:
+        assert verdict == "converted", verdict

@@ -33,6 +33,15 @@ written ``one / sqrt`` with ``one`` a (1, 1, 1, 1) constant: what ``torch.rsqrt`
 onnx2tf fuses into TFLite's RSQRT), but with a 4-D numerator, because onnx2tf fails on the scalar one when the
 image is square ("Output tensors of a Functional model must be the output of a TensorFlow `Layer` ... Found: 1.0",
 measured on the demo's GDN control at 512x512; 768x512 converted).
+
+onnx2tf 1.29's Add converter ends with a "rescue guard" that compares the TensorFlow (NHWC) shape of the sum with
+the ONNX (NCHW) shape, finds them different and transposes both operands to NCHW; the next op usually transposes
+back by matching shapes, but when the channel count equals the feature map's height or width there is nothing to
+match and a following TRANSPOSE_CONV reads the sum in the wrong layout (measured: the NPU blocks' decoder at
+768x512, whose third block sums 128 channels of 128 x 192, converted with a max error of 2.3 on a [-2.9, 3.5] float
+output; the first wrong tensor was the ConvTranspose after that sum). Only Add has that guard, so
+``SubtractedResidual`` writes a decoder block's residual ``x + dw(.)`` as ``x - dw'(.)`` with dw' the negated
+depthwise convolution: the same numbers (negation is exact), a SUB on the NPU instead of an ADD.
 """
 
 from __future__ import annotations
@@ -45,7 +54,7 @@ from compressai.layers import GDN
 from torch import nn
 
 from src.codec.subpixel import subpixel_rewrite
-from src.npu_blocks import ECAGate, fold_gate
+from src.npu_blocks import ECAGate, GDNishLiteDec, fold_gate
 
 TARGET_UPSAMPLE = {
     "convtranspose": "each stride-2 ConvTranspose with its kernel zero-padded so converters write SAME "
@@ -181,15 +190,60 @@ def constant_gdn_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
     return module, len(found)
 
 
+def negated_conv(conv: nn.Conv2d) -> nn.Conv2d:
+    """A copy of ``conv`` computing ``-conv(x)``: weight and bias negated (exact)."""
+    negated = copy.deepcopy(conv)
+    with torch.no_grad():
+        negated.weight.neg_()
+        if negated.bias is not None:
+            negated.bias.neg_()
+    return negated
+
+
+class SubtractedResidual(nn.Module):
+    """A residual ``GDNishLiteDec`` computed as ``x - dw'(x * gain(x))`` with ``dw' = -dw`` (module docstring:
+    onnx2tf mislays a residual Add's layout before a ConvTranspose; a Sub it converts right)."""
+
+    def __init__(self, block: GDNishLiteDec, negated: bool = False):
+        super().__init__()
+        if not block.residual:
+            raise ValueError("SubtractedResidual needs a residual GDNishLiteDec")
+        self.block = block if negated else copy.copy(block)
+        if not negated:
+            self.block._modules = dict(block._modules)
+            self.block.dw = negated_conv(block.dw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b = self.block
+        return b.summed(x - b.dw(b.gained(x * b.gain(x))))
+
+    def export_form(self) -> nn.Module:
+        """The block's own export form (gate folded into Conv + Clip), its dw still negated."""
+        return SubtractedResidual(self.block.export_form(), negated=True)
+
+
+def subtracted_residual_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
+    """A copy of ``module`` with every residual ``GDNishLiteDec`` as a ``SubtractedResidual``; (copy, how many)."""
+    module = copy.deepcopy(module)
+    found = [(name, child) for name, child in module.named_modules()
+             if isinstance(child, GDNishLiteDec) and child.residual]
+    for name, child in found:
+        parent_name, _, attr = name.rpartition(".")
+        parent = module.get_submodule(parent_name) if parent_name else module
+        setattr(parent, attr, SubtractedResidual(child))
+    return module, len(found)
+
+
 def target_model(model: nn.Module, upsample: str) -> nn.Module:
     """A copy of ``model`` in the form the NPU converters place: GDN's parameters as constants, ECA gates banded,
-    g_s's upsampling as ``upsample`` (``TARGET_UPSAMPLE``). Every rewrite computes the same function in float."""
+    decoder residuals subtracted, g_s's upsampling as ``upsample`` (``TARGET_UPSAMPLE``). Every rewrite computes the
+    same function in float."""
     if upsample not in TARGET_UPSAMPLE:
         raise ValueError(f"upsample must be one of {sorted(TARGET_UPSAMPLE)}, got {upsample!r}")
     rewritten = copy.copy(model)
     rewritten._modules = dict(model._modules)
     rewritten.g_a = banded_eca_rewrite(constant_gdn_rewrite(model.g_a)[0])[0]
-    g_s = banded_eca_rewrite(constant_gdn_rewrite(model.g_s)[0])[0]
+    g_s = subtracted_residual_rewrite(banded_eca_rewrite(constant_gdn_rewrite(model.g_s)[0])[0])[0]
     if upsample != "as_trained":
         g_s = (same_padded_rewrite if upsample == "convtranspose" else subpixel_rewrite)(g_s)[0]
     rewritten.g_s = g_s

@@ -5,7 +5,8 @@
 Runs inside ``.venv-ethosu`` (``targets/ethosu/requirements.txt``) and imports only its toolchain, numpy and the
 standard library, never the project (protocol: ``docs/npu_targets.md``). For each part of the job:
 
-1. ``onnx2tf`` turns the float ONNX graph, at a static input shape, into a TensorFlow SavedModel (NHWC);
+1. ``onnx2tf`` turns the float ONNX graph, at a static input shape, into a TensorFlow SavedModel (NHWC), which
+   must compute what onnxruntime computes from the ONNX graph on the first calibration array (``check_float``);
 2. TensorFlow Lite's converter quantises it to full integer on the job's calibration arrays: ``w8a8`` is int8
    activations and weights (``TFLITE_BUILTINS_INT8``), ``a16w8`` is TFLite's 16x8 mode (int16 activations, int8
    weights), with integer inputs and outputs so no float op is left at either end;
@@ -43,7 +44,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log lines would bury the worker's one line
 TOOLCHAIN = "ethos-u-vela"
-WORKER_VERSION = "ethosu-worker-1"  # part of the int8 cache key: bump when the conversion changes
+WORKER_VERSION = "ethosu-worker-2"  # part of the int8 cache key: bump when the conversion changes
 # Vela's accelerator and the system / memory configuration of its shipped Arm/vela.ini that each target is
 # compiled for (Arm's reference systems for each NPU; the estimates hold for these clocks and memories).
 TARGETS = {
@@ -169,7 +170,40 @@ def saved_model(onnx_path: str, input_name: str, shape: Sequence[int], calibrati
                             output_signaturedefs=True, non_verbose=True)
     finally:
         os.chdir(cwd)
+    check_float(static, input_name, out, calibration[0])
     return out
+
+
+# Share of output elements that may differ by more than FLOAT_TOLERANCE x the output's peak: a converter that
+# mislays a tensor changes most of them; an encoder's rounding may flip a few symbols on float noise.
+FLOAT_MISMATCH_SHARE, FLOAT_TOLERANCE = 0.01, 0.01
+
+
+def check_float(static: Path, input_name: str, model_dir: Path, array: np.ndarray) -> None:
+    """The SavedModel against onnxruntime on the ONNX graph it came from, before anything is quantised.
+
+    onnx2tf guesses layouts from shapes and can guess wrong without an error (its Add "rescue guard" mislaid a
+    decoder's residual sum whose channel count equalled the feature map's height: src.targets.rewrites); an int8
+    model of a wrong float model would then be measured and reported as the target's numbers.
+    """
+    import onnxruntime
+    import tensorflow as tf
+    session = onnxruntime.InferenceSession(str(static), providers=["CPUExecutionProvider"])
+    reference = session.run(None, {input_name: array.astype(np.float32)})[0]
+    function = tf.saved_model.load(str(model_dir)).signatures["serving_default"]
+    argument = list(function.structured_input_signature[1])[0]
+    output = list(function(**{argument: tf.constant(nhwc(array))}).values())[0].numpy()
+    if output.ndim == 4:
+        output = output.transpose(0, 3, 1, 2)
+    if output.shape != reference.shape:
+        raise WorkerError(f"onnx2tf's float model gives shape {list(output.shape)} where the ONNX graph gives "
+                          f"{list(reference.shape)} (a converter layout error)")
+    peak = float(np.abs(reference).max()) or 1.0
+    off = np.abs(output - reference) > FLOAT_TOLERANCE * peak
+    if off.mean() > FLOAT_MISMATCH_SHARE:
+        raise WorkerError(f"onnx2tf's float model differs from the ONNX graph in {off.mean():.1%} of the outputs "
+                          f"(max |diff| {float(np.abs(output - reference).max()):.3g}, peak {peak:.3g}): a converter "
+                          f"layout error, nothing quantised")
 
 
 def integer_tflite(model_dir: Path, calibration: Sequence[np.ndarray], precision: str) -> bytes:
