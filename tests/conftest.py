@@ -7,6 +7,7 @@ built in pytest's tmp dirs from these package-shipped photos.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import os
 import shutil
@@ -16,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 from PIL import Image
 
 from scripts import coco_prepare
@@ -59,18 +61,38 @@ def write_coco(root: Path, train: int = 6, val: int = 2, max_side: int = 160) ->
     return root
 
 
+def session_root(tmp_path_factory) -> Path:
+    """The folder every pytest-xdist worker of this session sees (pytest's own tmp root of the session), so that
+    what one worker built the others take instead of building it again; without xdist, the session's tmp root."""
+    base = tmp_path_factory.getbasetemp()
+    return base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """``build(folder)`` run by the first worker that asks for ``name``; the others wait on its lock and take the
+    folder. A build that failed leaves no ``.done`` marker, so the next asker builds it again from empty."""
+    folder = session_root(tmp_path_factory) / "shared" / name
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(folder) + ".lock"):
+        if not (folder / ".done").is_file():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir()
+            build(folder)
+            (folder / ".done").touch()
+    return folder
+
+
 @pytest.fixture(scope="session")
 def coco_root(tmp_path_factory) -> Path:
-    return write_coco(tmp_path_factory.mktemp("coco"))
+    return built_once(tmp_path_factory, "coco", write_coco)
 
 
 @pytest.fixture(scope="session")
 def prepared64(tmp_path_factory, coco_root) -> Path:
     """64x64 crops (4 per train photo, 1 per val photo) of the real photos."""
-    out = tmp_path_factory.mktemp("coco64")
-    coco_prepare.main(["--coco_dir", str(coco_root), "--out_dir", str(out), "--crop_size", "64",
-                       "--crops_per_image", "4", "--workers", "1"])
-    return out
+    return built_once(tmp_path_factory, "coco64", lambda out: coco_prepare.main(
+        ["--coco_dir", str(coco_root), "--out_dir", str(out), "--crop_size", "64", "--crops_per_image", "4",
+         "--workers", "1"]))
 
 
 # ---------------------------------------------------------------- training runs in tests
@@ -93,31 +115,31 @@ AMP = ("--amp", "true")
 
 
 class FinishedRuns:
-    """Training runs finished once per session, keyed by (script, data, flags).
+    """Training runs finished once per session, keyed by (script, data, flags), and shared by the session's
+    pytest-xdist workers (``built_once``).
 
     Many tests need *a* finished run to refuse, resume, evaluate or break; they share one instead of training
     their own. ``get`` gives the run's folder (``ckpt/``, ``recon/``), which nobody may change; a test that
     changes the run (resumes it, adds files, trains into it) takes a ``copy`` in its own tmp_path.
     """
 
-    def __init__(self, root: Path, data: Path):
-        self.root, self.data = root, data
-        self.folders, self.logs = {}, {}
+    def __init__(self, tmp_path_factory, data: Path):
+        self.tmp_path_factory, self.data = tmp_path_factory, data
 
     def get(self, *flags: str, script: str = "relu", data: Path = None) -> Path:
-        key = (script, str(data or self.data), flags)
-        if key not in self.folders:
-            folder = self.root / f"run{len(self.folders)}"
-            log = io.StringIO()
-            with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
-                train_main(script)(common_args(data or self.data, folder, *flags))
-            self.folders[key], self.logs[key] = folder, log.getvalue()
-        return self.folders[key]
+        key = repr((script, str(data or self.data), flags))
+        name = "run-" + hashlib.sha1(key.encode()).hexdigest()[:16]
+        return built_once(self.tmp_path_factory, name, lambda folder: self._train(folder, script, data, flags))
+
+    def _train(self, folder: Path, script: str, data: Path, flags) -> None:
+        log = io.StringIO()
+        with contextlib.redirect_stdout(log), contextlib.redirect_stderr(log):
+            train_main(script)(common_args(data or self.data, folder, *flags))
+        (folder / "console.log").write_text(log.getvalue())
 
     def log(self, *flags: str, script: str = "relu", data: Path = None) -> str:
         """What the run printed (stdout and stderr)."""
-        self.get(*flags, script=script, data=data)
-        return self.logs[(script, str(data or self.data), flags)]
+        return (self.get(*flags, script=script, data=data) / "console.log").read_text()
 
     def copy(self, dest: Path, *flags: str, script: str = "relu", data: Path = None) -> Path:
         """The run's ``ckpt/`` and ``recon/`` copied into ``dest``, where ``common_args(data, dest)`` finds them."""
@@ -136,7 +158,7 @@ def train_main(script: str):
 
 @pytest.fixture(scope="session")
 def finished_runs(tmp_path_factory, prepared64) -> FinishedRuns:
-    return FinishedRuns(tmp_path_factory.mktemp("finished_runs"), prepared64)
+    return FinishedRuns(tmp_path_factory, prepared64)
 
 
 ONE_EPOCH = ("--epochs", "1")  # the finished run most tests share: 1 epoch of 2 steps, ReLU encoder
@@ -232,20 +254,26 @@ def codec_files(tmp_path_factory):
 
     Shared by tests/test_codec.py and tests/test_codec_faults.py, which run.sh runs in one process of their own.
     """
+    import json
+
     from scripts import export_onnx
     from src import eval as recipe_eval
 
-    root = tmp_path_factory.mktemp("codec")
-    photos = photo_paths()
-    (root / "calib").mkdir()
-    load_rgb(photos[0]).resize((150, 110)).save(root / "a.png")
-    load_rgb(photos[1]).resize((90, 130)).save(root / "b.png")
-    for index, path in enumerate(photos[2:7]):
-        img = load_rgb(path)
-        img.thumbnail((96, 96))
-        img.save(root / "calib" / f"{index}.png")
-    ckpt = tiny_checkpoint(root / "model.pt", seed=0)
-    report = export_onnx.main(["--ckpt", str(ckpt), "--input_size", "64", "--bundle", str(root / "fp32"),
-                               "--image", str(root / "a.png")])
-    model, _, _ = recipe_eval.load_model(ckpt, torch.device("cpu"))
-    return {"root": root, "ckpt": ckpt, "bundle": root / "fp32", "report": report, "model": model}
+    def build(root: Path) -> None:
+        photos = photo_paths()
+        (root / "calib").mkdir()
+        load_rgb(photos[0]).resize((150, 110)).save(root / "a.png")
+        load_rgb(photos[1]).resize((90, 130)).save(root / "b.png")
+        for index, path in enumerate(photos[2:7]):
+            img = load_rgb(path)
+            img.thumbnail((96, 96))
+            img.save(root / "calib" / f"{index}.png")
+        ckpt = tiny_checkpoint(root / "model.pt", seed=0)
+        report = export_onnx.main(["--ckpt", str(ckpt), "--input_size", "64", "--bundle", str(root / "fp32"),
+                                   "--image", str(root / "a.png")])
+        (root / "report.json").write_text(json.dumps(report))
+
+    root = built_once(tmp_path_factory, "codec", build)
+    model, _, _ = recipe_eval.load_model(root / "model.pt", torch.device("cpu"))
+    return {"root": root, "ckpt": root / "model.pt", "bundle": root / "fp32",
+            "report": json.loads((root / "report.json").read_text()), "model": model}

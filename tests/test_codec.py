@@ -37,10 +37,11 @@ pytestmark = pytest.mark.own_process
 
 
 @pytest.fixture(scope="module")
-def setup(codec_files):
-    """``codec_files`` (a q1 NPU-all checkpoint, photos of odd sizes, its FP32 bundle) and an INT8 sub-pixel bundle."""
+def setup(codec_files, tmp_path_factory):
+    """``codec_files`` (a q1 NPU-all checkpoint, photos of odd sizes, its FP32 bundle) and an INT8 sub-pixel bundle
+    (in this worker's own folder: ``codec_files`` is shared by the session's workers and nobody writes into it)."""
     root = codec_files["root"]
-    bundles = {"fp32": codec_files["bundle"], "int8_subpixel": root / "int8_sub"}
+    bundles = {"fp32": codec_files["bundle"], "int8_subpixel": tmp_path_factory.mktemp("codec") / "int8_sub"}
     base = ["--ckpt", str(codec_files["ckpt"]), "--input_size", "64"]
     manifests = {
         "fp32": codec_files["report"],

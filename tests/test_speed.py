@@ -106,9 +106,12 @@ def test_speed_flags_train_the_same_weights(flags, plain_weights, prepared64, tm
 
 
 def test_compiled_transforms_match_eager_and_keep_state_dict_keys():
-    """--compile: g_a/g_s compiled in place; forward to 1e-5 and gradients to 1e-4 (relative) of eager (fp32)."""
+    """--compile: g_a/g_s compiled in place; forward to 1e-5 and gradients to 1e-4 (relative) of eager (fp32).
+
+    The ReLU model: what is tested is ``speed_up_model``'s compile in place, which does not depend on the blocks,
+    and inductor's cold compile of the NPU blocks' forward and backward cost ~60 s of CPU against ~40 s."""
     torch.manual_seed(0)
-    eager = build_model(make_arch(quality=1, replace="npu", replace_parts="all")).train()
+    eager = build_model(make_arch(quality=1, replace="relu", replace_parts="all")).train()
     compiled = copy.deepcopy(eager)
     speed_up_model(compiled, torch.device("cpu"), print, compile=True)
     assert list(compiled.state_dict()) == list(eager.state_dict())
