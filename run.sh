@@ -41,12 +41,13 @@ case "${1:-}" in
             *) args+=("$1"); shift ;;
           esac
         done
-        # pytest-xdist: one worker per core, at most 4 (each worker keeps the session's finished runs of its own)
+        # pytest-xdist: one worker per core, at most 4; worksteal, so that a worker left with long tests (torchrun,
+        # the compile test) hands its queue to an idle one. The session's finished runs are shared (tests/conftest.py).
         workers="${TEST_WORKERS:-$(nproc 2>/dev/null || echo 2)}"; [ "$workers" -le 4 ] || workers=4
         status=0
         for group in "not own_process" "own_process"; do
           rc=0
-          .venv/bin/python -m pytest -q -n "$workers" -m "${select:+($select) and }$group" ${args[@]+"${args[@]}"} || rc=$?
+          .venv/bin/python -m pytest -q -n "$workers" --dist worksteal -m "${select:+($select) and }$group" ${args[@]+"${args[@]}"} || rc=$?
           [ "$rc" -eq 0 ] || [ "$rc" -eq 5 ] || status=$rc  # 5: nothing selected in this group
         done
         exit "$status" ;;
