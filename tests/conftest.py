@@ -45,6 +45,18 @@ share_cores_between_workers()
 REPO = Path(__file__).resolve().parents[1]
 
 
+def pytest_runtest_setup(item):
+    item.openvino_loaded_before = "openvino" in sys.modules  # before any fixture of the test, session ones too
+
+
+def pytest_runtest_teardown(item):
+    """A test that loads OpenVINO (its fixtures included) must be marked ``own_process``: run.sh runs those in a
+    pytest call of their own, because a forked child exiting after OpenVINO ran crashed the worker (see run.sh).
+    An unmarked test that loads it errors here, instead of a later, innocent test's worker dying."""
+    if not item.openvino_loaded_before and "openvino" in sys.modules and "own_process" not in item.keywords:
+        pytest.fail(f"{item.nodeid} loaded OpenVINO (a codec bundle's verification does): mark it own_process")
+
+
 def photo_paths():
     return skimage_photos(COLOR_PHOTOS)
 

@@ -290,6 +290,7 @@ def test_setup_of_an_unknown_toolchain_is_one_line(capsys):
     assert "no toolchain 'tpu'" in one_line_error(npu_setup.main, ["tpu"], capsys)
 
 
+@pytest.mark.own_process  # codec_files writes a bundle, whose verification runs OpenVINO (see run.sh)
 def test_a_bundle_stands_for_the_checkpoint_it_was_written_from(codec_files, tmp_path, capsys):
     import json
     import shutil
