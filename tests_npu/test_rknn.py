@@ -144,11 +144,17 @@ def test_static_graph_is_exact_in_float(npu_run, tmp_path):
 
 
 def test_gdn_encoder_reports_its_cpu_ops(tmp_path):
+    """Also the compile-only job (no eval arrays: scripts.npu_targets without --eval_dir): compiled and reported."""
     graphs = small_graphs("none", tmp_path)
     out_dir = tmp_path / "out" / "rk3588-w8a8"
-    done = worker(write_job(graphs, tmp_path, out_dir, parts=("encoder",)))
+    job = write_job(graphs, tmp_path, out_dir, parts=("encoder",))
+    spec = json.loads(job.read_text())
+    del spec["parts"]["encoder"]["eval"]
+    job.write_text(json.dumps(spec))
+    done = worker(job)
     assert done.returncode == 0, done.stderr
     entry = json.loads((out_dir / "report.json").read_text())["parts"]["encoder"]
+    assert (out_dir / entry["artefact"]).stat().st_size > 0
     rows = toolkit_table(out_dir / entry["toolkit_log"])
     on_cpu = [op for op, target in rows if target == "CPU" and op not in ("InputOperator", "OutputOperator")]
     assert on_cpu and sorted(f["op"] for f in entry["fallbacks"]) == sorted(on_cpu)

@@ -51,7 +51,7 @@ from onnx import helper
 
 TARGETS = ("rk3588",)
 PRECISIONS = {"w8a8": "w8a8", "a16w8": "w16a16i_dfp"}
-PART_KEYS = ("onnx", "input", "output", "calibration", "eval")
+PART_KEYS = ("onnx", "input", "output", "calibration")  # and "eval" (optional: without it, compile only)
 TOOLKIT = "rknn-toolkit2"
 SYMBOL_RANGE = {8: (-128.0, 127.0), 16: (-32768.0, 32767.0)}
 # The compiler's per-layer table: ID OpType DataType Target InputShape OutputShape Cycles(DDR/NPU/Total) RW(KB) FullName
@@ -83,7 +83,7 @@ def read_job(path: Path) -> dict:
         if missing:
             raise ToolchainError(f"part {name!r} lacks {', '.join(missing)}")
         for key in ("onnx", "calibration", "eval"):
-            if not Path(part[key]).is_file():
+            if key in part and part[key] is not None and not Path(part[key]).is_file():
                 raise ToolchainError(f"part {name!r}: {key} file {part[key]} does not exist")
     return job
 
@@ -327,9 +327,9 @@ def estimates(rows: list, memory: dict) -> dict:
 def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
     """Quantise, compile, export and simulate one part at its compile shape (and once more per other eval shape:
     RKNN models are static); returns its report entry, counts and estimates at the compile shape."""
-    eval_arrays = arrays(part["eval"])
+    eval_arrays = arrays(part["eval"]) if part.get("eval") else []  # none: compiled and reported only
     calibration = arrays(part["calibration"])
-    if not eval_arrays or not calibration:
+    if not calibration or (part.get("eval") and not eval_arrays):
         raise ToolchainError(f"part {name!r}: calibration and eval need at least one array each")
     compile_shape = tuple(int(v) for v in (part.get("compile_shape") or calibration[0].shape))
     shapes = list(dict.fromkeys([compile_shape] + [tuple(a.shape) for a in eval_arrays]))
@@ -448,7 +448,7 @@ def quantisation_report(name: str, precision: str, carried: list, missing: list,
                     "power-of-two scales from the toolkit's own ranges); neither the symbol interface nor "
                     "tensor_ranges can be written into its cfg, so the encoder's output is not rounded on the "
                     "target (the host rounds it)")
-    if name == "encoder":
+    if name == "encoder" and outputs:
         off_grid = max(float(np.abs(o - np.round(o)).max()) for o in outputs)
         report["symbols_max_distance_to_integer"] = off_grid
         if off_grid > 0:
