@@ -175,6 +175,21 @@ def test_summary_rows_merge_and_table():
            "supported for op: 'SQRT' | -/- | - | - | - |" in table
 
 
+
+def test_a_compile_only_rknn_report_has_its_text_estimates():
+    """RK3588's estimates carry a text entry (where they come from) and a compile-only run no round trip: both reach
+    report.md and the summary as text (the first RK3588 run through scripts.npu_targets stopped on '.4g' of it)."""
+    result = fake_result(target="rk3588")
+    result["toolchain"] = {"name": "rknn-toolkit2", "version": "2.5.0"}
+    for part in result["parts"].values():
+        part["estimates"] = {"cycles_total": 123456, "source": "rknn-toolkit2 build log"}
+    result["roundtrip"] = None
+    text = report.target_markdown(result)
+    assert "cycles_total 1.235e+05" in text and "source: rknn-toolkit2 build log" in text
+    assert "Compiled only" in text
+    assert "| npu_convtranspose | rk3588 | w8a8 | 10/10 | 10/10 |" in report.summary_markdown(
+        [report.summary_row(result)])
+
 def curve_rows(curve, target, scale_target, scale_int8, upsample="convtranspose"):
     """Four rate points whose target / project INT8 codecs spend ``scale`` x the FP32 bits for the same PSNR."""
     rows = []

@@ -35,7 +35,8 @@ def target_markdown(result: Dict) -> str:
              "| --- | --- | --- | --- | --- |"]
     for name in PARTS:
         part = result["parts"][name]
-        est = ", ".join(f"{k} {v:.4g}" for k, v in sorted(part.get("estimates", {}).items()))
+        est = ", ".join(f"{k} {v:.4g}" if isinstance(v, (int, float)) else f"{k}: {v}"
+                        for k, v in sorted(part.get("estimates", {}).items()))
         lines.append(f"| {name} | {'x'.join(map(str, part.get('input_shape', [])))} | "
                      f"{part['ops_npu']} / {part['ops_total']} | {est} | {fallbacks_text(part)} |")
     rt = result["roundtrip"]
