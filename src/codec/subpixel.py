@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import Tuple
+from typing import Callable, Tuple
 
 import torch
 from torch import nn
@@ -93,12 +93,17 @@ def subpixel_from_convtranspose(layer: nn.ConvTranspose2d) -> SubPixelConv:
     return SubPixelConv(conv, s)
 
 
+def replace_modules(module: nn.Module, matches: Callable[[nn.Module], bool],
+                    replacement: Callable[[nn.Module, str, nn.Module], nn.Module]) -> Tuple[nn.Module, int]:
+    """A copy of ``module`` with each submodule ``child`` (named ``name``) that ``matches`` replaced by
+    ``replacement(copy, name, child)``; (copy, how many). The rewrites of this module and of src.targets.rewrites."""
+    module = copy.deepcopy(module)
+    found = [(name, child) for name, child in module.named_modules() if name and matches(child)]
+    for name, child in found:
+        module.set_submodule(name, replacement(module, name, child))
+    return module, len(found)
+
+
 def subpixel_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
     """A copy of ``module`` with every rewritable ConvTranspose2d replaced; (copy, how many were replaced)."""
-    module = copy.deepcopy(module)
-    targets = [(name, child) for name, child in module.named_modules() if can_rewrite(child)]
-    for name, child in targets:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, subpixel_from_convtranspose(child))
-    return module, len(targets)
+    return replace_modules(module, can_rewrite, lambda root, name, child: subpixel_from_convtranspose(child))

@@ -53,7 +53,7 @@ import torch
 from compressai.layers import GDN
 from torch import nn
 
-from src.codec.subpixel import subpixel_rewrite
+from src.codec.subpixel import replace_modules, subpixel_rewrite
 from src.npu_blocks import ECAGate, GDNishLiteDec, fold_gate
 
 TARGET_UPSAMPLE = {
@@ -95,14 +95,10 @@ def same_padded_convtranspose(layer: nn.ConvTranspose2d) -> nn.ConvTranspose2d:
 
 def same_padded_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
     """A copy of ``module`` with every ``can_pad_to_same`` ConvTranspose2d padded; (copy, how many)."""
-    module = copy.deepcopy(module)
-    found = [(name, child) for name, child in module.named_modules() if can_pad_to_same(child)
-             and tuple(child.kernel_size) != tuple(2 * p + s for p, s in zip(child.padding, child.stride))]
-    for name, child in found:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, same_padded_convtranspose(child))
-    return module, len(found)
+    return replace_modules(
+        module, lambda child: can_pad_to_same(child)
+        and tuple(child.kernel_size) != tuple(2 * p + s for p, s in zip(child.padding, child.stride)),
+        lambda root, name, child: same_padded_convtranspose(child))
 
 
 @torch.no_grad()
@@ -149,13 +145,8 @@ def eca_channels(module: nn.Module, name: str) -> int:
 
 def banded_eca_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
     """A copy of ``module`` with every ``ECAGate`` as a ``BandedECAGate``; (copy, how many)."""
-    module = copy.deepcopy(module)
-    found = [(name, child) for name, child in module.named_modules() if isinstance(child, ECAGate)]
-    for name, child in found:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, BandedECAGate(child, eca_channels(module, name)))
-    return module, len(found)
+    return replace_modules(module, lambda child: isinstance(child, ECAGate),
+                           lambda root, name, child: BandedECAGate(child, eca_channels(root, name)))
 
 
 class ConstantGDN(nn.Module):
@@ -181,13 +172,7 @@ class ConstantGDN(nn.Module):
 
 def constant_gdn_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
     """A copy of ``module`` with every GDN / IGDN as a ``ConstantGDN``; (copy, how many)."""
-    module = copy.deepcopy(module)
-    found = [(name, child) for name, child in module.named_modules() if isinstance(child, GDN)]
-    for name, child in found:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, ConstantGDN(child))
-    return module, len(found)
+    return replace_modules(module, lambda child: isinstance(child, GDN), lambda root, name, child: ConstantGDN(child))
 
 
 def negated_conv(conv: nn.Conv2d) -> nn.Conv2d:
@@ -201,17 +186,14 @@ def negated_conv(conv: nn.Conv2d) -> nn.Conv2d:
 
 
 class SubtractedResidual(nn.Module):
-    """A residual ``GDNishLiteDec`` computed as ``x - dw'(x * gain(x))`` with ``dw' = -dw`` (module docstring:
-    onnx2tf mislays a residual Add's layout before a ConvTranspose; a Sub it converts right)."""
+    """A residual ``GDNishLiteDec`` whose ``dw`` is already negated, computed as ``x - dw(x * gain(x))`` (module
+    docstring: onnx2tf mislays a residual Add's layout before a ConvTranspose; a Sub it converts right)."""
 
-    def __init__(self, block: GDNishLiteDec, negated: bool = False):
+    def __init__(self, block: GDNishLiteDec):
         super().__init__()
         if not block.residual:
             raise ValueError("SubtractedResidual needs a residual GDNishLiteDec")
-        self.block = block if negated else copy.copy(block)
-        if not negated:
-            self.block._modules = dict(block._modules)
-            self.block.dw = negated_conv(block.dw)
+        self.block = block
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b = self.block
@@ -219,20 +201,17 @@ class SubtractedResidual(nn.Module):
 
     def export_form(self) -> nn.Module:
         """The block's own export form (gate folded into Conv + Clip), its dw still negated."""
-        return SubtractedResidual(self.block.export_form(), negated=True)
+        return SubtractedResidual(self.block.export_form())
 
 
 def subtracted_residual_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
-    """A copy of ``module`` with every residual ``GDNishLiteDec`` as a ``SubtractedResidual``; (copy, how many)."""
-    module = copy.deepcopy(module)
-    found = [(name, child) for name, child in module.named_modules()
-             if isinstance(child, GDNishLiteDec) and child.residual]
-    for name, child in found:
-        parent_name, _, attr = name.rpartition(".")
-        parent = module.get_submodule(parent_name) if parent_name else module
-        setattr(parent, attr, SubtractedResidual(child))
-    return module, len(found)
+    """A copy of ``module`` with every residual ``GDNishLiteDec`` as a ``SubtractedResidual`` of itself with its
+    ``dw`` negated; (copy, how many)."""
+    def subtracted(root: nn.Module, name: str, block: GDNishLiteDec) -> SubtractedResidual:
+        block.dw = negated_conv(block.dw)  # block belongs to replace_modules' copy
+        return SubtractedResidual(block)
 
+    return replace_modules(module, lambda child: isinstance(child, GDNishLiteDec) and child.residual, subtracted)
 
 def target_model(model: nn.Module, upsample: str) -> nn.Module:
     """A copy of ``model`` in the form the NPU converters place: GDN's parameters as constants, ECA gates banded,

@@ -199,10 +199,11 @@ def check_float(static: Path, input_name: str, model_dir: Path, array: np.ndarra
         raise WorkerError(f"onnx2tf's float model gives shape {list(output.shape)} where the ONNX graph gives "
                           f"{list(reference.shape)} (a converter layout error)")
     peak = float(np.abs(reference).max()) or 1.0
-    off = np.abs(output - reference) > FLOAT_TOLERANCE * peak
+    difference = np.abs(output - reference)
+    off = difference > FLOAT_TOLERANCE * peak
     if off.mean() > FLOAT_MISMATCH_SHARE:
         raise WorkerError(f"onnx2tf's float model differs from the ONNX graph in {off.mean():.1%} of the outputs "
-                          f"(max |diff| {float(np.abs(output - reference).max()):.3g}, peak {peak:.3g}): a converter "
+                          f"(max |diff| {float(difference.max()):.3g}, peak {peak:.3g}): a converter "
                           f"layout error, nothing quantised")
 
 
