@@ -33,7 +33,7 @@ from src.codec.bundle import load_bundle
 from src.codec.tables import EntropyTables
 from src.checkpoint import write_atomic
 from src.cli import UserError, run_cli, str2bool
-from src.quant.scheme import PROFILES
+from src.quant.scheme import DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS
 from src.eval import load_model as load_eval_model
 from src.rd_curves import parse_curve
 from src.targets import jobs, report
@@ -69,6 +69,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("Photos")
     g.add_argument("--calib_dir", required=True, help="calibration photos (whole images)")
     g.add_argument("--calib_count", type=int, default=10, help="calibration photos used (sorted by name)")
+    g.add_argument("--calib_method", default=DEFAULT_RANGE_METHOD, choices=RANGE_METHODS,
+                   help="activation ranges of the project's ONNX INT8 and of each target that takes them (Ethos-U: "
+                        "written into TFLite's calibration before its quantiser runs; minmax there is TFLite's own)")
     g.add_argument("--eval_dir", default=None, help="held-out photos for the round trip (whole images); without "
                    "it the targets compile and report only")
     g.add_argument("--eval_count", type=int, default=24, help="held-out photos used (sorted by name)")
@@ -199,7 +202,8 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
                 label = model_label(arch, upsample, curve, rate_point)
                 folder = Path(work) / label
                 print(f"{label}: graphs, calibration and references ({path})", flush=True)
-                prep = prepare(model, label, upsample, calibration, eval_images, args.precision, folder)
+                prep = prepare(model, label, upsample, calibration, eval_images, args.precision, folder,
+                               args.calib_method)
                 for target in targets:
                     for precision in args.precision:
                         print(f"{label}: {target.name} {precision}", flush=True)

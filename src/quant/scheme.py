@@ -11,13 +11,14 @@ from __future__ import annotations
 
 from typing import Any, Dict, Mapping, Optional
 
+from src.quant.range_choice import RANGE_METHODS  # numpy only: the flags may list it
+
 # PTQ (src.quant.ptq): which activations get 16 bits, and how each activation's range is chosen.
 PROFILES = {
     "w8a8": "every activation 8-bit, weights 8-bit (strict integer NPUs)",
     "a16w8": "16-bit activations on the main path (stage outputs, residual sums, y_hat), 8-bit inside the blocks; "
              "weights 8-bit (Qualcomm HTP's A16W8)",
 }
-RANGE_METHODS = ("mse", "minmax", "percentile")
 DEFAULT_PROFILE, DEFAULT_RANGE_METHOD = "w8a8", "mse"
 
 QAT_PARTS = ("g_a", "g_s")

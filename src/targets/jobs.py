@@ -20,6 +20,7 @@ from src.cli import UserError
 from src.eval import readable_images
 from src.images import image_tensor, list_images, load_rgb
 from src.quant.ptq import pad_to
+from src.quant.scheme import DEFAULT_RANGE_METHOD
 from src.quant.symbols import ENCODER_OUTPUT
 
 PAD_MULTIPLE = 64
@@ -77,11 +78,14 @@ def part_spec(onnx_path: Path, input_name: str, output_name: str, calibration: P
 
 
 def write_job(path: Path, target: str, precision: str, parts: Dict[str, Dict], out_dir: Path,
-              cache_dir: Optional[Path] = None) -> Path:
+              cache_dir: Optional[Path] = None, range_method: str = DEFAULT_RANGE_METHOD) -> Path:
     """One job file of the worker protocol (``docs/npu_targets.md``); ``cache_dir`` (optional) lets a worker
-    reuse what does not depend on the target (the Ethos-U int8 model is the same for U55, U65 and U85)."""
+    reuse what does not depend on the target (the Ethos-U int8 model is the same for U55, U65 and U85);
+    ``range_method`` is how the worker chooses activation ranges where its toolchain takes them
+    (``src.quant.range_choice``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    job = {"target": target, "precision": precision, "parts": parts, "out_dir": str(Path(out_dir).resolve())}
+    job = {"target": target, "precision": precision, "parts": parts, "out_dir": str(Path(out_dir).resolve()),
+           "range_method": range_method}
     if cache_dir is not None:
         job["cache_dir"] = str(Path(cache_dir).resolve())
     path.write_text(json.dumps(job, indent=2))

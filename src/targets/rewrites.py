@@ -118,16 +118,26 @@ def banded_conv(conv1d: nn.Conv1d, channels: int) -> nn.Conv2d:
 
 
 class BandedECAGate(nn.Module):
-    """``ECAGate`` as mean (``separable_mean``) -> 1x1 banded conv -> Clip(0, 2) -> Mul (module docstring); its
+    """``ECAGate`` as mean (``ECA_MEANS``) -> 1x1 banded conv -> Clip(0, 2) -> Mul (module docstring); its
     HardSigmoid folded into the clip as ``src.npu_blocks.fold_gate`` folds the blocks' gates."""
 
-    def __init__(self, gate: ECAGate, channels: int):
+    def __init__(self, gate: ECAGate, channels: int, mean: str = "separable"):
         super().__init__()
-        self.gated = gate.gated
+        if mean not in ECA_MEANS:
+            raise ValueError(f"ECA mean must be one of {sorted(ECA_MEANS)}, got {mean!r}")
+        self.gated, self.mean = gate.gated, mean
         self.gate = fold_gate(banded_conv(gate.conv, channels), 0.0, 2.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.gated(x * self.gate(separable_mean(x)))
+        pooled = separable_mean(x) if self.mean == "separable" else x.mean(dim=(2, 3), keepdim=True)
+        return self.gated(x * self.gate(pooled))
+
+
+ECA_MEANS = {
+    "separable": "ECA's mean over H, then over W (separable_mean): Vela's limit on reduced elements per MEAN",
+    "joint": "ECA's mean over H and W in one ReduceMean, as trained: RKNN-Toolkit2 inserts Transposes around the "
+             "separable form's one-axis means",
+}
 
 
 def separable_mean(x: torch.Tensor) -> torch.Tensor:
@@ -143,10 +153,10 @@ def eca_channels(module: nn.Module, name: str) -> int:
     return block.project.out_channels
 
 
-def banded_eca_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
-    """A copy of ``module`` with every ``ECAGate`` as a ``BandedECAGate``; (copy, how many)."""
+def banded_eca_rewrite(module: nn.Module, mean: str = "separable") -> Tuple[nn.Module, int]:
+    """A copy of ``module`` with every ``ECAGate`` as a ``BandedECAGate`` pooling with ``mean``; (copy, how many)."""
     return replace_modules(module, lambda child: isinstance(child, ECAGate),
-                           lambda root, name, child: BandedECAGate(child, eca_channels(root, name)))
+                           lambda root, name, child: BandedECAGate(child, eca_channels(root, name), mean))
 
 
 class ConstantGDN(nn.Module):
@@ -213,16 +223,17 @@ def subtracted_residual_rewrite(module: nn.Module) -> Tuple[nn.Module, int]:
 
     return replace_modules(module, lambda child: isinstance(child, GDNishLiteDec) and child.residual, subtracted)
 
-def target_model(model: nn.Module, upsample: str) -> nn.Module:
-    """A copy of ``model`` in the form the NPU converters place: GDN's parameters as constants, ECA gates banded,
-    decoder residuals subtracted, g_s's upsampling as ``upsample`` (``TARGET_UPSAMPLE``). Every rewrite computes the
-    same function in float."""
+def target_model(model: nn.Module, upsample: str, eca_mean: str = "separable") -> nn.Module:
+    """A copy of ``model`` in the form the NPU converters place: GDN's parameters as constants, ECA gates banded
+    and pooling with ``eca_mean`` (``ECA_MEANS``, the target's own: ``src.targets.registry``), decoder residuals
+    subtracted, g_s's upsampling as ``upsample`` (``TARGET_UPSAMPLE``). Every rewrite computes the same function
+    in float."""
     if upsample not in TARGET_UPSAMPLE:
         raise ValueError(f"upsample must be one of {sorted(TARGET_UPSAMPLE)}, got {upsample!r}")
     rewritten = copy.copy(model)
     rewritten._modules = dict(model._modules)
-    rewritten.g_a = banded_eca_rewrite(constant_gdn_rewrite(model.g_a)[0])[0]
-    g_s = subtracted_residual_rewrite(banded_eca_rewrite(constant_gdn_rewrite(model.g_s)[0])[0])[0]
+    rewritten.g_a = banded_eca_rewrite(constant_gdn_rewrite(model.g_a)[0], eca_mean)[0]
+    g_s = subtracted_residual_rewrite(banded_eca_rewrite(constant_gdn_rewrite(model.g_s)[0], eca_mean)[0])[0]
     if upsample != "as_trained":
         g_s = (same_padded_rewrite if upsample == "convtranspose" else subpixel_rewrite)(g_s)[0]
     rewritten.g_s = g_s

@@ -28,6 +28,7 @@ from src.checkpoint import swap_in_folder
 from src.quant.fake_quant import float_twin, is_qat_model
 from src.quant.ptq import SymbolCodec, calibrate, mean_points, quantise_pair, symbol_bits
 from src.quant.qat import export_pair as qat_export_pair
+from src.quant.scheme import DEFAULT_RANGE_METHOD
 from src.quant.symbols import symbol_graphs
 from src.targets import jobs, report as reports
 from src.targets.registry import Target
@@ -46,10 +47,11 @@ class Prepared:
     entropy_bottleneck: nn.Module
     references: Dict[str, Dict]
     latent_channels: int
+    range_method: str  # how activation ranges are chosen, for the project's ONNX INT8 and the targets alike
 
 
 def reference_points(model: nn.Module, graphs: Dict[str, Path], calib, eval_images: Sequence[torch.Tensor],
-                     precisions: Sequence[str], folder: Path) -> Dict[str, Dict]:
+                     precisions: Sequence[str], range_method: str, folder: Path) -> Dict[str, Dict]:
     """FP32 and the project's ONNX INT8 (per precision; a QAT model: its own pair) through the same coder."""
     eb = model.entropy_bottleneck
     refs = {"fp32": mean_points(SymbolCodec(graphs["encoder"], graphs["decoder"], eb), eval_images, jobs.PAD_MULTIPLE)[0]}
@@ -58,7 +60,7 @@ def reference_points(model: nn.Module, graphs: Dict[str, Path], calib, eval_imag
             pair = qat_export_pair(model, calib.images, folder / f"qat_{precision}")
             name = f"onnx_qat_{pair.precision}"
         else:
-            pair = quantise_pair(calib, precision, "mse", folder / f"onnx_int8_{precision}")
+            pair = quantise_pair(calib, precision, range_method, folder / f"onnx_int8_{precision}")
             name = f"onnx_int8_{precision}"
         refs[precision] = {**mean_points(SymbolCodec(pair.encoder, pair.decoder, eb), eval_images,
                                          jobs.PAD_MULTIPLE)[0], "source": name}
@@ -66,22 +68,24 @@ def reference_points(model: nn.Module, graphs: Dict[str, Path], calib, eval_imag
 
 
 def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[torch.Tensor],
-            eval_images: Sequence[torch.Tensor], precisions: Sequence[str], folder: Path) -> Prepared:
+            eval_images: Sequence[torch.Tensor], precisions: Sequence[str], folder: Path,
+            range_method: str = DEFAULT_RANGE_METHOD) -> Prepared:
     float_model = float_twin(model) if is_qat_model(model) else model
     rewritten = target_model(float_model.eval(), upsample)
     arrays = jobs.padded(calibration)
     graphs = symbol_graphs(rewritten, torch.from_numpy(arrays[0]), folder / "graphs")
     calib = calibrate(graphs, arrays, folder / "calibration")
     refs = (reference_points(model if is_qat_model(model) else rewritten, graphs, calib, eval_images, precisions,
-                             folder / "references") if eval_images else {})
+                             range_method, folder / "references") if eval_images else {})
     refs["symbols_outside_int8_calibration"] = symbol_bits(calib.symbols)[1]
     return Prepared(label, graphs, calib.images, calib.symbols, model.entropy_bottleneck, refs,
-                    int(model.entropy_bottleneck.quantiles.shape[0]))
+                    int(model.entropy_bottleneck.quantiles.shape[0]), range_method)
 
 
-def run_part(target: Target, precision: str, part: str, spec: Dict, stage: Path, cache_root: Path) -> Dict:
+def run_part(prep: Prepared, target: Target, precision: str, part: str, spec: Dict, stage: Path,
+             cache_root: Path) -> Dict:
     job = jobs.write_job(stage / f"{part}_job.json", target.name, precision, {part: spec}, stage / part,
-                         cache_dir=cache_root / f".cache-{target.toolchain}")
+                         cache_dir=cache_root / f".cache-{target.toolchain}", range_method=prep.range_method)
     return run_worker(target.toolchain, job)
 
 
@@ -97,12 +101,12 @@ def measure_target(prep: Prepared, target: Target, precision: str, eval_images: 
     eval_arrays = jobs.padded(eval_images)
     enc_spec = jobs.encoder_part(prep.graphs, jobs.write_arrays(stage / "enc_calib.npz", prep.calibration_images),
                                  jobs.write_arrays(stage / "enc_eval.npz", eval_arrays), shapes["encoder"])
-    enc = run_part(target, precision, "encoder", enc_spec, stage, cache_root)
+    enc = run_part(prep, target, precision, "encoder", enc_spec, stage, cache_root)
     symbols = jobs.read_arrays(stage / "encoder" / "encoder_outputs.npz")
     coded = [code_symbols(prep.entropy_bottleneck, s) for s in symbols]
     dec_spec = jobs.decoder_part(prep.graphs, jobs.write_arrays(stage / "dec_calib.npz", prep.calibration_symbols),
                                  jobs.write_arrays(stage / "dec_eval.npz", [d for _, d in coded]), shapes["decoder"])
-    dec = run_part(target, precision, "decoder", dec_spec, stage, cache_root)
+    dec = run_part(prep, target, precision, "decoder", dec_spec, stage, cache_root)
     x_hats = jobs.read_arrays(stage / "decoder" / "decoder_outputs.npz")
     codec = ReplayCodec(prep.entropy_bottleneck, {key(a): s for a, (s, _) in zip(eval_arrays, coded)},
                         {key(d): x for (_, d), x in zip(coded, x_hats)})
@@ -123,8 +127,8 @@ def compile_only(prep: Prepared, target: Target, precision: str, shapes: Dict[st
                                  None, shapes["encoder"])
     dec_spec = jobs.decoder_part(prep.graphs, jobs.write_arrays(stage / "dec_calib.npz", prep.calibration_symbols),
                                  None, shapes["decoder"])
-    enc = run_part(target, precision, "encoder", enc_spec, stage, cache_root)
-    dec = run_part(target, precision, "decoder", dec_spec, stage, cache_root)
+    enc = run_part(prep, target, precision, "encoder", enc_spec, stage, cache_root)
+    dec = run_part(prep, target, precision, "decoder", dec_spec, stage, cache_root)
     return {"model": prep.label, "target": target.name, "precision": precision, "toolchain": enc["toolchain"],
             "parts": {**enc["parts"], **dec["parts"]}, "roundtrip": None}
 

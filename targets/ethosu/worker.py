@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import hashlib
+import importlib.util
 import io
 import json
 import os
@@ -44,7 +45,7 @@ import numpy as np
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")  # TensorFlow's C++ log lines would bury the worker's one line
 TOOLCHAIN = "ethos-u-vela"
-WORKER_VERSION = "ethosu-worker-2"  # part of the int8 cache key: bump when the conversion changes
+WORKER_VERSION = "ethosu-worker-3"  # part of the int8 cache key: bump when the conversion changes
 # Vela's accelerator and the system / memory configuration of its shipped Arm/vela.ini that each target is
 # compiled for (Arm's reference systems for each NPU; the estimates hold for these clocks and memories).
 TARGETS = {
@@ -53,6 +54,8 @@ TARGETS = {
     "ethos-u85-256": ("ethos-u85-256", "Ethos_U85_SYS_DRAM_High", "Dedicated_Sram"),
 }
 PRECISIONS = ("w8a8", "a16w8")
+DEFAULT_RANGE_METHOD = "mse"  # the project's default (src.quant.scheme.DEFAULT_RANGE_METHOD)
+RANGE_CHOICE = Path(__file__).resolve().parents[2] / "src" / "quant" / "range_choice.py"
 SYMBOLS, IMAGE_IN, IMAGE_OUT = "symbols", "x", "x_hat"
 CONV_OPS = {"CONV_2D": 2, "DEPTHWISE_CONV_2D": 2, "FULLY_CONNECTED": 2, "TRANSPOSE_CONV": 3}  # op -> bias input
 # Ops whose output must carry its input's quantisation (TFLite requires it): a re-scaled tensor passes through them.
@@ -75,6 +78,9 @@ def read_job(path: Path) -> Dict:
         raise WorkerError(f"unknown target {job.get('target')!r}: this worker compiles for {sorted(TARGETS)}")
     if job.get("precision") not in PRECISIONS:
         raise WorkerError(f"unknown precision {job.get('precision')!r}: one of {PRECISIONS}")
+    methods = range_choice().RANGE_METHODS
+    if job.setdefault("range_method", DEFAULT_RANGE_METHOD) not in methods:
+        raise WorkerError(f"unknown range_method {job['range_method']!r}: one of {methods}")
     return job
 
 
@@ -207,25 +213,111 @@ def check_float(static: Path, input_name: str, model_dir: Path, array: np.ndarra
                           f"layout error, nothing quantised")
 
 
-def integer_tflite(model_dir: Path, calibration: Sequence[np.ndarray], precision: str) -> bytes:
-    """Full-integer TFLite of the SavedModel, its activation ranges calibrated on ``calibration`` (NCHW arrays)."""
+def converter(model_dir: Path, calibration: Sequence[np.ndarray], precision: str):
+    """TFLite's full-integer converter of the SavedModel, calibrating on ``calibration`` (NCHW arrays)."""
     import tensorflow as tf
 
     def representative():
         for array in calibration:
             yield [nhwc(array)]
 
-    converter = tf.lite.TFLiteConverter.from_saved_model(str(model_dir))
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = representative
+    conv = tf.lite.TFLiteConverter.from_saved_model(str(model_dir))
+    conv.optimizations = [tf.lite.Optimize.DEFAULT]
+    conv.representative_dataset = representative
     if precision == "w8a8":
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
-        converter.inference_input_type = converter.inference_output_type = tf.int8
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8]
+        conv.inference_input_type = conv.inference_output_type = tf.int8
     else:
-        converter.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
-        converter.inference_input_type = converter.inference_output_type = tf.int16
+        conv.target_spec.supported_ops = [tf.lite.OpsSet.EXPERIMENTAL_TFLITE_BUILTINS_ACTIVATIONS_INT16_WEIGHTS_INT8]
+        conv.inference_input_type = conv.inference_output_type = tf.int16
+    return conv
+
+
+def integer_tflite(model_dir: Path, calibration: Sequence[np.ndarray], precision: str, range_method: str
+                   ) -> Tuple[bytes, int]:
+    """Full-integer TFLite of the SavedModel and how many activation ranges the project chose.
+
+    ``minmax`` is TFLite's own calibration as it stands. Any other method is the project's (``range_choice``): the
+    converter only calibrates (its float model then carries each activation's min/max), every activation inside
+    the graph gets the range the project's ONNX INT8 would give it (``project_ranges``), and TFLite's own quantiser
+    quantises from those ranges: the MLIR quantiser for int8, the 16x8 one for int16, as ``convert()`` would call
+    them. The quantisers then apply their own constraints (same scale through reshapes, fixed output scales).
+    """
+    import tensorflow as tf
+    conv = converter(model_dir, calibration, precision)
+    if range_method == "minmax":
+        with quiet():
+            return conv.convert(), 0
+    conv._experimental_calibrate_only = True
+    # Float ends while calibrating: convert() would otherwise try to retype the (still float) model's 16-bit ends.
+    conv.inference_input_type = conv.inference_output_type = tf.float32
     with quiet():
-        return converter.convert()
+        calibrated = conv.convert()
+    ranged, chosen = project_ranges(calibrated, calibration, 8 if precision == "w8a8" else 16, range_method)
+    with quiet():
+        return quantise_calibrated(ranged, precision), chosen
+
+
+def quantise_calibrated(calibrated: bytes, precision: str) -> bytes:
+    """TFLite's quantiser on a calibrated float model (what ``TFLiteConverter._quantize`` does after calibrating)."""
+    import tensorflow as tf
+    if precision == "w8a8":
+        from tensorflow.lite.python import convert
+        return convert.mlir_quantize(calibrated, input_data_type=tf.int8, output_data_type=tf.int8)
+    from tensorflow.lite.python.optimize import calibrator
+    int16, int64 = np.dtype(np.int16).num, np.dtype(np.int64).num
+    # No tensor fed: the quantiser reads the ranges already in the model (feeding would overwrite them).
+    return calibrator.Calibrator(calibrated)._calibrator.QuantizeModel(int16, int16, False, int16, int64, False, False)
+
+
+def range_choice():
+    """The project's ``src/quant/range_choice.py`` (numpy only), loaded by path: the one module of the project
+    the worker runs, so that a TFLite tensor's range is chosen by the very code that chooses the ONNX INT8's."""
+    name = "project_range_choice"
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, RANGE_CHOICE)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module  # dataclasses resolve annotations through sys.modules
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+def project_ranges(calibrated: bytes, calibration: Sequence[np.ndarray], bits: int, method: str) -> Tuple[bytes, int]:
+    """``calibrated`` with each inner activation's min/max replaced by the project's range for ``method``.
+
+    Histograms are taken as ``src.quant.ranges`` takes them (``HISTOGRAM_BINS`` bins between the tensor's min and
+    max over the calibration arrays, which TFLite's calibration recorded) from the float model run in LiteRT with
+    every tensor kept, one array at a time. The graph's input and output keep theirs: the codec's interface sets
+    them (``set_interface``).
+    """
+    from ai_edge_litert.interpreter import Interpreter
+    from tensorflow.lite.tools import flatbuffer_utils
+    rc = range_choice()
+    model = flatbuffer_utils.convert_bytearray_to_object(bytearray(calibrated))
+    graph = model.subgraphs[0]
+    ends = set(graph.inputs) | set(graph.outputs)
+    hists = {}
+    for index, tensor in enumerate(graph.tensors):
+        q = tensor.quantization
+        if index not in ends and q is not None and q.min is not None and len(q.min) == 1:
+            low, high = float(q.min[0]), float(q.max[0])
+            hists[index] = rc.TensorHistogram(low, high if high > low else low + 1e-6,
+                                              np.zeros(rc.HISTOGRAM_BINS, dtype=np.int64))
+    with quiet():
+        interpreter = Interpreter(model_content=bytes(calibrated), experimental_preserve_all_tensors=True,
+                                  num_threads=os.cpu_count())
+    interpreter.allocate_tensors()
+    source = interpreter.get_input_details()[0]["index"]
+    for array in calibration:
+        interpreter.set_tensor(source, nhwc(array))
+        interpreter.invoke()
+        for index, hist in hists.items():
+            values = interpreter.get_tensor(index)
+            hist.counts += np.histogram(values, bins=len(hist.counts), range=(hist.low, hist.high))[0]
+    for index, hist in hists.items():
+        low, high = rc.choose_range(hist, bits, method)
+        graph.tensors[index].quantization.min, graph.tensors[index].quantization.max = [low], [high]
+    return bytes(flatbuffer_utils.convert_object_to_bytearray(model)), len(hists)
 
 
 # ---------------------------------------------------------------- the codec's interface in the flatbuffer
@@ -427,13 +519,23 @@ def vela_report(int8_path: Path, target: str, out_dir: Path, part: str) -> Dict:
 # ---------------------------------------------------------------- one part, one job
 
 def quantised_model(spec: Dict, shape: Tuple[int, ...], calibration: Sequence[np.ndarray], precision: str,
-                    work: Path) -> Tuple[bytes, List[str]]:
+                    range_method: str, work: Path) -> Tuple[bytes, List[str]]:
     folder = Path(tempfile.mkdtemp(dir=work))
     fitted = [fit(a, shape) for a in calibration]
     model_dir = saved_model(spec["onnx"], spec.get("input", "x"), shape, fitted, folder)
-    flatbuffer = integer_tflite(model_dir, fitted, precision)
+    flatbuffer, chosen = integer_tflite(model_dir, fitted, precision, range_method)
     shutil.rmtree(folder)
-    return set_interface(flatbuffer, spec.get("input", "x"), spec.get("output", "y"), precision)
+    flatbuffer, carried = set_interface(flatbuffer, spec.get("input", "x"), spec.get("output", "y"), precision)
+    return flatbuffer, carried + [ranges_note(range_method, chosen)]
+
+
+def ranges_note(range_method: str, chosen: int) -> str:
+    if range_method == "minmax":
+        return ("activation ranges: TFLite's own calibration (min/max) on the job's whole calibration arrays, each "
+                "fitted to the compiled shape")
+    return (f"activation ranges: the project's '{range_method}' ranges (src/quant/range_choice.py) for {chosen} "
+            f"inner activations, from their histograms on the job's whole calibration arrays (each fitted to the "
+            f"compiled shape), quantised by TFLite's own quantiser")
 
 
 def digest(*parts) -> str:
@@ -449,20 +551,21 @@ def digest(*parts) -> str:
     return h.hexdigest()[:24]
 
 
-def cached_model(spec: Dict, shape: Tuple[int, ...], calibration: Sequence[np.ndarray], precision: str, work: Path,
-                 cache: Path | None) -> Tuple[bytes, List[str], bool]:
+def cached_model(spec: Dict, shape: Tuple[int, ...], calibration: Sequence[np.ndarray], precision: str,
+                 range_method: str, work: Path, cache: Path | None) -> Tuple[bytes, List[str], bool]:
     """``quantised_model``, reused from ``cache`` when the same ONNX, calibration, shape and precision made one.
 
     The int8 model does not depend on the Ethos-U variant (only Vela's compile does), so U55, U65 and U85 jobs
     of one model share it, and its LiteRT outputs (``cached_outputs``).
     """
     if cache is None:
-        return (*quantised_model(spec, shape, calibration, precision, work), False)
-    key = digest(Path(spec["onnx"]), *calibration, list(shape), precision, spec.get("input"), spec.get("output"))
+        return (*quantised_model(spec, shape, calibration, precision, range_method, work), False)
+    key = digest(Path(spec["onnx"]), RANGE_CHOICE, *calibration, list(shape), precision, range_method,
+                 spec.get("input"), spec.get("output"))
     model, notes = cache / f"{key}.tflite", cache / f"{key}.json"
     if model.is_file() and notes.is_file():
         return model.read_bytes(), json.loads(notes.read_text()), True
-    flatbuffer, carried = quantised_model(spec, shape, calibration, precision, work)
+    flatbuffer, carried = quantised_model(spec, shape, calibration, precision, range_method, work)
     cache.mkdir(parents=True, exist_ok=True)
     atomic_write(model, flatbuffer)
     atomic_write(notes, json.dumps(carried).encode())
@@ -491,7 +594,8 @@ def cached_outputs(model_path: Path, array: np.ndarray, cache: Path | None) -> n
     return out
 
 
-def compile_part(part: str, spec: Dict, target: str, precision: str, out_dir: Path, cache: Path | None) -> Dict:
+def compile_part(part: str, spec: Dict, target: str, precision: str, range_method: str, out_dir: Path,
+                 cache: Path | None) -> Dict:
     calibration = load_arrays(spec["calibration"])
     if not calibration:
         raise WorkerError(f"{part}: no calibration arrays in {spec['calibration']}")
@@ -501,7 +605,7 @@ def compile_part(part: str, spec: Dict, target: str, precision: str, out_dir: Pa
     carried: List[str] = []
     reused = []
     for wanted in dict.fromkeys([shape] + [tuple(a.shape) for a in evals]):
-        flatbuffer, carried, hit = cached_model(spec, wanted, calibration, precision, out_dir, cache)
+        flatbuffer, carried, hit = cached_model(spec, wanted, calibration, precision, range_method, out_dir, cache)
         name = f"{part}_int8.tflite" if wanted == shape else f"{part}_int8_{'x'.join(map(str, wanted))}.tflite"
         models[wanted] = out_dir / name
         models[wanted].write_bytes(flatbuffer)
@@ -517,10 +621,9 @@ def compile_part(part: str, spec: Dict, target: str, precision: str, out_dir: Pa
         np.savez(out_dir / f"{part}_outputs.npz", *outputs)
         report["eval_models"] = {"x".join(map(str, s)): p.name for s, p in models.items()}
     report["quantisation"] = {
-        "carried": carried + ["activation ranges: TFLite's calibration on the job's whole calibration arrays "
-                              "(min/max), each fitted to the compiled shape"],
-        "lost": ("the project's per-tensor MSE ranges and a QAT checkpoint's scales: the TFLite converter "
-                 "calibrates min/max itself and onnx2tf's tensors carry no ONNX names to map them onto"
+        "carried": carried,
+        "lost": ("a QAT checkpoint's trained scales: onnx2tf's tensors carry no ONNX names to map them onto, so "
+                 "its float weights are calibrated as above"
                  + ("; the 16-bit plan: TFLite's 16x8 gives every activation 16 bits, not the plan's main path only"
                     if precision == "a16w8" else ""))}
     return report
@@ -536,9 +639,10 @@ def run_job(job: Dict) -> Path:
     temp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     try:
         versions = toolchain_versions()
-        report = {"target": job["target"], "precision": job["precision"],
+        report = {"target": job["target"], "precision": job["precision"], "range_method": job["range_method"],
                   "toolchain": {"name": TOOLCHAIN, "version": versions["ethos-u-vela"], "versions": versions},
-                  "parts": {part: named(part, compile_part, part, spec, job["target"], job["precision"], temp,
+                  "parts": {part: named(part, compile_part, part, spec, job["target"], job["precision"],
+                                        job["range_method"], temp,
                                         Path(job["cache_dir"]) if job.get("cache_dir") else None)
                             for part, spec in job["parts"].items()}}
         (temp / "report.json").write_text(json.dumps(report, indent=2))
