@@ -37,9 +37,9 @@ from src.quant.scheme import DEFAULT_RANGE_METHOD, PROFILES, RANGE_METHODS
 from src.eval import load_model as load_eval_model
 from src.rd_curves import parse_curve
 from src.targets import jobs, report
-from src.targets.registry import TARGETS, check_precisions, resolve_targets
+from src.targets.registry import TARGETS, Target, by_form, check_precisions, resolve_targets
 from src.targets.rewrites import TARGET_UPSAMPLE
-from src.targets.study import assemble, measure_target, prepare
+from src.targets.study import Prepared, assemble, measure_target, prepare
 from src.targets.toolchains import installed, toolchain_python
 
 
@@ -178,6 +178,31 @@ def write_curves(out: Path, rows: Sequence[Dict]) -> List[Dict]:
     return deltas
 
 
+def measure_group(prep: Prepared, targets: Sequence[Target], args: argparse.Namespace, eval_images, shapes: Dict,
+                  folder: Path, out: Path, ident: Dict) -> List[Dict]:
+    """Each target of one graph form and each precision measured on ``prep``; their summary rows. A toolchain's
+    refusal is a row with its reason under ``--allow_fallbacks true``, else the one line that stops the run."""
+    rows = []
+    for target in targets:
+        for precision in args.precision:
+            print(f"{prep.label}: {target.name} {precision}", flush=True)
+            stage = folder / f"{target.name}-{precision}"
+            try:
+                result = measure_target(prep, target, precision, eval_images, shapes, stage, out)
+            except UserError as error:
+                if not args.allow_fallbacks:
+                    raise
+                print(f"{prep.label}: {target.name} {precision} refused by the toolchain: {error}", flush=True)
+                rows.append(report.refused_row(prep.label, target.name, precision, str(error), ident))
+                continue
+            result.update(ident)
+            if not args.allow_fallbacks:
+                refuse_fallbacks(result)
+            assemble(result, stage, out / prep.label / f"{target.name}-{precision}")
+            rows.append(report.summary_row(result))
+    return rows
+
+
 def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
     args = get_args_parser().parse_args(argv)
     start = time.perf_counter()
@@ -200,28 +225,14 @@ def main(argv: Optional[Sequence[str]] = None) -> List[Dict]:
         for path, curve, rate_point, forms, model, arch in models:
             for upsample in forms:
                 label = model_label(arch, upsample, curve, rate_point)
-                folder = Path(work) / label
-                print(f"{label}: graphs, calibration and references ({path})", flush=True)
-                prep = prepare(model, label, upsample, calibration, eval_images, args.precision, folder,
-                               args.calib_method)
-                for target in targets:
-                    for precision in args.precision:
-                        print(f"{label}: {target.name} {precision}", flush=True)
-                        stage = folder / f"{target.name}-{precision}"
-                        ident = dict(checkpoint=str(path), upsample=upsample, curve=curve, rate_point=rate_point)
-                        try:
-                            result = measure_target(prep, target, precision, eval_images, shapes[path], stage, out)
-                        except UserError as error:
-                            if not args.allow_fallbacks:
-                                raise
-                            print(f"{label}: {target.name} {precision} refused by the toolchain: {error}", flush=True)
-                            rows.append(report.refused_row(label, target.name, precision, str(error), ident))
-                            continue
-                        result.update(ident)
-                        if not args.allow_fallbacks:
-                            refuse_fallbacks(result)
-                        assemble(result, stage, out / label / f"{target.name}-{precision}")
-                        rows.append(report.summary_row(result))
+                for eca_mean, group in by_form(targets).items():
+                    folder = Path(work) / label / eca_mean
+                    print(f"{label}: graphs ({eca_mean} ECA mean), calibration and references ({path})", flush=True)
+                    prep = prepare(model, label, upsample, calibration, eval_images, args.precision, folder,
+                                   args.calib_method, eca_mean)
+                    rows += measure_group(prep, group, args, eval_images, shapes[path], folder, out,
+                                          dict(checkpoint=str(path), upsample=upsample, curve=curve,
+                                               rate_point=rate_point))
     summary = out / "summary.json"
     every = report.merged_rows(json.loads(summary.read_text()) if summary.is_file() else [], rows)
     write_atomic(summary, lambda f: f.write(json.dumps(every, indent=2).encode()))

@@ -16,8 +16,9 @@ from src.model_factory import build_model, make_arch
 from src.npu_blocks import ECAGate
 from src.targets import report, toolchains
 from src.targets.jobs import padded
-from src.targets.rewrites import (BandedECAGate, can_pad_to_same, same_padded_convtranspose, same_padded_rewrite,
-                                  target_model)
+from src.targets.registry import by_form, resolve_targets
+from src.targets.rewrites import (ECA_MEANS, BandedECAGate, can_pad_to_same, same_padded_convtranspose,
+                                  same_padded_rewrite, target_model)
 from src.targets.roundtrip import ReplayCodec, code_symbols, key
 from tests.conftest import one_line_error, photo_paths
 from src.images import image_tensor, load_rgb
@@ -57,7 +58,29 @@ def test_banded_eca_gate_is_exact():
     nn.init.normal_(gate.conv.weight)
     nn.init.normal_(gate.conv.bias)
     x = torch.randn(2, 16, 6, 5)
-    torch.testing.assert_close(BandedECAGate(gate, 16)(x), gate(x), rtol=0, atol=1e-5)
+    for mean in ECA_MEANS:
+        torch.testing.assert_close(BandedECAGate(gate, 16, mean)(x), gate(x), rtol=0, atol=1e-5)
+
+
+def test_each_target_gets_its_own_eca_mean(tmp_path):
+    """Vela limits the elements one MEAN reduces, so Ethos-U gets one-axis means; RKNN-Toolkit2 put Transposes on
+    the CPU around those, so RK3588 gets the mean over H and W in one ReduceMean."""
+    import onnx
+    model = randomised(build_model(make_arch(quality=1, replace="npu")))
+    model.update(force=True)
+    groups = by_form(resolve_targets(["ethos-u55-256", "rk3588", "ethos-u85-256"]))
+    assert {mean: [t.name for t in group] for mean, group in groups.items()} == {
+        "separable": ["ethos-u55-256", "ethos-u85-256"], "joint": ["rk3588"]}
+    for mean, axes in (("separable", [[2], [3]]), ("joint", [[2, 3]])):
+        graphs = symbol_graphs(target_model(model, "convtranspose", mean), torch.rand(1, 3, 64, 64), tmp_path / mean)
+        graph = onnx.load(str(graphs["encoder_centred"])).graph
+        means = [n for n in graph.node if n.op_type == "ReduceMean"]
+        constants = {t.name: onnx.numpy_helper.to_array(t).tolist() for t in graph.initializer}
+        constants.update({n.output[0]: onnx.numpy_helper.to_array(n.attribute[0].t).tolist()
+                          for n in graph.node if n.op_type == "Constant"})
+        found = [constants.get(n.input[1]) if len(n.input) > 1 else [list(a.ints) for a in n.attribute
+                                                                       if a.name == "axes"][0] for n in means]
+        assert found == axes * 3, found  # three ECA gates in g_a
 
 
 @pytest.mark.parametrize("replace", ["npu", "relu", "none"])

@@ -31,6 +31,7 @@ def target_markdown(result: Dict) -> str:
     trip beside FP32 and the project's ONNX INT8."""
     lines = [f"# {result['model']} on {result['target']} ({result['precision']})", "",
              f"Toolchain: {result['toolchain']['name']} {result['toolchain']['version']}", "",
+             *form_lines(result),
              "| part | compiled input | ops on NPU | estimates | fallbacks (compiler's reason) |",
              "| --- | --- | --- | --- | --- |"]
     for name in PARTS:
@@ -49,6 +50,15 @@ def target_markdown(result: Dict) -> str:
         if q:
             lines.append(f"- {name}: carried {'; '.join(q.get('carried', []))}. Lost: {q.get('lost', 'nothing')}.")
     return "\n".join(lines) + "\n"
+
+
+def form_lines(result: Dict) -> List[str]:
+    """The graph form and range method the target was given (reports written before they were recorded: none)."""
+    form = result.get("form")
+    if not form:
+        return []
+    return [f"Graph form: ECA's mean {form['eca_mean']} (src.targets.rewrites.ECA_MEANS); activation ranges: "
+            f"{form['range_method']}", ""]
 
 
 def round_trip_lines(result: Dict) -> List[str]:

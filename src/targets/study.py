@@ -26,10 +26,10 @@ from torch import nn
 
 from src.checkpoint import swap_in_folder
 from src.quant.fake_quant import float_twin, is_qat_model
-from src.quant.ptq import SymbolCodec, calibrate, mean_points, quantise_pair, symbol_bits
+from src.quant.ptq import SymbolCodec, calibrate, mean_points, plan, quantise_pair, symbol_bits
 from src.quant.qat import export_pair as qat_export_pair
 from src.quant.scheme import DEFAULT_RANGE_METHOD
-from src.quant.symbols import symbol_graphs
+from src.quant.symbols import DECODER_INPUT, ENCODER_OUTPUT, symbol_graphs
 from src.targets import jobs, report as reports
 from src.targets.registry import Target
 from src.targets.rewrites import target_model
@@ -48,6 +48,8 @@ class Prepared:
     references: Dict[str, Dict]
     latent_channels: int
     range_method: str  # how activation ranges are chosen, for the project's ONNX INT8 and the targets alike
+    tensor_ranges: Dict[str, Dict[str, List[float]]]  # part -> ONNX tensor -> [low, high, bits] of the w8a8 plan
+    eca_mean: str      # the graph form's ECA mean (src.targets.rewrites.ECA_MEANS)
 
 
 def reference_points(model: nn.Module, graphs: Dict[str, Path], calib, eval_images: Sequence[torch.Tensor],
@@ -69,9 +71,9 @@ def reference_points(model: nn.Module, graphs: Dict[str, Path], calib, eval_imag
 
 def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[torch.Tensor],
             eval_images: Sequence[torch.Tensor], precisions: Sequence[str], folder: Path,
-            range_method: str = DEFAULT_RANGE_METHOD) -> Prepared:
+            range_method: str = DEFAULT_RANGE_METHOD, eca_mean: str = "separable") -> Prepared:
     float_model = float_twin(model) if is_qat_model(model) else model
-    rewritten = target_model(float_model.eval(), upsample)
+    rewritten = target_model(float_model.eval(), upsample, eca_mean)
     arrays = jobs.padded(calibration)
     graphs = symbol_graphs(rewritten, torch.from_numpy(arrays[0]), folder / "graphs")
     calib = calibrate(graphs, arrays, folder / "calibration")
@@ -79,11 +81,24 @@ def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[t
                              range_method, folder / "references") if eval_images else {})
     refs["symbols_outside_int8_calibration"] = symbol_bits(calib.symbols)[1]
     return Prepared(label, graphs, calib.images, calib.symbols, model.entropy_bottleneck, refs,
-                    int(model.entropy_bottleneck.quantiles.shape[0]), range_method)
+                    int(model.entropy_bottleneck.quantiles.shape[0]), range_method,
+                    w8a8_tensor_ranges(calib, range_method), eca_mean)
+
+
+def w8a8_tensor_ranges(calib, range_method: str) -> Dict[str, Dict[str, List[float]]]:
+    """The project's w8a8 range of every activation, by ONNX tensor name, per part: a toolchain that reads the ONNX
+    graph with its names (RKNN-Toolkit2) writes them into its own quantiser."""
+    bits = symbol_bits(calib.symbols)[0]
+    return {part: {name: [low, high, 8] for name, (low, high) in plan(hists, [], symbol, bits, range_method)
+                   .ranges.items()}
+            for part, hists, symbol in (("encoder", calib.encoder, ENCODER_OUTPUT),
+                                        ("decoder", calib.decoder, DECODER_INPUT))}
 
 
 def run_part(prep: Prepared, target: Target, precision: str, part: str, spec: Dict, stage: Path,
              cache_root: Path) -> Dict:
+    if precision == "w8a8":
+        spec = {**spec, "tensor_ranges": prep.tensor_ranges[part]}
     job = jobs.write_job(stage / f"{part}_job.json", target.name, precision, {part: spec}, stage / part,
                          cache_dir=cache_root / f".cache-{target.toolchain}", range_method=prep.range_method)
     return run_worker(target.toolchain, job)
@@ -112,6 +127,7 @@ def measure_target(prep: Prepared, target: Target, precision: str, eval_images: 
                         {key(d): x for (_, d), x in zip(coded, x_hats)})
     point, rows = mean_points(codec, eval_images, jobs.PAD_MULTIPLE)
     return {"model": prep.label, "target": target.name, "precision": precision, "toolchain": enc["toolchain"],
+            "form": {"eca_mean": prep.eca_mean, "range_method": prep.range_method},
             "parts": {**enc["parts"], **dec["parts"]},
             "roundtrip": {"target": point, "per_image": rows, "fp32": prep.references["fp32"],
                           "project_int8": prep.references[precision],
@@ -130,6 +146,7 @@ def compile_only(prep: Prepared, target: Target, precision: str, shapes: Dict[st
     enc = run_part(prep, target, precision, "encoder", enc_spec, stage, cache_root)
     dec = run_part(prep, target, precision, "decoder", dec_spec, stage, cache_root)
     return {"model": prep.label, "target": target.name, "precision": precision, "toolchain": enc["toolchain"],
+            "form": {"eca_mean": prep.eca_mean, "range_method": prep.range_method},
             "parts": {**enc["parts"], **dec["parts"]}, "roundtrip": None}
 
 
