@@ -1,6 +1,7 @@
 """NPU targets, the project side (no toolchain needed): the rewrites' float exactness, the replayed round trip,
 the report's rows, and every refusal that happens before a toolchain runs."""
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -166,6 +167,33 @@ def test_replayed_round_trip_is_the_symbol_codec_round_trip(tmp_path):
                          {key(d): x for (_, d), x in zip(coded, x_hats)})
     expected = mean_points(SymbolCodec(graphs["encoder"], graphs["decoder"], model.entropy_bottleneck), images, 64)[0]
     assert mean_points(replay, images, 64)[0] == pytest.approx(expected, rel=1e-6)
+
+
+def test_w8a8_jobs_carry_the_project_ranges_by_onnx_name(tmp_path, monkeypatch):
+    """Each w8a8 part a worker is given holds the project's plan (``tensor_ranges``: ONNX tensor -> [low, high, 8],
+    the ranges ``quantise_pair`` quantises with), named as in the graph it is sent; the symbols are not among them
+    (the interface sets them) and a16w8 parts carry none. The job names the range method."""
+    import onnx
+    from src.quant.ptq import plan
+    from src.quant.symbols import ENCODER_OUTPUT
+    from src.targets import study
+    model = randomised(build_model(make_arch(quality=1, replace="npu")))
+    model.update(force=True)
+    prep = study.prepare(model, "m", "convtranspose", small_images(4), [], ["w8a8"], tmp_path / "prep", "mse",
+                         "joint")
+    jobs_seen = []
+    monkeypatch.setattr(study, "run_worker", lambda toolchain, job: jobs_seen.append(json.loads(job.read_text())))
+    target = resolve_targets(["rk3588"])[0]
+    for precision in ("w8a8", "a16w8"):
+        study.run_part(prep, target, precision, "encoder", {"onnx": str(prep.graphs["encoder_centred"])},
+                       tmp_path / precision, tmp_path)
+    w8a8, a16w8 = (job["parts"]["encoder"] for job in jobs_seen)
+    graph = onnx.load(str(prep.graphs["encoder_centred"])).graph
+    names = {o for n in graph.node for o in n.output} | {i.name for i in graph.input}
+    ranges = w8a8["tensor_ranges"]
+    assert len(ranges) > 10 and set(ranges) <= names and ENCODER_OUTPUT not in ranges
+    assert all(low <= 0.0 <= high and bits == 8 for low, high, bits in ranges.values())
+    assert "tensor_ranges" not in a16w8 and jobs_seen[0]["range_method"] == "mse"
 
 
 def fake_result(model="npu_convtranspose", target="ethos-u55-256", precision="w8a8", fallbacks=()):

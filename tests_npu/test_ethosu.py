@@ -107,6 +107,46 @@ def test_target_numerics_shared_across_ethos_u_variants(run):
     assert u55 == u85
 
 
+SCALES_SNIPPET = """
+import json, sys
+from tensorflow.lite.tools import flatbuffer_utils
+model = flatbuffer_utils.read_model(sys.argv[1])
+graph = model.subgraphs[0]
+ends = set(graph.inputs) | set(graph.outputs)
+constant = lambda t: model.buffers[t.buffer].data is not None and len(model.buffers[t.buffer].data) > 0
+print(json.dumps({t.name.decode(): [float(t.quantization.scale[0]), i in ends] for i, t in enumerate(graph.tensors)
+                  if t.type == 9 and not constant(t) and t.quantization is not None
+                  and t.quantization.scale is not None and len(t.quantization.scale) == 1}))
+"""
+
+
+def activation_scales(model: Path) -> dict:
+    """{tensor name: [scale, is a graph input/output]} of the int8 activations of a TFLite model (read in its venv)."""
+    out = subprocess.run([str(venv_dir("ethosu") / "bin" / "python"), "-c", SCALES_SNIPPET, str(model)],
+                         capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def test_the_project_ranges_reach_the_int8_model(run):
+    """--calib_method mse (the default) writes the project's ranges into TFLite's calibration before its quantiser
+    runs; minmax is TFLite's own calibration. The MSE ranges lie inside min/max, several strictly (a range the
+    quantiser never saw would leave every scale equal), and the codec's interface is set the same in both."""
+    base = run["base"][:run["base"].index("--out")]
+    npu_targets.main(base + ["--out", str(run["root"] / "out_minmax"), "--targets", TARGETS[0],
+                             "--precision", "w8a8", "--calib_method", "minmax"])
+    mse_folder = run["out"] / "npu_convtranspose" / f"{TARGETS[0]}-w8a8"
+    minmax_folder = run["root"] / "out_minmax" / "npu_convtranspose" / f"{TARGETS[0]}-w8a8"
+    for part in ("encoder", "decoder"):
+        mse, minmax = (activation_scales(folder / f"{part}_int8.tflite") for folder in (mse_folder, minmax_folder))
+        assert mse.keys() == minmax.keys()
+        inner = [name for name, (_, end) in mse.items() if not end]
+        assert all(mse[n][0] <= minmax[n][0] * (1 + 1e-6) for n in inner), part
+        assert sum(mse[n][0] < 0.98 * minmax[n][0] for n in inner) >= 2, (part, mse, minmax)
+        assert all(mse[n] == minmax[n] for n in mse if mse[n][1]), part
+    carried = result(run, TARGETS[0], "w8a8")["parts"]["encoder"]["quantisation"]["carried"]
+    assert any("'mse' ranges" in line for line in carried), carried
+
+
 def test_a_graph_vela_cannot_place_is_one_line_and_keeps_the_earlier_artefacts(run, capsys):
     """The decoder's ConvTransposes as trained: Vela leaves them on the CPU with its reason. Recorded with
     --allow_fallbacks true; refused (one line) without, and the recorded folder is left as it was."""
