@@ -298,21 +298,28 @@ def calibrate(fp32: Dict[str, Path], images: Sequence[np.ndarray], folder: Path)
                        activation_histograms(sources["decoder"], symbols), symbols, list(images), sources)
 
 
-def quantise_half(calib: Calibration, half: str, profile: str, method: str, out: Path,
-                  extra_sixteen_bit: Sequence[str] = ()) -> QuantPlan:
-    """Write the INT8 ``half`` (encoder or decoder) of ``profile`` to ``out``; returns what it was quantised with."""
+def half_plan(calib: Calibration, half: str, profile: str, method: str,
+              extra_sixteen_bit: Sequence[str] = ()) -> QuantPlan:
+    """What the INT8 ``half`` (encoder or decoder) of ``profile`` is quantised with: a range per activation of its
+    calibration histograms, 16 bits where the profile (and ``extra_sixteen_bit``) put them."""
     if profile not in PROFILES:
         raise ValueError(f"precision profile must be one of {sorted(PROFILES)}, got {profile!r}")
     source = calib.sources[half]
-    hists, example = (calib.encoder, calib.images[0]) if half == "encoder" else (calib.decoder, calib.symbols[0])
+    hists = calib.encoder if half == "encoder" else calib.decoder
     symbol_tensor = ENCODER_OUTPUT if half == "encoder" else DECODER_INPUT
     sixteen = ([t for t in stage_outputs(source, "g_a" if half == "encoder" else "g_s") if t != symbol_tensor]
                if profile == "a16w8" else [])
     sixteen += [t for t in extra_sixteen_bit if t in hists and t not in sixteen]
     sixteen = [t for t in carried(source, sixteen) if t in hists]
-    qplan = plan(hists, sixteen, symbol_tensor, symbol_bits(calib.symbols)[0], method)
+    return plan(hists, sixteen, symbol_tensor, symbol_bits(calib.symbols)[0], method)
+
+
+def quantise_half(calib: Calibration, half: str, profile: str, method: str, out: Path,
+                  extra_sixteen_bit: Sequence[str] = ()) -> QuantPlan:
+    """Write the INT8 ``half`` (encoder or decoder) of ``profile`` to ``out``; returns what it was quantised with."""
+    qplan = half_plan(calib, half, profile, method, extra_sixteen_bit)
     out.parent.mkdir(parents=True, exist_ok=True)
-    quantise(source, out, qplan, example)
+    quantise(calib.sources[half], out, qplan, calib.images[0] if half == "encoder" else calib.symbols[0])
     return qplan
 
 

@@ -26,10 +26,10 @@ from torch import nn
 
 from src.checkpoint import swap_in_folder
 from src.quant.fake_quant import float_twin, is_qat_model
-from src.quant.ptq import SymbolCodec, calibrate, mean_points, plan, quantise_pair, symbol_bits
+from src.quant.ptq import SymbolCodec, calibrate, half_plan, mean_points, quantise_pair, symbol_bits
 from src.quant.qat import export_pair as qat_export_pair
 from src.quant.scheme import DEFAULT_RANGE_METHOD
-from src.quant.symbols import DECODER_INPUT, ENCODER_OUTPUT, symbol_graphs
+from src.quant.symbols import symbol_graphs
 from src.targets import jobs, report as reports
 from src.targets.registry import Target
 from src.targets.rewrites import target_model
@@ -86,13 +86,12 @@ def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[t
 
 
 def w8a8_tensor_ranges(calib, range_method: str) -> Dict[str, Dict[str, List[float]]]:
-    """The project's w8a8 range of every activation, by ONNX tensor name, per part: a toolchain that reads the ONNX
-    graph with its names (RKNN-Toolkit2) writes them into its own quantiser."""
-    bits = symbol_bits(calib.symbols)[0]
-    return {part: {name: [low, high, 8] for name, (low, high) in plan(hists, [], symbol, bits, range_method)
+    """The project's w8a8 range of every activation (``half_plan``: what ``quantise_pair`` quantises with), by ONNX
+    tensor name, per part: a toolchain that reads the ONNX graph with its names (RKNN-Toolkit2) writes them into its
+    own quantiser."""
+    return {part: {name: [low, high, 8] for name, (low, high) in half_plan(calib, part, "w8a8", range_method)
                    .ranges.items()}
-            for part, hists, symbol in (("encoder", calib.encoder, ENCODER_OUTPUT),
-                                        ("decoder", calib.decoder, DECODER_INPUT))}
+            for part in ("encoder", "decoder")}
 
 
 def run_part(prep: Prepared, target: Target, precision: str, part: str, spec: Dict, stage: Path,
