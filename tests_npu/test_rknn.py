@@ -143,6 +143,54 @@ def test_static_graph_is_exact_in_float(npu_run, tmp_path):
     assert float(done.stdout) < 1e-5
 
 
+def test_tile_partials_add_up_to_the_convolution(npu_run, tmp_path):
+    """The worker's rebuild of the toolkit's channel tiles: 2 or 3 partial sums (bias on the first) that add up to
+    the ONNX Conv / ConvTranspose, and a running sum that is the first two."""
+    script = ("import sys, numpy as np, onnx; sys.path.insert(0, sys.argv[1]); import worker;"
+              "g = onnx.load(sys.argv[2]); node = next(n for n in g.graph.node if n.output[0] == sys.argv[3]);"
+              "shape = [d.dim_value for d in g.graph.input[0].type.tensor_type.shape.dim];"
+              "x = np.random.default_rng(0).normal(0.5, 2, shape).astype(np.float32);"
+              "values = next(iter(worker.ConvInputs(g, [node.input[0], node.output[0]], [x]))); worst = 0.0\n"
+              "for count in (2, 3):\n"
+              " tiles = worker.TilePartials(g, node, count); parts = tiles.run(values[node.input[0]])\n"
+              " assert len(parts) == count\n"
+              " worst = max(worst, float(np.abs(sum(parts) - values[node.output[0]]).max()),"
+              " float(np.abs(tiles.value('t_tile0_conv_add', parts) - parts[0] - parts[1]).max()))\n"
+              "print(worst)")
+    for part, conv in (("encoder", "/g_a/g_a.2/Conv_output_0"), ("decoder", "/g_s/g_s.0/ConvTranspose_output_0")):
+        source = onnx_static(npu_run["graphs"]["encoder_centred" if part == "encoder" else part], part, tmp_path)
+        done = subprocess.run([str(PYTHON), "-c", script, str(WORKER.parent), str(source), conv],
+                              capture_output=True, text=True)
+        assert done.returncode == 0, done.stderr
+        assert float(done.stdout) < 1e-4
+
+
+def onnx_static(graph: Path, part: str, folder: Path) -> Path:
+    """The part's graph as the worker hands it to the toolkit (static shape, folded constants)."""
+    name, shape = ("x", (1, 3, SIZE, SIZE)) if part == "encoder" else ("symbols", (1, 192, SIZE // 16, SIZE // 16))
+    out = folder / f"{part}_static.onnx"
+    done = subprocess.run([str(PYTHON), "-c", "import sys; sys.path.insert(0, sys.argv[1]); import worker; "
+                           "worker.static_graph(sys.argv[2], sys.argv[3], tuple(map(int, sys.argv[4:8])), "
+                           "worker.Path(sys.argv[8]))", str(WORKER.parent), str(graph), name, *map(str, shape),
+                           str(out)], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return out
+
+
+def test_the_toolkits_own_tensors_get_the_project_rule(npu_run):
+    """The toolkit cuts the 128-channel 5x5 (transposed) convolutions into channel tiles fed by a Split; every
+    Split output and every tile's partial sum is given a range (none left to the toolkit's own min/max, which
+    each rebuilt partial must match first), and the toolkit's log shows them changed."""
+    for part, entry in npu_run["report"]["parts"].items():
+        toolkit = entry["quantisation"]["toolkit_tensors"]
+        given, log = toolkit["given_ranges"], (npu_run["out"] / entry["toolkit_log"]).read_text(errors="replace")
+        assert toolkit["not_rebuilt"] == []
+        assert sum("_split" in name for name in given) >= 6 and sum("_tile" in name for name in given) >= 6
+        for name in given:
+            if "_tile" in name:  # the project's MSE range of a partial is narrower than its min/max
+                assert f"quantize_parameters['{name}'] were changed" in log, name
+
+
 def test_gdn_encoder_reports_its_cpu_ops(tmp_path):
     """Also the compile-only job (no eval arrays: scripts.npu_targets without --eval_dir): compiled and reported."""
     graphs = small_graphs("none", tmp_path)

@@ -20,7 +20,10 @@ format and report are in docs/npu_targets_rknn.md). Per part it
    ``.quantization.cfg`` -> ``hybrid_quantization_step2``): that file is the only place the toolkit takes a
    tensor's range from outside. The symbol interface is carried there (the encoder's output and the decoder's
    input on [-128, 127], i.e. scale 1, zero point 0) and so are the job's ``tensor_ranges``; the toolkit refuses
-   edits of a scale or zero point (``...['scale'] is not allowed to be modified``), so ranges are written as min/max;
+   edits of a scale or zero point (``...['scale'] is not allowed to be modified``), so ranges are written as min/max.
+   The tensors the toolkit adds itself (the channel Split and per-tile partial sums of the convolutions it cuts to
+   fit its filter bank) get ranges too (``toolkit_tensor_ranges``): left to its own min/max they rounded the
+   encoder's activations again in front of three convolutions;
 3. reads the toolkit's own "Network Layer Information Table" (printed by the compiler at build time) for the
    operators, where each runs (NPU or CPU) and its cycle and memory estimates;
 4. exports ``<part>.rknn`` and runs it on the toolkit's simulator (``init_runtime()`` with no target) on every
@@ -36,6 +39,7 @@ moved into ``out_dir`` when every part compiled, so a failed run replaces nothin
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import json
 import os
 import re
@@ -47,7 +51,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnxruntime as ort
-from onnx import helper
+from onnx import helper, numpy_helper
 
 TARGETS = ("rk3588",)
 PRECISIONS = {"w8a8": "w8a8", "a16w8": "w16a16i_dfp"}
@@ -59,6 +63,13 @@ LAYER_ROW = re.compile(r"^D RKNN: \[[\d:.]+\]\s+(\d+)\s+(\S+)\s+(\S+)\s+(NPU|CPU
                        r"(\d+)/(\d+)/(\d+)\s+(\d+)\s+(\S+)")
 MEMORY_ROW = re.compile(r"Total (Internal|Weight) Memory Size: ([\d.]+)KB")
 PSEUDO_OPS = ("InputOperator", "OutputOperator")
+# Tensors the toolkit's own graph passes add (rknn-toolkit2 2.5.0 names): a channel Split's outputs, and the partial
+# sum of each tile of a (transposed) convolution its ``tiling_(de)conv_channelin`` pass cut along the input channels
+# (``..._tile<k>_conv``), with the running sum of tiles 0..k+1 where it adds more than two (``..._tile<k>_conv_add``).
+SPLIT_OUTPUT = re.compile(r"^(?P<source>.+)_split(?:_o\d+)?$")
+TILE_PARTIAL = re.compile(r"^(?P<conv>.+)_tile(?P<index>\d+)_(?:conv|convtranspose)(?P<running>_add)?$")
+TILE_MATCH = 1e-3  # a rebuilt partial's min/max against the toolkit's own, relative to its range
+RANGE_CHOICE = Path(__file__).resolve().parents[2] / "src" / "quant" / "range_choice.py"
 
 
 class ToolchainError(Exception):
@@ -231,6 +242,141 @@ def symbol_bits(precision: str) -> int:
     return 16 if PRECISIONS[precision].startswith("w16") else 8
 
 
+def range_choice():
+    """The project's ``src/quant/range_choice.py`` (numpy only) loaded by path, as the Ethos-U worker loads it."""
+    spec = importlib.util.spec_from_file_location("project_range_choice", RANGE_CHOICE)
+    module = sys.modules.setdefault(spec.name, importlib.util.module_from_spec(spec))  # dataclasses look it up
+    spec.loader.exec_module(module)
+    return module
+
+
+def cfg_ranges(cfg: Path, key: str = "") -> dict:
+    """{tensor: (min, max)} of a ``.quantization.cfg`` as it stands (``key`` "ori_": the toolkit's own ranges)."""
+    found = re.finditer(rf"^    (\S[^\n]*):\n(?:        [^\n]*\n)*?        {key}min:\n        -   (\S+)\n"
+                        rf"        {key}max:\n        -   (\S+)$", cfg.read_text(), re.MULTILINE)
+    return {m.group(1): (float(m.group(2)), float(m.group(3))) for m in found}
+
+
+def toolkit_tensor_ranges(cfg: Path, graph: Path, calibration: list, method: str) -> tuple:
+    """Ranges for the tensors the toolkit's own passes add, so that they round no more than the project's graph.
+
+    - The toolkit cuts a convolution whose filter exceeds its bank (5x5 over 128 input channels: g_a's last three)
+      into convolutions over equal chunks of the input channels (``tiling_conv_channelin``), fed by a channel
+      Split. A Split only moves values, yet each output got the toolkit's own min/max of its half: the source,
+      already on the project's grid, was rounded again onto a coarser one (45 % coarser in front of g_a.2 of the
+      RD study's q3 NPU encoder). Each output now takes its source's range, so that step rounds nothing.
+    - Each tile's partial sum is rounded to int8 before the add that completes the convolution: a rounding the
+      project's INT8 graph does not have (its convolution accumulates every channel in int32). It cannot be
+      widened (the toolkit refuses a dtype edit, and a float16 tile is cast back to int8 before the add), so it
+      gets the project's range rule: the partial is rebuilt from the ONNX convolution over the calibration
+      arrays (its chunk of channels; the bias on tile 0, which the toolkit's own min/max of the tensor confirms)
+      and its histogram goes through ``range_choice`` as every other tensor's does.
+
+    Returns (ranges, names given a range, partials not rebuilt: left on the toolkit's own range).
+    """
+    current, own = cfg_ranges(cfg), cfg_ranges(cfg, "ori_")
+    ranges = {name: current[m.group("source")] for name in current
+              if (m := SPLIT_OUTPUT.match(name)) and m.group("source") in current}
+    tiles = {}
+    for name in current:
+        if m := TILE_PARTIAL.match(name):
+            tiles.setdefault(m.group("conv"), []).append(name)
+    if not tiles:
+        return ranges, sorted(ranges), []
+    model = onnx.load(str(graph))
+    convs = {node.output[0]: node for node in model.graph.node if node.op_type in ("Conv", "ConvTranspose")
+             and all(a.name != "group" or a.i == 1 for a in node.attribute)}  # a grouped one: left as it is
+    unmatched = [name for conv, names in tiles.items() if conv not in convs for name in names]
+    tiles = {conv: names for conv, names in tiles.items() if conv in convs}
+    partials = {conv: TilePartials(model, convs[conv], sum(not TILE_PARTIAL.match(n).group("running") for n in names))
+                for conv, names in tiles.items()}
+    sources = ConvInputs(model, [p.input for p in partials.values()], calibration)
+    lows, highs = {}, {}
+    for name, value in tile_values(sources, partials, tiles):
+        lows[name] = min(lows.get(name, np.inf), float(value.min()))
+        highs[name] = max(highs.get(name, -np.inf), float(value.max()))
+    rc = range_choice()
+    hists = {}
+    for name in lows:
+        low, high = own[name]
+        if max(abs(lows[name] - low), abs(highs[name] - high)) > TILE_MATCH * max(high - low, 1e-12):
+            unmatched.append(name)
+        else:
+            hists[name] = rc.TensorHistogram(lows[name], max(highs[name], lows[name] + 1e-6),
+                                             np.zeros(rc.HISTOGRAM_BINS, np.int64))
+    for name, value in tile_values(sources, partials, tiles):
+        if name in hists:
+            hist = hists[name]
+            hist.counts += np.histogram(value, bins=len(hist.counts), range=(hist.low, hist.high))[0]
+    ranges.update({name: rc.choose_range(hist, 8, method) for name, hist in hists.items()})
+    return ranges, sorted(ranges), sorted(unmatched)
+
+
+class TilePartials:
+    """The partial sums of one ONNX (transposed) convolution cut into ``count`` equal chunks of input channels (the
+    bias added to the first), computed with onnxruntime, one calibration array at a time."""
+
+    def __init__(self, model: onnx.ModelProto, conv: onnx.NodeProto, count: int):
+        weights = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+        axis = 1 if conv.op_type == "Conv" else 0  # the weight's input-channel axis
+        weight = weights[conv.input[1]]
+        bias = weights[conv.input[2]] if len(conv.input) > 2 and conv.input[2] else None
+        attrs = {a.name: helper.get_attribute_value(a) for a in conv.attribute}
+        self.input, self.chunks = conv.input[0], np.array_split(np.arange(weight.shape[axis]), count)
+        nodes, inits, inputs, outputs = [], [], [], []
+        for k, chunk in enumerate(self.chunks):
+            inits.append(numpy_helper.from_array(np.ascontiguousarray(np.take(weight, chunk, axis)), f"w{k}"))
+            names = [f"x{k}", f"w{k}"]
+            if k == 0 and bias is not None:
+                inits.append(numpy_helper.from_array(bias, "b0"))
+                names.append("b0")
+            nodes.append(helper.make_node(conv.op_type, names, [f"y{k}"], **attrs))
+            inputs.append(helper.make_tensor_value_info(f"x{k}", onnx.TensorProto.FLOAT, None))
+            outputs.append(helper.make_tensor_value_info(f"y{k}", onnx.TensorProto.FLOAT, None))
+        graph = helper.make_graph(nodes, "tiles", inputs, outputs, inits)
+        self.session = ort.InferenceSession(helper.make_model(graph, opset_imports=model.opset_import)
+                                            .SerializeToString(), providers=["CPUExecutionProvider"])
+
+    def value(self, name: str, partials: list) -> np.ndarray:
+        """The toolkit tensor ``name`` of this convolution: a tile's partial sum, or a running sum of tiles."""
+        found = TILE_PARTIAL.match(name)
+        index = int(found.group("index"))
+        return sum(partials[:index + 2]) if found.group("running") else partials[index]
+
+    def run(self, x: np.ndarray) -> list:
+        """The tiles' partial sums of the convolution's input ``x``, tile 0 first."""
+        return self.session.run(None, {f"x{k}": np.ascontiguousarray(x[:, chunk])
+                                       for k, chunk in enumerate(self.chunks)})
+
+
+def tile_values(sources, partials: dict, tiles: dict):
+    """(partial's name, its values) for every tile of every cut convolution, one calibration array at a time."""
+    for values in sources:
+        for conv, names in tiles.items():
+            tiled = partials[conv]
+            computed = tiled.run(values[tiled.input])
+            yield from ((name, tiled.value(name, computed)) for name in names)
+
+
+class ConvInputs:
+    """The named tensors of the graph on each calibration array, computed again on each pass (a 768x512 photo's
+    tensors are too large to keep for ten of them)."""
+
+    def __init__(self, model: onnx.ModelProto, names: list, calibration: list):
+        probe = onnx.ModelProto()
+        probe.CopyFrom(model)
+        probe.graph.output.extend(helper.make_empty_tensor_value_info(n) for n in dict.fromkeys(names))
+        self.session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+        self.names, self.calibration = list(dict.fromkeys(names)), calibration
+        self.input = model.graph.input[0].name
+
+    def __iter__(self):
+        outputs = [o.name for o in self.session.get_outputs()]
+        for array in self.calibration:
+            values = dict(zip(outputs, self.session.run(None, {self.input: array})))
+            yield {n: values[n] for n in self.names}
+
+
 def planned_ranges(part_name: str, part: dict, precision: str, params: list) -> dict:
     """Ranges to write: the job's ``tensor_ranges`` and the symbol tensor on the integer grid (scale 1, zp 0).
 
@@ -361,8 +507,8 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
             **{k: found[k] for k in ("ops_total", "ops_npu", "fallbacks")},
             "estimates": estimates(built["rows"], built["memory"]), "input_shape": list(compile_shape),
             "layers": found["layers"],
-            "quantisation": quantisation_report(name, job["precision"], built["carried"], built["missing"],
-                                                symbol_tensor, len(calibration), built["fitted"], outputs),
+            "quantisation": quantisation_report(name, job["precision"], built, symbol_tensor, len(calibration),
+                                                outputs, job.get("range_method", "mse")),
             "toolkit_log": log.name}
 
 
@@ -387,6 +533,11 @@ def compile_at(name: str, stem: str, part: dict, job: dict, work: Path, shape: t
             check(rknn.hybrid_quantization_step1(dataset=str(dataset)), "hybrid_quantization_step1", name, log)
         cfg = folder / f"{graph.stem}.quantization.cfg"
         carried, missing = edit_ranges(cfg, planned_ranges(name, part, job["precision"], cfg_tensors(cfg)))
+        derived, unmatched = [], []
+        if PRECISIONS[job["precision"]] == "w8a8":
+            ranges, derived, unmatched = toolkit_tensor_ranges(cfg, graph, [fit_to(a, shape) for a in calibration],
+                                                               job.get("range_method", "mse"))
+            edit_ranges(cfg, ranges)
         build_starts = log.stat().st_size
         with toolkit_log(log):
             rknn.release()
@@ -412,7 +563,7 @@ def compile_at(name: str, stem: str, part: dict, job: dict, work: Path, shape: t
         raise ToolchainError(f"rknn-toolkit2 printed no layer table for the {name}")
     shutil.rmtree(folder)
     return rknn, {"rows": rows, "memory": memory_sizes(log, build_starts), "carried": carried, "missing": missing,
-                  "fitted": fitted}
+                  "derived": derived, "unmatched": unmatched, "fitted": fitted}
 
 
 def new_toolkit():
@@ -431,18 +582,25 @@ def simulate(rknn, array: np.ndarray, part: str, log: Path) -> np.ndarray:
     return np.asarray(result[0], np.float32)
 
 
-def quantisation_report(name: str, precision: str, carried: list, missing: list, symbol_tensor: str,
-                        calib_count: int, fitted: int, outputs: list) -> dict:
+def quantisation_report(name: str, precision: str, built: dict, symbol_tensor: str, calib_count: int,
+                        outputs: list, range_method: str) -> dict:
     """What of the project's quantisation reached the toolkit, and what did not."""
+    carried, missing, unmatched = built["carried"], built["missing"], built["unmatched"]
     low, high = SYMBOL_RANGE[symbol_bits(precision)]
     interface = (f"{symbol_tensor} on [{low:.0f}, {high:.0f}] (scale 1, zero point 0) via hybrid_quantization "
                  "cfg min/max") if carried else "not carried (the toolkit's own range)"
     report = {"toolkit_dtype": PRECISIONS[precision], "carried": carried, "symbol_interface": interface,
-              "calibration_arrays": calib_count, "calibration_fitted_to_shape": fitted}
+              "toolkit_tensors": {"given_ranges": built["derived"], "not_rebuilt": unmatched,
+                                  "rule": f"channel Split outputs: their source's range; channel-tile partial sums: "
+                                          f"the project's '{range_method}' range of the rebuilt partial"},
+              "calibration_arrays": calib_count, "calibration_fitted_to_shape": built["fitted"]}
     lost = []
     if missing:
         lost.append(f"{len(missing)} tensor_ranges name tensors the toolkit's graph does not have "
                     f"(fused or renamed by its optimiser): {', '.join(missing[:20])}")
+    if unmatched:
+        lost.append(f"{len(unmatched)} channel-tile partial sums could not be rebuilt from the ONNX convolution and "
+                    f"keep the toolkit's own range: {', '.join(unmatched[:20])}")
     if precision == "a16w8":
         lost.append("RK3588 has no w8a16 in rknn-toolkit2 2.5.0: a16w8 runs as w16a16i_dfp (16-bit weights too, "
                     "power-of-two scales from the toolkit's own ranges); neither the symbol interface nor "
