@@ -198,6 +198,35 @@ def test_w8a8_jobs_carry_the_project_ranges_by_onnx_name(tmp_path, monkeypatch):
     assert reduce_mean_axes(graph) == [[2, 3]] * 3  # prepared in RK3588's form: ECA's mean in one ReduceMean
 
 
+def test_a_qat_models_trained_scales_reach_the_rk3588_job(qat_run, tmp_path, monkeypatch):
+    """A QAT checkpoint's w8a8 job for a toolkit that takes ranges by ONNX name holds the ranges its trained scale
+    and zero point span at each of its sites; the tensors the target form adds (ECA's mean as a ReduceMean, the
+    decoder's residual as a Sub) keep the PTQ rule and are named; the reports say which target got what."""
+    from src.quant.fake_quant import activation_quantisers
+    from src.targets import study
+    model, _ = npu_targets.load_model(str(qat_run[0]))
+    prep = study.prepare(model, "q", "convtranspose", small_images(4), [], ["w8a8"], tmp_path / "prep", "mse",
+                         "joint")
+    jobs_seen = []
+    monkeypatch.setattr(study, "run_worker", lambda toolchain, job: jobs_seen.append(json.loads(job.read_text())))
+    rk3588, u55 = resolve_targets(["rk3588", "ethos-u55-256"])
+    study.run_part(prep, rk3588, "w8a8", "encoder", {"onnx": str(prep.graphs["encoder_centred"])}, tmp_path, tmp_path)
+    ranges = jobs_seen[0]["parts"]["encoder"]["tensor_ranges"]
+    quantiser = activation_quantisers(model)["g_a.2"]
+    scale, zero_point = (float(v) for v in quantiser.calculate_qparams())
+    expected = [(quantiser.quant_min - zero_point) * scale, (quantiser.quant_max - zero_point) * scale]
+    assert np.allclose(ranges["/g_a/g_a.2/Conv_output_0"][:2], expected, rtol=1e-6)
+    ptq = study.w8a8_tensor_ranges(study.calibrate(prep.graphs, padded(small_images(4)), tmp_path / "ptq"), "mse")
+    assert not np.allclose(ptq["encoder"]["/g_a/g_a.2/Conv_output_0"][:2], expected, rtol=1e-3)
+    for part in ("encoder", "decoder"):
+        entry = prep.qat_ranges[part]
+        assert entry["qat_scales"] >= 15 and entry["qat_scales"] + len(entry["ptq_ranges"]) == len(ptq[part])
+    assert "/g_a/g_a.1/eca/ReduceMean_output_0" in prep.qat_ranges["encoder"]["ptq_ranges"]
+    assert "/g_s/g_s.1/Sub_output_0" in prep.qat_ranges["decoder"]["ptq_ranges"]
+    assert "QAT scales carried by ONNX name: encoder" in "\n".join(report.form_lines({"form": study.form(prep, rk3588)}))
+    assert "not carried" in study.form(prep, u55)["qat_ranges"]
+
+
 def fake_result(model="npu_convtranspose", target="ethos-u55-256", precision="w8a8", fallbacks=()):
     point = {"psnr": 30.0, "ms_ssim": 0.95, "bpp": 0.5}
     part = {"ops_npu": 10 - len(fallbacks), "ops_total": 10, "fallbacks": list(fallbacks),

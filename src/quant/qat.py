@@ -237,6 +237,35 @@ def overrides_for(model: nn.Module, fp32_path: Path, symbol_bits: int) -> ScaleO
     return ScaleOverrides(table)
 
 
+def qat_tensor_ranges(model: nn.Module, graph_path: Path, ranges: Dict[str, List[float]]
+                      ) -> Tuple[Dict[str, List[float]], List[str]]:
+    """``ranges`` ({ONNX tensor: [low, high, bits]} of a target graph) with each tensor that is a QAT site of
+    ``model`` set to the range its trained scale and zero point span; returns them and the tensors kept as given.
+
+    For a toolchain that takes ranges by ONNX name (RKNN-Toolkit2). The target graph is the float twin after the
+    target rewrites (``src.targets.rewrites``), so some of its tensors have no QAT site (e.g. ECA's mean as a
+    ReduceMean, the decoder's residual as a Sub): those keep the range they were given (the project's PTQ rule on
+    the same photos), and the caller reports them. A fused convolution's own output keeps its PTQ range too: the
+    QAT site is its activation's output, which the target folds into the convolution.
+    """
+    graph = onnx.load(str(graph_path)).graph
+    quantisers = activation_quantisers(model)
+    carried, kept = dict(ranges), []
+    for tensor, (low, high, bits) in ranges.items():
+        try:
+            site = graph_site(model, tensor, graph)
+        except (ValueError, AttributeError):  # a tensor of the target form with no module path in the QAT model
+            site = None
+        quantiser = quantisers.get(site) if site else None
+        if quantiser is None:
+            kept.append(tensor)
+            continue
+        scale, zero_point = (float(v) for v in quantiser.calculate_qparams())
+        carried[tensor] = [(quantiser.quant_min - zero_point) * scale, (quantiser.quant_max - zero_point) * scale,
+                           bits]
+    return carried, kept
+
+
 @torch.no_grad()
 def export_pair(model: nn.Module, images: Sequence[np.ndarray], folder: Path, opset: int = 13) -> QatPair:
     """The INT8 symbol pair of a QAT model: its float weights' graphs, quantised with its own scales.

@@ -57,8 +57,16 @@ def form_lines(result: Dict) -> List[str]:
     form = result.get("form")
     if not form:
         return []
-    return [f"Graph form: ECA's mean {form['eca_mean']} (src.targets.rewrites.ECA_MEANS); activation ranges: "
-            f"{form['range_method']}", ""]
+    lines = [f"Graph form: ECA's mean {form['eca_mean']} (src.targets.rewrites.ECA_MEANS); activation ranges: "
+             f"{form['range_method']}"]
+    qat = form.get("qat_ranges")
+    if isinstance(qat, dict):
+        lines.append("QAT scales carried by ONNX name: " + "; ".join(
+            f"{part} {entry['qat_scales']} tensors (the {form['range_method']} rule for the "
+            f"{len(entry['ptq_ranges'])} tensors of the target form with no QAT site)" for part, entry in qat.items()))
+    elif qat:
+        lines.append(f"QAT scales {qat}")
+    return lines + [""]
 
 
 def round_trip_lines(result: Dict) -> List[str]:

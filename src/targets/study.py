@@ -27,7 +27,7 @@ from torch import nn
 from src.checkpoint import swap_in_folder
 from src.quant.fake_quant import float_twin, is_qat_model
 from src.quant.ptq import SymbolCodec, calibrate, half_plan, mean_points, quantise_pair, symbol_bits
-from src.quant.qat import export_pair as qat_export_pair
+from src.quant.qat import export_pair as qat_export_pair, qat_tensor_ranges
 from src.quant.scheme import DEFAULT_RANGE_METHOD
 from src.quant.symbols import symbol_graphs
 from src.targets import jobs, report as reports
@@ -50,6 +50,7 @@ class Prepared:
     range_method: str  # how activation ranges are chosen, for the project's ONNX INT8 and the targets alike
     tensor_ranges: Dict[str, Dict[str, List[float]]]  # part -> ONNX tensor -> [low, high, bits] of the w8a8 plan
     eca_mean: str      # the graph form's ECA mean (src.targets.rewrites.ECA_MEANS)
+    qat_ranges: Dict[str, Dict] = None  # a QAT model: per part, how many ranges are its trained ones, which are not
 
 
 def reference_points(model: nn.Module, graphs: Dict[str, Path], calib, eval_images: Sequence[torch.Tensor],
@@ -80,9 +81,11 @@ def prepare(model: nn.Module, label: str, upsample: str, calibration: Sequence[t
     refs = (reference_points(model if is_qat_model(model) else rewritten, graphs, calib, eval_images, precisions,
                              range_method, folder / "references") if eval_images else {})
     refs["symbols_outside_int8_calibration"] = symbol_bits(calib.symbols)[1]
+    ranges, qat = w8a8_tensor_ranges(calib, range_method), None
+    if is_qat_model(model):
+        ranges, qat = carry_qat_ranges(model, calib, ranges)
     return Prepared(label, graphs, calib.images, calib.symbols, model.entropy_bottleneck, refs,
-                    int(model.entropy_bottleneck.quantiles.shape[0]), range_method,
-                    w8a8_tensor_ranges(calib, range_method), eca_mean)
+                    int(model.entropy_bottleneck.quantiles.shape[0]), range_method, ranges, eca_mean, qat)
 
 
 def w8a8_tensor_ranges(calib, range_method: str) -> Dict[str, Dict[str, List[float]]]:
@@ -92,6 +95,16 @@ def w8a8_tensor_ranges(calib, range_method: str) -> Dict[str, Dict[str, List[flo
     return {part: {name: [low, high, 8] for name, (low, high) in half_plan(calib, part, "w8a8", range_method)
                    .ranges.items()}
             for part in ("encoder", "decoder")}
+
+
+def carry_qat_ranges(model: nn.Module, calib, ranges: Dict[str, Dict[str, List[float]]]) -> tuple:
+    """A QAT model's trained scales in place of the PTQ ranges wherever the target graph's tensor is one of its sites
+    (``qat_tensor_ranges``); returns the ranges and, per part, what came from QAT and what kept the PTQ rule."""
+    carried, summary = {}, {}
+    for part, table in ranges.items():
+        carried[part], kept = qat_tensor_ranges(model, calib.sources[part], table)
+        summary[part] = {"qat_scales": len(table) - len(kept), "ptq_ranges": sorted(kept)}
+    return carried, summary
 
 
 def run_part(prep: Prepared, target: Target, precision: str, part: str, spec: Dict, stage: Path,
@@ -126,7 +139,7 @@ def measure_target(prep: Prepared, target: Target, precision: str, eval_images: 
                         {key(d): x for (_, d), x in zip(coded, x_hats)})
     point, rows = mean_points(codec, eval_images, jobs.PAD_MULTIPLE)
     return {"model": prep.label, "target": target.name, "precision": precision, "toolchain": enc["toolchain"],
-            "form": {"eca_mean": prep.eca_mean, "range_method": prep.range_method},
+            "form": form(prep, target),
             "parts": {**enc["parts"], **dec["parts"]},
             "roundtrip": {"target": point, "per_image": rows, "fp32": prep.references["fp32"],
                           "project_int8": prep.references[precision],
@@ -134,6 +147,22 @@ def measure_target(prep: Prepared, target: Target, precision: str, eval_images: 
                                       "outside_int8": int(sum(((s < -128) | (s > 127)).sum() for s in symbols)),
                                       "outside_int8_calibration": prep.references["symbols_outside_int8_calibration"]},
                           "eval_images": len(eval_images)}}
+
+
+# Toolchains whose worker writes the job's ``tensor_ranges`` (ONNX names) into its quantiser; the Ethos-U worker
+# chooses each TFLite tensor's range from its own histograms (onnx2tf's tensors have no ONNX names).
+RANGES_BY_NAME = ("rknn",)
+
+
+def form(prep: Prepared, target: Target) -> Dict:
+    """What the target was given beside the graphs: ECA's mean form, the range method, a QAT model's scales."""
+    given = {"eca_mean": prep.eca_mean, "range_method": prep.range_method}
+    if not prep.qat_ranges:
+        return given
+    if target.toolchain in RANGES_BY_NAME:
+        return {**given, "qat_ranges": prep.qat_ranges}
+    return {**given, "qat_ranges": "not carried: the toolchain's tensors have no ONNX names; the project's range "
+                                   "rule on the QAT model's float weights"}
 
 
 def compile_only(prep: Prepared, target: Target, precision: str, shapes: Dict[str, List[int]], stage: Path,
@@ -145,7 +174,7 @@ def compile_only(prep: Prepared, target: Target, precision: str, shapes: Dict[st
     enc = run_part(prep, target, precision, "encoder", enc_spec, stage, cache_root)
     dec = run_part(prep, target, precision, "decoder", dec_spec, stage, cache_root)
     return {"model": prep.label, "target": target.name, "precision": precision, "toolchain": enc["toolchain"],
-            "form": {"eca_mean": prep.eca_mean, "range_method": prep.range_method},
+            "form": form(prep, target),
             "parts": {**enc["parts"], **dec["parts"]}, "roundtrip": None}
 
 
