@@ -260,9 +260,9 @@ def cfg_ranges(cfg: Path, key: str = "") -> dict:
 def toolkit_tensor_ranges(cfg: Path, graph: Path, calibration: list, method: str) -> tuple:
     """Ranges for the tensors the toolkit's own passes add, so that they round no more than the project's graph.
 
-    - The toolkit cuts a convolution whose filter exceeds its bank (5x5 over 128 input channels: g_a's last three)
-      into convolutions over equal chunks of the input channels (``tiling_conv_channelin``), fed by a channel
-      Split. A Split only moves values, yet each output got the toolkit's own min/max of its half: the source,
+    - The toolkit cuts a convolution whose filter exceeds its bank (5x5 over 128 input channels: g_a's last three,
+      g_s's ConvTransposes) into convolutions over equal chunks of the input channels
+      (``tiling_conv_channelin``, ``tiling_deconv_channelin``), fed by a channel Split. A Split only moves values, yet each output got the toolkit's own min/max of its half: the source,
       already on the project's grid, was rounded again onto a coarser one (45 % coarser in front of g_a.2 of the
       RD study's q3 NPU encoder). Each output now takes its source's range, so that step rounds nothing.
     - Each tile's partial sum is rounded to int8 before the add that completes the convolution: a rounding the
@@ -298,8 +298,8 @@ def toolkit_tensor_ranges(cfg: Path, graph: Path, calibration: list, method: str
     rc = range_choice()
     hists = {}
     for name in lows:
-        low, high = own[name]
-        if max(abs(lows[name] - low), abs(highs[name] - high)) > TILE_MATCH * max(high - low, 1e-12):
+        low, high = own.get(name, (np.nan, np.nan))
+        if not max(abs(lows[name] - low), abs(highs[name] - high)) <= TILE_MATCH * max(high - low, 1e-12):
             unmatched.append(name)
         else:
             hists[name] = rc.TensorHistogram(lows[name], max(highs[name], lows[name] + 1e-6),
