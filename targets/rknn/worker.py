@@ -262,9 +262,11 @@ def toolkit_tensor_ranges(cfg: Path, graph: Path, calibration: list, method: str
 
     - The toolkit cuts a convolution whose filter exceeds its bank (5x5 over 128 input channels: g_a's last three,
       g_s's ConvTransposes) into convolutions over equal chunks of the input channels
-      (``tiling_conv_channelin``, ``tiling_deconv_channelin``), fed by a channel Split. A Split only moves values, yet each output got the toolkit's own min/max of its half: the source,
-      already on the project's grid, was rounded again onto a coarser one (45 % coarser in front of g_a.2 of the
-      RD study's q3 NPU encoder). Each output now takes its source's range, so that step rounds nothing.
+      (``tiling_conv_channelin``, ``tiling_deconv_channelin``), fed by a channel Split. A Split only moves
+      values, yet each output got the toolkit's own min/max of its half: the source, already on the project's
+      grid, was rounded again onto a coarser one (45 % coarser in front of g_a.2 of the RD study's q3 NPU
+      encoder). Each output now takes its source's range (a graph input's: that of its integer copy, e.g.
+      ``symbols_int8``), so that step rounds nothing.
     - Each tile's partial sum is rounded to int8 before the add that completes the convolution: a rounding the
       project's INT8 graph does not have (its convolution accumulates every channel in int32). It cannot be
       widened (the toolkit refuses a dtype edit, and a float16 tile is cast back to int8 before the add), so it
@@ -275,7 +277,7 @@ def toolkit_tensor_ranges(cfg: Path, graph: Path, calibration: list, method: str
     Returns (ranges, names given a range, partials not rebuilt: left on the toolkit's own range).
     """
     current, own = cfg_ranges(cfg), cfg_ranges(cfg, "ori_")
-    ranges = {name: current[m.group("source")] for name in current
+    ranges = {name: source_range(current, m.group("source")) for name in current
               if (m := SPLIT_OUTPUT.match(name)) and m.group("source") in current}
     tiles = {}
     for name in current:
@@ -310,6 +312,13 @@ def toolkit_tensor_ranges(cfg: Path, graph: Path, calibration: list, method: str
             hist.counts += np.histogram(value, bins=len(hist.counts), range=(hist.low, hist.high))[0]
     ranges.update({name: rc.choose_range(hist, 8, method) for name, hist in hists.items()})
     return ranges, sorted(ranges), sorted(unmatched)
+
+
+def source_range(current: dict, source: str) -> tuple:
+    """The range a Split's source is quantised on: a graph input's integer copy (``<input>_int8``) where the
+    toolkit made one, else the tensor's own."""
+    copy = next((name for name in current if name.startswith(source + "_int")), None)
+    return current[copy] if copy else current[source]
 
 
 class TilePartials:
