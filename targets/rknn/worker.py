@@ -70,6 +70,7 @@ SPLIT_OUTPUT = re.compile(r"^(?P<source>.+)_split(?:_o\d+)?$")
 TILE_PARTIAL = re.compile(r"^(?P<conv>.+)_tile(?P<index>\d+)_(?:conv|convtranspose)(?P<running>_add)?$")
 TILE_MATCH = 1e-3  # a rebuilt partial's min/max against the toolkit's own, relative to its range
 RANGE_CHOICE = Path(__file__).resolve().parents[2] / "src" / "quant" / "range_choice.py"
+DEFAULT_RANGE_METHOD = "mse"  # the project's default (src.quant.scheme.DEFAULT_RANGE_METHOD)
 
 
 class ToolchainError(Exception):
@@ -89,6 +90,9 @@ def read_job(path: Path) -> dict:
         raise ToolchainError(f"precision must be one of {sorted(PRECISIONS)}, got {job.get('precision')!r}")
     if not job.get("parts") or not job.get("out_dir"):
         raise ToolchainError("job needs 'parts' and 'out_dir'")
+    methods = range_choice().RANGE_METHODS
+    if job.setdefault("range_method", DEFAULT_RANGE_METHOD) not in methods:
+        raise ToolchainError(f"range_method must be one of {methods}, got {job['range_method']!r}")
     for name, part in job["parts"].items():
         missing = [key for key in PART_KEYS if key not in part]
         if missing:
@@ -517,7 +521,7 @@ def compile_part(name: str, part: dict, job: dict, work: Path) -> dict:
             "estimates": estimates(built["rows"], built["memory"]), "input_shape": list(compile_shape),
             "layers": found["layers"],
             "quantisation": quantisation_report(name, job["precision"], built, symbol_tensor, len(calibration),
-                                                outputs, job.get("range_method", "mse")),
+                                                outputs, job["range_method"]),
             "toolkit_log": log.name}
 
 
@@ -542,10 +546,10 @@ def compile_at(name: str, stem: str, part: dict, job: dict, work: Path, shape: t
             check(rknn.hybrid_quantization_step1(dataset=str(dataset)), "hybrid_quantization_step1", name, log)
         cfg = folder / f"{graph.stem}.quantization.cfg"
         carried, missing = edit_ranges(cfg, planned_ranges(name, part, job["precision"], cfg_tensors(cfg)))
-        derived, unmatched = [], []
+        given, unmatched = [], []
         if PRECISIONS[job["precision"]] == "w8a8":
-            ranges, derived, unmatched = toolkit_tensor_ranges(cfg, graph, [fit_to(a, shape) for a in calibration],
-                                                               job.get("range_method", "mse"))
+            ranges, given, unmatched = toolkit_tensor_ranges(cfg, graph, [fit_to(a, shape) for a in calibration],
+                                                             job["range_method"])
             edit_ranges(cfg, ranges)
         build_starts = log.stat().st_size
         with toolkit_log(log):
@@ -572,7 +576,7 @@ def compile_at(name: str, stem: str, part: dict, job: dict, work: Path, shape: t
         raise ToolchainError(f"rknn-toolkit2 printed no layer table for the {name}")
     shutil.rmtree(folder)
     return rknn, {"rows": rows, "memory": memory_sizes(log, build_starts), "carried": carried, "missing": missing,
-                  "derived": derived, "unmatched": unmatched, "fitted": fitted}
+                  "given_ranges": given, "unmatched": unmatched, "fitted": fitted}
 
 
 def new_toolkit():
@@ -599,7 +603,7 @@ def quantisation_report(name: str, precision: str, built: dict, symbol_tensor: s
     interface = (f"{symbol_tensor} on [{low:.0f}, {high:.0f}] (scale 1, zero point 0) via hybrid_quantization "
                  "cfg min/max") if carried else "not carried (the toolkit's own range)"
     report = {"toolkit_dtype": PRECISIONS[precision], "carried": carried, "symbol_interface": interface,
-              "toolkit_tensors": {"given_ranges": built["derived"], "not_rebuilt": unmatched,
+              "toolkit_tensors": {"given_ranges": built["given_ranges"], "not_rebuilt": unmatched,
                                   "rule": f"channel Split outputs: their source's range; channel-tile partial sums: "
                                           f"the project's '{range_method}' range of the rebuilt partial"},
               "calibration_arrays": calib_count, "calibration_fitted_to_shape": built["fitted"]}
